@@ -1,0 +1,32 @@
+"""regcl: continual adaptation of Segment Anything with LoRA adapters merged by RegMean.
+
+The library imports nothing heavy at package import; import the submodules you need
+(``regcl.models``, ``regcl.merging``, ``regcl.adapters``, ``regcl.data``, ...).
+"""
+
+from regcl.errors import (
+    AdapterError,
+    CancelledError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    DataError,
+    MergeError,
+    RegclError,
+    StatsError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "CancelledError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "DataError",
+    "MergeError",
+    "RegclError",
+    "StatsError",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks: ``regcl bench cl`` (continual learning protocol)."""

@@ -1,0 +1,73 @@
+"""The ``regcl`` command line: ``regcl pretrain``, ``regcl bench cl``, ``regcl demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("regcl")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from regcl.training.pretrain import PretrainConfig, pretrain_tiny
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, eval_every=args.eval_every)
+    summary = pretrain_tiny(config, args.out)
+    text = json.dumps(summary, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(json.dumps(summary["best"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from regcl.models.build import TINY_CHECKPOINT
+
+    parser = argparse.ArgumentParser(prog="regcl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain the tiny SAM on the synthetic source domain")
+    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(TINY_CHECKPOINT), help="where to write the weights")
+    p.add_argument("--json", help="write the run summary (recipe, history, score) here")
+    p.set_defaults(func=_cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from regcl.errors import RegclError
+
+    try:
+        return args.func(args)
+    except RegclError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
