@@ -36,6 +36,38 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_cl(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from regcl.bench.cl import BenchConfig, markdown_table, run_cl_benchmark
+    from regcl.training.adapter import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    overrides: dict = {}
+    if args.domains:
+        overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    for name in ("orders", "train_per_domain", "test_per_domain", "checkpoint"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.epochs is not None:
+        overrides["train"] = TrainConfig(epochs=args.epochs)
+    config = dataclasses.replace(config, **overrides)
+    report = run_cl_benchmark(config)
+    table = markdown_table(report)
+    print(table)
+    print(f"\n{len(report['orders'])} orders, {len(config.domains)} domains, "
+          f"{report['elapsed_s']:.0f} s on {report['machine']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from regcl.models.build import TINY_CHECKPOINT
 
@@ -53,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(TINY_CHECKPOINT), help="where to write the weights")
     p.add_argument("--json", help="write the run summary (recipe, history, score) here")
     p.set_defaults(func=_cmd_pretrain)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("cl", help="the paper's continual-learning protocol on synthetic domains")
+    b.add_argument("--quick", action="store_true", help="smoke run of about a minute")
+    b.add_argument("--json", help="write the full report (matrices, per-domain scores) here")
+    b.add_argument("--domains", help="comma-separated domain names, in the paper's order")
+    b.add_argument("--orders", type=int, help="number of domain orders (default 3)")
+    b.add_argument("--train-per-domain", type=int)
+    b.add_argument("--test-per-domain", type=int)
+    b.add_argument("--epochs", type=int, help="adapter training epochs (paper: 20)")
+    b.add_argument("--checkpoint", help="tiny SAM weights (default: the shipped ones)")
+    b.add_argument("--threads", type=int, default=0)
+    b.set_defaults(func=_cmd_bench_cl)
     return parser
 
 
