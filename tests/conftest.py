@@ -9,10 +9,9 @@ from regcl.data import synthetic
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # One thread: with 2 cores, 2-thread torch ops in a busy machine spin and slow each small
-    # test op several-fold; the suite is many small ops.
+def pytest_configure(config):
+    # One thread: the suite is many small ops, and with 2 cores a second torch thread spins
+    # and slows them several-fold whenever anything else runs on the machine.
     torch.set_num_threads(1)
 
 

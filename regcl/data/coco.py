@@ -15,16 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from regcl.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, read_image_rgb
-from regcl.data.types import Sample
+from regcl.data.types import Sample, SampleDataset
 from regcl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class CocoInstance:
     area: int
 
 
-class CocoDataset(Sequence[Sample]):
+class CocoDataset(SampleDataset):
     """One :class:`Sample` per object instance of a COCO annotation file.
 
     ``sample.image`` is the whole image (H x W x 3 uint8 RGB), ``sample.mask`` that one
@@ -159,17 +159,9 @@ class CocoDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.instances)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+    def _load(self, index: int) -> Sample:
         """Read instance ``index``: image H x W x 3 uint8 RGB, mask H x W bool."""
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        inst = self.instances[index]  # IndexError ends iteration, as Sequence wants
+        inst = self.instances[index]
         image = read_image_rgb(inst.image.path, self.max_pixels)
         expected = (inst.image.height, inst.image.width)
         if image.shape[:2] != expected:

@@ -22,7 +22,6 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import overload
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from regcl.data.synthetic import (
     source_scenes,
     uniform,
 )
-from regcl.data.types import Sample
+from regcl.data.types import Sample, SampleDataset
 from regcl.errors import ConfigError
 
 Tensor = torch.Tensor
@@ -425,7 +424,7 @@ def domain_split(name: str, split: str, count: int, size: int = 256, *,
     return images, masks
 
 
-class SyntheticDataset(Sequence[Sample]):
+class SyntheticDataset(SampleDataset):
     """A domain split as :class:`Sample` records (image H x W x 3 uint8, mask H x W bool), all
     generated on construction. ``sample.name`` is ``"<domain>/<split>/<index>"``."""
 
@@ -438,18 +437,7 @@ class SyntheticDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.images)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)  # ends iteration, as Sequence wants
-        index %= len(self)
+    def _load(self, index: int) -> Sample:
         return Sample(self.images[index], self.masks[index], f"{self.name}/{self.split}/{index}")
 
 

@@ -9,12 +9,10 @@ segmentation sets ship. Pairing is checked eagerly from file names; pixels are r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
 
 from regcl.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, read_image_rgb, read_mask
-from regcl.data.types import Sample
+from regcl.data.types import Sample, SampleDataset
 from regcl.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +29,7 @@ IGNORED_IMAGE_SUFFIXES = ("_superpixels",)
 _MAX_LISTED = 5
 
 
-class FolderPairDataset(Sequence[Sample]):
+class FolderPairDataset(SampleDataset):
     """Images in ``root/image_dir`` paired with masks in ``root/mask_dir`` by file stem.
 
     A mask pairs with image ``<stem>.<ext>`` when it is named ``<stem><mask_suffix>.<ext2>``;
@@ -98,17 +96,9 @@ class FolderPairDataset(Sequence[Sample]):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    @overload
-    def __getitem__(self, index: int) -> Sample: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Sample]: ...
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+    def _load(self, index: int) -> Sample:
         """Read pair ``index``: image H x W x 3 uint8 RGB and mask H x W bool of the same H x W."""
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        image_path, mask_path = self.pairs[index]  # IndexError ends iteration, as Sequence wants
+        image_path, mask_path = self.pairs[index]
         image = read_image_rgb(image_path, self.max_pixels)
         mask = read_mask(mask_path, self.max_pixels)
         if mask.shape != image.shape[:2]:

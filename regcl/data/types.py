@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -20,3 +22,28 @@ class Sample:
     image: np.ndarray
     mask: np.ndarray
     name: str = ""
+
+
+class SampleDataset(Sequence[Sample]):
+    """A dataset of :class:`Sample`: subclasses give ``__len__`` and ``_load(i)`` for
+    ``0 <= i < len``; indexing (negative indices, slices, IndexError past the end, so that
+    iteration stops as ``Sequence`` wants) is handled here once."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _load(self, index: int) -> Sample:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self._load(i) for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._load(index % len(self))
