@@ -28,7 +28,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, eval_every=args.eval_every)
-    summary = pretrain_tiny(config, args.out)
+    summary = pretrain_tiny(config, args.out, init=args.init)
     text = json.dumps(summary, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(TINY_CHECKPOINT), help="where to write the weights")
+    p.add_argument("--init", help="continue from these weights (use a new --seed)")
     p.add_argument("--json", help="write the run summary (recipe, history, score) here")
     p.set_defaults(func=_cmd_pretrain)
 

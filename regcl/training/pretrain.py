@@ -74,14 +74,21 @@ def prompt_batch(masks: torch.Tensor, gen: torch.Generator) -> dict:
 
 
 def pretrain_tiny(config: PretrainConfig, out_path: str | Path,
-                  progress: Callable[[dict], None] | None = None) -> dict:
-    """Train the tiny SAM from scratch and save the best checkpoint (by held-out mIoU) to
-    ``out_path`` as safetensors. Returns the run summary (recipe, time, best score)."""
+                  progress: Callable[[dict], None] | None = None,
+                  init: str | Path | None = None) -> dict:
+    """Train the tiny SAM and save the best checkpoint (by held-out mIoU) to ``out_path`` as
+    safetensors. ``init``: start from these weights instead of from scratch (a continuation
+    stage: give it its own ``seed`` so it sees new scenes). Returns the run summary."""
     from safetensors.torch import save_file
+
+    from regcl.models.build import load_weights, read_state_dict
 
     torch.manual_seed(config.seed)
     spec = SAM_SPECS["tiny"]
-    sam: Sam = build_sam_from_spec(spec).train()
+    sam: Sam = build_sam_from_spec(spec)
+    if init is not None:
+        load_weights(sam, read_state_dict(init), source=str(init))
+    sam.train()
     size = spec.image_size
     optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -126,7 +133,8 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path,
             if scores["iou"] > best["miou"]:
                 best = {"miou": scores["iou"], "dice": scores["dice"], "mae": scores["mae"],
                         "step": step + 1}
-                summary = {"recipe": asdict(config), "best": best,
+                summary = {"recipe": asdict(config), "init": str(init) if init else None,
+                           "best": best,
                            "elapsed_s": round(elapsed, 1), "torch": torch.__version__,
                            "threads": torch.get_num_threads()}
                 Path(out_path).parent.mkdir(parents=True, exist_ok=True)
