@@ -1,0 +1,34 @@
+"""The regcl service: segmentation serving (engine, caches, masks) under the HTTP layer."""
+
+from service.cache import ByteLRU, CacheStats, EmbeddingCache, EncodedImage
+from service.engine import (
+    BASE,
+    LIVE,
+    EngineStats,
+    SegmentationEngine,
+    SegmentResult,
+    SwapResult,
+    image_id_of,
+)
+from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle, rle_to_mask
+from service.slots import AdapterSlot
+
+__all__ = [
+    "BASE",
+    "LIVE",
+    "AdapterSlot",
+    "ByteLRU",
+    "CacheStats",
+    "EmbeddingCache",
+    "EncodedImage",
+    "EngineStats",
+    "SegmentResult",
+    "SegmentationEngine",
+    "SwapResult",
+    "image_id_of",
+    "mask_area",
+    "mask_bbox",
+    "mask_to_png",
+    "mask_to_rle",
+    "rle_to_mask",
+]

@@ -1,0 +1,486 @@
+"""The serving engine: one SAM with its LoRA adapters, an embedding cache, and hot swaps.
+
+Threading model
+    - One PEFT-wrapped SAM serves every adapter. Which adapter is active is model-global state,
+      so running the image encoder and every change to the adapters (add, activate, swap,
+      delete) happen under one lock, ``_model_lock``: encodes are serial.
+    - LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` refuses
+      anything else before the model is touched), so the prompt encoder and mask decoder are
+      the same for every adapter: decoding runs without the lock, concurrently, each request
+      with its own ``SamPredictor`` whose image state comes from a cached
+      :class:`~service.cache.EncodedImage`. A predictor is never shared between requests.
+    - ``_registry_lock`` guards the live pointer and the domain table for a moment at a time;
+      when both are taken the model lock comes first.
+    - The caches lock themselves.
+
+Hot swap: :meth:`SegmentationEngine.load_live` checks the new adapter, loads it into a new
+slot and moves the live pointer under the model lock, then deletes the old slot. Embeddings
+are cached under the slot's unique key, so a request that already encoded keeps its embedding
+and reports the version it used; the next encode of ``live`` uses the new one; none fails.
+
+Images: :meth:`~SegmentationEngine.register_image` keeps the original image in a byte-bounded
+LRU store (the embedding is computed lazily, per adapter). An image evicted from the store can
+still be segmented with adapters whose embedding is cached; otherwise
+:class:`~service.errors.ImageNotFoundError` asks the client to upload it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, unwrap
+from regcl.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
+from regcl.errors import ConfigError
+from regcl.models import model_fingerprint
+from service.cache import ByteLRU, CacheStats, EmbeddingCache, EncodedImage
+from service.errors import (
+    ImageNotFoundError,
+    InvalidAdapterNameError,
+    InvalidImageError,
+    UnknownAdapterError,
+)
+from service.prompts import DEFAULT_MAX_POINTS, Prompt, check_bounds, check_prompt
+from service.slots import AdapterSlot, add_slot, check_adapter_files, remove_slot
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"
+"""Adapter name (and version label) of the model without any adapter."""
+LIVE = "live"
+"""Adapter name of the current merged adapter; its label is ``live:<version>``."""
+DEFAULT_IMAGE_STORE_BYTES = 512 * 2**20
+DEFAULT_MAX_DOMAINS = 8
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_UNKNOWN = object()  # the model's adapter state after a change: set it again before encoding
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """Masks for one prompt on one image.
+
+    masks: N x H x W bool at the image's size (N = 3 with multimask, else 1). scores: N float32
+    predicted IoU. low_res_logits: N x h x w float32 (h = w = 4 x the embedding size; 256 for
+    SAM), to pass back as ``mask_input``. adapter_version: the label of the adapter whose
+    embedding was used (``base``, ``live:3``, ``domain:polyp``).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    adapter_version: str
+    image_id: str
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """One :meth:`SegmentationEngine.load_live` call. seconds: the whole call (checks, waiting
+    for the lock, swap); locked_seconds: how long encoding was paused. swapped is False when
+    the version was live already (nothing changed)."""
+
+    version: int
+    previous_version: int | None
+    seconds: float
+    locked_seconds: float
+    dropped_embeddings: int
+    swapped: bool = True
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics."""
+
+    embeddings: CacheStats
+    images: CacheStats
+    live_version: int | None
+    domains: tuple[str, ...]
+    encodes: int
+    swaps: int
+    last_swap: SwapResult | None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    pixels: torch.Tensor  # 1 x 3 x S x S, normalised and padded (Sam.preprocess)
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+def image_id_of(image: np.ndarray) -> str:
+    """Content hash of an H x W x 3 uint8 image: sha256 of its shape and pixels (hex)."""
+    digest = hashlib.sha256(f"{image.shape[0]}x{image.shape[1]}x3:uint8:".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+class SegmentationEngine:
+    """Segments images with a SAM and its LoRA adapters; see the module docstring.
+
+    Args:
+        sam: the base model. It is wrapped **in place** by PEFT (its image-encoder linears
+            become LoRA layers), so do not use it elsewhere afterwards; move it to its device
+            and put it in eval mode before.
+        cache_bytes: budget of the embedding cache (sum of embedding tensor bytes).
+        image_store_bytes: budget of the uploaded-image store (sum of array bytes).
+        max_domains: domain adapters kept loaded; loading one more unloads the least
+            recently used.
+        max_points: most point prompts per request.
+    """
+
+    def __init__(self, sam: Sam, cache_bytes: int, *,
+                 image_store_bytes: int = DEFAULT_IMAGE_STORE_BYTES,
+                 max_domains: int = DEFAULT_MAX_DOMAINS,
+                 max_points: int = DEFAULT_MAX_POINTS) -> None:
+        if not isinstance(sam, Sam):
+            raise ConfigError(f"expected an unwrapped segment_anything Sam, got "
+                              f"{type(sam).__name__}")
+        if max_domains < 0 or max_points < 1:
+            raise ConfigError(f"need max_domains >= 0 and max_points >= 1, got {max_domains}, "
+                              f"{max_points}")
+        self._model = attach_lora(sam, AdapterConfig(rank=1))  # placeholder, never active
+        self._model.eval()
+        self._sam: Sam = unwrap(self._model)
+        self._transform = ResizeLongestSide(self._sam.image_encoder.img_size)
+        self._mask_input_size = tuple(self._sam.prompt_encoder.mask_input_size)
+        self.max_domains = max_domains
+        self.max_points = max_points
+        self._cache = EmbeddingCache(cache_bytes)
+        self._images: ByteLRU[str, np.ndarray] = ByteLRU(image_store_bytes)
+        self._model_lock = threading.Lock()
+        self._registry_lock = threading.Lock()
+        self._live: AdapterSlot | None = None
+        self._domains: OrderedDict[str, AdapterSlot] = OrderedDict()
+        self._active: object = _UNKNOWN
+        self._slot_ids = itertools.count(1)
+        self._encodes = 0
+        self._swaps: deque[SwapResult] = deque(maxlen=64)
+        self._swap_count = 0
+        self._fingerprint: str | None = None
+
+    # ----------------------------------------------------------------------------- images
+    def register_image(self, image: np.ndarray) -> str:
+        """Store an H x W x 3 uint8 RGB image (a private read-only copy); returns its id.
+
+        The id is a content hash, so registering the same pixels twice gives the same id and
+        reuses cached embeddings. Raises InvalidImageError for other arrays, or an image
+        larger than the whole store.
+        """
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+                or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            shape = getattr(image, "shape", None)
+            dtype = getattr(image, "dtype", type(image).__name__)
+            raise InvalidImageError(f"expected an H x W x 3 uint8 image, got {dtype} {shape}")
+        image_id = image_id_of(image)
+        if self._images.get(image_id) is None:
+            stored = np.array(image, dtype=np.uint8, order="C", copy=True)
+            stored.setflags(write=False)
+            if not self._images.put(image_id, stored):
+                raise InvalidImageError(f"image of {stored.nbytes} bytes exceeds the image "
+                                        f"store ({self._images.max_bytes} bytes)")
+        return image_id
+
+    def register_image_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+        """Decode an uploaded PNG/JPEG/... (``regcl.data.images.decode_image_bytes``, which
+        raises DataError) and register it."""
+        return self.register_image(decode_image_bytes(data, max_pixels))
+
+    def has_image(self, image_id: str) -> bool:
+        return image_id in self._images
+
+    def forget_image(self, image_id: str) -> bool:
+        """Drop an image and all its embeddings; returns whether anything was stored."""
+        dropped = self._cache.drop_where(lambda key: key[0] == image_id)
+        return self._images.pop(image_id) is not None or dropped > 0
+
+    # ----------------------------------------------------------------------------- inference
+    def encode(self, image_id: str, adapter: str = LIVE) -> tuple[EncodedImage, str]:
+        """The image's embedding under ``adapter`` (``base``, ``live`` or a loaded domain),
+        from the cache or computed as ``SamPredictor.set_image`` does. Returns it and the
+        adapter version label that made it."""
+        encoded, _ = self._encode(image_id, adapter)
+        return encoded, encoded.adapter_version
+
+    def segment(self, image_id: str, point_coords: object = None, point_labels: object = None,
+                box: object = None, mask_input: object = None, multimask: bool = True,
+                adapter: str = LIVE) -> SegmentResult:
+        """Segment a registered image with a prompt, as ``SamPredictor.predict`` does.
+
+        Args:
+            point_coords: N x 2 (x, y) pixels of the original image; point_labels: N of
+                {0, 1}. box: x0, y0, x1, y1 pixels. mask_input: 1 x h x w low-res logits of
+                an earlier result. At least one of points, box, mask_input.
+            multimask: three masks for an ambiguous prompt, else one.
+            adapter: ``base``, ``live`` (falls back to base when none is live; the result's
+                ``adapter_version`` then says ``base``) or a loaded domain adapter's name.
+        Raises:
+            UnknownAdapterError, ImageNotFoundError, or a PromptError subclass.
+        """
+        self._resolve(adapter)  # unknown adapter: fail before any work
+        prompt = self._check_prompt(point_coords, point_labels, box, mask_input)
+        stored = self._images.peek(image_id) if isinstance(image_id, str) else None
+        if stored is not None:
+            check_bounds(prompt, stored.shape[:2])  # before paying for an encode
+        encoded, hit = self._encode(image_id, adapter)
+        return self._decode(encoded, prompt, multimask, hit)
+
+    def decode(self, encoded: EncodedImage, point_coords: object = None,
+               point_labels: object = None, box: object = None, mask_input: object = None,
+               multimask: bool = True) -> SegmentResult:
+        """Segment with an embedding from :meth:`encode` (still valid after a swap; the result
+        reports the version that made it). Arguments as in :meth:`segment`."""
+        prompt = self._check_prompt(point_coords, point_labels, box, mask_input)
+        return self._decode(encoded, prompt, multimask, True)
+
+    def _check_prompt(self, point_coords: object, point_labels: object, box: object,
+                      mask_input: object) -> Prompt:
+        return check_prompt(point_coords, point_labels, box, mask_input,
+                            mask_input_size=self._mask_input_size, max_points=self.max_points)
+
+    def _encode(self, image_id: str, adapter: str) -> tuple[EncodedImage, bool]:
+        slot = self._resolve(adapter)
+        if not isinstance(image_id, str):
+            raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
+        cached = self._cache.get((image_id, _key(slot)))
+        if cached is not None:
+            return cached, True
+        image = self._images.get(image_id)
+        if image is None:
+            raise ImageNotFoundError(f"unknown image id {image_id!r} (never uploaded, or "
+                                     "evicted: upload it again)")
+        prepared = self._prepare(image)  # resizing and normalising need no lock
+        with self._model_lock:
+            slot = self._resolve(adapter)  # a swap or unload may have happened meanwhile
+            key = _key(slot)
+            cached = self._cache.peek((image_id, key))
+            if cached is not None:
+                return cached, True
+            self._activate(slot)
+            with torch.no_grad():
+                features = self._sam.image_encoder(prepared.pixels)
+            encoded = EncodedImage(image_id, features, prepared.original_size,
+                                   prepared.input_size, _label(slot), key)
+            # Stored under the lock: once a swap has dropped a version, nothing re-adds it.
+            self._cache.put((image_id, key), encoded)
+            self._encodes += 1
+        return encoded, False
+
+    def _prepare(self, image: np.ndarray) -> _Prepared:
+        """SamPredictor.set_image up to the encoder: resize the long side, normalise, pad."""
+        if self._sam.image_format != "RGB":
+            image = image[..., ::-1]
+        resized = self._transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self._sam.device)
+        tensor = tensor.permute(2, 0, 1).contiguous()[None, :, :, :]
+        with torch.no_grad():
+            pixels = self._sam.preprocess(tensor)
+        return _Prepared(pixels, (int(image.shape[0]), int(image.shape[1])),
+                         (int(tensor.shape[-2]), int(tensor.shape[-1])))
+
+    def _activate(self, slot: AdapterSlot | None) -> None:
+        """Make ``slot`` (None: no adapter) the model's adapter. Caller holds the model lock."""
+        want = _key(slot)
+        if self._active == want:
+            return
+        if slot is None:
+            self._model.base_model.disable_adapter_layers()
+        else:
+            self._model.set_adapter(slot.key, inference_mode=True)
+            self._model.base_model.enable_adapter_layers()
+        self._active = want
+
+    def _decode(self, encoded: EncodedImage, prompt: Prompt, multimask: bool,
+                cache_hit: bool) -> SegmentResult:
+        check_bounds(prompt, encoded.original_size)
+        predictor = SamPredictor(self._sam)  # per request: its image state is per request
+        predictor.features = encoded.features
+        predictor.original_size = encoded.original_size
+        predictor.input_size = encoded.input_size
+        predictor.is_image_set = True
+        masks, scores, low_res = predictor.predict(
+            point_coords=prompt.point_coords, point_labels=prompt.point_labels, box=prompt.box,
+            mask_input=prompt.mask_input, multimask_output=bool(multimask))
+        return SegmentResult(masks, scores, low_res, encoded.adapter_version, encoded.image_id,
+                             cache_hit)
+
+    # ----------------------------------------------------------------------------- adapters
+    def _resolve(self, adapter: str) -> AdapterSlot | None:
+        if adapter == BASE:
+            return None
+        with self._registry_lock:
+            if adapter == LIVE:
+                return self._live
+            slot = self._domains.get(adapter) if isinstance(adapter, str) else None
+            if slot is None:
+                known = [BASE, LIVE, *self._domains]
+                raise UnknownAdapterError(f"unknown adapter {adapter!r}; loaded: {known}")
+            self._domains.move_to_end(adapter)
+            return slot
+
+    def _new_slot(self, kind: str, name: str, version: int | None, files: AdapterFiles
+                  ) -> AdapterSlot:
+        label = f"live:{version}" if kind == LIVE else f"domain:{name}"
+        return AdapterSlot(f"slot{next(self._slot_ids)}", label, kind, name, version,
+                           str(files.path), time.time())
+
+    def load_live(self, version: int, files: AdapterFiles, *, force: bool = False
+                  ) -> SwapResult:
+        """Serve ``files`` as live adapter ``version``: check it, load it into a new slot,
+        switch ``live`` to it atomically, delete the old slot and its embeddings.
+
+        Loading the version that is live already does nothing (``swapped=False``) unless
+        ``force``. Raises AdapterRejectedError (live unchanged) for an adapter that does not
+        fit or could touch more than the image encoder.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ConfigError(f"live version must be an int >= 0, got {version!r}")
+        start = time.perf_counter()
+        source = f"live adapter v{version} ({files.path})"
+        config = check_adapter_files(self._sam, files, source)
+        with self._model_lock:
+            locked = time.perf_counter()
+            previous = self._live
+            if previous is not None and previous.version == version and not force:
+                return SwapResult(version, version, time.perf_counter() - start, 0.0, 0,
+                                  swapped=False)
+            slot = self._new_slot(LIVE, LIVE, version, files)
+            try:
+                add_slot(self._model, slot.key, config, files, source)
+            finally:
+                self._active = _UNKNOWN
+            with self._registry_lock:
+                self._live = slot
+            if previous is not None:
+                remove_slot(self._model, previous.key)
+            locked_seconds = time.perf_counter() - locked
+        dropped = self._cache.drop_adapter(previous.key) if previous is not None else 0
+        result = SwapResult(version, previous.version if previous else None,
+                            time.perf_counter() - start, locked_seconds, dropped)
+        with self._registry_lock:
+            self._swaps.append(result)
+            self._swap_count += 1
+        logger.info("live adapter v%s -> v%s in %.3f s (encoding paused %.3f s, %d embeddings "
+                    "dropped)", result.previous_version, version, result.seconds,
+                    locked_seconds, dropped)
+        return result
+
+    def clear_live(self) -> int | None:
+        """Stop serving a live adapter (``live`` becomes base); returns the version removed."""
+        with self._model_lock:
+            with self._registry_lock:
+                previous, self._live = self._live, None
+            if previous is not None:
+                remove_slot(self._model, previous.key)
+                self._active = _UNKNOWN
+        if previous is None:
+            return None
+        self._cache.drop_adapter(previous.key)
+        return previous.version
+
+    def load_domain(self, name: str, files: AdapterFiles) -> AdapterSlot:
+        """Serve ``files`` as domain adapter ``name`` (replacing a loaded one of that name).
+        Unloads the least recently used domains beyond ``max_domains``."""
+        if not isinstance(name, str) or name in (BASE, LIVE) or not _DOMAIN_NAME.fullmatch(name):
+            raise InvalidAdapterNameError(f"invalid domain adapter name {name!r}")
+        if self.max_domains == 0:
+            raise ConfigError("this engine serves no domain adapters (max_domains=0)")
+        source = f"domain adapter {name!r} ({files.path})"
+        config = check_adapter_files(self._sam, files, source)
+        with self._model_lock:
+            slot = self._new_slot("domain", name, None, files)
+            try:
+                add_slot(self._model, slot.key, config, files, source)
+            finally:
+                self._active = _UNKNOWN
+            with self._registry_lock:
+                gone = [self._domains.pop(name, None)]
+                self._domains[name] = slot
+                while len(self._domains) > self.max_domains:
+                    gone.append(self._domains.popitem(last=False)[1])
+            gone = [old for old in gone if old is not None]
+            for old in gone:
+                remove_slot(self._model, old.key)
+        for old in gone:
+            self._cache.drop_adapter(old.key)
+            if old.name != name:
+                logger.info("unloaded domain adapter %r (least recently used)", old.name)
+        return slot
+
+    def unload_domain(self, name: str) -> None:
+        """Stop serving domain adapter ``name``; raises UnknownAdapterError if not loaded."""
+        with self._model_lock:
+            with self._registry_lock:
+                slot = self._domains.pop(name, None) if isinstance(name, str) else None
+            if slot is None:
+                raise UnknownAdapterError(f"domain adapter {name!r} is not loaded")
+            remove_slot(self._model, slot.key)
+            self._active = _UNKNOWN
+        self._cache.drop_adapter(slot.key)
+
+    def domains(self) -> list[str]:
+        """Loaded domain adapters, least recently used first."""
+        with self._registry_lock:
+            return list(self._domains)
+
+    def adapters(self) -> list[AdapterSlot]:
+        """Every adapter being served: the live one (if any), then the domains."""
+        with self._registry_lock:
+            return ([self._live] if self._live else []) + list(self._domains.values())
+
+    @property
+    def live_version(self) -> int | None:
+        """The live adapter's version; None when ``live`` means the base model."""
+        live = self._live
+        return None if live is None else live.version
+
+    @property
+    def live_label(self) -> str:
+        """What a ``live`` request reports now: ``live:<version>`` or ``base``."""
+        return _label(self._live)
+
+    @property
+    def base_fingerprint(self) -> str:
+        """``regcl.models.model_fingerprint`` of the base weights (computed once), to compare
+        with the base model an adapter was trained on before loading it."""
+        if self._fingerprint is None:
+            with self._model_lock:
+                self._fingerprint = model_fingerprint(self._model)
+        return self._fingerprint
+
+    # ----------------------------------------------------------------------------- metrics
+    @property
+    def cache(self) -> EmbeddingCache:
+        return self._cache
+
+    def swap_history(self) -> list[SwapResult]:
+        """The most recent swaps (up to 64), oldest first."""
+        with self._registry_lock:
+            return list(self._swaps)
+
+    def stats(self) -> EngineStats:
+        with self._registry_lock:
+            last = self._swaps[-1] if self._swaps else None
+            domains = tuple(self._domains)
+            swaps = self._swap_count
+        return EngineStats(self._cache.stats(), self._images.stats(), self.live_version,
+                           domains, self._encodes, swaps, last)
+
+
+def _key(slot: AdapterSlot | None) -> str:
+    return BASE if slot is None else slot.key
+
+
+def _label(slot: AdapterSlot | None) -> str:
+    return BASE if slot is None else slot.label
