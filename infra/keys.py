@@ -1,0 +1,57 @@
+"""Every Redis key and pub/sub channel name regcl uses, in one place, all under ``regcl:``.
+
+Layout (types in brackets)::
+
+    regcl:job:<id>                 [hash]    one job record (see infra.jobs)
+    regcl:jobs                     [zset]    job ids scored by creation time (newest = highest)
+    regcl:jobs:kind:<kind>         [zset]    the same, per job kind
+    regcl:adapters                 [hash]    adapter name -> AdapterRecord JSON
+    regcl:versions                 [hash]    version number -> VersionRecord JSON
+    regcl:versions:counter         [string]  INCR counter; a number is never handed out twice
+    regcl:live                     [string]  number of the live (served) version
+    regcl:lock:merge               [string]  redis-py Lock serialising merges
+    regcl:lock:adapter:<name>      [string]  redis-py Lock held while an adapter is uploaded
+    regcl:events:job:<id>          [channel] JSON events of one job (progress, state)
+    regcl:events:jobs              [channel] the same events for every job
+    regcl:events:live              [channel] {"version": n} each time the live pointer moves
+    regcl:celery:*                 Celery broker/result keys, if the Celery app passes
+                                   CELERY_KEY_PREFIX as ``global_keyprefix`` (see below)
+"""
+
+from __future__ import annotations
+
+PREFIX = "regcl:"
+
+JOBS = f"{PREFIX}jobs"
+ADAPTERS = f"{PREFIX}adapters"
+VERSIONS = f"{PREFIX}versions"
+VERSION_COUNTER = f"{PREFIX}versions:counter"
+LIVE = f"{PREFIX}live"
+MERGE_LOCK = f"{PREFIX}lock:merge"
+
+JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
+LIVE_CHANNEL = f"{PREFIX}events:live"
+
+# For the Celery app: broker_transport_options={"global_keyprefix": CELERY_KEY_PREFIX} (and the
+# same in result_backend_transport_options) keeps kombu's keys inside regcl's namespace too.
+CELERY_KEY_PREFIX = f"{PREFIX}celery:"
+
+
+def job(job_id: str) -> str:
+    """Hash holding one job record."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def jobs_by_kind(kind: str) -> str:
+    """Sorted set of the job ids of one kind, scored by creation time."""
+    return f"{JOBS}:kind:{kind}"
+
+
+def job_channel(job_id: str) -> str:
+    """Pub/sub channel carrying the events of one job."""
+    return f"{PREFIX}events:job:{job_id}"
+
+
+def adapter_lock(name: str) -> str:
+    """Lock held while adapter ``name`` is uploaded, so two uploads of one name cannot race."""
+    return f"{PREFIX}lock:adapter:{name}"

@@ -1,0 +1,311 @@
+"""The registry: domain adapters, merged versions and the live pointer.
+
+Artifacts (files) live in the :class:`~infra.artifacts.ArtifactStore`; Redis holds the index.
+Files are always stored *before* the index entry that points at them is written, and the index
+entry is removed *before* the files, so the index never points at nothing:
+
+- ``adapters/<name>``: a domain adapter directory (PEFT files + regcl stats + metadata JSON);
+- ``versions/v<N>``: one merged version, holding ``adapter/`` (a PEFT adapter directory) and
+  ``merge_state.safetensors`` (the :class:`~regcl.merging.state.ContinualMergeState` to fold the
+  next domain into). Version numbers come from Redis INCR: strictly increasing, never reused,
+  and a version's artifacts are never overwritten or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import BaseModel, ConfigDict
+from redis.exceptions import LockError
+
+from infra import keys
+from infra.artifacts import ArtifactStore, files_of
+from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFound
+from infra.live import LiveSubscription, read_live
+
+__all__ = [
+    "ADAPTER_NAME",
+    "AdapterRecord",
+    "Registry",
+    "VersionRecord",
+    "validate_adapter_name",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# The adapter directory contract of regcl.adapters.lora (CONFIG_FILE, WEIGHTS_FILE, STATS_FILE,
+# UNSAFE_SUFFIXES), repeated here so the platform does not import torch; a test keeps them equal.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+STATS_FILE = "regcl_stats.safetensors"
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+VERSION_ADAPTER_DIR = "adapter"
+VERSION_STATE_FILE = "merge_state.safetensors"
+_MAX_SKIPPED_NUMBERS = 1000
+_ADAPTER_LOCK_TIMEOUT_S = 3600
+
+
+def validate_adapter_name(name: str) -> str:
+    """Return ``name`` if it matches ``[a-z0-9][a-z0-9_-]{0,63}``, else raise InvalidName."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise InvalidName(f"invalid adapter name {name!r}: use [a-z0-9][a-z0-9_-]{{0,63}}")
+    return name
+
+
+def _adapter_files(local_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """The files of an adapter directory, after the checks that need no model (no torch)."""
+    files = files_of(local_dir)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise ConfigError(f"{local_dir} is not an adapter directory: missing {missing}")
+    unsafe = sorted(rel for rel in files if rel.lower().endswith(UNSAFE_SUFFIXES))
+    if unsafe:
+        raise ConfigError(f"{local_dir}: refusing pickle-based files {unsafe}; use safetensors")
+    return files
+
+
+def _json_object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    value = dict(value or {})
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what} must be JSON-serialisable: {exc}") from exc
+    return value
+
+
+class AdapterRecord(BaseModel):
+    """A domain adapter in the registry. ``sha256`` digests all its files."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    artifact_key: str
+    sha256: str
+    size_bytes: int
+    files: tuple[str, ...]
+    has_stats: bool
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+class VersionRecord(BaseModel):
+    """A merged version. ``lineage`` says what it was made from (free JSON; suggested keys:
+    ``parent`` version, ``domains`` folded in order, ``adapters`` name → sha256, ``method``,
+    ``params``, ``job_id``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int
+    artifact_key: str
+    sha256: str
+    size_bytes: int
+    lineage: dict[str, Any]
+    created_at: datetime
+
+    adapter_dir: str = VERSION_ADAPTER_DIR
+    state_file: str = VERSION_STATE_FILE
+
+
+class Registry:
+    """Domain adapters, merged versions and the live pointer (Redis index + artifact store)."""
+
+    def __init__(self, client: redis.Redis, store: ArtifactStore) -> None:
+        self._redis = client
+        self.store = store
+
+    # -- domain adapters -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _adapter_lock(self, name: str, blocking_timeout_s: float | None) -> Iterator[None]:
+        lock = self._redis.lock(keys.adapter_lock(name), timeout=_ADAPTER_LOCK_TIMEOUT_S,
+                                blocking=blocking_timeout_s is not None,
+                                blocking_timeout=blocking_timeout_s, thread_local=False)
+        if not lock.acquire():
+            raise Conflict(f"adapter {name!r} is being added or deleted right now")
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                logger.error("adapter lock for %r expired before release", name)
+
+    def add_adapter(self, name: str, local_dir: str | os.PathLike[str],
+                    metadata: Mapping[str, Any] | None = None) -> AdapterRecord:
+        """Upload adapter directory ``local_dir`` as ``name`` (Conflict if the name is taken)."""
+        validate_adapter_name(name)
+        files = _adapter_files(local_dir)
+        meta = _json_object(metadata, "adapter metadata")
+        key = f"adapters/{name}"
+        with self._adapter_lock(name, blocking_timeout_s=None):
+            if self._redis.hexists(keys.ADAPTERS, name):
+                raise Conflict(f"adapter {name!r} already exists")
+            # Files with no index entry are leftovers of a crash between the two steps of an
+            # earlier add or delete; the lock guarantees nobody else is using them.
+            if self.store.delete(key):
+                logger.warning("removed orphaned artifact %s (no index entry)", key)
+            info = self.store.put_files(files, key)
+            record = AdapterRecord(
+                name=name, artifact_key=key, sha256=info.sha256, size_bytes=info.size_bytes,
+                files=tuple(sorted(info.files)), has_stats=STATS_FILE in info.files,
+                metadata=meta, created_at=datetime.now(UTC))
+            if not self._redis.hsetnx(keys.ADAPTERS, name, record.model_dump_json()):
+                raise Conflict(f"adapter {name!r} already exists")
+        logger.info("adapter %s added (%d bytes)", name, info.size_bytes)
+        return record
+
+    def get_adapter(self, name: str) -> AdapterRecord:
+        """The adapter's record; NotFound if there is none."""
+        raw = self._redis.hget(keys.ADAPTERS, validate_adapter_name(name))
+        if raw is None:
+            raise NotFound(f"adapter {name!r} not found")
+        return AdapterRecord.model_validate_json(raw)
+
+    def list_adapters(self) -> list[AdapterRecord]:
+        """Every adapter, sorted by name."""
+        raw = self._redis.hgetall(keys.ADAPTERS)
+        return sorted((AdapterRecord.model_validate_json(v) for v in raw.values()),
+                      key=lambda r: r.name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the adapter (index first, then files). Versions merged from it keep their
+        own copies and are untouched. NotFound if there is none."""
+        validate_adapter_name(name)
+        with self._adapter_lock(name, blocking_timeout_s=10.0):
+            if not self._redis.hdel(keys.ADAPTERS, name):
+                raise NotFound(f"adapter {name!r} not found")
+            self.store.delete(f"adapters/{name}")
+        logger.info("adapter %s deleted", name)
+
+    def fetch_adapter(self, name: str, cache_dir: str | os.PathLike[str]) -> Path:
+        """A local copy of the adapter directory under ``cache_dir`` (downloaded once per
+        content digest, files checked). Treat it as read-only."""
+        record = self.get_adapter(name)
+        return self._fetch(record.artifact_key, record.sha256,
+                           Path(cache_dir) / f"{name}-{record.sha256[:16]}")
+
+    def _fetch(self, key: str, sha256: str, dest: Path) -> Path:
+        if dest.is_dir():
+            return dest
+        if self.store.info(key).sha256 != sha256:
+            raise Conflict(f"artifact {key!r} does not match its registry record")
+        try:
+            return self.store.get_dir(key, dest)
+        except Conflict:
+            if dest.is_dir():  # another process fetched the same digest meanwhile
+                return dest
+            raise
+
+    # -- merged versions -----------------------------------------------------------------------
+
+    def create_version(self, local_adapter_dir: str | os.PathLike[str],
+                       state_file: str | os.PathLike[str],
+                       lineage: Mapping[str, Any] | None = None) -> VersionRecord:
+        """Store a merged adapter + its merge state as the next version number."""
+        adapter = _adapter_files(local_adapter_dir)
+        state = Path(state_file)
+        if not state.is_file():
+            raise NotFound(f"merge state file not found: {state}")
+        files: dict[str, Path] = {f"{VERSION_ADAPTER_DIR}/{rel}": p for rel, p in adapter.items()}
+        files[VERSION_STATE_FILE] = state
+        lineage = _json_object(lineage, "version lineage")
+        for _ in range(_MAX_SKIPPED_NUMBERS):
+            number = int(self._redis.incr(keys.VERSION_COUNTER))
+            key = f"versions/v{number}"
+            try:
+                info = self.store.put_files(files, key)
+            except Conflict:
+                # Only if Redis lost its counter: never overwrite, take the next number.
+                logger.warning("artifact %s already exists; skipping version number %d",
+                               key, number)
+                continue
+            record = VersionRecord(number=number, artifact_key=key, sha256=info.sha256,
+                                   size_bytes=info.size_bytes, lineage=lineage,
+                                   created_at=datetime.now(UTC))
+            if not self._redis.hsetnx(keys.VERSIONS, str(number), record.model_dump_json()):
+                raise Conflict(f"version {number} is already registered")
+            logger.info("version %d created (%d bytes)", number, info.size_bytes)
+            return record
+        raise Conflict(f"no free version number after {_MAX_SKIPPED_NUMBERS} tries")
+
+    def get_version(self, number: int) -> VersionRecord:
+        """The version's record; NotFound if there is none."""
+        raw = self._redis.hget(keys.VERSIONS, str(int(number)))
+        if raw is None:
+            raise NotFound(f"version {number} not found")
+        return VersionRecord.model_validate_json(raw)
+
+    def list_versions(self) -> list[VersionRecord]:
+        """Every version, oldest (lowest number) first."""
+        raw = self._redis.hgetall(keys.VERSIONS)
+        return sorted((VersionRecord.model_validate_json(v) for v in raw.values()),
+                      key=lambda r: r.number)
+
+    def latest_version(self) -> VersionRecord | None:
+        """The highest-numbered version (not necessarily the live one), or None."""
+        numbers = [int(n) for n in self._redis.hkeys(keys.VERSIONS)]
+        return self.get_version(max(numbers)) if numbers else None
+
+    def fetch_version(self, number: int, cache_dir: str | os.PathLike[str]) -> Path:
+        """A local copy of version ``number``: a directory with ``adapter/`` (load it with
+        regcl.adapters) and ``merge_state.safetensors``. Treat it as read-only."""
+        record = self.get_version(number)
+        return self._fetch(record.artifact_key, record.sha256,
+                           Path(cache_dir) / f"v{number}-{record.sha256[:16]}")
+
+    # -- live pointer --------------------------------------------------------------------------
+
+    def activate(self, number: int) -> VersionRecord:
+        """Make version ``number`` the live one and notify followers (NotFound if absent)."""
+        record = self.get_version(number)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(keys.LIVE, record.number)
+        pipe.publish(keys.LIVE_CHANNEL, json.dumps({"version": record.number}))
+        pipe.execute()
+        logger.info("version %d is live", record.number)
+        return record
+
+    def live_version(self) -> int | None:
+        """The live version number, or None if none was activated."""
+        return read_live(self._redis)
+
+    def subscribe_live(self, callback: Callable[[int], None], *, deliver_current: bool = True,
+                       resync_interval_s: float = 5.0) -> LiveSubscription:
+        """Start a listener thread calling ``callback(version)`` on each live change (see
+        :class:`~infra.live.LiveSubscription`); ``.stop()`` it when done."""
+        return LiveSubscription(self._redis, callback, deliver_current=deliver_current,
+                                resync_interval_s=resync_interval_s).start()
+
+    # -- merge lock ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def merge_lock(self, timeout_s: float,
+                   blocking_timeout_s: float | None = None) -> Iterator[redis.lock.Lock]:
+        """Hold the cluster-wide merge lock (merges serialise on it).
+
+        ``timeout_s``: the lock expires after this long even if its holder died - make it
+        longer than a merge, or ``extend()`` the yielded lock. ``blocking_timeout_s``: how long
+        to wait for it (None: forever); LockTimeout when that passes.
+        """
+        lock = self._redis.lock(keys.MERGE_LOCK, timeout=timeout_s,
+                                blocking_timeout=blocking_timeout_s, thread_local=False)
+        if not lock.acquire():
+            raise LockTimeout(f"merge lock still held after {blocking_timeout_s} s")
+        try:
+            yield lock
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                logger.error("merge lock expired while held (timeout %.0f s): another merge "
+                             "may have run concurrently; raise the timeout", timeout_s)

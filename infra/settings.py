@@ -1,0 +1,168 @@
+"""Settings shared by the service, the workers and ``regcl up``: read from ``REGCL_*`` variables.
+
+Every field below is set by the environment variable ``REGCL_<FIELD>`` (e.g. ``REGCL_REDIS_URL``,
+``REGCL_ADMIN_KEYS=key1,key2``). Nothing is read at import time: build :class:`Settings` (or call
+:func:`get_settings`) when a process starts, and pass it down (``create_app(settings)``).
+
+Derived defaults: ``redis_url`` follows ``redis_port`` (``redis://127.0.0.1:6390/0``) and
+``artifact_url`` is ``<data_dir>/artifacts``; ``data_dir`` and local ``artifact_url`` are made
+absolute so that processes started in other directories agree on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from fsspec.registry import known_implementations
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["MIB", "ModelName", "Settings", "get_settings"]
+
+MIB = 1024 * 1024
+ModelName = Literal["tiny", "vit_b", "vit_l", "vit_h"]
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class Settings(BaseSettings):
+    """Configuration of one regcl deployment (service, workers and embedded Redis agree on it)."""
+
+    model_config = SettingsConfigDict(env_prefix="REGCL_", extra="ignore", frozen=True)
+
+    redis_url: str = Field(
+        default="",
+        description="Redis for job state, registry index, live pointer and the Celery broker. "
+        "Empty → redis://127.0.0.1:<redis_port>/0 (the embedded server).",
+    )
+    redis_port: int = Field(
+        default=6390, ge=1, le=65535, description="Port of the embedded redis-server (regcl up)."
+    )
+    data_dir: Path = Field(
+        default=Path("./var"),
+        description="Local state: embedded Redis persistence, caches, default artifact store.",
+    )
+    artifact_url: str = Field(
+        default="",
+        description="Artifact store root: a local path or any fsspec URL (s3://bucket/prefix). "
+        "Empty → <data_dir>/artifacts. Must be shared by all hosts that run workers/service.",
+    )
+    model: ModelName = Field(default="tiny", description="SAM architecture to serve and adapt.")
+    checkpoint: Path | None = Field(
+        default=None, description="SAM checkpoint; required for vit_*, optional for tiny."
+    )
+    admin_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        description="Secrets accepted on mutating endpoints (comma-separated in the env). "
+        "Empty → every mutating endpoint is disabled (the service answers 403).",
+    )
+    segment_requires_key: bool = Field(
+        default=False,
+        description="If true, segmentation needs one of admin_keys too (else it is open).",
+    )
+    embedding_cache_bytes: int = Field(
+        default=256 * MIB, ge=0, description="Image-embedding cache budget; 0 disables it."
+    )
+    max_upload_bytes: int = Field(default=64 * MIB, gt=0, description="Largest accepted upload.")
+    max_image_pixels: int = Field(
+        default=16_000_000, gt=0, description="Largest accepted image (width x height)."
+    )
+    job_visibility_timeout_s: int = Field(
+        default=6 * 3600,
+        ge=60,
+        description="Celery/Redis visibility timeout: an unacknowledged job is redelivered after "
+        "this long, so it MUST exceed the longest job (acks_late) or jobs run twice.",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
+
+    @field_validator("admin_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``"a, b"`` → ``("a", "b")``; blanks dropped, so an empty variable means no keys."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            keys = [v.get_secret_value() if isinstance(v, SecretStr) else v for v in value]
+            return tuple(k.strip() for k in keys if isinstance(k, str) and k.strip())
+        return value
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _keys_long_enough(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for key in value:
+            if len(key.get_secret_value()) < 16:
+                raise ValueError("each admin key must be at least 16 characters long")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(f"redis_url must start with one of {_REDIS_SCHEMES}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Self:
+        # The model is frozen; derived defaults are filled in through object.__setattr__ once,
+        # during validation, before anyone can see the instance.
+        if not self.redis_url:
+            object.__setattr__(self, "redis_url", f"redis://127.0.0.1:{self.redis_port}/0")
+        object.__setattr__(self, "artifact_url", _normalise_artifact_url(
+            self.artifact_url.strip() or str(self.data_dir / "artifacts")))
+        if self.model != "tiny" and self.checkpoint is None:
+            raise ValueError(
+                f"model {self.model!r} needs REGCL_CHECKPOINT (segment-anything's official "
+                "weights, e.g. sam_vit_b_01ec64.pth); only 'tiny' runs without one"
+            )
+        if self.segment_requires_key and not self.admin_keys:
+            raise ValueError("segment_requires_key is set but admin_keys is empty: "
+                             "nobody could segment")
+        return self
+
+    @property
+    def mutations_enabled(self) -> bool:
+        """False when no admin key is configured: mutating endpoints are then disabled."""
+        return bool(self.admin_keys)
+
+    @property
+    def artifacts_are_local(self) -> bool:
+        """True when ``artifact_url`` is a local directory (single-host deployments)."""
+        return "://" not in self.artifact_url
+
+    def is_admin_key(self, candidate: str | None) -> bool:
+        """Constant-time check of a presented key against ``admin_keys``."""
+        if not candidate:
+            return False
+        given = candidate.encode()
+        # Compare with every key (no early exit) so timing does not tell which one matched.
+        matches = [hmac.compare_digest(given, k.get_secret_value().encode())
+                   for k in self.admin_keys]
+        return any(matches)
+
+
+def _normalise_artifact_url(url: str) -> str:
+    """Local paths become absolute; URLs must name a protocol fsspec knows."""
+    if url.startswith("file://"):
+        url = url.removeprefix("file://")
+    if "://" not in url:
+        return str(Path(url).expanduser().resolve())
+    protocol = url.split("://", 1)[0]
+    if protocol not in known_implementations:
+        raise ValueError(f"artifact_url: fsspec knows no protocol {protocol!r} ({url!r})")
+    return url
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first call (tests may
+    ``get_settings.cache_clear()``)."""
+    return Settings()
