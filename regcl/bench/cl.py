@@ -43,7 +43,7 @@ Weights = dict[str, torch.Tensor]
 class BenchConfig:
     domains: tuple[str, ...] = PAPER_ORDER
     orders: int = 3
-    train_per_domain: int = 160
+    train_per_domain: int = 128
     test_per_domain: int = 64
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -142,7 +142,8 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path,
                 save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(tmp),
                           metadata={"regcl_pretrain": _json(summary)})
                 tmp.replace(out_path)
-    summary = {"recipe": asdict(config), "best": best, "history": history,
+    summary = {"recipe": asdict(config), "init": str(init) if init else None, "best": best,
+               "history": history,
                "elapsed_s": round(time.monotonic() - start, 1), "torch": torch.__version__,
                "threads": torch.get_num_threads()}
     return summary
