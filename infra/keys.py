@@ -11,6 +11,8 @@ Layout (types in brackets)::
     regcl:live                     [string]  number of the live (served) version
     regcl:lock:merge               [string]  redis-py Lock serialising merges
     regcl:lock:adapter:<name>      [string]  redis-py Lock held while an adapter is uploaded
+    regcl:datasets                 [hash]    dataset name -> DatasetRecord JSON (infra.datasets)
+    regcl:lock:dataset:<name>      [string]  redis-py Lock held while a dataset is added/deleted
     regcl:events:job:<id>          [channel] JSON events of one job (progress, state)
     regcl:events:jobs              [channel] the same events for every job
     regcl:events:live              [channel] {"version": n} each time the live pointer moves
@@ -28,6 +30,7 @@ VERSIONS = f"{PREFIX}versions"
 VERSION_COUNTER = f"{PREFIX}versions:counter"
 LIVE = f"{PREFIX}live"
 MERGE_LOCK = f"{PREFIX}lock:merge"
+DATASETS = f"{PREFIX}datasets"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
 LIVE_CHANNEL = f"{PREFIX}events:live"
@@ -55,3 +58,8 @@ def job_channel(job_id: str) -> str:
 def adapter_lock(name: str) -> str:
     """Lock held while adapter ``name`` is uploaded, so two uploads of one name cannot race."""
     return f"{PREFIX}lock:adapter:{name}"
+
+
+def dataset_lock(name: str) -> str:
+    """Lock held while dataset ``name`` is added or deleted, so two uploads cannot race."""
+    return f"{PREFIX}lock:dataset:{name}"

@@ -138,6 +138,9 @@ class RedisServer:
         self._process = subprocess.Popen(
             [str(self.binary), str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            # Its own session: a terminal's Ctrl-C must not reach Redis before the worker has
+            # requeued its job; whoever started it stops it last.
+            start_new_session=True,
         )
         try:
             self._wait_ready()

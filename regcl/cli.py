@@ -1,4 +1,4 @@
-"""The ``regcl`` command line: ``regcl pretrain``, ``regcl bench cl``, ``regcl demo``."""
+"""The ``regcl`` command line: ``regcl up``, ``regcl bench cl``, ``regcl pretrain``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,17 @@ def _cmd_bench_cl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    # The service lives beside the library; regcl/ imports it only here, on demand.
+    try:
+        from infra.settings import Settings
+        from workers.up import run_up
+    except ImportError as exc:  # an install of the library alone, without the service
+        logger.error("regcl up needs the service packages (infra, workers, service): %s", exc)
+        return 2
+    return run_up(Settings())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from regcl.models.build import TINY_CHECKPOINT
 
@@ -99,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", help="tiny SAM weights (default: the shipped ones)")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_bench_cl)
+
+    u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
+    u.set_defaults(func=_cmd_up)
     return parser
 
 

@@ -1,10 +1,17 @@
-"""Shared fixtures: small models and data that keep the suite to minutes on 2 CPU cores."""
+"""Shared fixtures: small models and data that keep the suite to minutes on 2 CPU cores, and a
+REAL redis-server process for the tests that need Redis (no fakes)."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+
 import pytest
+import redis
 import torch
 
+from infra.redis_client import connect
+from infra.redis_server import RedisServer
 from regcl.data import synthetic
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 
@@ -26,3 +33,39 @@ def random_tiny():
 def source_batch():
     """8 held-out source scenes: images 8 x 3 x 256 x 256 in [0, 255], masks 8 x 256 x 256."""
     return synthetic.chunked(synthetic.source_scenes, 99, 0, 8, 256)
+
+
+# -- Redis -------------------------------------------------------------------------------------
+
+
+def free_tcp_port() -> int:
+    """A TCP port that was free a moment ago (RedisServer refuses it if it has been taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for tests that run their own RedisServer."""
+    return free_tcp_port()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session, persisting into a temporary directory.
+
+    Database 0 belongs to ``redis_client`` (emptied before each test); the Celery worker of
+    tests/workers uses database 1, so that flushing never removes the broker's queue bindings.
+    """
+    with RedisServer(tmp_path_factory.mktemp("redis"), free_tcp_port()) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client on the session server, with an empty database 0 for each test."""
+    client = connect(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()

@@ -1,0 +1,120 @@
+"""Dependencies of the routes, as ``Annotated`` aliases (``def route(rt: RuntimeDep)``).
+
+Auth: mutating endpoints take :data:`AdminKey`, segmentation takes :data:`SegmentAccess`. A key
+comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and is compared with
+``Settings.is_admin_key`` (constant time). Keys are never logged or echoed. With no admin key
+configured every mutating endpoint answers 403 ``mutations-disabled``; a missing or wrong key
+is 401 ``unauthorized``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from infra.datasets import DatasetRegistry
+from infra.jobs import JobStore
+from infra.registry import Registry
+from infra.settings import Settings
+from service.engine import SegmentationEngine
+from service.problems import ProblemError
+from service.runtime import Runtime
+
+__all__ = [
+    "AdminKey",
+    "CeleryDep",
+    "DatasetsDep",
+    "EngineDep",
+    "JobStoreDep",
+    "RegistryDep",
+    "RuntimeDep",
+    "SegmentAccess",
+    "SettingsDep",
+]
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKeyBearer",
+                     description="An admin key as `Authorization: Bearer <key>`.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="AdminKeyHeader",
+                        description="An admin key as `X-API-Key: <key>`.")
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:  # only between process start and the end of the lifespan's startup
+        raise ProblemError("backend-unavailable", "the service is starting")
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+def get_engine(runtime: RuntimeDep) -> SegmentationEngine:
+    return runtime.engine
+
+
+def get_registry(runtime: RuntimeDep) -> Registry:
+    return runtime.registry
+
+
+def get_job_store(runtime: RuntimeDep) -> JobStore:
+    return runtime.jobs
+
+
+def get_datasets(runtime: RuntimeDep) -> DatasetRegistry:
+    return runtime.datasets
+
+
+def get_celery(runtime: RuntimeDep) -> Any:
+    if runtime.celery is None:
+        raise ProblemError("jobs-unavailable", "this deployment has no job queue (the workers "
+                           "package is not installed)")
+    return runtime.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[SegmentationEngine, Depends(get_engine)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
+DatasetsDep = Annotated[DatasetRegistry, Depends(get_datasets)]
+CeleryDep = Annotated[Any, Depends(get_celery)]
+
+
+def presented_key(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> str | None:
+    """The key the client sent (Bearer first), or None."""
+    if bearer is not None and bearer.credentials:
+        return bearer.credentials
+    return api_key or None
+
+
+PresentedKey = Annotated[str | None, Depends(presented_key)]
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="regcl"'}
+
+
+def require_admin(settings: SettingsDep, key: PresentedKey) -> None:
+    """Admit the request only with a valid admin key (401), if mutations are enabled (403)."""
+    if not settings.mutations_enabled:
+        raise ProblemError("mutations-disabled", "no admin key is configured "
+                           "(REGCL_ADMIN_KEYS), so this service accepts no changes")
+    if not settings.is_admin_key(key):
+        raise ProblemError("unauthorized", "a valid admin key is required (Authorization: "
+                           "Bearer <key> or X-API-Key)", headers=_CHALLENGE)
+
+
+def require_segment_access(settings: SettingsDep, key: PresentedKey) -> None:
+    """Segmentation is open unless ``segment_requires_key``; then it needs an admin key."""
+    if settings.segment_requires_key and not settings.is_admin_key(key):
+        raise ProblemError("unauthorized", "this service requires a key for segmentation",
+                           headers=_CHALLENGE)
+
+
+AdminKey = Annotated[None, Depends(require_admin)]
+SegmentAccess = Annotated[None, Depends(require_segment_access)]

@@ -1,0 +1,155 @@
+"""Keeping the engine in step with the registry: the live version and domain adapters.
+
+:class:`LiveFollower` makes the engine serve whatever version the Redis live pointer names. It
+is triggered by the registry's live subscription (every replica follows the pointer), by the
+activate endpoint (so the replica that took the request serves the new version before it
+answers) and once at startup (a restarted process serves the live version at once). Each
+trigger re-reads the pointer, under one lock, so triggers arriving in any order converge on
+the pointer's current value and a late notification never rolls the engine back.
+
+:class:`DomainAdapters` loads a domain adapter from the registry the first time a request
+names it, and again when the registry's copy changed (deleted and uploaded anew).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from infra.errors import InvalidName, NotFound
+from infra.live import LiveSubscription
+from infra.registry import Registry
+from regcl.adapters import AdapterFiles, check_weights, read_adapter
+from regcl.errors import AdapterError
+from regcl.models.build import SAM_SPECS, build_sam_from_spec
+from service.engine import SegmentationEngine, SwapResult
+from service.errors import AdapterRejectedError, UnknownAdapterError
+from service.metrics import Metrics
+from service.slots import check_adapter_files
+
+__all__ = ["DomainAdapters", "LiveFollower", "check_adapter_fits"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_adapter_fits(model: str, files: AdapterFiles, source: str) -> None:
+    """Refuse an adapter the serving model could not load, without touching that model.
+
+    The engine's own checks (:func:`service.slots.check_adapter_files`: a plain LoRA config
+    whose targets all lie in the image encoder, finite float weights) run against a copy of
+    the architecture on the ``meta`` device - no memory, no weights - and the weights' keys
+    and shapes are compared with what PEFT would create there. Raises AdapterRejectedError.
+    """
+    with torch.device("meta"):
+        sam = build_sam_from_spec(SAM_SPECS[model])
+    config = check_adapter_files(sam, files, source)
+    try:
+        with torch.device("meta"):  # the LoRA layers PEFT creates land there too
+            peft_model = get_peft_model(sam, config)
+    except Exception as exc:  # PEFT refuses layer types, ranks, ... with many kinds
+        raise AdapterRejectedError(f"{source}: PEFT cannot add this adapter: {exc}") from exc
+    try:
+        check_weights(peft_model, files.weights, source)
+    except AdapterError as exc:
+        raise AdapterRejectedError(str(exc)) from exc
+
+
+class LiveFollower:
+    """Serves the version the registry's live pointer names (see the module docstring)."""
+
+    def __init__(self, engine: SegmentationEngine, registry: Registry, cache_dir: Path,
+                 metrics: Metrics) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._cache_dir = cache_dir
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._subscription: LiveSubscription | None = None
+        self.last_error: str | None = None
+
+    def sync(self) -> SwapResult | None:
+        """Load the version the pointer names if it is not served yet; the swap, or None when
+        nothing changed. Raises what fetching or loading raised (the old version keeps
+        serving)."""
+        with self._lock:
+            version = self._registry.live_version()
+            if version is None or version == self._engine.live_version:
+                return None
+            start = time.perf_counter()
+            try:
+                files = self.read_version(version)
+                result = self._engine.load_live(version, files)
+            except Exception as exc:
+                self._metrics.swap_failures.inc()
+                self.last_error = f"version {version}: {exc}"
+                raise
+            self.last_error = None
+            self._metrics.swap_seconds.observe(time.perf_counter() - start)
+            self._metrics.swap_paused_seconds.observe(result.locked_seconds)
+            logger.info("serving live version %d (was %s; %.3f s end to end)", version,
+                        result.previous_version, time.perf_counter() - start)
+            return result
+
+    def read_version(self, version: int) -> AdapterFiles:
+        """Version ``version``'s adapter, fetched into the cache and read (not yet checked)."""
+        record = self._registry.get_version(version)
+        path = self._registry.fetch_version(version, self._cache_dir)
+        return read_adapter(path / record.adapter_dir)
+
+    def _on_notice(self, version: int) -> None:
+        try:
+            self.sync()
+        except Exception:
+            logger.exception("could not serve live version %d; the previous one stays live",
+                             version)
+
+    def start(self) -> None:
+        """Follow the pointer from now on (a listener thread that survives Redis restarts)."""
+        if self._subscription is None:
+            self._subscription = self._registry.subscribe_live(self._on_notice)
+
+    def stop(self) -> None:
+        if self._subscription is not None:
+            self._subscription.stop()
+            self._subscription = None
+
+
+class DomainAdapters:
+    """Loads registry adapters into the engine on demand, by name."""
+
+    def __init__(self, engine: SegmentationEngine, registry: Registry, cache_dir: Path) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._loaded: dict[str, str] = {}  # name -> sha256 of the copy loaded
+
+    def ensure_loaded(self, name: str) -> None:
+        """Make registry adapter ``name`` servable as ``adapter=name``; UnknownAdapterError if
+        the registry has none of that name."""
+        try:
+            record = self._registry.get_adapter(name)
+        except (NotFound, InvalidName) as exc:
+            raise UnknownAdapterError(
+                f"unknown adapter {name!r}: use 'live', 'base' or an uploaded adapter's "
+                "name") from exc
+        with self._lock:
+            if self._loaded.get(name) == record.sha256 and name in self._engine.domains():
+                return
+            path = self._registry.fetch_adapter(name, self._cache_dir)
+            self._engine.load_domain(name, read_adapter(path))
+            self._loaded[name] = record.sha256
+
+    def forget(self, name: str) -> None:
+        """Stop serving ``name`` (after it was deleted from the registry)."""
+        with self._lock:
+            self._loaded.pop(name, None)
+            if name in self._engine.domains():
+                with contextlib.suppress(UnknownAdapterError):  # unloaded meanwhile
+                    self._engine.unload_domain(name)

@@ -1,0 +1,167 @@
+"""``/v1/adapters``: upload, list, describe, download and delete domain adapters.
+
+An upload is checked completely before anything is stored: PEFT LoRA format, safetensors only
+(pickle-based files are refused by name and never read), finite weights, statistics that fit
+the weights, and targets and shapes that fit the serving model (checked on a weightless copy
+of its architecture, see :func:`service.live_swap.check_adapter_fits`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import StreamingResponse
+
+from infra.errors import Conflict
+from infra.registry import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIGHTS_FILE
+from infra.registry import validate_adapter_name as check_name
+from regcl.adapters import AdapterFiles, read_adapter
+from regcl.adapters.lora import META_FILE
+from regcl.errors import AdapterError, RegclError
+from service.deps import AdminKey, RegistryDep, RuntimeDep
+from service.engine import BASE, LIVE
+from service.live_swap import check_adapter_fits
+from service.problems import ProblemError, problem_responses
+from service.runtime import Runtime
+from service.schemas.adapters import (
+    AdapterDeleteResponse,
+    AdapterInfo,
+    AdapterListResponse,
+    AdapterUploadResponse,
+)
+from service.uploads import copy_bounded, form_json_object, name_taken
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+_ZIP_CHUNK = 1 << 16
+
+
+def _check_file_name(upload: UploadFile | None, field: str, suffix: str) -> None:
+    """Refuse pickle-based and otherwise unexpected files by their name, before reading."""
+    if upload is None:
+        return
+    name = (upload.filename or "").lower()
+    if name.endswith(UNSAFE_SUFFIXES):
+        raise ProblemError("unsafe-file", f"{field}: pickle-based files ({upload.filename!r}) "
+                           "are refused; save the adapter with safetensors")
+    if name and not name.endswith(suffix):
+        raise ProblemError("unsafe-file", f"{field}: expected a {suffix} file, got "
+                           f"{upload.filename!r}")
+
+
+def _stage(runtime: Runtime, directory: Path, uploads: dict[str, UploadFile | None],
+           metadata: dict[str, Any]) -> None:
+    """Write the uploads under their canonical names (client file names never become paths)."""
+    limit = runtime.settings.max_upload_bytes
+    for target, upload in uploads.items():
+        if upload is not None:
+            copy_bounded(upload.file, directory / target, limit, target)
+    (directory / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def _read_upload(directory: Path) -> AdapterFiles:
+    """``read_adapter``, with any failure on these untrusted bytes reported as a bad adapter
+    (the library's checks raise typed errors; a malformed tensor can still surprise them)."""
+    try:
+        return read_adapter(directory)
+    except RegclError:
+        raise
+    except Exception as exc:
+        raise AdapterError(f"unreadable adapter: {type(exc).__name__}: {exc}") from exc
+
+
+@router.post("", response_model=AdapterUploadResponse, status_code=201,
+             responses=problem_responses(401, 403, 409, 413, 422))
+def upload_adapter(
+    _: AdminKey,
+    runtime: RuntimeDep,
+    name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}.")],
+    adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json.")],
+    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors.")],
+    domain: Annotated[str | None, Form(description="Image domain (default: the name).")]
+    = None,
+    regcl_stats: Annotated[UploadFile | None, File(
+        description="regcl_stats.safetensors (Gram statistics, needed to merge).")] = None,
+    metadata: Annotated[str | None, Form(description="A JSON object stored with it.")] = None,
+) -> AdapterUploadResponse:
+    """Upload a PEFT LoRA adapter for the serving model. Without ``regcl_stats`` it can be
+    served (``adapter=<name>`` in /v1/segment) but not merged (``has_stats: false``)."""
+    check_name(name)
+    if name in (BASE, LIVE):
+        raise ProblemError("reserved-name", f"{name!r} is reserved for the model's own "
+                           "adapters; pick another name")
+    domain = check_name(domain) if domain is not None else name
+    _check_file_name(adapter_config, "adapter_config", ".json")
+    _check_file_name(adapter_model, "adapter_model", ".safetensors")
+    _check_file_name(regcl_stats, "regcl_stats", ".safetensors")
+    user = form_json_object(metadata, "metadata")
+    if name_taken(lambda: runtime.registry.get_adapter(name)):
+        raise Conflict(f"adapter {name!r} already exists")
+    engine = runtime.engine
+    stored = {**user, "domain": domain, "base_model": runtime.settings.model,
+              "base_fingerprint": engine.base_fingerprint,
+              "uploaded_at": datetime.now(UTC).isoformat()}
+    claimed = user.get("base_fingerprint")
+    if claimed is not None and claimed != engine.base_fingerprint:
+        raise ProblemError("base-model-mismatch", f"the adapter was made for base model "
+                           f"{claimed!r}; this service serves {engine.base_fingerprint!r}")
+    with runtime.scratch_dir("adapter-") as scratch:
+        directory = scratch / name
+        directory.mkdir()
+        _stage(runtime, directory, {CONFIG_FILE: adapter_config, WEIGHTS_FILE: adapter_model,
+                                    STATS_FILE: regcl_stats}, stored)
+        files = _read_upload(directory)
+        check_adapter_fits(runtime.settings.model, files, f"adapter {name!r}")
+        record = runtime.registry.add_adapter(name, directory, stored)
+    return AdapterUploadResponse(adapter=AdapterInfo.of(record))
+
+
+@router.get("", response_model=AdapterListResponse, responses=problem_responses(503))
+def list_adapters(registry: RegistryDep) -> AdapterListResponse:
+    """Every adapter, by name."""
+    return AdapterListResponse(adapters=[AdapterInfo.of(r) for r in registry.list_adapters()])
+
+
+@router.get("/{name}", response_model=AdapterInfo, responses=problem_responses(404, 422))
+def get_adapter(name: str, registry: RegistryDep) -> AdapterInfo:
+    """One adapter's record."""
+    return AdapterInfo.of(registry.get_adapter(name))
+
+
+def _zip_chunks(data: bytes) -> Iterator[bytes]:
+    for start in range(0, len(data), _ZIP_CHUNK):
+        yield data[start:start + _ZIP_CHUNK]
+
+
+@router.get("/{name}/download", response_class=StreamingResponse, response_model=None,
+            responses={200: {"content": {"application/zip": {}},
+                             "description": "The adapter directory as a zip file."},
+                       **problem_responses(404, 422)})
+def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
+    """The adapter directory (PEFT files, statistics, metadata) as a zip file."""
+    record = runtime.registry.get_adapter(name)
+    path = runtime.registry.fetch_adapter(name, runtime.cache_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel in record.files:
+            zf.write(path / rel, f"{name}/{rel}")
+    return StreamingResponse(
+        _zip_chunks(buffer.getvalue()), media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{name}.zip"',
+                 "ETag": f'"{record.sha256}"'})
+
+
+@router.delete("/{name}", response_model=AdapterDeleteResponse,
+               responses=problem_responses(401, 403, 404, 409, 422))
+def delete_adapter(_: AdminKey, name: str, runtime: RuntimeDep) -> AdapterDeleteResponse:
+    """Delete an adapter (versions merged from it keep their own copies)."""
+    runtime.registry.delete_adapter(name)
+    runtime.domains.forget(name)
+    return AdapterDeleteResponse(name=name, deleted=True)

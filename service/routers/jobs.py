@@ -1,0 +1,203 @@
+"""``/v1/jobs``: submit training, merge, evaluation and statistics jobs to the workers; follow
+them (record, list, server-sent events); cancel them.
+
+Submission goes through :mod:`workers.submit`, which validates the parameters (422
+``invalid-argument``) and records the job before sending it. Names are looked up here first,
+so a missing dataset, adapter or version is an immediate 404 rather than a failed job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from infra import keys
+from infra.jobs import JobRecord, JobState
+from regcl.errors import StatsError
+from service.deps import AdminKey, CeleryDep, JobStoreDep, RuntimeDep
+from service.problems import problem_responses
+from service.runtime import Runtime
+from service.schemas.jobs import (
+    EvaluateJobRequest,
+    JobCancelResponse,
+    JobInfo,
+    JobListResponse,
+    JobSubmitResponse,
+    MergeJobRequest,
+    StatsJobRequest,
+    TrainJobRequest,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+logger = logging.getLogger(__name__)
+
+SSE_HEARTBEAT_S = 15.0
+SSE_RESYNC_S = 5.0
+_REGCL_METHODS = ("regcl", "regcl_product")
+_SUBMIT = problem_responses(401, 403, 404, 422, 503)
+
+
+def _submit() -> Any:
+    from workers import submit  # imported on use: a deployment may run without workers
+
+    return submit
+
+
+def _accepted(response: Response, record: JobRecord) -> JobSubmitResponse:
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    return JobSubmitResponse(job=JobInfo.of(record))
+
+
+@router.post("/train", response_model=JobSubmitResponse, status_code=202,
+             responses=_SUBMIT)
+def submit_train(_: AdminKey, body: TrainJobRequest, runtime: RuntimeDep, celery: CeleryDep,
+                 response: Response) -> JobSubmitResponse:
+    """Queue the training of a domain adapter."""
+    runtime.datasets.get_dataset(body.dataset)
+    record = _submit().submit_train(celery, runtime.jobs, dataset=body.dataset,
+                                    domain=body.domain, params=body.params)
+    return _accepted(response, record)
+
+
+@router.post("/merge", response_model=JobSubmitResponse, status_code=202,
+             responses=_SUBMIT)
+def submit_merge(_: AdminKey, body: MergeJobRequest, runtime: RuntimeDep, celery: CeleryDep,
+                 response: Response) -> JobSubmitResponse:
+    """Queue a merge of adapters into a new version."""
+    for name in body.adapters:
+        record = runtime.registry.get_adapter(name)
+        if body.method in _REGCL_METHODS and not record.has_stats:
+            raise StatsError(f"adapter {name!r} has no Gram statistics, which {body.method!r} "
+                             "merges need: run a stats job for it first (POST /v1/jobs/stats)")
+    job = _submit().submit_merge(celery, runtime.jobs, adapters=body.adapters,
+                                 method=body.method, params=body.params,
+                                 activate=body.activate, fresh=body.fresh)
+    return _accepted(response, job)
+
+
+@router.post("/evaluate", response_model=JobSubmitResponse, status_code=202,
+             responses=_SUBMIT)
+def submit_evaluate(_: AdminKey, body: EvaluateJobRequest, runtime: RuntimeDep,
+                    celery: CeleryDep, response: Response) -> JobSubmitResponse:
+    """Queue an evaluation of a version, an adapter or the base model."""
+    for name in body.datasets:
+        runtime.datasets.get_dataset(name)
+    if body.version is not None and body.adapter is None:
+        runtime.registry.get_version(body.version)
+    if body.adapter is not None and body.version is None:
+        runtime.registry.get_adapter(body.adapter)
+    record = _submit().submit_evaluate(celery, runtime.jobs, datasets=body.datasets,
+                                       version=body.version, adapter=body.adapter,
+                                       params=body.params)
+    return _accepted(response, record)
+
+
+@router.post("/stats", response_model=JobSubmitResponse, status_code=202,
+             responses=_SUBMIT)
+def submit_stats(_: AdminKey, body: StatsJobRequest, runtime: RuntimeDep, celery: CeleryDep,
+                 response: Response) -> JobSubmitResponse:
+    """Queue the computation of Gram statistics for an adapter."""
+    runtime.registry.get_adapter(body.adapter)
+    runtime.datasets.get_dataset(body.dataset)
+    record = _submit().submit_stats(celery, runtime.jobs, adapter=body.adapter,
+                                    dataset=body.dataset, params=body.params)
+    return _accepted(response, record)
+
+
+@router.get("", response_model=JobListResponse, responses=problem_responses(422, 503))
+def list_jobs(jobs: JobStoreDep,
+              kind: Annotated[str | None, Query(max_length=64)] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> JobListResponse:
+    """The newest jobs (of one ``kind``: train, merge, evaluate, stats), newest first."""
+    return JobListResponse(jobs=[JobInfo.of(r) for r in jobs.list(kind=kind, limit=limit)])
+
+
+@router.get("/{job_id}", response_model=JobInfo, responses=problem_responses(404, 503))
+def get_job(job_id: str, jobs: JobStoreDep) -> JobInfo:
+    """One job."""
+    return JobInfo.of(jobs.get(job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobCancelResponse,
+             responses=problem_responses(401, 403, 404, 409, 503))
+def cancel_job(_: AdminKey, job_id: str, runtime: RuntimeDep,
+               celery: CeleryDep) -> JobCancelResponse:
+    """Cancel a job: a queued one at once, a running one at its next check (409 if it has
+    already finished)."""
+    return JobCancelResponse(job=JobInfo.of(_submit().cancel_job(celery, runtime.jobs,
+                                                                 job_id)))
+
+
+def _sse(event: str, data: Any, event_id: int) -> bytes:
+    payload = json.dumps(data, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()
+
+
+async def _job_events(request: Request, runtime: Runtime, job_id: str) -> AsyncIterator[bytes]:
+    """The job's current record, then each published event, until it is finished.
+
+    Subscribing comes before reading the record, so no event between the two is lost; the
+    record is also re-read every few seconds (an event published while Redis was briefly
+    unreachable is not lost either) and a comment line keeps proxies from timing out.
+    """
+    pubsub = runtime.aredis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.job_channel(job_id))
+    try:
+        record = await run_in_threadpool(runtime.jobs.get, job_id)
+        event_id = 0
+        yield _sse("snapshot", {"event": "snapshot", "job": record.model_dump(mode="json")},
+                   event_id)
+        last_state = record.state
+        loop = asyncio.get_running_loop()
+        last_sent = last_check = loop.time()
+        while not last_state.terminal:
+            if await request.is_disconnected():
+                return
+            message = await pubsub.get_message(timeout=1.0)
+            now = loop.time()
+            if message is not None and message.get("type") == "message":
+                data = json.loads(message["data"])
+                event_id += 1
+                yield _sse(str(data.get("event", "update")), data, event_id)
+                last_state = JobState(data["job"]["state"])
+                last_sent = last_check = now
+            elif now - last_check >= SSE_RESYNC_S:
+                last_check = now
+                record = await run_in_threadpool(runtime.jobs.get, job_id)
+                if record.state != last_state:
+                    event_id += 1
+                    yield _sse(record.state.value, {"event": record.state.value,
+                                                    "job": record.model_dump(mode="json")},
+                               event_id)
+                    last_state, last_sent = record.state, now
+            if now - last_sent >= SSE_HEARTBEAT_S:
+                last_sent = now
+                yield b": keep-alive\n\n"
+    finally:
+        try:
+            await pubsub.unsubscribe()
+            await pubsub.aclose()
+        except Exception:  # Redis gone: nothing left to release
+            logger.debug("closing the job event subscription failed", exc_info=True)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, response_model=None,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "Server-sent events: `snapshot` (the record), "
+                             "then the job's events (`running`, `progress`, `succeeded`, "
+                             "...), each with data `{event, job}`; ends when the job ends."},
+                       **problem_responses(404, 503)})
+async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
+    """Follow a job as server-sent events."""
+    await run_in_threadpool(runtime.jobs.get, job_id)  # 404 before the stream starts
+    return StreamingResponse(_job_events(request, runtime, job_id),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+

@@ -1,0 +1,88 @@
+"""``POST /v1/segment``: masks for a prompt on an image, with the adapter version that made
+them (in the body and the ``X-Regcl-Adapter-Version`` header)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from fastapi import APIRouter, Depends, Response
+
+from service.deps import RuntimeDep, require_segment_access
+from service.engine import BASE, LIVE, SegmentResult
+from service.errors import PromptShapeError, UnknownAdapterError
+from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle
+from service.problems import problem_responses
+from service.routers.images import store_image
+from service.runtime import Runtime
+from service.schemas.segment import RLE, MaskResult, SegmentRequest, SegmentResponse
+from service.uploads import decode_base64
+
+router = APIRouter(prefix="/v1/segment", tags=["segment"],
+                   dependencies=[Depends(require_segment_access)])
+
+VERSION_HEADER = "X-Regcl-Adapter-Version"
+
+
+def _mask_input(runtime: Runtime, text: str | None) -> np.ndarray | None:
+    """``mask_input`` base64 → 1 x side x side float32 logits."""
+    if text is None:
+        return None
+    side = runtime.mask_input_side
+    data = decode_base64(text, 4 * side * side, "mask_input")
+    if len(data) != 4 * side * side:
+        raise PromptShapeError(f"mask_input must be {side} x {side} float32 values "
+                               f"({4 * side * side} bytes), got {len(data)} bytes")
+    return np.frombuffer(data, dtype="<f4").reshape(1, side, side).astype(np.float32)
+
+
+def _segment(runtime: Runtime, body: SegmentRequest, image_id: str,
+             mask_input: np.ndarray | None) -> SegmentResult:
+    def run() -> SegmentResult:
+        return runtime.engine.segment(image_id, body.points, body.labels, body.box, mask_input,
+                                      body.multimask, body.adapter)
+
+    if body.adapter in (BASE, LIVE):
+        return run()
+    runtime.domains.ensure_loaded(body.adapter)
+    try:
+        return run()
+    except UnknownAdapterError:  # unloaded by another request's load meanwhile: once more
+        runtime.domains.ensure_loaded(body.adapter)
+        return run()
+
+
+def _mask_result(result: SegmentResult, index: int, body: SegmentRequest) -> MaskResult:
+    mask = result.masks[index]
+    out = MaskResult(score=float(result.scores[index]), area=mask_area(mask),
+                     bbox=tuple(mask_bbox(mask)))
+    if body.format == "png":
+        out.png = base64.b64encode(mask_to_png(mask)).decode("ascii")
+    else:
+        out.rle = RLE.model_validate(mask_to_rle(mask))
+    if body.return_logits:
+        logits = np.ascontiguousarray(result.low_res_logits[index], dtype="<f4")
+        out.low_res_logits = base64.b64encode(logits.tobytes()).decode("ascii")
+    return out
+
+
+@router.post("", response_model=SegmentResponse,
+             responses=problem_responses(401, 404, 413, 422, 503))
+def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> SegmentResponse:
+    """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
+    a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
+    model or an uploaded adapter by name."""
+    if body.image_base64 is not None:
+        data = decode_base64(body.image_base64, runtime.settings.max_upload_bytes,
+                             "image_base64")
+        image_id = store_image(runtime, data).image_id
+    else:
+        image_id = body.image_id or ""
+    result = _segment(runtime, body, image_id, _mask_input(runtime, body.mask_input))
+    kind = body.adapter if body.adapter in (BASE, LIVE) else "domain"
+    runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
+    response.headers[VERSION_HEADER] = result.adapter_version
+    return SegmentResponse(masks=[_mask_result(result, i, body)
+                                  for i in range(result.masks.shape[0])],
+                           adapter_version=result.adapter_version, image_id=result.image_id,
+                           cache_hit=result.cache_hit)

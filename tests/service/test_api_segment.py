@@ -1,0 +1,239 @@
+"""Segmentation over real HTTP: parity with segment-anything's SamPredictor (masks decoded
+from the RLE with pycocotools), the adapter-version header, PNG masks, mask-input round
+trips, problem+json for bad prompts and bad images, size limits, health and metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+from PIL import Image
+from segment_anything import SamPredictor
+
+from regcl.models import build_sam
+from tests.service.api_support import (
+    MAX_UPLOAD_BYTES,
+    assert_problem,
+    make_image,
+    png_bytes,
+)
+
+IMAGE = make_image(0)  # 96 x 128
+POINTS = [[40.0, 50.0], [100.0, 20.0]]
+LABELS = [1, 0]
+BOX = [10.0, 8.0, 90.0, 70.0]
+
+PROMPTS = {
+    "points-multimask": {"points": POINTS, "labels": LABELS, "multimask": True},
+    "box-single": {"box": BOX, "multimask": False},
+    "box-and-point": {"points": POINTS[:1], "labels": LABELS[:1], "box": BOX,
+                      "multimask": True},
+}
+
+
+@pytest.fixture(scope="module")
+def predictor() -> SamPredictor:
+    """segment-anything's own predictor on the same weights, with IMAGE set."""
+    predictor = SamPredictor(build_sam("tiny"))
+    predictor.set_image(IMAGE)
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def image_id(api) -> str:
+    with api.client() as client:
+        response = client.post("/v1/images", files={"file": ("a.png", png_bytes(IMAGE),
+                                                             "image/png")})
+    assert response.status_code == 201, response.text
+    return response.json()["image_id"]
+
+
+def _reference(predictor: SamPredictor, prompt: dict, mask_input=None):
+    return predictor.predict(
+        point_coords=np.array(prompt["points"]) if "points" in prompt else None,
+        point_labels=np.array(prompt["labels"]) if "labels" in prompt else None,
+        box=np.array(prompt["box"]) if "box" in prompt else None,
+        mask_input=mask_input, multimask_output=prompt["multimask"])
+
+
+def _rle_masks(body: dict) -> np.ndarray:
+    rles = [{"size": m["rle"]["size"], "counts": m["rle"]["counts"].encode()}
+            for m in body["masks"]]
+    return np.stack([mask_utils.decode(rle).astype(bool) for rle in rles])
+
+
+def test_upload_multipart_and_json_give_the_same_id(anon, image_id):
+    response = anon.post("/v1/images", json={
+        "image_base64": base64.b64encode(png_bytes(IMAGE)).decode()})
+    assert response.status_code == 201
+    assert response.json() == {"image_id": image_id, "width": 128, "height": 96}
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_base_masks_equal_sam_predictor(anon, image_id, predictor, name):
+    prompt = PROMPTS[name]
+    response = anon.post("/v1/segment", json={"image_id": image_id, "adapter": "base",
+                                              **prompt})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert response.headers["X-Regcl-Adapter-Version"] == body["adapter_version"] == "base"
+    assert body["image_id"] == image_id
+    masks, scores, _ = _reference(predictor, prompt)
+    got = _rle_masks(body)
+    assert got.shape == masks.shape == (3 if prompt["multimask"] else 1, 96, 128)
+    np.testing.assert_array_equal(got, masks)
+    np.testing.assert_allclose([m["score"] for m in body["masks"]], scores, rtol=0, atol=1e-5)
+    for mask, item in zip(masks, body["masks"]):
+        assert item["area"] == int(mask.sum())
+        ys, xs = np.nonzero(mask)
+        if xs.size:
+            assert item["bbox"] == [int(xs.min()), int(ys.min()),
+                                    int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def test_live_without_a_version_is_the_base_model_and_says_so(anon, image_id, predictor):
+    prompt = PROMPTS["box-single"]
+    first = anon.post("/v1/segment", json={"image_id": image_id, **prompt})
+    second = anon.post("/v1/segment", json={"image_id": image_id, **prompt})
+    assert first.status_code == second.status_code == 200
+    assert first.json()["adapter_version"] == "base"
+    assert first.headers["X-Regcl-Adapter-Version"] == "base"
+    assert second.json()["cache_hit"] is True
+    np.testing.assert_array_equal(_rle_masks(first.json()), _reference(predictor, prompt)[0])
+
+
+def test_png_masks_and_inline_image(anon, predictor):
+    prompt = PROMPTS["points-multimask"]
+    response = anon.post("/v1/segment", json={
+        "image_base64": base64.b64encode(png_bytes(IMAGE)).decode(), "format": "png",
+        "adapter": "base", **prompt})
+    assert response.status_code == 200, response.text
+    pngs = [np.array(Image.open(io.BytesIO(base64.b64decode(m["png"]))))
+            for m in response.json()["masks"]]
+    np.testing.assert_array_equal(np.stack(pngs) == 255, _reference(predictor, prompt)[0])
+    assert all(m["rle"] is None for m in response.json()["masks"])
+
+
+def test_mask_input_round_trip(anon, image_id, predictor):
+    prompt = {"points": POINTS[:1], "labels": [1], "multimask": False}
+    first = anon.post("/v1/segment", json={"image_id": image_id, "adapter": "base",
+                                           "return_logits": True, **prompt}).json()
+    logits = first["masks"][0]["low_res_logits"]
+    low_res = np.frombuffer(base64.b64decode(logits), dtype="<f4").reshape(1, 64, 64).copy()
+    _, _, expected_low_res = _reference(predictor, prompt)
+    np.testing.assert_allclose(low_res, expected_low_res, rtol=0, atol=1e-5)
+    second = anon.post("/v1/segment", json={"image_id": image_id, "adapter": "base",
+                                            "mask_input": logits, **prompt})
+    assert second.status_code == 200, second.text
+    masks, _, _ = _reference(predictor, prompt, mask_input=low_res)
+    np.testing.assert_array_equal(_rle_masks(second.json()), masks)
+
+
+BAD_PROMPTS = {
+    "nan": ({"points": [[math.nan, 10.0]], "labels": [1]}, "non-finite-value"),
+    "out-of-bounds": ({"points": [[500.0, 10.0]], "labels": [1]}, "out-of-bounds"),
+    "box-out-of-bounds": ({"box": [0.0, 0.0, 129.0, 50.0]}, "out-of-bounds"),
+    "bad-label": ({"points": [[10.0, 10.0]], "labels": [2]}, "invalid-label"),
+    "box-reversed": ({"box": [60.0, 10.0, 20.0, 50.0]}, "invalid-box"),
+    "empty": ({}, "empty-prompt"),
+    "labels-missing": ({"points": [[10.0, 10.0]]}, "prompt-shape"),
+    "point-shape": ({"points": [[1.0, 2.0, 3.0]], "labels": [1]}, "prompt-shape"),
+    "mask-input-size": ({"mask_input": base64.b64encode(b"\0" * 64).decode()},
+                        "prompt-shape"),
+    "mask-input-not-base64": ({"mask_input": "not base64!"}, "invalid-base64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PROMPTS))
+def test_bad_prompts_are_problems(api, image_id, name):
+    prompt, code = BAD_PROMPTS[name]
+    with api.client() as client:
+        # httpx's json= refuses NaN; Python's json module (and so many clients) sends it.
+        content = json.dumps({"image_id": image_id, **prompt})
+        response = client.post("/v1/segment", content=content,
+                               headers={"content-type": "application/json"})
+    body = assert_problem(response, 422, code)
+    assert body["detail"] and body["instance"] == "/v1/segment"
+
+
+def test_unknown_image_and_adapter_are_404(anon, image_id):
+    assert_problem(anon.post("/v1/segment", json={"image_id": "0" * 64, "box": BOX}), 404,
+                   "image-not-found")
+    assert_problem(anon.post("/v1/segment", json={"image_id": image_id, "box": BOX,
+                                                  "adapter": "nope"}), 404, "unknown-adapter")
+
+
+def test_schema_errors_are_validation_problems(anon):
+    body = assert_problem(anon.post("/v1/segment", json={"box": BOX}), 422, "validation-error")
+    assert body["errors"]
+    assert_problem(anon.post("/v1/segment", content=b"{not json",
+                             headers={"content-type": "application/json"}), 422,
+                   "validation-error")
+
+
+def test_bad_images_are_problems(anon):
+    cases = {
+        "not-an-image": b"hello, this is text",
+        "truncated": png_bytes(IMAGE)[:200],
+    }
+    for name, data in cases.items():
+        response = anon.post("/v1/images", files={"file": (f"{name}.png", data, "image/png")})
+        body = assert_problem(response, 422, "invalid-image")
+        assert "Traceback" not in body.get("detail", "")
+        inline = anon.post("/v1/segment", json={"image_base64": base64.b64encode(data).decode(),
+                                                "box": BOX})
+        assert_problem(inline, 422, "invalid-image")
+    assert_problem(anon.post("/v1/images", content=b"raw",
+                             headers={"content-type": "image/png"}), 415,
+                   "unsupported-media-type")
+
+
+def test_size_limits_are_413(anon):
+    too_big = b"\0" * (MAX_UPLOAD_BYTES + 1)
+    assert_problem(anon.post("/v1/images", files={"file": ("big.png", too_big, "image/png")}),
+                   413, "payload-too-large")
+    huge_body = b"\0" * (2 * MAX_UPLOAD_BYTES + 2 * 2**20)  # beyond the whole-request cap
+    assert_problem(anon.post("/v1/images", files={"file": ("big.png", huge_body,
+                                                           "image/png")}),
+                   413, "payload-too-large")
+    encoded = base64.b64encode(too_big).decode()
+    assert_problem(anon.post("/v1/segment", json={"image_base64": encoded, "box": BOX}), 413,
+                   "payload-too-large")
+
+    def chunks():  # no Content-Length: the limit must hold while the body is read
+        for _ in range(len(huge_body) // 65536 + 1):
+            yield b"x" * 65536
+
+    assert_problem(anon.post("/v1/segment", content=chunks(),
+                             headers={"content-type": "application/json"}),
+                   413, "payload-too-large")
+
+
+def test_unknown_route_is_a_problem(anon):
+    assert_problem(anon.get("/v1/nothing-here"), 404, "not-found")
+    assert_problem(anon.delete("/v1/segment"), 405, "method-not-allowed")
+
+
+def test_health_metrics_and_docs(anon, image_id):
+    assert anon.get("/healthz").json() == {"status": "ok"}
+    ready = anon.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    anon.post("/v1/segment", json={"image_id": image_id, "box": BOX})
+    metrics = anon.get("/metrics")
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert 'regcl_http_requests_total{method="POST",route="/v1/segment",status="200"}' in text
+    assert "regcl_http_request_duration_seconds_bucket" in text
+    assert "regcl_embedding_cache_hits_total" in text
+    assert "regcl_embedding_cache_misses_total" in text
+    assert "regcl_live_version -1.0" in text
+    assert "regcl_adapter_swap_seconds_count" in text
+    assert 'regcl_segment_requests_total{adapter="live",cache="hit"}' in text
+    assert anon.get("/docs").status_code == 200
+    assert "/v1/segment" in anon.get("/openapi.json").json()["paths"]
+

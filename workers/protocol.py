@@ -1,0 +1,185 @@
+"""The job protocol every task follows, written once (see :mod:`infra.jobs` for the states).
+
+:func:`job_task` turns ``fn(job: JobHandle, **kwargs) -> result`` into a Celery task called
+with ``job_id`` + ``kwargs`` that:
+
+1. marks the job running (``attempts`` += 1); a job that is already finished or was cancelled
+   while queued is skipped, and one started more than
+   :data:`~workers.celery_app.MAX_ATTEMPTS` times fails with ``WorkerLost`` (its worker died
+   under it each time; see the policy in :mod:`workers.celery_app`);
+2. runs ``fn``, which reports progress through :meth:`JobHandle.progress` (throttled) and polls
+   :meth:`JobHandle.should_stop` for a cancel request;
+3. records the outcome: ``succeeded`` with ``fn``'s JSON result; ``cancelled`` on
+   :class:`~regcl.errors.CancelledError`; ``failed`` with the error's type and message on any
+   other exception (regcl's own errors are bad input and logged without a traceback; anything
+   else is logged with one). The task never raises to Celery, so Celery never retries it.
+
+One exception: when the worker is asked to shut down (SIGTERM: a warm shutdown, which would
+otherwise wait for a job that may take hours), :meth:`JobHandle.should_stop` says stop too; the
+job then stays ``running`` and its message is put back in the queue at once (Celery ``Reject``
+with requeue), so the next worker starts it again (as a new attempt).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from celery import shared_task
+from celery.exceptions import Reject
+
+from infra.errors import InvalidTransition, NotFound
+from infra.jobs import JobRecord, JobStore
+from regcl.errors import CancelledError, RegclError
+from workers.celery_app import MAX_ATTEMPTS
+from workers.runtime import get_runtime
+
+__all__ = ["JobHandle", "job_task", "run_job"]
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class JobHandle:
+    """A running job as its task sees it: progress reports and the cancel flag.
+
+    ``min_interval_s``: progress is written to Redis at most this often (unless forced);
+    ``cancel_poll_s``: :meth:`should_stop` reads the cancel flag at most this often.
+    """
+
+    def __init__(self, jobs: JobStore, record: JobRecord, *, min_interval_s: float = 1.0,
+                 cancel_poll_s: float = 0.5) -> None:
+        self.jobs = jobs
+        self.record = record
+        self.id = record.id
+        self.min_interval_s = min_interval_s
+        self.cancel_poll_s = cancel_poll_s
+        self._cancelled = record.cancel_requested
+        self.interrupted = False  # set when should_stop said stop because the worker stops
+        self._last_report = float("-inf")
+        self._last_poll = time.monotonic()
+
+    def progress(self, fraction: float, detail: Mapping[str, Any] | None = None, *,
+                 force: bool = False) -> None:
+        """Record progress ``fraction`` in [0, 1] with small JSON ``detail``; skipped if the
+        last report is younger than ``min_interval_s`` unless ``force``."""
+        now = time.monotonic()
+        if not force and now - self._last_report < self.min_interval_s:
+            return
+        self._last_report = now
+        record = self.jobs.update_progress(self.id, min(max(float(fraction), 0.0), 1.0),
+                                           detail)
+        self._cancelled = self._cancelled or record.cancel_requested
+        self._last_poll = now
+
+    def phase(self, fraction: float, name: str, **detail: Any) -> None:
+        """Report the start of a phase (``prepare``, ``train``, ``stats``...) and stop here if
+        the job was cancelled."""
+        self.progress(fraction, {"phase": name, **detail}, force=True)
+        self.check_cancelled()
+
+    def should_stop(self) -> bool:
+        """Whether to stop now: a cancel was requested (the flag is read at most every
+        ``cancel_poll_s``) or the worker is shutting down (then :attr:`interrupted` is set)."""
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_poll >= self.cancel_poll_s:
+            self._last_poll = now
+            self._cancelled = self.jobs.cancel_requested(self.id)
+        if not self._cancelled and _worker_shutting_down():
+            self.interrupted = True
+        return self._cancelled or self.interrupted
+
+    def check_cancelled(self) -> None:
+        """Raise CancelledError if a cancel was requested."""
+        if self.should_stop():
+            raise CancelledError(f"job {self.id} cancelled on request")
+
+    def step_reporter(self, start: float, end: float, phase: str
+                      ) -> Callable[[Mapping[str, Any]], None]:
+        """A ``progress`` callback for :func:`regcl.training.adapter.train_adapter`: maps
+        ``step / total_steps`` onto [start, end] and reports step, total, epoch and loss."""
+        def report(info: Mapping[str, Any]) -> None:
+            step, total = int(info["step"]), max(int(info["total_steps"]), 1)
+            detail = {"phase": phase, "step": step, "total": total,
+                      "epoch": info.get("epoch"), "loss": _rounded(info.get("loss")),
+                      "iou": _rounded(info.get("iou"))}
+            self.progress(start + (end - start) * step / total, detail, force=step == total)
+        return report
+
+
+def _worker_shutting_down() -> bool:
+    """True once the Celery worker running this process was told to stop (warm or cold)."""
+    from celery.worker import state
+
+    return any(flag is not None and flag is not False
+               for flag in (state.should_stop, state.should_terminate))
+
+
+def _rounded(value: Any) -> Any:
+    return round(float(value), 5) if isinstance(value, int | float) else None
+
+
+def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
+    """Run ``body`` as job ``job_id`` under the protocol above (see the module doc)."""
+    jobs = get_runtime().jobs
+    try:
+        record = jobs.mark_running(job_id)
+    except InvalidTransition as exc:
+        logger.info("skipping job %s: %s", job_id, exc)
+        return
+    except NotFound:
+        logger.warning("job %s has no record (expired or never created); dropping it", job_id)
+        return
+    if record.attempts > MAX_ATTEMPTS:
+        _finish(jobs.fail, job_id, "WorkerLost",
+                f"the job was started {record.attempts - 1} times and its worker was lost "
+                "each time (killed, out of memory, or shut down); it is not started again")
+        return
+    if record.cancel_requested:  # requested while an earlier attempt ran, before it died
+        _finish(jobs.mark_cancelled, job_id)
+        return
+    logger.info("job %s (%s) started, attempt %d", job_id, record.kind, record.attempts)
+    job = JobHandle(jobs, record)
+    try:
+        result = body(job)
+    except CancelledError:
+        if job.interrupted:
+            logger.warning("job %s interrupted by the worker's shutdown; requeued", job_id)
+            jobs.update_progress(job_id, 0.0, {"phase": "requeued",
+                                               "reason": "its worker shut down"})
+            raise Reject("worker shutting down", requeue=True) from None
+        logger.info("job %s cancelled", job_id)
+        _finish(jobs.mark_cancelled, job_id)
+    except RegclError as exc:  # bad input or state: it would fail the same way again
+        logger.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
+        _finish(jobs.fail, job_id, type(exc).__name__, str(exc))
+    except Exception as exc:
+        logger.exception("job %s failed unexpectedly", job_id)
+        _finish(jobs.fail, job_id, type(exc).__name__, str(exc) or repr(exc))
+    else:
+        _finish(jobs.succeed, job_id, result)
+        logger.info("job %s succeeded", job_id)
+
+
+def _finish(change: Callable[..., JobRecord], job_id: str, *args: Any) -> None:
+    """Write the job's terminal state; log (do not raise) if that is no longer possible."""
+    try:
+        change(job_id, *args)
+    except (InvalidTransition, NotFound) as exc:
+        logger.warning("job %s: could not record its end: %s", job_id, exc)
+
+
+def job_task(name: str) -> Callable[[F], Any]:
+    """Decorator: ``fn(job, **kwargs) -> JSON result`` becomes Celery task ``name``, called
+    with ``job_id=...`` and ``kwargs``, run under :func:`run_job`."""
+    def decorate(fn: F) -> Any:
+        def task(job_id: str, **kwargs: Any) -> None:
+            run_job(job_id, lambda job: fn(job, **kwargs))
+
+        task.__name__, task.__qualname__ = fn.__name__, fn.__qualname__
+        task.__module__, task.__doc__ = fn.__module__, fn.__doc__
+        return shared_task(name=name, ignore_result=True)(task)
+    return decorate

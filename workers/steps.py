@@ -1,0 +1,273 @@
+"""The building blocks the tasks are made of: fetch and check registry entries, turn datasets
+into tensors, store adapters and versions. Each is a few lines over ``regcl`` and ``infra``.
+
+Base-model rule: an adapter or version records the fingerprint of the base SAM it was made on
+(``metadata["base_fingerprint"]``, :func:`regcl.models.model_fingerprint`). One whose
+fingerprint differs from the workers' base is refused (AdapterError); one without a fingerprint
+(e.g. a plain PEFT upload) is accepted with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from segment_anything.modeling import Sam
+
+from infra.datasets import DatasetRecord, open_dataset
+from infra.errors import Conflict, NotFound
+from infra.registry import AdapterRecord, VersionRecord
+from regcl.adapters import (
+    AdapterFiles,
+    attach_lora,
+    collect_gram_stats,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    unwrap,
+)
+from regcl.data.types import SampleDataset
+from regcl.errors import AdapterError, MergeError, StatsError
+from regcl.evaluation.evaluate import evaluate_points
+from regcl.merging import ContinualMergeState, make_params
+from regcl.models.decoding import preprocess
+from regcl.training.adapter import TrainConfig, encoder_prefix_cache, evaluate_prefix
+from workers.params import EvaluateParams, StatsParams, TrainParams
+from workers.prepare import DomainTensors, iter_model_input, load_domain, sample_indices
+from workers.runtime import WorkerRuntime
+
+__all__ = [
+    "adapter_files",
+    "base_metadata",
+    "check_base",
+    "check_unchanged",
+    "dataset_chunks",
+    "dataset_gram_stats",
+    "dataset_tensors",
+    "ensure_new_adapter",
+    "evaluate_dataset",
+    "holdout_metrics",
+    "load_adapter_model",
+    "load_version_model",
+    "open_registered_dataset",
+    "register_adapter",
+    "start_state",
+    "store_version",
+    "train_config",
+]
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 64
+"""Samples held in memory at a time by evaluation and statistics jobs."""
+
+
+def base_metadata(rt: WorkerRuntime) -> dict[str, str]:
+    """What an adapter or version records about the base model it was made on."""
+    return {"base_model": rt.settings.model, "base_fingerprint": rt.base_fingerprint()}
+
+
+def check_base(rt: WorkerRuntime, metadata: dict[str, Any], what: str) -> None:
+    """AdapterError if ``metadata`` names another base model than the workers' one."""
+    theirs = metadata.get("base_fingerprint")
+    if theirs is None:
+        logger.warning("%s records no base model fingerprint; assuming it fits", what)
+    elif theirs != rt.base_fingerprint():
+        raise AdapterError(
+            f"{what} was made on base model {metadata.get('base_model', '?')!r} (fingerprint "
+            f"{theirs}), but the workers run {rt.settings.model!r} (fingerprint "
+            f"{rt.base_fingerprint()}); it cannot be used with this base model")
+
+
+def ensure_new_adapter(rt: WorkerRuntime, name: str) -> None:
+    """Conflict if adapter ``name`` exists (checked before hours of work, not only after)."""
+    try:
+        rt.registry.get_adapter(name)
+    except NotFound:
+        return
+    raise Conflict(f"adapter {name!r} already exists; adapters are immutable, choose a new name")
+
+
+def open_registered_dataset(rt: WorkerRuntime, name: str
+                            ) -> tuple[DatasetRecord, SampleDataset]:
+    """Dataset ``name``: its record and its samples (fetched once per content digest)."""
+    record = rt.datasets.get_dataset(name)
+    local = rt.datasets.fetch_dataset(name, rt.cache_dir / "datasets")
+    return record, open_dataset(local, max_pixels=rt.settings.max_image_pixels)
+
+
+def _input_frame(sam: Sam) -> tuple[int, list[float]]:
+    return sam.image_encoder.img_size, sam.pixel_mean.flatten().tolist()
+
+
+def dataset_tensors(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int | None,
+                    seed: int) -> tuple[DatasetRecord, DomainTensors]:
+    """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, on the worker's device,
+    all in memory (training needs it so)."""
+    record, dataset = open_registered_dataset(rt, name)
+    data = load_domain(dataset, *_input_frame(sam), max_samples=max_samples, seed=seed)
+    return record, DomainTensors(data.images.to(rt.device), data.masks.to(rt.device),
+                                 data.names, data.dropped)
+
+
+def dataset_chunks(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int | None,
+                   seed: int) -> tuple[DatasetRecord, Iterator[DomainTensors]]:
+    """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, :data:`CHUNK` samples
+    at a time on the worker's device (memory stays bounded)."""
+    record, dataset = open_registered_dataset(rt, name)
+    indices = sample_indices(len(dataset), max_samples, seed)
+    chunks = (DomainTensors(c.images.to(rt.device), c.masks.to(rt.device), c.names, c.dropped)
+              for c in iter_model_input(dataset, indices, *_input_frame(sam), CHUNK))
+    return record, chunks
+
+
+def evaluate_dataset(rt: WorkerRuntime, name: str, sam: Sam, params: EvaluateParams,
+                     check: Callable[[], None]) -> dict[str, float]:
+    """Mean IoU / Dice / MAE of ``sam`` (with whatever adapter it carries) on dataset
+    ``name``, with the evaluation protocol's fixed random point prompts; plus ``count``.
+    ``check`` is called before each chunk (it raises to stop, e.g. on cancellation)."""
+    _, chunks = dataset_chunks(rt, name, sam, max_samples=params.max_samples, seed=params.seed)
+    sums, count = {"iou": 0.0, "dice": 0.0, "mae": 0.0}, 0
+    for chunk in chunks:
+        check()
+        scores = evaluate_points(sam, chunk.images, chunk.masks, seed=params.seed,
+                                 n_points=params.n_points, batch_size=params.batch_size)
+        for key in sums:
+            sums[key] += scores[key] * len(chunk)
+        count += len(chunk)
+    return {**{key: total / count for key, total in sums.items()}, "count": count}
+
+
+def dataset_gram_stats(rt: WorkerRuntime, model: PeftModel, name: str, params: StatsParams,
+                       check: Callable[[], None]
+                       ) -> tuple[DatasetRecord, dict[str, torch.Tensor], int]:
+    """Gram statistics of every LoRA input of ``model`` on dataset ``name`` (streamed in
+    batches; ``check`` is called before each); returns the dataset's record, the statistics
+    and the number of samples."""
+    sam = unwrap(model)
+    record, chunks = dataset_chunks(rt, name, sam, max_samples=params.max_samples,
+                                    seed=params.seed)
+    seen = 0
+
+    def run() -> Iterator[None]:
+        nonlocal seen
+        for chunk in chunks:
+            for i in range(0, len(chunk), params.batch_size):
+                check()
+                sam.image_encoder(preprocess(sam, chunk.images[i : i + params.batch_size]))
+                yield None
+            seen += len(chunk)
+
+    return record, collect_gram_stats(model, run_batches=run), seen
+
+
+def train_config(params: TrainParams) -> TrainConfig:
+    return TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
+                       min_lr=params.min_lr, seed=params.seed, n_points=params.n_points)
+
+
+def holdout_metrics(model: PeftModel, holdout: DomainTensors, seed: int, n_points: int
+                    ) -> dict[str, dict[str, float]]:
+    """IoU / Dice / MAE on the held-out samples with the adapter and, for comparison, without."""
+    prefix = encoder_prefix_cache(model, holdout.images)
+    tuned = evaluate_prefix(model, prefix, holdout.masks, seed=seed, n_points=n_points)
+    with model.disable_adapter():
+        base = evaluate_prefix(model, prefix, holdout.masks, seed=seed, n_points=n_points)
+    return {"holdout": tuned, "holdout_base": base}
+
+
+def register_adapter(rt: WorkerRuntime, model: PeftModel, name: str, *,
+                     stats: dict[str, torch.Tensor] | None,
+                     metadata: dict[str, Any]) -> AdapterRecord:
+    """Write the model's adapter (+ stats + metadata) and add it to the registry as ``name``."""
+    with rt.scratch_dir() as tmp:
+        save_adapter(model, tmp / name, stats=stats, metadata=metadata)
+        return rt.registry.add_adapter(name, tmp / name, metadata)
+
+
+def adapter_files(rt: WorkerRuntime, name: str, *, need_stats: bool
+                  ) -> tuple[AdapterRecord, AdapterFiles]:
+    """Adapter ``name`` read from the registry, checked against the base model (and for
+    statistics if ``need_stats``) before its weights are downloaded."""
+    record = rt.registry.get_adapter(name)
+    if need_stats and not record.has_stats:
+        raise StatsError(
+            f"adapter {name!r} has no Gram statistics, which RegCL merging needs: compute them "
+            "with a stats job on a small calibration set of its domain, then merge the new "
+            "adapter (or merge with method 'mean')")
+    check_base(rt, record.metadata, f"adapter {name!r}")
+    files = read_adapter(rt.registry.fetch_adapter(name, rt.cache_dir / "adapters"))
+    check_base(rt, files.metadata, f"adapter {name!r}")
+    return record, files
+
+
+def start_state(rt: WorkerRuntime, method: str, params: dict[str, Any], fresh: bool
+                ) -> tuple[VersionRecord | None, ContinualMergeState]:
+    """The merge state to fold into: the latest version's if it was made with the same method,
+    parameters and base model (and not ``fresh``), else an empty one. Returns (parent, state)."""
+    wanted = make_params(method, **params).to_dict()
+    latest = rt.registry.latest_version()
+    if latest is None or fresh:
+        return None, ContinualMergeState(method, **params)
+    lineage = latest.lineage
+    if lineage.get("base_fingerprint", rt.base_fingerprint()) != rt.base_fingerprint():
+        logger.warning("version %d was made on another base model; starting afresh",
+                       latest.number)
+        return None, ContinualMergeState(method, **params)
+    local = rt.registry.fetch_version(latest.number, rt.cache_dir / "versions")
+    state = ContinualMergeState.load(local / latest.state_file)
+    if state.method != method or state.params.to_dict() != wanted:
+        logger.info("version %d was merged with %s %s, not %s %s; starting afresh",
+                    latest.number, state.method, state.params.to_dict(), method, wanted)
+        return None, ContinualMergeState(method, **params)
+    return latest, state
+
+
+def store_version(rt: WorkerRuntime, state: ContinualMergeState, config: LoraConfig,
+                  lineage: dict[str, Any]) -> VersionRecord:
+    """Write the state's merged adapter (PEFT directory) and the state itself as a new
+    version. ``config``: the LoRA config of the folded adapters (they share one layout)."""
+    model = attach_lora(rt.fresh_model(), config)
+    meta = {"merged": True, "domains": list(state.domains), "method": state.method,
+            **base_metadata(rt)}
+    with rt.scratch_dir() as tmp:
+        save_adapter(model, tmp / "adapter", weights=state.merged(), metadata=meta)
+        state.save(tmp / "merge_state.safetensors")
+        return rt.registry.create_version(tmp / "adapter", tmp / "merge_state.safetensors",
+                                          {**lineage, **base_metadata(rt)})
+
+
+def load_adapter_model(rt: WorkerRuntime, name: str) -> tuple[AdapterRecord, PeftModel]:
+    """Adapter ``name`` attached to a fresh copy of the base model (checked for the base)."""
+    record = rt.registry.get_adapter(name)
+    check_base(rt, record.metadata, f"adapter {name!r}")
+    model, files = load_adapter(rt.fresh_model(),
+                                rt.registry.fetch_adapter(name, rt.cache_dir / "adapters"))
+    check_base(rt, files.metadata, f"adapter {name!r}")
+    return record, model
+
+
+def load_version_model(rt: WorkerRuntime, number: int) -> PeftModel:
+    """Merged version ``number``'s adapter attached to a fresh copy of the base model."""
+    record = rt.registry.get_version(number)
+    check_base(rt, record.lineage, f"version {number}")
+    local = rt.registry.fetch_version(number, rt.cache_dir / "versions")
+    return load_adapter(rt.fresh_model(), local / record.adapter_dir)[0]
+
+
+def check_unchanged(rt: WorkerRuntime, folded: dict[str, str], names: list[str]) -> None:
+    """MergeError if an adapter folded in earlier (name → sha256) now has other content: it
+    was deleted and uploaded again, and a fold cannot be undone (merge with ``fresh``)."""
+    for name in names:
+        try:
+            current = rt.registry.get_adapter(name).sha256
+        except NotFound:
+            continue  # deleted since: its contribution stays in the state, which is fine
+        if name in folded and folded[name] != current:
+            raise MergeError(
+                f"adapter {name!r} changed since it was folded into the latest version (it "
+                "was deleted and added again); a fold cannot be undone: merge with fresh=true "
+                "to start from an empty state, or give the new adapter another name")
