@@ -7,29 +7,26 @@ A dataset is a directory in one of two layouts (see :func:`dataset_format`):
 - ``coco``: ``annotations.json`` (COCO instances) + ``images/`` (:class:`~regcl.data.coco.
   CocoDataset`: one sample per annotated object).
 
-It follows the rules of :class:`~infra.registry.Registry` for adapters: files are stored (at
-``datasets/<name>``, atomically) *before* the index entry in ``keys.DATASETS`` points at them,
-and the entry is removed *before* the files; names are unique and a dataset is never
-overwritten; a per-name lock serialises an add and a delete of the same name.
+Datasets are kept like adapters, as :class:`~infra.named_artifacts.NamedArtifacts` (files at
+``datasets/<name>``, index in ``keys.DATASETS``; never overwritten).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict
-from redis.exceptions import LockError
 
 from infra import keys
 from infra.artifacts import ArtifactStore, files_of
-from infra.errors import Conflict, InvalidName, NotFound
+from infra.errors import InvalidName
+from infra.named_artifacts import NamedArtifacts
 from infra.registry import ADAPTER_NAME, _json_object
 from regcl.errors import DataError
 
@@ -52,7 +49,6 @@ DatasetFormat = Literal["folders", "coco"]
 COCO_ANNOTATIONS = "annotations.json"
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
-_LOCK_TIMEOUT_S = 3600
 
 
 def validate_dataset_name(name: str) -> str:
@@ -124,22 +120,10 @@ class DatasetRegistry:
     """Domain datasets (Redis index ``keys.DATASETS`` + artifacts under ``datasets/<name>``)."""
 
     def __init__(self, client: redis.Redis, store: ArtifactStore) -> None:
-        self._redis = client
         self.store = store
-
-    @contextlib.contextmanager
-    def _lock(self, name: str, blocking_timeout_s: float | None) -> Iterator[None]:
-        lock = self._redis.lock(keys.dataset_lock(name), timeout=_LOCK_TIMEOUT_S,
-                                blocking_timeout=blocking_timeout_s, thread_local=False)
-        if not lock.acquire():
-            raise Conflict(f"dataset {name!r} is being added or deleted right now")
-        try:
-            yield
-        finally:
-            try:
-                lock.release()
-            except LockError:
-                logger.error("dataset lock for %r expired before release", name)
+        self._datasets = NamedArtifacts(
+            client, store, kind="dataset", index_key=keys.DATASETS, lock_key=keys.dataset_lock,
+            prefix="datasets", record_type=DatasetRecord, validate_name=validate_dataset_name)
 
     def add_dataset(self, name: str, local_dir: str | os.PathLike[str],
                     metadata: Mapping[str, Any] | None = None) -> DatasetRecord:
@@ -153,60 +137,24 @@ class DatasetRegistry:
         if links:
             raise DataError(f"{root}: symbolic links are not allowed in a dataset ({links[:3]})")
         count = len(open_dataset(root))
-        files = files_of(root)
-        key = f"datasets/{name}"
-        with self._lock(name, blocking_timeout_s=None):
-            if self._redis.hexists(keys.DATASETS, name):
-                raise Conflict(f"dataset {name!r} already exists")
-            # Files without an index entry are leftovers of a crash between the two steps of an
-            # earlier add or delete; the lock guarantees nobody else is using them.
-            if self.store.delete(key):
-                logger.warning("removed orphaned artifact %s (no index entry)", key)
-            info = self.store.put_files(files, key)
-            record = DatasetRecord(
-                name=name, artifact_key=key, sha256=info.sha256, size_bytes=info.size_bytes,
-                format=fmt, count=count, metadata=meta, created_at=datetime.now(UTC))
-            if not self._redis.hsetnx(keys.DATASETS, name, record.model_dump_json()):
-                raise Conflict(f"dataset {name!r} already exists")
-        logger.info("dataset %s added (%s, %d samples, %d bytes)", name, fmt, count,
-                    info.size_bytes)
-        return record
+        return self._datasets.add(name, files_of(root), lambda info: DatasetRecord(
+            name=name, artifact_key=info.key, sha256=info.sha256, size_bytes=info.size_bytes,
+            format=fmt, count=count, metadata=meta, created_at=datetime.now(UTC)))
 
     def get_dataset(self, name: str) -> DatasetRecord:
         """The dataset's record; NotFound if there is none."""
-        raw = self._redis.hget(keys.DATASETS, validate_dataset_name(name))
-        if raw is None:
-            raise NotFound(f"dataset {name!r} not found")
-        return DatasetRecord.model_validate_json(raw)
+        return self._datasets.get(name)
 
     def list_datasets(self) -> list[DatasetRecord]:
         """Every dataset, sorted by name."""
-        raw = self._redis.hgetall(keys.DATASETS)
-        return sorted((DatasetRecord.model_validate_json(v) for v in raw.values()),
-                      key=lambda r: r.name)
+        return self._datasets.list()
 
     def delete_dataset(self, name: str) -> None:
         """Remove the dataset (index first, then files). Adapters trained on it are untouched.
         NotFound if there is none."""
-        validate_dataset_name(name)
-        with self._lock(name, blocking_timeout_s=10.0):
-            if not self._redis.hdel(keys.DATASETS, name):
-                raise NotFound(f"dataset {name!r} not found")
-            self.store.delete(f"datasets/{name}")
-        logger.info("dataset %s deleted", name)
+        self._datasets.delete(name)
 
     def fetch_dataset(self, name: str, cache_dir: str | os.PathLike[str]) -> Path:
         """A local copy of the dataset directory under ``cache_dir`` (downloaded once per
         content digest, files checked against the manifest). Treat it as read-only."""
-        record = self.get_dataset(name)
-        dest = Path(cache_dir) / f"{name}-{record.sha256[:16]}"
-        if dest.is_dir():
-            return dest
-        if self.store.info(record.artifact_key).sha256 != record.sha256:
-            raise Conflict(f"artifact {record.artifact_key!r} does not match its dataset record")
-        try:
-            return self.store.get_dir(record.artifact_key, dest)
-        except Conflict:
-            if dest.is_dir():  # another process fetched the same digest meanwhile
-                return dest
-            raise
+        return self._datasets.fetch(name, cache_dir)

@@ -31,6 +31,7 @@ from infra import keys
 from infra.artifacts import ArtifactStore, files_of
 from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFound
 from infra.live import LiveSubscription, read_live
+from infra.named_artifacts import NamedArtifacts, fetch_artifact
 
 __all__ = [
     "ADAPTER_NAME",
@@ -52,7 +53,6 @@ UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VERSION_ADAPTER_DIR = "adapter"
 VERSION_STATE_FILE = "merge_state.safetensors"
 _MAX_SKIPPED_NUMBERS = 1000
-_ADAPTER_LOCK_TIMEOUT_S = 3600
 
 
 def validate_adapter_name(name: str) -> str:
@@ -122,23 +122,11 @@ class Registry:
     def __init__(self, client: redis.Redis, store: ArtifactStore) -> None:
         self._redis = client
         self.store = store
+        self._adapters = NamedArtifacts(
+            client, store, kind="adapter", index_key=keys.ADAPTERS, lock_key=keys.adapter_lock,
+            prefix="adapters", record_type=AdapterRecord, validate_name=validate_adapter_name)
 
     # -- domain adapters -----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _adapter_lock(self, name: str, blocking_timeout_s: float | None) -> Iterator[None]:
-        lock = self._redis.lock(keys.adapter_lock(name), timeout=_ADAPTER_LOCK_TIMEOUT_S,
-                                blocking=blocking_timeout_s is not None,
-                                blocking_timeout=blocking_timeout_s, thread_local=False)
-        if not lock.acquire():
-            raise Conflict(f"adapter {name!r} is being added or deleted right now")
-        try:
-            yield
-        finally:
-            try:
-                lock.release()
-            except LockError:
-                logger.error("adapter lock for %r expired before release", name)
 
     def add_adapter(self, name: str, local_dir: str | os.PathLike[str],
                     metadata: Mapping[str, Any] | None = None) -> AdapterRecord:
@@ -146,65 +134,28 @@ class Registry:
         validate_adapter_name(name)
         files = _adapter_files(local_dir)
         meta = _json_object(metadata, "adapter metadata")
-        key = f"adapters/{name}"
-        with self._adapter_lock(name, blocking_timeout_s=None):
-            if self._redis.hexists(keys.ADAPTERS, name):
-                raise Conflict(f"adapter {name!r} already exists")
-            # Files with no index entry are leftovers of a crash between the two steps of an
-            # earlier add or delete; the lock guarantees nobody else is using them.
-            if self.store.delete(key):
-                logger.warning("removed orphaned artifact %s (no index entry)", key)
-            info = self.store.put_files(files, key)
-            record = AdapterRecord(
-                name=name, artifact_key=key, sha256=info.sha256, size_bytes=info.size_bytes,
-                files=tuple(sorted(info.files)), has_stats=STATS_FILE in info.files,
-                metadata=meta, created_at=datetime.now(UTC))
-            if not self._redis.hsetnx(keys.ADAPTERS, name, record.model_dump_json()):
-                raise Conflict(f"adapter {name!r} already exists")
-        logger.info("adapter %s added (%d bytes)", name, info.size_bytes)
-        return record
+        return self._adapters.add(name, files, lambda info: AdapterRecord(
+            name=name, artifact_key=info.key, sha256=info.sha256, size_bytes=info.size_bytes,
+            files=tuple(sorted(info.files)), has_stats=STATS_FILE in info.files,
+            metadata=meta, created_at=datetime.now(UTC)))
 
     def get_adapter(self, name: str) -> AdapterRecord:
         """The adapter's record; NotFound if there is none."""
-        raw = self._redis.hget(keys.ADAPTERS, validate_adapter_name(name))
-        if raw is None:
-            raise NotFound(f"adapter {name!r} not found")
-        return AdapterRecord.model_validate_json(raw)
+        return self._adapters.get(name)
 
     def list_adapters(self) -> list[AdapterRecord]:
         """Every adapter, sorted by name."""
-        raw = self._redis.hgetall(keys.ADAPTERS)
-        return sorted((AdapterRecord.model_validate_json(v) for v in raw.values()),
-                      key=lambda r: r.name)
+        return self._adapters.list()
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter (index first, then files). Versions merged from it keep their
         own copies and are untouched. NotFound if there is none."""
-        validate_adapter_name(name)
-        with self._adapter_lock(name, blocking_timeout_s=10.0):
-            if not self._redis.hdel(keys.ADAPTERS, name):
-                raise NotFound(f"adapter {name!r} not found")
-            self.store.delete(f"adapters/{name}")
-        logger.info("adapter %s deleted", name)
+        self._adapters.delete(name)
 
     def fetch_adapter(self, name: str, cache_dir: str | os.PathLike[str]) -> Path:
         """A local copy of the adapter directory under ``cache_dir`` (downloaded once per
         content digest, files checked). Treat it as read-only."""
-        record = self.get_adapter(name)
-        return self._fetch(record.artifact_key, record.sha256,
-                           Path(cache_dir) / f"{name}-{record.sha256[:16]}")
-
-    def _fetch(self, key: str, sha256: str, dest: Path) -> Path:
-        if dest.is_dir():
-            return dest
-        if self.store.info(key).sha256 != sha256:
-            raise Conflict(f"artifact {key!r} does not match its registry record")
-        try:
-            return self.store.get_dir(key, dest)
-        except Conflict:
-            if dest.is_dir():  # another process fetched the same digest meanwhile
-                return dest
-            raise
+        return self._adapters.fetch(name, cache_dir)
 
     # -- merged versions -----------------------------------------------------------------------
 
@@ -260,8 +211,8 @@ class Registry:
         """A local copy of version ``number``: a directory with ``adapter/`` (load it with
         regcl.adapters) and ``merge_state.safetensors``. Treat it as read-only."""
         record = self.get_version(number)
-        return self._fetch(record.artifact_key, record.sha256,
-                           Path(cache_dir) / f"v{number}-{record.sha256[:16]}")
+        return fetch_artifact(self.store, record.artifact_key, record.sha256,
+                              Path(cache_dir) / f"v{number}-{record.sha256[:16]}")
 
     # -- live pointer --------------------------------------------------------------------------
 
