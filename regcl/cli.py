@@ -1,4 +1,4 @@
-"""The ``regcl`` command line: ``regcl up``, ``regcl bench cl``, ``regcl pretrain``."""
+"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl``, ``pretrain``."""
 
 from __future__ import annotations
 
@@ -79,6 +79,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return run_up(Settings())
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from service.demo import run_demo
+    except ImportError as exc:
+        logger.error("regcl demo needs the service packages: %s", exc)
+        return 2
+    key = args.admin_key or next(
+        (k.strip() for k in os.environ.get("REGCL_ADMIN_KEYS", "").split(",") if k.strip()), "")
+    return run_demo(args.url, key, domain=args.domain, train_images=args.train_images,
+                    epochs=args.epochs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from regcl.models.build import TINY_CHECKPOINT
 
@@ -113,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
     u.set_defaults(func=_cmd_up)
+
+    d = sub.add_parser("demo", help="drive train → merge → activate → segment over HTTP "
+                                    "against a running stack (regcl up)")
+    d.add_argument("--url", default="http://127.0.0.1:8000")
+    d.add_argument("--admin-key", help="default: the first of REGCL_ADMIN_KEYS")
+    d.add_argument("--domain", default="polyp")
+    d.add_argument("--train-images", type=int, default=24)
+    d.add_argument("--epochs", type=int, default=3)
+    d.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -33,6 +33,7 @@ from infra.registry import validate_adapter_name
 from regcl.errors import ConfigError, RegclError
 from workers.celery_app import EVALUATE, MERGE, QUEUE_OF, STATS, TRAIN
 from workers.params import (
+    DEFAULT_MERGE_METHOD,
     EvaluateParams,
     MergeJobParams,
     StatsParams,
@@ -76,7 +77,8 @@ def submit_train(celery: Celery, jobs: JobStore, *, dataset: str, domain: str,
         "dataset": dataset, "domain": domain, "params": train.model_dump()})
 
 
-def submit_merge(celery: Celery, jobs: JobStore, *, adapters: list[str], method: str = "regcl",
+def submit_merge(celery: Celery, jobs: JobStore, *, adapters: list[str],
+                 method: str = DEFAULT_MERGE_METHOD,
                  params: dict[str, Any] | None = None, activate: bool = False,
                  fresh: bool = False) -> JobRecord:
     """Fold ``adapters`` (in order) into the latest version's merge state and store the

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.jobs import JobRecord
+from workers.params import DEFAULT_MERGE_METHOD
 
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -32,7 +33,7 @@ class MergeJobRequest(_Request):
     version, made live when ``activate``."""
 
     adapters: list[str] = Field(min_length=1, max_length=64)
-    method: str = Field(default="regcl", max_length=64)
+    method: str = Field(default=DEFAULT_MERGE_METHOD, max_length=64)
     params: dict[str, Any] | None = None
     activate: bool = False
     fresh: bool = Field(default=False, description="Start from an empty merge state.")

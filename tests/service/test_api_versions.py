@@ -186,7 +186,7 @@ def test_no_request_fails_during_swaps(server, versions, image_bytes):
                 results.append((response.status_code,
                                 response.headers.get("X-Regcl-Adapter-Version", "")))
 
-    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
     for thread in threads:
         thread.start()
     try:
