@@ -21,6 +21,7 @@ from regcl.adapters import read_adapter
 from regcl.merging import ContinualMergeState, merge_adapters
 from tests.workers.worker_support import Cluster
 from workers.celery_app import GPU_QUEUE, MAX_ATTEMPTS, TRAIN
+from workers.params import DEFAULT_MERGE_METHOD
 from workers.submit import cancel_job, submit_evaluate, submit_merge, submit_stats, submit_train
 
 SMALL = {"epochs": 1, "rank": 4, "batch_size": 4}
@@ -102,7 +103,7 @@ def test_merges_fold_adapters_into_numbered_versions(cluster: Cluster, trained,
     assert cluster.registry.live_version() == 1
     lineage = cluster.registry.get_version(1).lineage
     assert lineage["parent"] is None and lineage["domains"] == ["polyp", "camo"]
-    assert lineage["method"] == "regcl" and lineage["job_id"] == first.id
+    assert lineage["method"] == DEFAULT_MERGE_METHOD and lineage["job_id"] == first.id
     assert lineage["adapters"] == {n: cluster.registry.get_adapter(n).sha256
                                    for n in ("polyp", "camo")}
 
@@ -119,7 +120,7 @@ def test_merges_fold_adapters_into_numbered_versions(cluster: Cluster, trained,
     version = cluster.registry.fetch_version(2, tmp_path / "v")
     assert ContinualMergeState.load(version / "merge_state.safetensors").domains == DOMAINS
     adapters = [read_adapter(cluster.registry.fetch_adapter(n, tmp_path / "a")) for n in DOMAINS]
-    expected = merge_adapters("regcl", [a.weights for a in adapters],
+    expected = merge_adapters(DEFAULT_MERGE_METHOD, [a.weights for a in adapters],
                               [a.stats for a in adapters])
     merged = read_adapter(version / "adapter").weights
     assert merged.keys() == expected.keys()

@@ -81,7 +81,7 @@ def test_a_job_records_its_full_arguments_and_can_be_cancelled_while_queued(api)
     assert job.params["dataset"] == "polyp" and job.params["domain"] == "polyp"
     assert job.params["params"]["epochs"] == 2 and job.params["params"]["rank"] == 10
     merge = submit_merge(celery, jobs, adapters=["polyp"], activate=True)
-    assert merge.params == {"adapters": ["polyp"], "method": "regcl",
+    assert merge.params == {"adapters": ["polyp"], "method": job_params.DEFAULT_MERGE_METHOD,
                             "params": {"ridge": 1e-4, "alpha": 1.0}, "activate": True,
                             "fresh": False}
     stats = submit_stats(celery, jobs, adapter="polyp", dataset="polyp")
