@@ -126,6 +126,9 @@ def test_stats_saved_and_checked(tmp_path, images):
     with pytest.raises(StatsError):
         save_adapter(model, tmp_path / "t", stats=broken)
     assert not (tmp_path / "t").exists()
+    count_key = next(k for k in stats if k.endswith(".count"))
+    with pytest.raises(StatsError, match="one integer"):
+        save_adapter(model, tmp_path / "u", stats={**stats, count_key: torch.tensor([3, 4])})
 
 
 def _saved(tmp_path, name="x"):

@@ -143,6 +143,8 @@ def check_stats(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
         if tuple(gram.shape) != (n_in, n_in):
             raise StatsError(f"{source}: {key}.gram has shape {tuple(gram.shape)}, "
                              f"expected {(n_in, n_in)}")
+        if count.numel() != 1 or count.is_floating_point():
+            raise StatsError(f"{source}: {key}.count must be one integer token count")
         if not torch.isfinite(gram).all() or int(count) <= 0:
             raise StatsError(f"{source}: {key} statistics are non-finite or empty")
 
