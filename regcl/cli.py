@@ -87,6 +87,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         logger.error("regcl demo needs the service packages: %s", exc)
         return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo prints its own progress
     key = args.admin_key or next(
         (k.strip() for k in os.environ.get("REGCL_ADMIN_KEYS", "").split(",") if k.strip()), "")
     return run_demo(args.url, key, domain=args.domain, train_images=args.train_images,
