@@ -158,7 +158,7 @@ def test_malformed_uploads_are_refused(api, admin, adapters):
                    "invalid-stats")
     assert_problem(admin.post("/v1/adapters", data={"name": "bad"},
                               files=files_with({**stats, count: torch.zeros(3, 3)})), 422,
-                   "invalid-adapter")
+                   "invalid-stats")
     response = admin.post("/v1/adapters", data={"name": "bad", "metadata": "[1, 2]"},
                           files=files)
     assert_problem(response, 422, "invalid-argument")
