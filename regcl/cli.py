@@ -68,6 +68,24 @@ def _cmd_bench_cl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from regcl.bench.merge import merge_markdown, run_merge_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_merge_benchmark(
+        models=tuple(args.models.split(",")), methods=tuple(args.methods.split(",")),
+        domains=tuple(int(d) for d in args.domains.split(",")),
+        progress=lambda msg: logger.info("%s", msg))
+    print(merge_markdown(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     # The service lives beside the library; regcl/ imports it only here, on demand.
     try:
@@ -125,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", help="tiny SAM weights (default: the shipped ones)")
     b.add_argument("--threads", type=int, default=0)
     b.set_defaults(func=_cmd_bench_cl)
+
+    m = bench.add_parser("merge", help="continual merge time and state size vs. the number of "
+                                       "domains, per model shape (no model is built)")
+    # vit_h with regcl_product holds a 1.2 GB state and takes minutes on 2 CPU cores: opt in.
+    m.add_argument("--models", default="tiny,vit_b,vit_l")
+    m.add_argument("--methods", default="regcl,regcl_product")
+    m.add_argument("--domains", default="1,2,5,10,20,50")
+    m.add_argument("--json", help="write the report here")
+    m.add_argument("--threads", type=int, default=0)
+    m.set_defaults(func=_cmd_bench_merge)
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
     u.set_defaults(func=_cmd_up)
