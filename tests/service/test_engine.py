@@ -33,6 +33,7 @@ from service.errors import (
     TooManyPointsError,
     UnknownAdapterError,
 )
+from tests.service import api_support
 
 EMBEDDING_BYTES = 128 * 16 * 16 * 4  # tiny: 1 x 128 x 16 x 16 float32
 POINTS = np.array([[50.0, 60.0], [150.0, 30.0]])
@@ -40,13 +41,8 @@ LABELS = np.array([1, 0])
 
 
 def make_image(seed: int, height: int = 120, width: int = 200) -> np.ndarray:
-    """A few flat shapes on noise, so masks have something to find."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-    for _ in range(3):
-        y, x = rng.integers(0, height - 30), rng.integers(0, width - 40)
-        image[y : y + 30, x : x + 40] = rng.integers(80, 255, 3, dtype=np.uint8)
-    return image
+    """The API tests' synthetic image, at a size that holds POINTS."""
+    return api_support.make_image(seed, height, width)
 
 
 def _randomised_adapter(directory, seed: int) -> AdapterFiles:
