@@ -3,14 +3,21 @@ activating an older version) hot-swaps the serving model."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
 
-from service.deps import AdminKey, RegistryDep, RuntimeDep
+from fastapi import APIRouter, Query
+
+from infra.jobs import JobRecord, JobState
+from service.deps import AdminKey, DatasetsDep, JobStoreDep, RegistryDep, RuntimeDep
 from service.live_swap import check_adapter_fits
 from service.problems import problem_responses
 from service.schemas.versions import (
     ActivateResponse,
+    ContinualMatrixResponse,
     LiveVersionResponse,
+    MatrixCell,
+    MatrixColumn,
+    MatrixRow,
     VersionInfo,
     VersionListResponse,
 )
@@ -34,6 +41,81 @@ def live_version(runtime: RuntimeDep) -> LiveVersionResponse:
                                served_version=runtime.engine.live_version,
                                adapter_version=runtime.engine.live_label,
                                last_swap_error=runtime.live.last_error)
+
+
+def _target_row(target: str, live: int | None) -> MatrixRow | None:
+    kind, _, name = target.partition(":")
+    if target == "base":
+        return MatrixRow(target=target, scores={})
+    if kind == "version" and name.isdigit():
+        return MatrixRow(target=target, version=int(name), live=int(name) == live, scores={})
+    if kind == "adapter" and name:
+        return MatrixRow(target=target, adapter=name, scores={})
+    return None
+
+
+def _cell(job: JobRecord, metrics: Any) -> MatrixCell | None:
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("iou"), int | float):
+        return None
+    return MatrixCell(iou=metrics["iou"], dice=metrics.get("dice"), mae=metrics.get("mae"),
+                      count=metrics.get("count"), job_id=job.id, finished_at=job.finished_at)
+
+
+def _row_order(row: MatrixRow) -> tuple[int, int, str]:
+    if row.version is not None:
+        return (1, row.version, "")
+    return (0, 0, "") if row.adapter is None else (2, 0, row.adapter)
+
+
+@router.get("/matrix", response_model=ContinualMatrixResponse, responses=problem_responses(
+    422, 503))
+def continual_matrix(registry: RegistryDep, jobs: JobStoreDep, datasets: DatasetsDep,
+                     limit: Annotated[int, Query(ge=1, le=1000, description="How many of "
+                                                 "the newest evaluation jobs to read.")] = 1000
+                     ) -> ContinualMatrixResponse:
+    """The continual matrix: for the base model, each version and each adapter evaluated, its
+    newest IoU on each dataset (from the succeeded ``evaluate`` jobs on record; read-only)."""
+    live = registry.live_version()
+    rows: dict[str, MatrixRow] = {}
+    scanned = 0
+    for job in jobs.list(kind="evaluate", limit=limit):  # newest first: first seen wins
+        result = job.result
+        if job.state != JobState.SUCCEEDED or not isinstance(result, dict):
+            continue
+        scanned += 1
+        target, metrics = result.get("target"), result.get("metrics")
+        if not isinstance(target, str) or not isinstance(metrics, dict):
+            continue
+        cells = {name: cell for name, values in metrics.items()
+                 if (cell := _cell(job, values)) is not None}
+        row = rows.get(target) or _target_row(target, live)
+        if row is None or not cells:
+            continue
+        rows[target] = row
+        for dataset, cell in cells.items():
+            row.scores.setdefault(dataset, cell)
+    names = sorted({name for row in rows.values() for name in row.scores})
+    return ContinualMatrixResponse(columns=_columns(names, registry, datasets),
+                                   rows=sorted(rows.values(), key=_row_order),
+                                   live_version=live, jobs_scanned=scanned)
+
+
+def _columns(names: list[str], registry: RegistryDep, datasets: DatasetsDep
+             ) -> list[MatrixColumn]:
+    """Each dataset with its domain: the dataset's own ``domain`` metadata, else the domain of
+    an adapter trained on it."""
+    trained_on: dict[str, str] = {}
+    for adapter in registry.list_adapters():
+        source, domain = adapter.metadata.get("dataset"), adapter.metadata.get("domain")
+        if isinstance(source, dict) and isinstance(domain, str):
+            trained_on.setdefault(str(source.get("name")), domain)
+    known = {record.name: record.metadata.get("domain") for record in datasets.list_datasets()}
+    columns = []
+    for name in names:
+        domain = known.get(name)
+        columns.append(MatrixColumn(dataset=name, domain=domain if isinstance(domain, str)
+                                    else trained_on.get(name)))
+    return columns
 
 
 @router.get("/{number}", response_model=VersionInfo, responses=problem_responses(404, 503))

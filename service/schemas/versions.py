@@ -51,3 +51,44 @@ class ActivateResponse(BaseModel):
     served_version: int | None
     swap_seconds: float | None = Field(description="This process's swap (None: it was "
                                        "served already).")
+
+
+class MatrixCell(BaseModel):
+    """One score of the continual matrix: the newest succeeded evaluation of a row's model on
+    a column's dataset (mean IoU / Dice / MAE with fixed random point prompts)."""
+
+    iou: float
+    dice: float | None = None
+    mae: float | None = None
+    count: int | None = None
+    job_id: str
+    finished_at: datetime | None = None
+
+
+class MatrixColumn(BaseModel):
+    """A dataset that was evaluated on; ``domain``: its domain, from the dataset's metadata or
+    the adapter trained on it (None: unknown, or the dataset was deleted)."""
+
+    dataset: str
+    domain: str | None = None
+
+
+class MatrixRow(BaseModel):
+    """What was evaluated: ``base``, ``version:<n>`` or ``adapter:<name>``, with its scores by
+    dataset (a dataset without an evaluation is absent)."""
+
+    target: str
+    version: int | None = None
+    adapter: str | None = None
+    live: bool = False
+    scores: dict[str, MatrixCell]
+
+
+class ContinualMatrixResponse(BaseModel):
+    """The continual matrix (model × domain IoU) from the evaluation jobs still on record:
+    rows are the base model, then versions by number, then single adapters by name."""
+
+    columns: list[MatrixColumn]
+    rows: list[MatrixRow]
+    live_version: int | None
+    jobs_scanned: int = Field(description="Succeeded evaluation jobs read (newest first).")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infra.artifacts import ArtifactStore
+from infra.jobs import JobStore
 from infra.redis_client import connect
 from infra.registry import Registry
 from tests.service.api_support import (
@@ -215,3 +216,58 @@ def test_restarted_server_serves_the_live_version(server, registry, versions, im
     assert label == f"live:{b}"
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
 
+
+
+def test_continual_matrix_reads_the_newest_evaluations(server, redis_url, registry, versions):
+    """GET /v1/versions/matrix: one row per evaluated model (base, versions by number,
+    adapters), one column per dataset, the newest succeeded evaluation winning; failed jobs
+    and malformed results are left out."""
+    client = connect(redis_url)
+    jobs = JobStore(client)
+
+    def evaluation(target: str, metrics: dict, ok: bool = True) -> str:
+        job_id = jobs.create("evaluate", {"target": target})
+        jobs.mark_running(job_id)
+        if ok:
+            jobs.succeed(job_id, {"target": target, "metrics": metrics})
+        else:
+            jobs.fail(job_id, "DataError", "no data")
+        return job_id
+
+    a, b = versions["a"], versions["b"]
+    scores = {"iou": 0.5, "dice": 0.6, "mae": 0.1, "count": 4}
+    evaluation("base", {"polyp-data": {**scores, "iou": 0.4}})
+    evaluation(f"version:{a}", {"polyp-data": {**scores, "iou": 0.55}})
+    newest = evaluation(f"version:{a}", {"polyp-data": scores, "shadow-data": scores})
+    evaluation(f"version:{b}", {"polyp-data": {**scores, "iou": 0.9}}, ok=False)
+    evaluation(f"version:{b}", {"shadow-data": {**scores, "iou": 0.7}})
+    evaluation("adapter:polyp", {"polyp-data": {**scores, "iou": 0.65}})
+    evaluation("nonsense", {"polyp-data": scores})
+    evaluation("base", {"polyp-data": {"dice": 0.3}})  # no IoU: no cell
+    client.close()
+
+    with server.client() as anon:
+        response = anon.get("/v1/versions/matrix")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [c["dataset"] for c in body["columns"]] == ["polyp-data", "shadow-data"]
+        rows = {row["target"]: row for row in body["rows"]}
+        assert [row["target"] for row in body["rows"]] == [
+            "base", f"version:{a}", f"version:{b}", "adapter:polyp"]
+        assert rows["base"]["scores"]["polyp-data"]["iou"] == 0.4
+        assert rows[f"version:{a}"]["version"] == a
+        assert rows[f"version:{a}"]["scores"]["polyp-data"]["iou"] == 0.5  # the newest
+        assert rows[f"version:{a}"]["scores"]["polyp-data"]["job_id"] == newest
+        assert rows[f"version:{a}"]["scores"]["shadow-data"]["count"] == 4
+        assert rows[f"version:{b}"]["scores"] == {
+            "shadow-data": {**rows[f"version:{b}"]["scores"]["shadow-data"], "iou": 0.7}}
+        assert rows["adapter:polyp"]["adapter"] == "polyp"
+        assert body["live_version"] in (None, a, b)
+        assert [r["live"] for r in body["rows"]] == [
+            r["version"] is not None and r["version"] == body["live_version"]
+            for r in body["rows"]]
+        assert body["jobs_scanned"] == 7
+        assert_problem(anon.get("/v1/versions/matrix", params={"limit": 0}), 422,
+                       "validation-error")
+        one = anon.get("/v1/versions/matrix", params={"limit": 1}).json()
+        assert one["rows"] == [] and one["jobs_scanned"] == 1
