@@ -19,6 +19,14 @@ Every change is PUBLISHed as JSON on ``keys.job_channel(id)`` and ``keys.JOB_EVE
      "job": <JobRecord as JSON>}
 
 Changes are WATCH/MULTI transactions, so concurrent writers never lose a transition.
+
+Leases: a worker that starts a job with ``mark_running(id, lease_s=..., token=...)`` holds the
+key ``keys.job_lease(id)`` (its token, expiring after ``lease_s``) and renews it while it works
+(:meth:`JobStore.renew_lease`). A job that is ``running`` without a lease lost its worker
+(SIGKILL, OOM, host loss): the reaper (:mod:`workers.reaper`) finds it among
+:meth:`JobStore.active`. While the lease is held, another delivery of the same job (a duplicate
+message) is refused by ``mark_running`` rather than run twice. Active (queued or running) job
+ids are kept in ``keys.ACTIVE_JOBS`` so the reaper need not scan every job ever made.
 """
 
 from __future__ import annotations
@@ -42,6 +50,20 @@ from infra.errors import ConfigError, Conflict, InvalidName, InvalidTransition, 
 __all__ = ["JobError", "JobRecord", "JobState", "JobStore", "wait_for"]
 
 logger = logging.getLogger(__name__)
+
+# Renew a lease only while it is ours; release likewise (a lost lease is never taken back).
+_RENEW_LEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE_LEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 _KIND = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -166,6 +188,8 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, retention_s: float | None = 30 * 24 * 3600) -> None:
         self._redis = client
         self.retention_s = retention_s
+        self._renew = client.register_script(_RENEW_LEASE)
+        self._release = client.register_script(_RELEASE_LEASE)
 
     def create(self, kind: str, params: Mapping[str, Any] | None = None) -> str:
         """Record a new queued job of ``kind`` with JSON ``params``; its id (uuid4 hex)."""
@@ -179,6 +203,7 @@ class JobStore:
         pipe.hset(keys.job(record.id), mapping=fields)
         pipe.zadd(keys.JOBS, {record.id: score})
         pipe.zadd(keys.jobs_by_kind(kind), {record.id: score})
+        pipe.sadd(keys.ACTIVE_JOBS, record.id)
         if self.retention_s is not None:
             # Index entries of jobs older than the retention are pruned here, so the sorted
             # sets stay bounded; list() also drops ids whose hash has expired.
@@ -222,16 +247,78 @@ class JobStore:
             self._redis.zrem(index, *expired)
         return records[:limit]
 
-    def mark_running(self, job_id: str) -> JobRecord:
+    def mark_running(self, job_id: str, *, lease_s: float | None = None,
+                     token: str | None = None) -> JobRecord:
         """A worker starts (or, after a redelivery, restarts) the job.
 
         Raises InvalidTransition if the job is finished - e.g. cancelled while it waited in the
-        queue: the worker should then skip it.
+        queue: the worker should then skip it - or if it is running under a live lease (another
+        worker holds it: this delivery is a duplicate). With ``lease_s`` the caller takes the
+        job's lease under ``token`` in the same transaction and must renew it
+        (:meth:`renew_lease`) more often than every ``lease_s`` seconds.
         """
+        if (lease_s is None) != (token is None):
+            raise ConfigError("mark_running needs both lease_s and token, or neither")
+        lease_key = keys.job_lease(_check_id(job_id))
+
+        def check(pipe: redis.client.Pipeline, job: JobRecord) -> None:
+            if job.state is JobState.RUNNING and pipe.exists(lease_key):
+                raise InvalidTransition(
+                    f"job {job_id} is running under a live lease (another worker has it); "
+                    "this delivery is a duplicate")
+
+        def take(pipe: redis.client.Pipeline) -> None:
+            if lease_s is not None:
+                pipe.set(lease_key, str(token), px=max(int(lease_s * 1000), 1))
+
         def change(job: JobRecord) -> dict[str, Any]:
             return {"state": JobState.RUNNING, "attempts": job.attempts + 1,
                     "started_at": _now()}
-        return self._change(job_id, _ACTIVE, change, "running")
+        return self._change(job_id, _ACTIVE, change, "running", watch=(lease_key,),
+                            check=check, extra=take)
+
+    def renew_lease(self, job_id: str, token: str, lease_s: float) -> bool:
+        """Extend the job's lease by ``lease_s`` if ``token`` still holds it; False if the lease
+        was lost (expired - the reaper may have requeued the job - or taken by another)."""
+        return bool(self._renew(keys=[keys.job_lease(_check_id(job_id))],
+                                args=[token, max(int(lease_s * 1000), 1)]))
+
+    def release_lease(self, job_id: str, token: str) -> None:
+        """Drop the lease if ``token`` holds it (a job handed back to the queue)."""
+        self._release(keys=[keys.job_lease(_check_id(job_id))], args=[token])
+
+    def has_lease(self, job_id: str) -> bool:
+        """Whether some worker holds the job's lease now."""
+        return bool(self._redis.exists(keys.job_lease(_check_id(job_id))))
+
+    def active(self) -> list[JobRecord]:
+        """Every queued or running job (ids whose record expired are dropped from the set)."""
+        ids = sorted(_text(i) for i in self._redis.smembers(keys.ACTIVE_JOBS))
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        records, gone = [], []
+        for job_id, raw in zip(ids, pipe.execute()):
+            record = _decode(raw) if raw else None
+            if record is None or record.finished:
+                gone.append(job_id)
+            else:
+                records.append(record)
+        if gone:
+            self._redis.srem(keys.ACTIVE_JOBS, *gone)
+        return records
+
+    def note_requeued(self, job_id: str, reason: str) -> JobRecord:
+        """Record on a running job that lost its lease that it goes back to the queue
+        (progress 0). InvalidTransition if a worker holds its lease again meanwhile."""
+        lease_key = keys.job_lease(_check_id(job_id))
+
+        def check(pipe: redis.client.Pipeline, job: JobRecord) -> None:
+            if pipe.exists(lease_key):
+                raise InvalidTransition(f"job {job_id} was taken up again by a worker")
+        return self._change(job_id, {JobState.RUNNING}, lambda _: {
+            "progress": 0.0, "detail": {"phase": "requeued", "reason": reason}}, "progress",
+            watch=(lease_key,), check=check)
 
     def update_progress(self, job_id: str, progress: float,
                         detail: Mapping[str, Any] | None = None) -> JobRecord:
@@ -289,8 +376,14 @@ class JobStore:
     # -- internals -----------------------------------------------------------------------------
 
     def _change(self, job_id: str, allowed: frozenset[JobState] | set[JobState],
-                change: Callable[[JobRecord], dict[str, Any]], event: str) -> JobRecord:
-        """Apply ``change`` to the record atomically if its state is in ``allowed``."""
+                change: Callable[[JobRecord], dict[str, Any]], event: str, *,
+                watch: tuple[str, ...] = (),
+                check: Callable[[redis.client.Pipeline, JobRecord], None] | None = None,
+                extra: Callable[[redis.client.Pipeline], None] | None = None) -> JobRecord:
+        """Apply ``change`` to the record atomically if its state is in ``allowed``.
+
+        ``watch``: more keys the transaction depends on; ``check(pipe, current)`` may read them
+        and raise; ``extra(pipe)`` queues more commands into the same MULTI."""
         key = keys.job(_check_id(job_id))
         out: list[JobRecord] = []
 
@@ -304,17 +397,24 @@ class JobStore:
                 raise InvalidTransition(
                     f"job {job_id} is {current.state.value}; cannot go {event} "
                     f"(allowed from: {', '.join(sorted(s.value for s in allowed))})")
+            if check is not None:
+                check(pipe, current)
             updated = current.model_copy(update=change(current))
             fields = {k: v for k, v in _encode(updated).items() if raw.get(k) != v}
             pipe.multi()
             if fields:
                 pipe.hset(key, mapping=fields)
-            if updated.state.terminal and self.retention_s is not None:
-                pipe.expire(key, int(self.retention_s))
+            if extra is not None:
+                extra(pipe)
+            if updated.state.terminal:
+                pipe.srem(keys.ACTIVE_JOBS, job_id)
+                pipe.delete(keys.job_lease(job_id))
+                if self.retention_s is not None:
+                    pipe.expire(key, int(self.retention_s))
             self._publish(pipe, event, updated)
             out.append(updated)
 
-        self._redis.transaction(transaction, key)
+        self._redis.transaction(transaction, key, *watch)
         if event != "progress":
             logger.info("job %s: %s", job_id, event)
         return out[0]

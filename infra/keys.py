@@ -5,6 +5,10 @@ Layout (types in brackets)::
     regcl:job:<id>                 [hash]    one job record (see infra.jobs)
     regcl:jobs                     [zset]    job ids scored by creation time (newest = highest)
     regcl:jobs:kind:<kind>         [zset]    the same, per job kind
+    regcl:jobs:active              [set]     ids of queued and running jobs (what the reaper scans)
+    regcl:job:<id>:lease           [string]  token of the worker running the job; expires unless
+                                             that worker renews it (a dead worker's job is reaped)
+    regcl:lock:reaper              [string]  held by the worker that reaps stale jobs this round
     regcl:adapters                 [hash]    adapter name -> AdapterRecord JSON
     regcl:versions                 [hash]    version number -> VersionRecord JSON
     regcl:versions:counter         [string]  INCR counter; a number is never handed out twice
@@ -30,6 +34,8 @@ VERSIONS = f"{PREFIX}versions"
 VERSION_COUNTER = f"{PREFIX}versions:counter"
 LIVE = f"{PREFIX}live"
 MERGE_LOCK = f"{PREFIX}lock:merge"
+REAPER_LOCK = f"{PREFIX}lock:reaper"
+ACTIVE_JOBS = f"{PREFIX}jobs:active"
 DATASETS = f"{PREFIX}datasets"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
@@ -43,6 +49,11 @@ CELERY_KEY_PREFIX = f"{PREFIX}celery:"
 def job(job_id: str) -> str:
     """Hash holding one job record."""
     return f"{PREFIX}job:{job_id}"
+
+
+def job_lease(job_id: str) -> str:
+    """Lease of the worker running the job (its token, with a TTL that worker keeps renewing)."""
+    return f"{PREFIX}job:{job_id}:lease"
 
 
 def jobs_by_kind(kind: str) -> str:

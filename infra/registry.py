@@ -9,6 +9,12 @@ entry is removed *before* the files, so the index never points at nothing:
   ``merge_state.safetensors`` (the :class:`~regcl.merging.state.ContinualMergeState` to fold the
   next domain into). Version numbers come from Redis INCR: strictly increasing, never reused,
   and a version's artifacts are never overwritten or deleted.
+
+Merges serialise on :meth:`Registry.merge_lock`, a lease renewed by a heartbeat while its holder
+works (so a dead merger's lock lapses within one lease, and a live one never loses it to a
+timeout); :meth:`Registry.create_version` with ``fence=lock`` registers the version only if the
+lock is still held by that holder, so a merger that lost its lock cannot publish a version built
+on a stale parent.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from redis.exceptions import LockError
 from infra import keys
 from infra.artifacts import ArtifactStore, files_of
 from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFound
+from infra.heartbeat import Heartbeat
 from infra.live import LiveSubscription, read_live
 from infra.named_artifacts import NamedArtifacts, fetch_artifact
 
 __all__ = [
     "ADAPTER_NAME",
     "AdapterRecord",
+    "MergeLockLost",
     "Registry",
     "VersionRecord",
     "validate_adapter_name",
@@ -53,6 +61,10 @@ UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 VERSION_ADAPTER_DIR = "adapter"
 VERSION_STATE_FILE = "merge_state.safetensors"
 _MAX_SKIPPED_NUMBERS = 1000
+
+
+class MergeLockLost(Conflict):
+    """The merge lock lapsed or was taken over while its holder merged: nothing is registered."""
 
 
 def validate_adapter_name(name: str) -> str:
@@ -161,8 +173,13 @@ class Registry:
 
     def create_version(self, local_adapter_dir: str | os.PathLike[str],
                        state_file: str | os.PathLike[str],
-                       lineage: Mapping[str, Any] | None = None) -> VersionRecord:
-        """Store a merged adapter + its merge state as the next version number."""
+                       lineage: Mapping[str, Any] | None = None, *,
+                       fence: redis.lock.Lock | None = None) -> VersionRecord:
+        """Store a merged adapter + its merge state as the next version number.
+
+        ``fence``: the merge lock this merge holds; the version is registered only if that
+        lock is still ours at that moment (MergeLockLost otherwise; the stored files are then
+        left unreferenced under their key, never served)."""
         adapter = _adapter_files(local_adapter_dir)
         state = Path(state_file)
         if not state.is_file():
@@ -183,11 +200,35 @@ class Registry:
             record = VersionRecord(number=number, artifact_key=key, sha256=info.sha256,
                                    size_bytes=info.size_bytes, lineage=lineage,
                                    created_at=datetime.now(UTC))
-            if not self._redis.hsetnx(keys.VERSIONS, str(number), record.model_dump_json()):
+            if not self._register_version(record, fence):
                 raise Conflict(f"version {number} is already registered")
             logger.info("version %d created (%d bytes)", number, info.size_bytes)
             return record
         raise Conflict(f"no free version number after {_MAX_SKIPPED_NUMBERS} tries")
+
+    def _register_version(self, record: VersionRecord, fence: redis.lock.Lock | None) -> bool:
+        """HSETNX the version's index entry, under the fence's check if one is given."""
+        if fence is None:
+            return bool(self._redis.hsetnx(keys.VERSIONS, str(record.number),
+                                           record.model_dump_json()))
+        token = fence.local.token
+        token = token.decode() if isinstance(token, bytes) else token
+        done: list[bool] = []
+
+        def transaction(pipe: redis.client.Pipeline) -> None:
+            done.clear()
+            holder = pipe.get(keys.MERGE_LOCK)
+            holder = holder.decode() if isinstance(holder, bytes) else holder
+            if holder != token:
+                raise MergeLockLost(
+                    f"the merge lock was lost before version {record.number} was registered "
+                    "(it lapsed or another merge holds it); the version is not registered")
+            pipe.multi()
+            pipe.hsetnx(keys.VERSIONS, str(record.number), record.model_dump_json())
+            done.append(True)
+
+        results = self._redis.transaction(transaction, keys.MERGE_LOCK)
+        return bool(done) and bool(results[-1])
 
     def get_version(self, number: int) -> VersionRecord:
         """The version's record; NotFound if there is none."""
@@ -244,19 +285,31 @@ class Registry:
                    blocking_timeout_s: float | None = None) -> Iterator[redis.lock.Lock]:
         """Hold the cluster-wide merge lock (merges serialise on it).
 
-        ``timeout_s``: the lock expires after this long even if its holder died - make it
-        longer than a merge, or ``extend()`` the yielded lock. ``blocking_timeout_s``: how long
-        to wait for it (None: forever); LockTimeout when that passes.
+        ``timeout_s``: the lock's lease. A heartbeat thread renews it every third of that while
+        the block runs, so it outlives any merge; if the holder dies it lapses within
+        ``timeout_s``. ``blocking_timeout_s``: how long to wait for it (None: forever);
+        LockTimeout when that passes. Pass the yielded lock to :meth:`create_version` as
+        ``fence``.
         """
         lock = self._redis.lock(keys.MERGE_LOCK, timeout=timeout_s,
                                 blocking_timeout=blocking_timeout_s, thread_local=False)
         if not lock.acquire():
             raise LockTimeout(f"merge lock still held after {blocking_timeout_s} s")
+
+        def renew() -> bool:
+            try:
+                lock.reacquire()
+            except LockError:
+                return False
+            return True
+
+        heartbeat = Heartbeat(renew, timeout_s / 3.0, "the merge lock").start()
         try:
             yield lock
         finally:
+            heartbeat.stop()
             try:
                 lock.release()
             except LockError:
-                logger.error("merge lock expired while held (timeout %.0f s): another merge "
-                             "may have run concurrently; raise the timeout", timeout_s)
+                logger.error("merge lock lapsed while held (lease %.0f s, not renewed in time): "
+                             "another merge may have started meanwhile", timeout_s)

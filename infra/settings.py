@@ -75,6 +75,28 @@ class Settings(BaseSettings):
         description="Celery/Redis visibility timeout: an unacknowledged job is redelivered after "
         "this long, so it MUST exceed the longest job (acks_late) or jobs run twice.",
     )
+    job_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A worker renews the lease of the job it runs every third of this; a running "
+        "job whose lease has lapsed lost its worker and is requeued (or failed) by the reaper.",
+    )
+    reaper_interval_s: float = Field(
+        default=15.0, gt=0, description="How often a worker looks for jobs that lost their worker "
+        "or their queue message (one worker at a time does it)."
+    )
+    queued_grace_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A job queued this long whose message is in no queue (Redis lost it) is sent "
+        "again by the reaper.",
+    )
+    merge_lock_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="The merge lock expires this long after its holder stopped renewing it (the "
+        "merging worker renews it every third of this while it works).",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
 

@@ -78,7 +78,7 @@ def make_celery(settings: Settings) -> Celery:
     (the worker does that at start: ``include``).
     """
     app = Celery("regcl", broker=settings.redis_url, backend=settings.redis_url,
-                 include=["workers.tasks"], set_as_current=False)
+                 include=["workers.tasks", "workers.reaper"], set_as_current=False)
     prefix = {"global_keyprefix": keys.CELERY_KEY_PREFIX}
     app.conf.update(
         broker_transport_options={"visibility_timeout": settings.job_visibility_timeout_s,

@@ -14,6 +14,17 @@ with ``job_id`` + ``kwargs`` that:
    other exception (regcl's own errors are bad input and logged without a traceback; anything
    else is logged with one). The task never raises to Celery, so Celery never retries it.
 
+While the job runs, its worker holds the job's lease (``JobStore.mark_running(lease_s=...)``)
+and renews it from a heartbeat thread (``settings.job_lease_s``); if the worker dies, the lease
+lapses and :mod:`workers.reaper` requeues the job (or fails it once it has used
+:data:`~workers.celery_app.MAX_ATTEMPTS`). A second delivery of a job whose lease is alive is a
+duplicate and is skipped.
+
+Fault injection (tests only): ``REGCL_FAULT_PAUSE=<phase>:<seconds>`` in a worker's environment
+makes :meth:`JobHandle.phase` sleep that long right after reporting ``<phase>``, so a test can
+kill the worker at a known point of a job (e.g. ``store:30``: a merge about to store its
+version, merge lock held).
+
 One exception: when the worker is asked to shut down (SIGTERM: a warm shutdown, which would
 otherwise wait for a job that may take hours), :meth:`JobHandle.should_stop` says stop too; the
 job then stays ``running`` and its message is put back in the queue at once (Celery ``Reject``
@@ -23,7 +34,9 @@ with requeue), so the next worker starts it again (as a new attempt).
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -31,6 +44,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 
 from infra.errors import InvalidTransition, NotFound
+from infra.heartbeat import Heartbeat
 from infra.jobs import JobRecord, JobStore
 from regcl.errors import CancelledError, RegclError
 from workers.celery_app import MAX_ATTEMPTS
@@ -39,6 +53,8 @@ from workers.runtime import get_runtime
 __all__ = ["JobHandle", "job_task", "run_job"]
 
 logger = logging.getLogger(__name__)
+
+FAULT_PAUSE_ENV = "REGCL_FAULT_PAUSE"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,6 +95,7 @@ class JobHandle:
         """Report the start of a phase (``prepare``, ``train``, ``stats``...) and stop here if
         the job was cancelled."""
         self.progress(fraction, {"phase": name, **detail}, force=True)
+        _fault_pause(name)
         self.check_cancelled()
 
     def should_stop(self) -> bool:
@@ -110,6 +127,15 @@ class JobHandle:
         return report
 
 
+def _fault_pause(phase: str) -> None:
+    """Sleep if ``REGCL_FAULT_PAUSE`` names this phase (fault-injection tests only)."""
+    wanted = os.environ.get(FAULT_PAUSE_ENV, "")
+    name, _, seconds = wanted.partition(":")
+    if name and name == phase:
+        logger.warning("fault injection: pausing %s s after phase %r", seconds, phase)
+        time.sleep(float(seconds or 0))
+
+
 def _worker_shutting_down() -> bool:
     """True once the Celery worker running this process was told to stop (warm or cold)."""
     from celery.worker import state
@@ -124,9 +150,11 @@ def _rounded(value: Any) -> Any:
 
 def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
     """Run ``body`` as job ``job_id`` under the protocol above (see the module doc)."""
-    jobs = get_runtime().jobs
+    runtime = get_runtime()
+    jobs, lease_s = runtime.jobs, runtime.settings.job_lease_s
+    token = uuid.uuid4().hex
     try:
-        record = jobs.mark_running(job_id)
+        record = jobs.mark_running(job_id, lease_s=lease_s, token=token)
     except InvalidTransition as exc:
         logger.info("skipping job %s: %s", job_id, exc)
         return
@@ -142,7 +170,17 @@ def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
         _finish(jobs.mark_cancelled, job_id)
         return
     logger.info("job %s (%s) started, attempt %d", job_id, record.kind, record.attempts)
-    job = JobHandle(jobs, record)
+    heartbeat = Heartbeat(lambda: jobs.renew_lease(job_id, token, lease_s), lease_s / 3.0,
+                          f"the lease of job {job_id}").start()
+    try:
+        _run_body(jobs, JobHandle(jobs, record), body, token)
+    finally:
+        heartbeat.stop()
+
+
+def _run_body(jobs: JobStore, job: JobHandle, body: Callable[[JobHandle], Any],
+              token: str) -> None:
+    job_id = job.id
     try:
         result = body(job)
     except CancelledError:
@@ -150,6 +188,7 @@ def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
             logger.warning("job %s interrupted by the worker's shutdown; requeued", job_id)
             jobs.update_progress(job_id, 0.0, {"phase": "requeued",
                                                "reason": "its worker shut down"})
+            jobs.release_lease(job_id, token)  # else the requeued message would be refused
             raise Reject("worker shutting down", requeue=True) from None
         logger.info("job %s cancelled", job_id)
         _finish(jobs.mark_cancelled, job_id)

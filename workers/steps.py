@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
+from redis.lock import Lock
 from segment_anything.modeling import Sam
 
 from infra.datasets import DatasetRecord, open_dataset
@@ -227,9 +228,10 @@ def start_state(rt: WorkerRuntime, method: str, params: dict[str, Any], fresh: b
 
 
 def store_version(rt: WorkerRuntime, state: ContinualMergeState, config: LoraConfig,
-                  lineage: dict[str, Any]) -> VersionRecord:
+                  lineage: dict[str, Any], *, fence: Lock | None = None) -> VersionRecord:
     """Write the state's merged adapter (PEFT directory) and the state itself as a new
-    version. ``config``: the LoRA config of the folded adapters (they share one layout)."""
+    version. ``config``: the LoRA config of the folded adapters (they share one layout);
+    ``fence``: the merge lock held (the version is registered only while it is)."""
     model = attach_lora(rt.fresh_model(), config)
     meta = {"merged": True, "domains": list(state.domains), "method": state.method,
             **base_metadata(rt)}
@@ -237,7 +239,7 @@ def store_version(rt: WorkerRuntime, state: ContinualMergeState, config: LoraCon
         save_adapter(model, tmp / "adapter", weights=state.merged(), metadata=meta)
         state.save(tmp / "merge_state.safetensors")
         return rt.registry.create_version(tmp / "adapter", tmp / "merge_state.safetensors",
-                                          {**lineage, **base_metadata(rt)})
+                                          {**lineage, **base_metadata(rt)}, fence=fence)
 
 
 def load_adapter_model(rt: WorkerRuntime, name: str) -> tuple[AdapterRecord, PeftModel]:

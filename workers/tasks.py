@@ -21,8 +21,8 @@ from workers.prepare import split_holdout
 from workers.protocol import JobHandle, job_task
 from workers.runtime import get_runtime
 
-MERGE_LOCK_TIMEOUT_S = 3600.0
-"""The merge lock expires this long after a merge took it, even if its worker died."""
+MERGE_LOCK_WAIT_S = 3600.0
+"""How long a merge waits for the merge lock (another merge holds it) before it fails."""
 
 
 @job_task(TRAIN)
@@ -61,7 +61,10 @@ def merge(job: JobHandle, adapters: list[str], method: str, params: dict[str, An
     """Fold ``adapters`` not yet in the latest version's merge state into it and store the
     merged adapter as a new version (made live if ``activate``)."""
     rt = get_runtime()
-    with rt.registry.merge_lock(MERGE_LOCK_TIMEOUT_S, blocking_timeout_s=MERGE_LOCK_TIMEOUT_S):
+    # The lock is a lease renewed while this merge runs (it lapses soon after a dead worker);
+    # the version is registered only if this merge still holds it (fence).
+    with rt.registry.merge_lock(rt.settings.merge_lock_lease_s,
+                                blocking_timeout_s=MERGE_LOCK_WAIT_S) as lock:
         job.phase(0.0, "prepare")
         parent, state = steps.start_state(rt, method, params, fresh)
         known: dict[str, str] = dict(parent.lineage.get("adapters", {})) if parent else {}
@@ -82,7 +85,7 @@ def merge(job: JobHandle, adapters: list[str], method: str, params: dict[str, An
             number = steps.store_version(rt, state, config, {
                 "parent": parent.number if parent else None, "domains": list(state.domains),
                 "adapters": known, "method": method, "params": state.params.to_dict(),
-                "job_id": job.id, "scores": scores}).number
+                "job_id": job.id, "scores": scores}, fence=lock).number
         if activate and number is not None:
             rt.registry.activate(number)
     return {"version": number, "created": config is not None, "domains": list(state.domains),

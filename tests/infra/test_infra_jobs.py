@@ -230,3 +230,38 @@ def test_progress_events_reach_subscribers(jobs: JobStore, redis_client: redis.R
         ("created", other), ("running", job_id), ("progress", job_id), ("succeeded", job_id)]
     per_job.close()
     everything.close()
+
+
+def test_a_lease_fences_duplicate_deliveries_and_lapses_without_renewal(
+        redis_client: redis.Redis) -> None:
+    jobs = JobStore(redis_client)
+    job_id = jobs.create("train")
+    assert [r.id for r in jobs.active()] == [job_id]
+    first = jobs.mark_running(job_id, lease_s=0.5, token="first")
+    assert first.attempts == 1 and jobs.has_lease(job_id)
+    with pytest.raises(InvalidTransition):  # a duplicate message while the worker lives
+        jobs.mark_running(job_id, lease_s=0.5, token="second")
+    assert jobs.renew_lease(job_id, "first", 0.5)
+    assert not jobs.renew_lease(job_id, "second", 0.5)  # only the holder renews
+    time.sleep(0.8)  # the worker died: nobody renews
+    assert not jobs.has_lease(job_id)
+    assert not jobs.renew_lease(job_id, "first", 0.5)  # a lapsed lease is not taken back
+    assert jobs.note_requeued(job_id, "worker lost").detail["phase"] == "requeued"
+    rerun = jobs.mark_running(job_id, lease_s=5, token="second")
+    assert rerun.attempts == 2
+    with pytest.raises(InvalidTransition):  # the reaper leaves a job with a live lease alone
+        jobs.note_requeued(job_id, "worker lost")
+    jobs.succeed(job_id, {"ok": True})
+    assert not jobs.has_lease(job_id) and jobs.active() == []
+    with pytest.raises(ConfigError):
+        jobs.mark_running(jobs.create("train"), lease_s=1)
+
+
+def test_releasing_a_lease_lets_the_requeued_delivery_run(redis_client: redis.Redis) -> None:
+    jobs = JobStore(redis_client)
+    job_id = jobs.create("train")
+    jobs.mark_running(job_id, lease_s=30, token="a")
+    jobs.release_lease(job_id, "b")  # not the holder: no effect
+    assert jobs.has_lease(job_id)
+    jobs.release_lease(job_id, "a")  # a warm shutdown hands the job back
+    assert jobs.mark_running(job_id, lease_s=30, token="b").attempts == 2

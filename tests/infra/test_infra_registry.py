@@ -296,3 +296,31 @@ def test_merge_lock_serialises(reg: Registry) -> None:
     with reg.merge_lock(timeout_s=30, blocking_timeout_s=5) as lock:
         assert lock.owned()
     assert not reg._redis.exists(keys.MERGE_LOCK)
+
+
+def test_merge_lock_is_renewed_while_held(reg: Registry) -> None:
+    """A merge longer than the lock's lease keeps the lock (a heartbeat renews it)."""
+    with reg.merge_lock(timeout_s=0.6) as lock:
+        time.sleep(1.5)  # 2.5 leases
+        assert lock.owned()
+        with pytest.raises(LockTimeout), reg.merge_lock(timeout_s=5, blocking_timeout_s=0.2):
+            pass
+    assert not reg._redis.exists(keys.MERGE_LOCK)
+
+
+def test_a_dead_holders_merge_lock_lapses_within_its_lease(reg: Registry) -> None:
+    # A holder that died leaves its key with the lease's TTL and nobody renewing it.
+    reg._redis.set(keys.MERGE_LOCK, "dead-worker-token", px=500)
+    with reg.merge_lock(timeout_s=5, blocking_timeout_s=5) as lock:
+        assert lock.owned()
+
+
+def test_a_version_is_not_registered_once_its_merge_lock_is_lost(reg: Registry,
+                                                                 tmp_path: Path) -> None:
+    adapter, state = make_adapter(tmp_path / "a"), make_state(tmp_path / "state")
+    with reg.merge_lock(timeout_s=30) as lock:
+        kept = reg.create_version(adapter, state, {"domains": ["a"]}, fence=lock)
+        reg._redis.set(keys.MERGE_LOCK, "someone-else")  # it lapsed and another merge took it
+        with pytest.raises(registry.MergeLockLost):
+            reg.create_version(adapter, state, {"domains": ["b"]}, fence=lock)
+    assert [v.number for v in reg.list_versions()] == [kept.number]
