@@ -25,6 +25,7 @@ from infra.settings import MIB, Settings, get_settings
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import install_problem_handlers
 from service.routers import adapters, datasets, health, images, jobs, segment, versions
+from service.routers.ui import install_ui
 from service.runtime import Runtime, build_runtime
 from service.uploads import BodyLimitMiddleware
 
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     for module in (health, images, segment, adapters, datasets, jobs, versions):
         app.include_router(module.router)
+    install_ui(app)  # the web page at / (service/static)
     return app
 
 
