@@ -1,0 +1,53 @@
+"""The page's files without a browser (these run even where chromium is missing): ``/`` and
+``/ui/`` serve them with the right types and a same-origin-only Content-Security-Policy,
+every file the page or a module imports exists, and nothing points outside the server."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.routers.ui import STATIC_DIR, UI_PREFIX, install_ui
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = FastAPI()
+    install_ui(app)
+    with TestClient(app) as client:
+        yield client
+
+
+def test_the_page_and_its_modules_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "connect-src 'self'" in policy
+    html = page.text
+    referenced = re.findall(r'(?:src|href)="(/ui/[^"]+)"', html)
+    assert f"{UI_PREFIX}/js/app.js" in referenced and f"{UI_PREFIX}/style.css" in referenced
+    for path in referenced:
+        response = client.get(path)
+        assert response.status_code == 200, path
+    script = client.get(f"{UI_PREFIX}/js/app.js")
+    assert script.headers["content-type"].split(";")[0] in ("text/javascript",
+                                                            "application/javascript")
+    assert client.get(f"{UI_PREFIX}/../routers/ui.py").status_code == 404
+    assert "/" not in {route.path for route in client.app.routes if getattr(
+        route, "include_in_schema", False)}
+
+
+def test_every_import_resolves_and_nothing_is_fetched_from_elsewhere():
+    files = sorted(p for p in STATIC_DIR.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} <= {".html", ".css", ".js"}
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"(?:https?:)?//(?!www\.w3\.org/2000/svg)[a-z0-9.-]+\.[a-z]{2,}",
+                             text), f"{path.name} refers to another host"
+        if path.suffix == ".js":
+            for target in re.findall(r'^import .* from "(\./[^"]+)";', text, re.M):
+                assert (path.parent / target).is_file(), f"{path.name} imports {target}"
