@@ -99,6 +99,33 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
+    device: str = Field(
+        default="cpu",
+        description="Where the API runs SAM: cpu, cuda or cuda:<n> (workers: "
+        "REGCL_WORKER_DEVICE).",
+    )
+    serve_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="Image-encoder precision; auto: bfloat16 on CUDA, "
+        "float32 on the CPU.",
+    )
+    serve_attention: Literal["auto", "sdpa", "original"] = Field(
+        default="auto", description="Image-encoder attention: scaled_dot_product_attention or "
+        "segment-anything's own; auto: sdpa on CUDA, original on the CPU.",
+    )
+    serve_compile: bool = Field(
+        default=False, description="torch.compile the image encoder (survives hot swaps).",
+    )
+    encoder_batch_size: int = Field(
+        default=8, ge=1, le=256, description="Most images per image-encoder forward.",
+    )
+    encoder_batch_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000,
+        description="Longest wait for more images after the first of a batch.",
+    )
+    serve_threads: int = Field(
+        default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "
+        "default).",
+    )
 
     @field_validator("admin_keys", mode="before")
     @classmethod
@@ -117,6 +144,16 @@ class Settings(BaseSettings):
         for key in value:
             if len(key.get_secret_value()) < 16:
                 raise ValueError("each admin key must be at least 16 characters long")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        kind, _, index = value.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) \
+                or (kind == "cpu" and index):
+            raise ValueError(f"device must be cpu, cuda or cuda:<n>, got {value!r}")
         return value
 
     @field_validator("data_dir")

@@ -1,9 +1,16 @@
 """The serving engine: one SAM with its LoRA adapters, an embedding cache, and hot swaps.
 
 Threading model
-    - One PEFT-wrapped SAM serves every adapter. Which adapter is active is model-global state,
-      so running the image encoder and every change to the adapters (add, activate, swap,
-      delete) happen under one lock, ``_model_lock``: encodes are serial.
+    - One PEFT-wrapped SAM holds every adapter (checked and loaded by :mod:`service.slots`);
+      the image encoder that runs is a :class:`~regcl.models.serving.ServingEncoder`, a plain
+      copy of the base encoder into whose weights the adapter of the batch is folded (a copy
+      in place: zero LoRA overhead, and a compiled encoder survives swaps). Which adapter is
+      folded is model-global state, so running the encoder and every change to the adapters
+      (add, activate, swap, delete) happen under one lock, ``_model_lock``.
+    - Encodes are batched dynamically (:mod:`service.batching`): a request that misses the
+      cache resizes and normalises its image on its own thread, then waits for the batcher
+      thread, which collects up to ``max_batch`` images (or ``max_wait_ms``) and runs one
+      encoder forward per adapter among them.
     - LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` refuses
       anything else before the model is touched), so the prompt encoder and mask decoder are
       the same for every adapter: decoding runs without the lock, concurrently, each request
@@ -33,6 +40,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +53,11 @@ from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, unwrap
 from regcl.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
 from regcl.errors import ConfigError
 from regcl.models import model_fingerprint
+from regcl.models.serving import ServingEncoder, lora_deltas
+from service.batching import Batcher, BatchStats, Pending
 from service.cache import ByteLRU, CacheStats, EmbeddingCache, EncodedImage
 from service.errors import (
+    AdapterRejectedError,
     ImageNotFoundError,
     InvalidAdapterNameError,
     InvalidImageError,
@@ -119,6 +130,48 @@ class _Prepared:
     input_size: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class _EncodeJob:
+    image_id: str
+    adapter: str  # as requested (``live`` is resolved when the batch runs)
+    prepared: _Prepared
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the engine runs its encoder (see :class:`~regcl.models.serving.ServingEncoder`).
+
+    device: ``cpu``, ``cuda``, ``cuda:1``... dtype/sdpa: None picks bfloat16 + SDPA on CUDA
+    and float32 + segment-anything's own attention on the CPU (exact SamPredictor parity).
+    compile: ``torch.compile`` the encoder. max_batch / max_wait_ms: dynamic batching of
+    encodes. threads: torch intra-op threads (0: leave torch's default).
+    """
+
+    device: str = "cpu"
+    dtype: torch.dtype | None = None
+    sdpa: bool | None = None
+    compile: bool = False
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+    threads: int = 0
+
+    def resolved(self) -> ServingOptions:
+        """Options with the automatic choices made (a device that exists is required)."""
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"invalid device {self.device!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.threads < 0:
+            raise ConfigError("need max_batch >= 1, max_wait_ms >= 0 and threads >= 0")
+        gpu = device.type == "cuda"
+        dtype = self.dtype or (torch.bfloat16 if gpu else torch.float32)
+        sdpa = gpu if self.sdpa is None else self.sdpa
+        return ServingOptions(str(device), dtype, sdpa, self.compile, self.max_batch,
+                              self.max_wait_ms, self.threads)
+
+
 def image_id_of(image: np.ndarray) -> str:
     """Content hash of an H x W x 3 uint8 image: sha256 of its shape and pixels (hex)."""
     digest = hashlib.sha256(f"{image.shape[0]}x{image.shape[1]}x3:uint8:".encode())
@@ -138,18 +191,30 @@ class SegmentationEngine:
         max_domains: domain adapters kept loaded; loading one more unloads the least
             recently used.
         max_points: most point prompts per request.
+        options: device, precision, attention, compile and batching
+            (:class:`ServingOptions`; default: CPU, float32, no compile, batches of 8).
     """
 
     def __init__(self, sam: Sam, cache_bytes: int, *,
                  image_store_bytes: int = DEFAULT_IMAGE_STORE_BYTES,
                  max_domains: int = DEFAULT_MAX_DOMAINS,
-                 max_points: int = DEFAULT_MAX_POINTS) -> None:
+                 max_points: int = DEFAULT_MAX_POINTS,
+                 options: ServingOptions | None = None) -> None:
         if not isinstance(sam, Sam):
             raise ConfigError(f"expected an unwrapped segment_anything Sam, got "
                               f"{type(sam).__name__}")
         if max_domains < 0 or max_points < 1:
             raise ConfigError(f"need max_domains >= 0 and max_points >= 1, got {max_domains}, "
                               f"{max_points}")
+        self.options = (options or ServingOptions()).resolved()
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        sam.to(self.options.device)
+        # A plain copy made before PEFT wraps the model: what actually encodes (see above).
+        self._encoder = ServingEncoder(sam.image_encoder, device=self.options.device,
+                                       dtype=self.options.dtype, sdpa=bool(self.options.sdpa),
+                                       compile=self.options.compile,
+                                       buckets=_buckets(self.options.max_batch))
         self._model = attach_lora(sam, AdapterConfig(rank=1))  # placeholder, never active
         self._model.eval()
         self._sam: Sam = unwrap(self._model)
@@ -169,6 +234,13 @@ class SegmentationEngine:
         self._swaps: deque[SwapResult] = deque(maxlen=64)
         self._swap_count = 0
         self._fingerprint: str | None = None
+        self._batcher: Batcher[_EncodeJob] = Batcher(
+            self._run_encode_batch, max_batch=self.options.max_batch,
+            max_wait_s=self.options.max_wait_ms / 1000, name="regcl-encoder")
+
+    def close(self) -> None:
+        """Stop the encoder's batching thread (after the encodes already queued)."""
+        self._batcher.close()
 
     # ----------------------------------------------------------------------------- images
     def register_image(self, image: np.ndarray) -> str:
@@ -244,6 +316,61 @@ class SegmentationEngine:
         prompt = self._check_prompt(point_coords, point_labels, box, mask_input)
         return self._decode(encoded, prompt, multimask, True)
 
+    def segment_many(self, image_id: str, prompts: Sequence[Mapping[str, object]],
+                     multimask: bool = True, adapter: str = LIVE) -> list[SegmentResult]:
+        """Several prompts on one image: one encode (or cache hit) and one mask-decoder call
+        per group of prompts of the same form (same number of points, box or not,
+        mask_input or not), as ``SamPredictor.predict_torch`` decodes a batch of prompts.
+
+        Each prompt is a mapping with the keywords of :meth:`segment` (``point_coords``,
+        ``point_labels``, ``box``, ``mask_input``). Results come back in the prompts' order.
+        """
+        self._resolve(adapter)
+        checked = [self._check_prompt(p.get("point_coords"), p.get("point_labels"),
+                                      p.get("box"), p.get("mask_input")) for p in prompts]
+        if not checked:
+            return []
+        stored = self._images.peek(image_id) if isinstance(image_id, str) else None
+        for prompt in checked:
+            if stored is not None:
+                check_bounds(prompt, stored.shape[:2])
+        encoded, hit = self._encode(image_id, adapter)
+        for prompt in checked:
+            check_bounds(prompt, encoded.original_size)
+        groups: dict[tuple, list[int]] = {}
+        for index, prompt in enumerate(checked):
+            form = (None if prompt.point_coords is None else len(prompt.point_coords),
+                    prompt.box is not None, prompt.mask_input is not None)
+            groups.setdefault(form, []).append(index)
+        predictor = self._predictor(encoded)
+        results: list[SegmentResult | None] = [None] * len(checked)
+        device = self._sam.device
+        for indices in groups.values():
+            group = [checked[i] for i in indices]
+            coords = labels = boxes = masks_in = None
+            if group[0].point_coords is not None:
+                coords = torch.as_tensor(np.stack([predictor.transform.apply_coords(
+                    p.point_coords, encoded.original_size) for p in group]),
+                    dtype=torch.float, device=device)
+                labels = torch.as_tensor(np.stack([p.point_labels for p in group]),
+                                         dtype=torch.int, device=device)
+            if group[0].box is not None:
+                boxes = torch.as_tensor(np.stack([predictor.transform.apply_boxes(
+                    p.box, encoded.original_size)[0] for p in group]),
+                    dtype=torch.float, device=device)
+            if group[0].mask_input is not None:
+                masks_in = torch.as_tensor(np.stack([p.mask_input for p in group]),
+                                           dtype=torch.float, device=device)
+            masks, scores, low_res = predictor.predict_torch(
+                coords, labels, boxes, masks_in, multimask_output=bool(multimask))
+            masks_np = masks.detach().cpu().numpy()
+            scores_np = scores.float().detach().cpu().numpy()
+            low_np = low_res.float().detach().cpu().numpy()
+            for row, index in enumerate(indices):
+                results[index] = SegmentResult(masks_np[row], scores_np[row], low_np[row],
+                                               encoded.adapter_version, encoded.image_id, hit)
+        return [r for r in results if r is not None]
+
     def _check_prompt(self, point_coords: object, point_labels: object, box: object,
                       mask_input: object) -> Prompt:
         return check_prompt(point_coords, point_labels, box, mask_input,
@@ -261,21 +388,49 @@ class SegmentationEngine:
             raise ImageNotFoundError(f"unknown image id {image_id!r} (never uploaded, or "
                                      "evicted: upload it again)")
         prepared = self._prepare(image)  # resizing and normalising need no lock
+        return self._batcher.run(_EncodeJob(image_id, adapter, prepared))
+
+    def _run_encode_batch(self, batch: list[Pending[_EncodeJob]]) -> None:
+        """The batcher thread: one encoder forward per adapter among ``batch`` (each image
+        once), under the model lock; settles every future with (embedding, cache_hit)."""
         with self._model_lock:
-            slot = self._resolve(adapter)  # a swap or unload may have happened meanwhile
-            key = _key(slot)
-            cached = self._cache.peek((image_id, key))
-            if cached is not None:
-                return cached, True
-            self._activate(slot)
-            with torch.no_grad():
-                features = self._sam.image_encoder(prepared.pixels)
-            encoded = EncodedImage(image_id, features, prepared.original_size,
-                                   prepared.input_size, _label(slot), key)
-            # Stored under the lock: once a swap has dropped a version, nothing re-adds it.
-            self._cache.put((image_id, key), encoded)
-            self._encodes += 1
-        return encoded, False
+            groups: dict[str, tuple[AdapterSlot | None, dict[str, list[Pending]]]] = {}
+            for pending in batch:
+                job = pending.item
+                try:  # resolved now: a swap or unload may have happened since the request
+                    slot = self._resolve(job.adapter)
+                except Exception as exc:
+                    pending.future.set_exception(exc)
+                    continue
+                key = _key(slot)
+                cached = self._cache.peek((job.image_id, key))
+                if cached is not None:
+                    pending.future.set_result((cached, True))
+                    continue
+                group = groups.setdefault(key, (slot, {}))[1]
+                group.setdefault(job.image_id, []).append(pending)
+            for key, (slot, by_image) in groups.items():
+                try:
+                    self._activate(slot)
+                    pixels = torch.cat([waiting[0].item.prepared.pixels
+                                        for waiting in by_image.values()])
+                    features = self._encoder(pixels)
+                except Exception as exc:
+                    for waiting in by_image.values():
+                        for pending in waiting:
+                            pending.future.set_exception(exc)
+                    continue
+                for index, (image_id, waiting) in enumerate(by_image.items()):
+                    prepared = waiting[0].item.prepared
+                    encoded = EncodedImage(image_id, features[index : index + 1].clone(),
+                                           prepared.original_size, prepared.input_size,
+                                           _label(slot), key)
+                    # Stored under the lock: once a swap has dropped a version, nothing
+                    # re-adds it.
+                    self._cache.put((image_id, key), encoded)
+                    self._encodes += 1
+                    for position, pending in enumerate(waiting):
+                        pending.future.set_result((encoded, position > 0))
 
     def _prepare(self, image: np.ndarray) -> _Prepared:
         """SamPredictor.set_image up to the encoder: resize the long side, normalise, pad."""
@@ -290,30 +445,43 @@ class SegmentationEngine:
                          (int(tensor.shape[-2]), int(tensor.shape[-1])))
 
     def _activate(self, slot: AdapterSlot | None) -> None:
-        """Make ``slot`` (None: no adapter) the model's adapter. Caller holds the model lock."""
+        """Fold ``slot``'s adapter (None: none) into the serving encoder's weights. Caller
+        holds the model lock."""
         want = _key(slot)
         if self._active == want:
             return
-        if slot is None:
-            self._model.base_model.disable_adapter_layers()
-        else:
-            self._model.set_adapter(slot.key, inference_mode=True)
-            self._model.base_model.enable_adapter_layers()
+        self._active = _UNKNOWN  # a fold that fails half-way leaves unknown weights
+        deltas = None if slot is None else lora_deltas(self._sam.image_encoder, slot.key)
+        self._encoder.fold(deltas)
         self._active = want
+
+    @property
+    def serving_encoder(self) -> ServingEncoder:
+        """The encoder that runs (its ``compiles`` counter, device, dtype)."""
+        return self._encoder
+
+    @property
+    def batch_stats(self) -> BatchStats:
+        """Encoder batches so far (count, images, largest): :class:`service.batching.BatchStats`."""
+        return self._batcher.stats
 
     def _decode(self, encoded: EncodedImage, prompt: Prompt, multimask: bool,
                 cache_hit: bool) -> SegmentResult:
         check_bounds(prompt, encoded.original_size)
-        predictor = SamPredictor(self._sam)  # per request: its image state is per request
-        predictor.features = encoded.features
-        predictor.original_size = encoded.original_size
-        predictor.input_size = encoded.input_size
-        predictor.is_image_set = True
+        predictor = self._predictor(encoded)
         masks, scores, low_res = predictor.predict(
             point_coords=prompt.point_coords, point_labels=prompt.point_labels, box=prompt.box,
             mask_input=prompt.mask_input, multimask_output=bool(multimask))
         return SegmentResult(masks, scores, low_res, encoded.adapter_version, encoded.image_id,
                              cache_hit)
+
+    def _predictor(self, encoded: EncodedImage) -> SamPredictor:
+        predictor = SamPredictor(self._sam)  # per request: its image state is per request
+        predictor.features = encoded.features
+        predictor.original_size = encoded.original_size
+        predictor.input_size = encoded.input_size
+        predictor.is_image_set = True
+        return predictor
 
     # ----------------------------------------------------------------------------- adapters
     def _resolve(self, adapter: str) -> AdapterSlot | None:
@@ -334,6 +502,16 @@ class SegmentationEngine:
         label = f"live:{version}" if kind == LIVE else f"domain:{name}"
         return AdapterSlot(f"slot{next(self._slot_ids)}", label, kind, name, version,
                            str(files.path), time.time())
+
+    def _add_slot(self, slot: AdapterSlot, config, files: AdapterFiles, source: str) -> None:
+        """add_slot, then prove the adapter folds into plain weights (not DoRA, only linear
+        layers); else remove it again. Caller holds the model lock."""
+        add_slot(self._model, slot.key, config, files, source)
+        try:
+            lora_deltas(self._sam.image_encoder, slot.key)
+        except ConfigError as exc:
+            remove_slot(self._model, slot.key)
+            raise AdapterRejectedError(f"{source}: {exc}") from exc
 
     def load_live(self, version: int, files: AdapterFiles, *, force: bool = False
                   ) -> SwapResult:
@@ -357,7 +535,7 @@ class SegmentationEngine:
                                   swapped=False)
             slot = self._new_slot(LIVE, LIVE, version, files)
             try:
-                add_slot(self._model, slot.key, config, files, source)
+                self._add_slot(slot, config, files, source)
             finally:
                 self._active = _UNKNOWN
             with self._registry_lock:
@@ -401,7 +579,7 @@ class SegmentationEngine:
         with self._model_lock:
             slot = self._new_slot("domain", name, None, files)
             try:
-                add_slot(self._model, slot.key, config, files, source)
+                self._add_slot(slot, config, files, source)
             finally:
                 self._active = _UNKNOWN
             with self._registry_lock:
@@ -476,6 +654,17 @@ class SegmentationEngine:
             swaps = self._swap_count
         return EngineStats(self._cache.stats(), self._images.stats(), self.live_version,
                            domains, self._encodes, swaps, last)
+
+
+def _buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes a compiled encoder is called with: powers of two up to ``max_batch``, and
+    ``max_batch`` itself."""
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
 
 
 def _key(slot: AdapterSlot | None) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import torch
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
@@ -29,7 +30,7 @@ from infra.settings import Settings
 from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
-from service.engine import SegmentationEngine
+from service.engine import SegmentationEngine, ServingOptions
 from service.live_swap import DomainAdapters, LiveFollower
 from service.metrics import Metrics
 
@@ -85,6 +86,7 @@ class Runtime:
         """Stop following the live pointer and close the sync clients (the async client is
         closed by the lifespan, on the event loop)."""
         self.live.stop()
+        self.engine.close()
         self.redis.close()
 
 
@@ -112,13 +114,27 @@ def _make_celery(settings: Settings) -> Any | None:
     return make_celery(settings)
 
 
+def serving_options(settings: Settings) -> ServingOptions:
+    """The engine's device, precision, attention, compile and batching from the settings."""
+    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    attention = {"auto": None, "sdpa": True, "original": False}
+    return ServingOptions(device=settings.device, dtype=dtypes[settings.serve_dtype],
+                          sdpa=attention[settings.serve_attention],
+                          compile=settings.serve_compile,
+                          max_batch=settings.encoder_batch_size,
+                          max_wait_ms=settings.encoder_batch_wait_ms,
+                          threads=settings.serve_threads)
+
+
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Load the model, build the engine and the platform clients (blocking: run it in a
     thread). The live adapter is not loaded here (see :meth:`LiveFollower.sync`)."""
     sam = build_sam(settings.model, settings.checkpoint)
-    engine = SegmentationEngine(sam, cache_bytes=settings.embedding_cache_bytes)
+    engine = SegmentationEngine(sam, cache_bytes=settings.embedding_cache_bytes,
+                                options=serving_options(settings))
     fingerprint = engine.base_fingerprint  # hashed now, not while a request waits
-    logger.info("serving %s (base fingerprint %s)", settings.model, fingerprint)
+    logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
+                settings.device, fingerprint, engine.options)
     metrics.attach_engine(engine)
     client = connect(settings.redis_url)
     aclient = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,

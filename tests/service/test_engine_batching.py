@@ -1,0 +1,173 @@
+"""The engine's dynamic batching, multi-prompt decoding, device options and cache
+invalidation on swaps (correctness only; speed is `regcl bench serve`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from regcl.errors import ConfigError
+from regcl.models import build_sam
+from service.batching import Batcher
+from service.engine import SegmentationEngine, ServingOptions
+from tests.service.test_engine import LABELS, POINTS, _randomised_adapter, make_image
+
+EMBEDDING_BYTES = 128 * 16 * 16 * 4
+
+
+def _engine(**options) -> SegmentationEngine:
+    return SegmentationEngine(build_sam("tiny"), cache_bytes=64 * EMBEDDING_BYTES,
+                              options=ServingOptions(**options))
+
+
+def _concurrently(fn, items):
+    results: dict = {}
+    errors: list = []
+    barrier = threading.Barrier(len(items))
+
+    def run(item):
+        try:
+            barrier.wait()
+            results[item] = fn(item)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    return results
+
+
+def test_batched_results_equal_unbatched(tmp_path):
+    files = _randomised_adapter(tmp_path / "a", 5)
+    batched = _engine(max_batch=4, max_wait_ms=300)
+    single = _engine(max_batch=1, max_wait_ms=0)
+    for engine in (batched, single):
+        engine.load_live(1, files)
+    images = [make_image(seed) for seed in range(30, 34)]
+    for adapter in ("base", "live"):
+        ids = [batched.register_image(image) for image in images]
+        got = _concurrently(lambda i, a=adapter: batched.segment(i, POINTS, LABELS, adapter=a),
+                            ids)
+        for image, image_id in zip(images, ids, strict=True):
+            want = single.segment(single.register_image(image), POINTS, LABELS, adapter=adapter)
+            assert got[image_id].adapter_version == want.adapter_version
+            np.testing.assert_allclose(got[image_id].low_res_logits, want.low_res_logits,
+                                       atol=1e-4)
+            np.testing.assert_array_equal(got[image_id].masks, want.masks)
+    assert batched.batch_stats.largest > 1  # really batched
+    assert single.batch_stats.largest == 1
+    batched.close()
+    single.close()
+
+
+def test_same_image_in_one_batch_is_encoded_once():
+    engine = _engine(max_batch=8, max_wait_ms=300)
+    image_id = engine.register_image(make_image(40))
+    results = _concurrently(lambda k: engine.segment(image_id, POINTS, LABELS), list(range(4)))
+    assert engine.stats().encodes == 1
+    assert sum(not r.cache_hit for r in results.values()) == 1
+    first = next(iter(results.values()))
+    for result in results.values():
+        np.testing.assert_array_equal(result.low_res_logits, first.low_res_logits)
+
+
+def test_swap_invalidates_the_cache_and_the_next_encode_uses_the_new_adapter(tmp_path):
+    engine = _engine()
+    a, b = _randomised_adapter(tmp_path / "a", 6), _randomised_adapter(tmp_path / "b", 7)
+    image_id = engine.register_image(make_image(41))
+    engine.load_live(1, a)
+    v1 = engine.segment(image_id, POINTS, LABELS)
+    assert engine.segment(image_id, POINTS, LABELS).cache_hit
+    encodes = engine.stats().encodes
+    swap = engine.load_live(2, b)
+    assert swap.dropped_embeddings == 1 and len(engine.cache) == 0
+    v2 = engine.segment(image_id, POINTS, LABELS)
+    assert v2.adapter_version == "live:2" and not v2.cache_hit
+    assert engine.stats().encodes == encodes + 1
+    assert not np.array_equal(v1.low_res_logits, v2.low_res_logits)
+    engine.load_live(3, a)  # a again, in a new slot: the same masks as v1, freshly encoded
+    v3 = engine.segment(image_id, POINTS, LABELS)
+    assert not v3.cache_hit
+    np.testing.assert_allclose(v3.low_res_logits, v1.low_res_logits, atol=1e-5)
+    engine.close()
+
+
+def test_segment_many_equals_one_call_per_prompt():
+    engine = _engine()
+    image_id = engine.register_image(make_image(42))
+    prompts = [dict(point_coords=POINTS, point_labels=LABELS),
+               dict(point_coords=POINTS[:1], point_labels=LABELS[:1]),
+               dict(point_coords=POINTS[::-1], point_labels=LABELS[::-1]),
+               dict(box=np.array([20.0, 10.0, 120.0, 90.0])),
+               dict(point_coords=POINTS[1:], point_labels=LABELS[1:])]
+    for multimask in (True, False):
+        many = engine.segment_many(image_id, prompts, multimask=multimask, adapter="base")
+        assert len(many) == len(prompts)
+        for prompt, got in zip(prompts, many, strict=True):
+            want = engine.segment(image_id, multimask=multimask, adapter="base", **prompt)
+            np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-4)
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+            np.testing.assert_array_equal(got.masks, want.masks)
+    assert engine.stats().encodes == 1
+    assert engine.segment_many(image_id, []) == []
+    engine.close()
+
+
+def test_options_pick_exact_cpu_defaults_and_refuse_missing_cuda():
+    options = ServingOptions().resolved()
+    assert options.dtype == torch.float32 and options.sdpa is False
+    assert ServingOptions(dtype=torch.bfloat16, sdpa=True).resolved().sdpa is True
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            ServingOptions(device="cuda").resolved()
+    with pytest.raises(ConfigError):
+        ServingOptions(max_batch=0).resolved()
+
+
+def test_bf16_sdpa_engine_serves_within_tolerance():
+    exact, fast = _engine(), _engine(dtype=torch.bfloat16, sdpa=True)
+    assert fast.serving_encoder.dtype == torch.bfloat16
+    image = make_image(43)
+    want = exact.segment(exact.register_image(image), POINTS, LABELS, multimask=False)
+    got = fast.segment(fast.register_image(image), POINTS, LABELS, multimask=False)
+    assert (got.masks == want.masks).mean() >= 0.999
+    assert abs(float(got.scores[0]) - float(want.scores[0])) < 0.01
+
+
+def test_batcher_settles_every_future_and_closes():
+    seen: list[int] = []
+
+    def run(batch):
+        seen.append(len(batch))
+        for pending in batch:
+            if pending.item < 0:
+                pending.future.set_exception(ValueError(pending.item))
+            elif pending.item != 99:  # 99 is "forgotten": the batcher settles it
+                pending.future.set_result(pending.item * 2)
+
+    batcher = Batcher(run, max_batch=3, max_wait_s=0.2)
+    futures = [batcher.submit(i) for i in (1, 2, -3, 4, 99)]
+    assert [f.result(5) for f in futures[:2]] == [2, 4]
+    with pytest.raises(ValueError):
+        futures[2].result(5)
+    assert futures[3].result(5) == 8
+    with pytest.raises(RuntimeError, match="unsettled"):
+        futures[4].result(5)
+    assert max(seen) <= 3 and sum(seen) == 5
+    boom = Batcher(lambda batch: 1 / 0, max_batch=2, max_wait_s=0)
+    with pytest.raises(ZeroDivisionError):
+        boom.run(1)
+    start = time.monotonic()
+    batcher.close()
+    boom.close()
+    assert time.monotonic() - start < 5
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(1)
