@@ -51,6 +51,8 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
     def hook_for(key: str):
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if sums[key].device != x.device:  # accumulate where the model runs (e.g. CUDA)
+                sums[key] = sums[key].to(x.device)
             sums[key] += x.T @ x
             counts[key] += x.shape[0]
         return hook
@@ -76,6 +78,6 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
     for key, total in sums.items():
         if counts[key] == 0:
             raise StatsError(f"no inputs reached {key}: nothing to compute its Gram from")
-        stats[f"{key}.gram"] = (total / counts[key]).to(torch.float32)
+        stats[f"{key}.gram"] = (total / counts[key]).to(device="cpu", dtype=torch.float32)
         stats[f"{key}.count"] = torch.tensor(counts[key], dtype=torch.int64)
     return stats

@@ -6,6 +6,10 @@ Recipe (paper): frozen SAM, LoRA on the image encoder's last blocks; loss focal 
 8; prompts are 3 random positive points inside the ground-truth mask, drawn afresh each step.
 The frozen blocks before the first adapted one are run once per image and cached (exact: no
 augmentation, nothing before the adapter changes), so a step costs only the adapted tail.
+
+Devices: everything runs on the model's device (images and masks may live anywhere). Prompts
+are drawn on the CPU from a seeded generator and then moved, so a seed gives the same prompts
+on every device.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class TrainConfig:
             raise ConfigError("lr must be > 0 and min_lr >= 0")
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
 def first_adapted_block(model: PeftModel) -> int:
     """Index of the first image-encoder block that holds LoRA weights."""
     sam = model.base_model.model
@@ -65,7 +74,9 @@ def encoder_prefix_cache(model: PeftModel, images: torch.Tensor, batch_size: int
     """Tokens after the frozen blocks for every image: N x h x w x C (see module doc)."""
     sam = model.base_model.model
     first = first_adapted_block(model)
-    parts = [encode_prefix(sam.image_encoder, preprocess(sam, images[i : i + batch_size]), first)
+    device = model_device(model)
+    parts = [encode_prefix(sam.image_encoder,
+                           preprocess(sam, images[i : i + batch_size].to(device)), first)
              for i in range(0, images.shape[0], batch_size)]
     return torch.cat(parts)
 
@@ -103,8 +114,12 @@ def train_adapter(model: PeftModel, images: torch.Tensor, masks: torch.Tensor,
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     first = first_adapted_block(model)
+    device = model_device(model)
     if prefix is None:
         prefix = encoder_prefix_cache(model, images)
+    prefix = prefix.to(device)
+    masks_cpu = masks.cpu()  # prompts are sampled here (see the module docstring)
+    masks = masks.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     n = images.shape[0]
@@ -122,12 +137,13 @@ def train_adapter(model: PeftModel, images: torch.Tensor, masks: torch.Tensor,
             if should_stop is not None and should_stop():
                 raise CancelledError(f"training cancelled at step {step} of {total}")
             idx = order[i : i + config.batch_size]
-            coords = sample_points(masks[idx], config.n_points, gen)
-            labels = torch.ones(coords.shape[:2], dtype=torch.int64)
-            emb = encode_suffix(sam.image_encoder, prefix[idx], first)
+            coords = sample_points(masks_cpu[idx], config.n_points, gen).to(device)
+            labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=device)
+            on_device = idx.to(device)
+            emb = encode_suffix(sam.image_encoder, prefix[on_device], first)
             low, iou_pred = predict_masks_batched(sam, emb, coords, labels)
-            loss, stats = segmentation_loss(upscale_logits(low, size), iou_pred, masks[idx],
-                                            config.loss)
+            loss, stats = segmentation_loss(upscale_logits(low, size), iou_pred,
+                                            masks[on_device], config.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -152,10 +168,11 @@ def gram_stats_from_prefix(model: PeftModel, prefix: torch.Tensor, batch_size: i
     """Gram statistics of every LoRA input on a domain, from its cached encoder prefix."""
     sam = model.base_model.model
     first = first_adapted_block(model)
+    device = model_device(model)
 
     def run() -> Iterator[None]:
         for i in range(0, prefix.shape[0], batch_size):
-            encode_suffix(sam.image_encoder, prefix[i : i + batch_size], first)
+            encode_suffix(sam.image_encoder, prefix[i : i + batch_size].to(device), first)
             yield None
 
     return collect_gram_stats(model, run_batches=run)
@@ -169,14 +186,17 @@ def evaluate_prefix(model: PeftModel, prefix: torch.Tensor, masks: torch.Tensor,
     sam = model.base_model.model
     first = first_adapted_block(model)
     size = sam.image_encoder.img_size
+    device = model_device(model)
+    masks = masks.cpu()
     coords, labels = evaluation_prompts(masks, seed, n_points)
+    coords, labels = coords.to(device), labels.to(device)
     model.eval()
     probs = []
     for i in range(0, prefix.shape[0], batch_size):
-        emb = encode_suffix(sam.image_encoder, prefix[i : i + batch_size], first)
+        emb = encode_suffix(sam.image_encoder, prefix[i : i + batch_size].to(device), first)
         low, _ = predict_masks_batched(sam, emb, coords[i : i + batch_size],
                                        labels[i : i + batch_size])
-        probs.append(upscale_logits(low, size)[:, 0].sigmoid())
+        probs.append(upscale_logits(low, size)[:, 0].sigmoid().cpu())
     metrics = mask_metrics(torch.cat(probs), masks)
     return {k: float(v.mean()) for k, v in metrics.items()}
 
