@@ -46,6 +46,8 @@ def chromium_path() -> str:
     """Debian's chromium (``REGCL_TEST_CHROMIUM`` overrides the lookup)."""
     explicit = os.environ.get("REGCL_TEST_CHROMIUM")
     if explicit:
+        if not os.path.isfile(explicit):
+            _unavailable(f"REGCL_TEST_CHROMIUM={explicit} does not exist")
         return explicit
     for name in CHROMIUM_CANDIDATES:
         found = shutil.which(name)
