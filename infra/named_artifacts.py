@@ -22,10 +22,13 @@ from redis.exceptions import LockError
 
 from infra.artifacts import ArtifactInfo, ArtifactStore
 from infra.errors import Conflict, NotFound
+from infra.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
-_LOCK_TIMEOUT_S = 3600
+_LOCK_TIMEOUT_S = 60.0
+"""Lease of a per-name lock: renewed while its holder works, lapses this soon after it died
+(a crashed upload must not block its name for long)."""
 
 
 class _Record(Protocol):
@@ -79,9 +82,20 @@ class NamedArtifacts(Generic[R]):
                                 blocking_timeout=blocking_timeout_s, thread_local=False)
         if not lock.acquire():
             raise Conflict(f"{self.kind} {name!r} is being added or deleted right now")
+
+        def renew() -> bool:
+            try:
+                lock.reacquire()
+            except LockError:
+                return False
+            return True
+
+        heartbeat = Heartbeat(renew, _LOCK_TIMEOUT_S / 3, f"the lock of {self.kind} {name!r}")
+        heartbeat.start()
         try:
             yield
         finally:
+            heartbeat.stop()
             try:
                 lock.release()
             except LockError:
