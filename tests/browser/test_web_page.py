@@ -7,6 +7,7 @@ version change. Each test leaves a screenshot of its view in docs/screenshots/.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import zipfile
@@ -76,6 +77,17 @@ def assert_overlay_is_api_mask(page, client) -> dict:
     assert np.array_equal(overlay, masks[index]), (
         f"overlay differs from the API's mask {index} in {(overlay != masks[index]).sum()} px")
     return {"request": request, "index": index, "scores": scores, "masks": masks}
+
+
+def drop_image(page, data: bytes, name: str) -> None:
+    """Drop an image file on the page's drop zone, as a file manager would."""
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: "image/png"}));
+        document.querySelector("#drop-zone").dispatchEvent(new DragEvent("drop", {
+            dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(data).decode(), name])
 
 
 def click_image(page, x: float, y: float, button: str = "left") -> None:
@@ -256,7 +268,7 @@ def test_training_started_from_the_page_streams_progress_to_the_end(stack, page,
 
 
 def upload_adapter(client, tmp_path: Path, name: str, seed: int) -> None:
-    directory = make_adapter(tmp_path / name, seed=seed, scale=0.05)
+    directory = make_adapter(tmp_path / name, seed=seed)
     files = {part: (file, (directory / file).read_bytes()) for part, file in (
         ("adapter_config", "adapter_config.json"),
         ("adapter_model", "adapter_model.safetensors"),
@@ -343,3 +355,18 @@ def test_merge_evaluate_and_activate_versions_from_the_page(stack, page, tmp_pat
     page.locator("#h-versions").scroll_into_view_if_needed()
     page.evaluate("window.scrollBy(0, -60)")
     screenshot(page, "versions")
+
+    # The segment view now answers 'live' with that version, next to the base model; this
+    # time the image is dropped on the page.
+    page.click("#tab-segment")
+    drop_image(page, png_bytes(scene()), "scene.png")
+    wait_js(page, "document.querySelector('#stage').dataset.state === 'ready'")
+    page.check("#compare-toggle")
+    click_image(page, 100, 70)
+    wait_done(page, 1)
+    wait_js(page, "document.querySelector('#compare-stage').dataset.adapterVersion === 'base'")
+    assert page.locator("#stage").get_attribute("data-adapter-version") == f"live:{second}"
+    assert page.locator("#main-caption").inner_text() == f"live (live:{second})"
+    with stack.client() as client:
+        assert_overlay_is_api_mask(page, client)
+    screenshot(page, "segment-live-vs-base")
