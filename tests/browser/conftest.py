@@ -159,8 +159,10 @@ def page(browser, stack: Stack) -> Iterator[object]:
 
 
 def screenshot(page, name: str) -> Path:
-    """Save a viewport screenshot as docs/screenshots/<name>.png."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{name}.png"
+    """Save a viewport screenshot as docs/screenshots/<name>.png (or under
+    ``REGCL_SCREENSHOT_DIR``, to leave the committed ones alone)."""
+    folder = Path(os.environ.get("REGCL_SCREENSHOT_DIR") or SCREENSHOTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     page.screenshot(path=str(path))
     return path
