@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from infra.settings import MIB, Settings, get_settings
+from service.deps import AdminAuthMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import install_problem_handlers
 from service.routers import adapters, datasets, health, images, jobs, segment, versions
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=request_body_limit(settings))
+    app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     for module in (health, images, segment, adapters, datasets, jobs, versions):
         app.include_router(module.router)

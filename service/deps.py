@@ -5,24 +5,37 @@ comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and is compared
 ``Settings.is_admin_key`` (constant time). Keys are never logged or echoed. With no admin key
 configured every mutating endpoint answers 403 ``mutations-disabled``; a missing or wrong key
 is 401 ``unauthorized``.
+
+FastAPI reads (and spools to disk) a request's body before it runs the route's dependencies,
+so :class:`AdminAuthMiddleware` checks the key of every route that depends on
+:func:`require_admin` *before* the body is read: an unauthenticated upload is refused without
+being received. The dependency stays as well (and documents the routes' security in OpenAPI).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
 from infra.registry import Registry
 from infra.settings import Settings
 from service.engine import SegmentationEngine
-from service.problems import ProblemError
+from service.problems import ProblemError, problem_response
 from service.runtime import Runtime
 
 __all__ = [
+    "AdminAuthMiddleware",
     "AdminKey",
     "CeleryDep",
     "DatasetsDep",
@@ -101,6 +114,12 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="regcl"'}
 
 def require_admin(settings: SettingsDep, key: PresentedKey) -> None:
     """Admit the request only with a valid admin key (401), if mutations are enabled (403)."""
+    check_admin(settings, key)
+
+
+def check_admin(settings: Settings, key: str | None) -> None:
+    """ProblemError 403 ``mutations-disabled`` / 401 ``unauthorized`` unless ``key`` is an
+    admin key of ``settings``."""
     if not settings.mutations_enabled:
         raise ProblemError("mutations-disabled", "no admin key is configured "
                            "(REGCL_ADMIN_KEYS), so this service accepts no changes")
@@ -118,3 +137,66 @@ def require_segment_access(settings: SettingsDep, key: PresentedKey) -> None:
 
 AdminKey = Annotated[None, Depends(require_admin)]
 SegmentAccess = Annotated[None, Depends(require_segment_access)]
+
+
+def key_from_headers(headers: Headers) -> str | None:
+    """The key a request presents, read as :func:`presented_key` reads it (Bearer first)."""
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return headers.get("x-api-key") or None
+
+
+def _depends_on_admin(dependant: Dependant) -> bool:
+    return any(dep.call is require_admin or _depends_on_admin(dep)
+               for dep in dependant.dependencies)
+
+
+def _api_routes(app: Any) -> Iterator[tuple[str, APIRoute]]:
+    """Every API route of ``app`` with its full path (newer FastAPI keeps included routers
+    nested and lists them through ``iter_route_contexts``; older ones flatten them)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # pragma: no cover - FastAPI before nested routers
+        for route in app.routes:
+            if isinstance(route, APIRoute):
+                yield route.path, route
+        return
+    for context in iter_route_contexts(app.routes):
+        route = context.original_route
+        if isinstance(route, APIRoute):
+            yield context.path or route.path, route
+
+
+def admin_routes(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """(path pattern, methods) of each route of ``app`` that depends on :func:`require_admin`."""
+    return [(compile_path(path)[0], frozenset(route.methods or ()))
+            for path, route in _api_routes(app) if _depends_on_admin(route.dependant)]
+
+
+class AdminAuthMiddleware:
+    """Refuse requests to admin routes (those depending on :func:`require_admin`) without a
+    valid key before anything reads their body: 401 / 403 problem+json, connection closed."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._routes: list[tuple[re.Pattern[str], frozenset[str]]] | None = None
+
+    def _is_admin_request(self, scope: Scope) -> bool:
+        if self._routes is None:  # the route table is complete once requests arrive
+            self._routes = admin_routes(scope["app"])
+        path, method = scope["path"], scope["method"]
+        return any(method in methods and pattern.match(path) for pattern, methods in self._routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._is_admin_request(scope):
+            try:
+                check_admin(self.settings, key_from_headers(Headers(scope=scope)))
+            except ProblemError as exc:
+                response = problem_response(None, exc.kind, exc.detail,
+                                            headers={**exc.headers, "Connection": "close"},
+                                            instance=scope.get("path", ""))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
