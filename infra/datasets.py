@@ -41,6 +41,7 @@ __all__ = [
     "dataset_format",
     "open_dataset",
     "validate_dataset_name",
+    "verify_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,21 @@ def open_dataset(path: str | os.PathLike[str], *, max_pixels: int | None = None
     if len(dataset) == 0:  # the loaders refuse this already; the registry relies on it
         raise DataError(f"{root}: the dataset has no samples")
     return dataset
+
+
+def verify_samples(dataset: SampleDataset) -> int:
+    """Read every sample once (image decoded, mask decoded and matched to the image's size),
+    so a stored dataset never fails later on a sample the loaders only open lazily; DataError
+    naming the first bad sample. Returns the number of samples. One sample in memory at a
+    time."""
+    count = 0
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample.mask.shape != sample.image.shape[:2]:  # the loaders check this; keep it true
+            raise DataError(f"sample {sample.name!r}: mask {sample.mask.shape} does not match "
+                            f"image {sample.image.shape[:2]}")
+        count += 1
+    return count
 
 
 class DatasetRecord(BaseModel):

@@ -56,6 +56,14 @@ def _check_file_name(upload: UploadFile | None, field: str, suffix: str) -> None
                            f"{upload.filename!r}")
 
 
+def _check_base_model(claimed: object, served: str, where: str) -> None:
+    """422 ``base-model-mismatch`` if the upload names a base model other than the served one
+    (not naming one is fine: the shapes are checked against the served model anyway)."""
+    if claimed is not None and claimed != "" and claimed != served:
+        raise ProblemError("base-model-mismatch", f"{where} names base model {claimed!r}; "
+                           f"this service serves {served!r}")
+
+
 def _stage(runtime: Runtime, directory: Path, uploads: dict[str, UploadFile | None],
            metadata: dict[str, Any]) -> None:
     """Write the uploads under their canonical names (client file names never become paths)."""
@@ -112,12 +120,15 @@ def upload_adapter(
     if claimed is not None and claimed != engine.base_fingerprint:
         raise ProblemError("base-model-mismatch", f"the adapter was made for base model "
                            f"{claimed!r}; this service serves {engine.base_fingerprint!r}")
+    _check_base_model(user.get("base_model"), runtime.settings.model, "metadata.base_model")
     with runtime.scratch_dir("adapter-") as scratch:
         directory = scratch / name
         directory.mkdir()
         _stage(runtime, directory, {CONFIG_FILE: adapter_config, WEIGHTS_FILE: adapter_model,
                                     STATS_FILE: regcl_stats}, stored)
         files = _read_upload(directory)
+        _check_base_model(getattr(files.config, "base_model_name_or_path", None),
+                          runtime.settings.model, "adapter_config.base_model_name_or_path")
         check_adapter_fits(runtime.settings.model, files, f"adapter {name!r}")
         record = runtime.registry.add_adapter(name, directory, stored)
     return AdapterUploadResponse(adapter=AdapterInfo.of(record))

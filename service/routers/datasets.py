@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from infra.datasets import dataset_format, open_dataset, validate_dataset_name
+from infra.datasets import dataset_format, open_dataset, validate_dataset_name, verify_samples
 from infra.errors import Conflict
 from service.deps import AdminKey, DatasetsDep, RuntimeDep
 from service.problems import ProblemError, problem_responses
@@ -66,7 +66,8 @@ def upload_dataset(
         archive.unlink()
         root = single_root(unpacked)
         dataset_format(root)
-        open_dataset(root, max_pixels=settings.max_image_pixels)  # DataError if malformed
+        # DataError if malformed: layout, references, then every sample read once
+        verify_samples(open_dataset(root, max_pixels=settings.max_image_pixels))
         record = runtime.datasets.add_dataset(name, root, user)
     info = DatasetInfo.of(record)
     return DatasetUploadResponse(name=info.name, format=info.format, count=info.count,

@@ -19,10 +19,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from infra import keys
+from infra.errors import Conflict
 from infra.jobs import JobRecord, JobState
+from infra.registry import ADAPTER_NAME
 from regcl.errors import StatsError
 from service.deps import AdminKey, CeleryDep, JobStoreDep, RuntimeDep
-from service.problems import problem_responses
+from service.problems import ProblemError, problem_responses
 from service.runtime import Runtime
 from service.schemas.jobs import (
     EvaluateJobRequest,
@@ -34,6 +36,7 @@ from service.schemas.jobs import (
     StatsJobRequest,
     TrainJobRequest,
 )
+from service.uploads import name_taken
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger(__name__)
@@ -50,6 +53,14 @@ def _submit() -> Any:
     return submit
 
 
+def _refuse_taken_output(runtime: Runtime, name: object) -> None:
+    """409 now, rather than a job that fails at its end, if the adapter a job would register
+    exists already (malformed names are left to the parameter validation: 422)."""
+    if isinstance(name, str) and ADAPTER_NAME.fullmatch(name) \
+            and name_taken(lambda: runtime.registry.get_adapter(name)):
+        raise Conflict(f"adapter {name!r} already exists; name the job's result otherwise")
+
+
 def _accepted(response: Response, record: JobRecord) -> JobSubmitResponse:
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     return JobSubmitResponse(job=JobInfo.of(record))
@@ -61,6 +72,7 @@ def submit_train(_: AdminKey, body: TrainJobRequest, runtime: RuntimeDep, celery
                  response: Response) -> JobSubmitResponse:
     """Queue the training of a domain adapter."""
     runtime.datasets.get_dataset(body.dataset)
+    _refuse_taken_output(runtime, body.params.get("adapter") or body.domain)
     record = _submit().submit_train(celery, runtime.jobs, dataset=body.dataset,
                                     domain=body.domain, params=body.params)
     return _accepted(response, record)
@@ -71,8 +83,14 @@ def submit_train(_: AdminKey, body: TrainJobRequest, runtime: RuntimeDep, celery
 def submit_merge(_: AdminKey, body: MergeJobRequest, runtime: RuntimeDep, celery: CeleryDep,
                  response: Response) -> JobSubmitResponse:
     """Queue a merge of adapters into a new version."""
+    served = runtime.engine.base_fingerprint
     for name in body.adapters:
         record = runtime.registry.get_adapter(name)
+        theirs = record.metadata.get("base_fingerprint")
+        if theirs is not None and theirs != served:
+            raise ProblemError("base-model-mismatch", f"adapter {name!r} was made on base model "
+                               f"{record.metadata.get('base_model', '?')!r} (fingerprint "
+                               f"{theirs}); this service's base model has fingerprint {served}")
         if body.method in _REGCL_METHODS and not record.has_stats:
             raise StatsError(f"adapter {name!r} has no Gram statistics, which {body.method!r} "
                              "merges need: run a stats job for it first (POST /v1/jobs/stats)")
@@ -106,6 +124,7 @@ def submit_stats(_: AdminKey, body: StatsJobRequest, runtime: RuntimeDep, celery
     """Queue the computation of Gram statistics for an adapter."""
     runtime.registry.get_adapter(body.adapter)
     runtime.datasets.get_dataset(body.dataset)
+    _refuse_taken_output(runtime, (body.params or {}).get("output") or f"{body.adapter}-stats")
     record = _submit().submit_stats(celery, runtime.jobs, adapter=body.adapter,
                                     dataset=body.dataset, params=body.params)
     return _accepted(response, record)
