@@ -1,13 +1,12 @@
 """Segmentation over real HTTP: parity with segment-anything's SamPredictor (masks decoded
 from the RLE with pycocotools), the adapter-version header, PNG masks, mask-input round
-trips, problem+json for bad prompts and bad images, size limits, health and metrics."""
+trips, health and metrics. Bad prompts, bad images and size limits are in the bad-input
+catalogue (tests/badinput)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import math
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -17,7 +16,6 @@ from segment_anything import SamPredictor
 
 from regcl.models import build_sam
 from tests.service.api_support import (
-    MAX_UPLOAD_BYTES,
     assert_problem,
     make_image,
     png_bytes,
@@ -132,86 +130,6 @@ def test_mask_input_round_trip(anon, image_id, predictor):
     assert second.status_code == 200, second.text
     masks, _, _ = _reference(predictor, prompt, mask_input=low_res)
     np.testing.assert_array_equal(_rle_masks(second.json()), masks)
-
-
-BAD_PROMPTS = {
-    "nan": ({"points": [[math.nan, 10.0]], "labels": [1]}, "non-finite-value"),
-    "out-of-bounds": ({"points": [[500.0, 10.0]], "labels": [1]}, "out-of-bounds"),
-    "box-out-of-bounds": ({"box": [0.0, 0.0, 129.0, 50.0]}, "out-of-bounds"),
-    "bad-label": ({"points": [[10.0, 10.0]], "labels": [2]}, "invalid-label"),
-    "box-reversed": ({"box": [60.0, 10.0, 20.0, 50.0]}, "invalid-box"),
-    "empty": ({}, "empty-prompt"),
-    "labels-missing": ({"points": [[10.0, 10.0]]}, "prompt-shape"),
-    "point-shape": ({"points": [[1.0, 2.0, 3.0]], "labels": [1]}, "prompt-shape"),
-    "mask-input-size": ({"mask_input": base64.b64encode(b"\0" * 64).decode()},
-                        "prompt-shape"),
-    "mask-input-not-base64": ({"mask_input": "not base64!"}, "invalid-base64"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(BAD_PROMPTS))
-def test_bad_prompts_are_problems(api, image_id, name):
-    prompt, code = BAD_PROMPTS[name]
-    with api.client() as client:
-        # httpx's json= refuses NaN; Python's json module (and so many clients) sends it.
-        content = json.dumps({"image_id": image_id, **prompt})
-        response = client.post("/v1/segment", content=content,
-                               headers={"content-type": "application/json"})
-    body = assert_problem(response, 422, code)
-    assert body["detail"] and body["instance"] == "/v1/segment"
-
-
-def test_unknown_image_and_adapter_are_404(anon, image_id):
-    assert_problem(anon.post("/v1/segment", json={"image_id": "0" * 64, "box": BOX}), 404,
-                   "image-not-found")
-    assert_problem(anon.post("/v1/segment", json={"image_id": image_id, "box": BOX,
-                                                  "adapter": "nope"}), 404, "unknown-adapter")
-
-
-def test_schema_errors_are_validation_problems(anon):
-    body = assert_problem(anon.post("/v1/segment", json={"box": BOX}), 422, "validation-error")
-    assert body["errors"]
-    assert_problem(anon.post("/v1/segment", content=b"{not json",
-                             headers={"content-type": "application/json"}), 422,
-                   "validation-error")
-
-
-def test_bad_images_are_problems(anon):
-    cases = {
-        "not-an-image": b"hello, this is text",
-        "truncated": png_bytes(IMAGE)[:200],
-    }
-    for name, data in cases.items():
-        response = anon.post("/v1/images", files={"file": (f"{name}.png", data, "image/png")})
-        body = assert_problem(response, 422, "invalid-image")
-        assert "Traceback" not in body.get("detail", "")
-        inline = anon.post("/v1/segment", json={"image_base64": base64.b64encode(data).decode(),
-                                                "box": BOX})
-        assert_problem(inline, 422, "invalid-image")
-    assert_problem(anon.post("/v1/images", content=b"raw",
-                             headers={"content-type": "image/png"}), 415,
-                   "unsupported-media-type")
-
-
-def test_size_limits_are_413(anon):
-    too_big = b"\0" * (MAX_UPLOAD_BYTES + 1)
-    assert_problem(anon.post("/v1/images", files={"file": ("big.png", too_big, "image/png")}),
-                   413, "payload-too-large")
-    huge_body = b"\0" * (2 * MAX_UPLOAD_BYTES + 2 * 2**20)  # beyond the whole-request cap
-    assert_problem(anon.post("/v1/images", files={"file": ("big.png", huge_body,
-                                                           "image/png")}),
-                   413, "payload-too-large")
-    encoded = base64.b64encode(too_big).decode()
-    assert_problem(anon.post("/v1/segment", json={"image_base64": encoded, "box": BOX}), 413,
-                   "payload-too-large")
-
-    def chunks():  # no Content-Length: the limit must hold while the body is read
-        for _ in range(len(huge_body) // 65536 + 1):
-            yield b"x" * 65536
-
-    assert_problem(anon.post("/v1/segment", content=chunks(),
-                             headers={"content-type": "application/json"}),
-                   413, "payload-too-large")
 
 
 def test_unknown_route_is_a_problem(anon):

@@ -1,0 +1,367 @@
+"""Security checks, each a test: admin keys on every mutating route (enumerated from the
+running server's OpenAPI, so a new mutating route without auth fails here), refused before the
+body is read; keys compared in constant time and never logged; nothing a user sends is ever
+unpickled and official checkpoints load with ``weights_only=True``; request size limits;
+artifact paths contained in the store; names validated."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import hmac
+import logging
+import pickle
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from infra.artifacts import ArtifactStore
+from infra.datasets import validate_dataset_name
+from infra.errors import InvalidName
+from infra.registry import validate_adapter_name
+from infra.settings import Settings
+from regcl.adapters import read_adapter
+from regcl.errors import AdapterError, CheckpointError
+from regcl.models.build import read_state_dict
+from service.deps import check_admin
+from service.problems import ProblemError
+from tests.badinput.bad_support import Store
+from tests.service.api_support import (
+    ADMIN_KEY,
+    MAX_UPLOAD_BYTES,
+    assert_problem,
+    folder_entries,
+    make_zip,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+WRONG_KEY = "wrong-key-wrong-key-wrong"
+MUTATING = ("post", "put", "patch", "delete")
+PUBLIC_MUTATING = {("post", "/v1/images"), ("post", "/v1/segment")}
+"""Mutating operations open to anyone by design (they store nothing durable: images live in
+the process's bounded image store). Every other mutating operation must need an admin key."""
+
+
+def _admin_operations(client) -> list[tuple[str, str]]:
+    """(method, concrete path) of every mutating operation in the served OpenAPI document
+    except the public ones; path parameters filled with harmless values."""
+    spec = client.get("/openapi.json").json()
+    operations = []
+    for template, item in spec["paths"].items():
+        for method in item:
+            if method in MUTATING and (method, template) not in PUBLIC_MUTATING:
+                path = re.sub(r"\{number\}", "1", template)
+                path = re.sub(r"\{job_id\}", "0123456789abcdef0123456789abcdef", path)
+                operations.append((method, re.sub(r"\{[^}]+\}", "some-name", path)))
+    return sorted(operations)
+
+
+def test_every_mutating_route_needs_an_admin_key(anon, store):
+    operations = _admin_operations(anon)
+    known = {("post", "/v1/adapters"), ("delete", "/v1/adapters/some-name"),
+             ("post", "/v1/datasets"), ("post", "/v1/jobs/merge"),
+             ("post", "/v1/versions/1/activate")}
+    assert known <= set(operations), operations
+    with store.unchanged():
+        for method, path in operations:
+            for headers in ({}, {"Authorization": f"Bearer {WRONG_KEY}"},
+                            {"X-API-Key": WRONG_KEY}, {"Authorization": f"Basic {ADMIN_KEY}"},
+                            {"Authorization": "Bearer"}, {"X-API-Key": ""}):
+                response = anon.request(method.upper(), path, headers=headers, json={})
+                assert_problem(response, 401, "unauthorized")
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert WRONG_KEY not in response.text and ADMIN_KEY not in response.text
+
+
+def _raw_request(url: str, method: str, path: str, declared: int, sent: bytes,
+                 headers: str = "") -> tuple[int, bytes]:
+    """Send a request that declares ``declared`` body bytes but sends only ``sent``; return
+    the status and what the server answered (it must answer without the rest)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"{method.upper()} {path} HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Type: multipart/form-data; boundary=xyz\r\n{headers}"
+                     f"Content-Length: {declared}\r\n\r\n".encode() + sent)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)  # a server waiting for the body times out here (30 s)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer
+
+
+PART_START = (b'--xyz\r\nContent-Disposition: form-data; name="adapter_model"; '
+              b'filename="m.safetensors"\r\n\r\n' + b"\0" * 1024)
+"""The start of a well-formed multipart upload (a server that reads it waits for the rest)."""
+
+
+def test_unauthenticated_uploads_are_refused_before_the_body_is_read(api, anon, store):
+    """401 comes back although only the first KiB of a 1.5 MB body was sent: the body is
+    neither read nor spooled to disk; nothing is stored. (Without AdminAuthMiddleware the
+    server waits for the rest of the body and this test times out after 30 s.)"""
+    declared = 1_500_000
+    with store.unchanged():
+        for method, path in _admin_operations(anon):
+            status, answer = _raw_request(api.url, method, path, declared, PART_START)
+            assert status == 401, answer
+            assert b"application/problem+json" in answer
+
+
+def test_a_large_unauthenticated_upload_gets_401(api, anon, store):
+    big = b"\0" * 1_500_000
+    with store.unchanged():
+        for path, files in (("/v1/adapters", {"adapter_config": ("c.json", b"{}"),
+                                              "adapter_model": ("m.safetensors", big)}),
+                            ("/v1/datasets", {"file": ("d.zip", big)})):
+            try:
+                response = anon.post(path, data={"name": "intruder"}, files=files)
+            except Exception as exc:  # the server may close before the client sent it all
+                pytest.fail(f"no answer to an unauthenticated upload: {exc!r}")
+            assert_problem(response, 401, "unauthorized")
+            assert response.headers.get("connection") == "close"
+
+
+def test_mutations_disabled_without_keys(start_api, redis_server, tmp_path):
+    (tmp_path / "nokeys").mkdir()
+    server = start_api(redis_server.url, tmp_path / "nokeys", REGCL_ADMIN_KEYS="")
+    with server.client(ADMIN_KEY) as client:
+        for method, path in _admin_operations(client):
+            response = client.request(method.upper(), path, json={})
+            assert_problem(response, 403, "mutations-disabled")
+        status, answer = _raw_request(server.url, "post", "/v1/adapters", 1_500_000,
+                                      PART_START)
+        assert status == 403, answer
+    server.stop()
+
+
+def test_keys_are_compared_in_constant_time(monkeypatch):
+    """Every configured key is compared with hmac.compare_digest, with no early exit."""
+    calls = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("infra.settings.hmac.compare_digest", counting)
+    settings = Settings(redis_url="redis://127.0.0.1:1/0",
+                        admin_keys=f"{ADMIN_KEY},{'b' * 20},{'c' * 20}")
+    check_admin(settings, ADMIN_KEY)  # the first key matches: still three comparisons
+    assert len(calls) == 3 and all(isinstance(a, bytes) for a, _ in calls)
+    calls.clear()
+    with pytest.raises(ProblemError):
+        check_admin(settings, WRONG_KEY)
+    assert len(calls) == 3
+    source = (REPO / "infra" / "settings.py").read_text()
+    tree = ast.parse(source)
+    is_admin = next(n for n in ast.walk(tree)
+                    if isinstance(n, ast.FunctionDef) and n.name == "is_admin_key")
+    assert "compare_digest" in ast.unparse(is_admin) and "==" not in ast.unparse(is_admin)
+
+
+def test_keys_never_reach_the_servers_log(api, anon):
+    offset = api.log_file.stat().st_size
+    for headers in ({"Authorization": f"Bearer {ADMIN_KEY}"}, {"X-API-Key": ADMIN_KEY},
+                    {"Authorization": f"Bearer {WRONG_KEY}"}, {"X-API-Key": WRONG_KEY}):
+        anon.delete("/v1/adapters/no-such-adapter", headers=headers)
+        anon.post("/v1/jobs/merge", headers=headers, json={"adapters": ["ghost"]})
+        anon.post("/v1/images", headers=headers, content=b"x",
+                  params={"key": WRONG_KEY})  # a key in the query string is not a key
+    time.sleep(0.5)
+    log = api.log_file.read_bytes()[offset:].decode(errors="replace")
+    assert "/v1/jobs/merge" in log or "POST" in log or log == ""  # the requests were served
+    assert ADMIN_KEY not in log and WRONG_KEY not in log.replace(f"key={WRONG_KEY}", "")
+
+
+def test_keys_never_logged_in_process_at_debug(redis_server, tmp_path, caplog):
+    """The whole app in process with every logger at DEBUG: requests with keys leave no key
+    in any log record; the settings' repr hides them too."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, admin_keys=ADMIN_KEY)
+    assert ADMIN_KEY not in repr(settings) and ADMIN_KEY not in str(settings.model_dump())
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(settings)) as client:
+        client.delete("/v1/adapters/none", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        client.delete("/v1/adapters/none", headers={"X-API-Key": WRONG_KEY})
+        client.post("/v1/jobs/merge", headers={"X-API-Key": ADMIN_KEY}, json={"adapters": []})
+    text = "\n".join(f"{r.getMessage()} {r.args!r}" for r in caplog.records)
+    assert caplog.records and ADMIN_KEY not in text and WRONG_KEY not in text
+
+
+class Evil:
+    """Unpickling this creates ``marker`` (any code could run instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+def test_uploaded_pickles_are_never_unpickled(admin, store, seeded, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Evil(marker))
+    config = (seeded.adapter_dir / "adapter_config.json").read_bytes()
+    weights = (seeded.adapter_dir / "adapter_model.safetensors").read_bytes()
+    with store.unchanged():
+        for field, filename in (("adapter_model", "adapter_model.safetensors"),
+                                ("adapter_model", "adapter_model.bin"),
+                                ("adapter_model", "adapter_model.pt"),
+                                ("regcl_stats", "regcl_stats.safetensors"),
+                                ("regcl_stats", "regcl_stats.pkl")):
+            files = {"adapter_config": ("adapter_config.json", config),
+                     "adapter_model": ("adapter_model.safetensors", weights),
+                     field: (filename, evil)}
+            response = admin.post("/v1/adapters", data={"name": "evil"}, files=files)
+            assert response.status_code == 422, response.text
+        archive = make_zip({**folder_entries(), "images/evil.pkl": evil,
+                            "images/evil.png": evil})
+        response = admin.post("/v1/datasets", data={"name": "evil"},
+                              files={"file": ("d.zip", archive)})
+        assert response.status_code == 422, response.text
+        image = admin.post("/v1/images", json={"image_base64": base64.b64encode(evil).decode()})
+        assert image.status_code == 422, image.text
+    assert not marker.exists()
+
+
+def test_library_never_unpickles(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "sam_official.pth"
+    torch.save({"image_encoder.x": torch.zeros(1), "evil": Evil(marker)}, checkpoint)
+    with pytest.raises(CheckpointError):
+        read_state_dict(checkpoint)
+    assert not marker.exists()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, '
+                                                 '"target_modules": ["qkv"]}')
+    (adapter / "adapter_model.safetensors").write_bytes(pickle.dumps(Evil(marker)))
+    with pytest.raises(AdapterError):
+        read_adapter(adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({"w": Evil(marker)}, adapter / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="pickle"):
+        read_adapter(adapter)
+    assert not marker.exists()
+
+
+def test_no_unsafe_deserialisation_in_the_code():
+    """Static: no pickle/marshal/shelve loads and every torch.load passes weights_only=True;
+    Celery accepts JSON only."""
+    offenders = []
+    for package in ("regcl", "service", "infra", "workers"):
+        for path in (REPO / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = ast.unparse(node.func)
+                flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                unsafe = re.fullmatch(r"(c?pickle|marshal|shelve|dill|joblib)\.(loads?|open)|"
+                                      r"(pd|pandas)\.read_pickle", name) \
+                    or (re.fullmatch(r"(np|numpy)\.load", name)
+                        and flags.get("allow_pickle") == "True") \
+                    or (name == "torch.load" and flags.get("weights_only") != "True")
+                if unsafe:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert not offenders, offenders
+    from workers.celery_app import make_celery
+
+    conf = make_celery(Settings(redis_url="redis://127.0.0.1:1/0")).conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert "pickle" not in conf.result_accept_content
+
+
+def test_request_size_limits_are_413(anon, admin, store):
+    too_big = b"\0" * (MAX_UPLOAD_BYTES + 1)
+    huge_body = b"\0" * (2 * MAX_UPLOAD_BYTES + 2 * 2**20)  # beyond the whole-request cap
+    box = [10.0, 8.0, 90.0, 70.0]
+    with store.unchanged():
+        assert_problem(anon.post("/v1/images", files={"file": ("big.png", too_big)}), 413,
+                       "payload-too-large")
+        assert_problem(anon.post("/v1/images", files={"file": ("big.png", huge_body)}), 413,
+                       "payload-too-large")
+        encoded = base64.b64encode(too_big).decode()
+        assert_problem(anon.post("/v1/segment", json={"image_base64": encoded, "box": box}),
+                       413, "payload-too-large")
+        assert_problem(anon.post("/v1/images", json={"image_base64": encoded}), 413,
+                       "payload-too-large")
+        assert_problem(admin.post("/v1/datasets", data={"name": "big"},
+                                  files={"file": ("d.zip", too_big)}), 413,
+                       "payload-too-large")
+
+        def chunks(first: bytes = b""):  # no Content-Length: the limit holds while reading
+            yield first
+            for _ in range(len(huge_body) // 65536 + 1):
+                yield b"x" * 65536
+
+        assert_problem(anon.post("/v1/segment", content=chunks(),
+                                 headers={"content-type": "application/json"}),
+                       413, "payload-too-large")
+        part = (b'--x\r\nContent-Disposition: form-data; name="adapter_model"; '
+                b'filename="m.safetensors"\r\n\r\n')
+        assert_problem(admin.post("/v1/adapters", content=chunks(part),
+                                  headers={"content-type": "multipart/form-data; boundary=x"}),
+                       413, "payload-too-large")
+
+
+def test_client_file_names_never_become_paths(api, admin, store, seeded):
+    """A valid adapter whose parts carry traversal file names is stored under its registry
+    name with canonical file names, inside the artifact store, and nowhere else."""
+    data_dir = Path(api.env["REGCL_DATA_DIR"])
+    before = store.files()
+    directory = seeded.adapter_dir
+    files = {"adapter_config": ("../../../../tmp/evil.json",
+                                (directory / "adapter_config.json").read_bytes()),
+             "adapter_model": ("..\\..\\evil.safetensors",
+                               (directory / "adapter_model.safetensors").read_bytes()),
+             "regcl_stats": ("/etc/evil.safetensors",
+                             (directory / "regcl_stats.safetensors").read_bytes())}
+    response = admin.post("/v1/adapters", data={"name": "contained"}, files=files)
+    assert response.status_code == 201, response.text
+    try:
+        added = sorted(set(store.files()) - set(before))
+        assert added and all(p.startswith("artifacts/adapters/contained/") for p in added), added
+        assert {p.rsplit("/", 1)[1] for p in added} <= {
+            "adapter_config.json", "adapter_model.safetensors", "regcl_stats.safetensors",
+            "regcl_adapter.json", ".regcl-manifest.json"}
+        assert not Path("/tmp/evil.json").exists() and not (data_dir.parent / "evil.json").exists()
+    finally:
+        assert admin.delete("/v1/adapters/contained").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["../evil", "adapters/../../evil", "/abs", "a//b", "a/./b", "",
+                                  "a/", ".."])
+def test_artifact_paths_stay_in_the_store(tmp_path, path):
+    """Neither an artifact key nor a file name inside an artifact can leave the store."""
+    store = ArtifactStore(tmp_path / "store")
+    source = tmp_path / "f.txt"
+    source.write_text("x")
+    with pytest.raises(InvalidName):
+        store.put_files({"f.txt": source}, path)
+    with pytest.raises(InvalidName):
+        store.put_files({path: source}, "adapters/ok")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "abs").exists()
+    assert not store.exists("adapters/ok")
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "a\\b", "/x", "A", "-x", "x" * 65,
+                                  "é", "a\x00", "a b", "", "a.b", "live\n"])
+def test_names_are_validated(name):
+    for validate in (validate_adapter_name, validate_dataset_name):
+        with pytest.raises(InvalidName):
+            validate(name)
+
+
+def test_store_helper_is_shared(store):
+    assert isinstance(store, Store)
