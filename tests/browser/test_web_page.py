@@ -259,6 +259,19 @@ def test_training_started_from_the_page_streams_progress_to_the_end(stack, page,
     assert "polyp" in adapter.inner_text()
     iou = job["result"]["metrics"]["holdout"]["iou"]
     assert f"{iou:.3f}" in adapter.inner_text()
+    # A long job can be cancelled from its row.
+    page.fill("#train-adapter", "polyp-long")
+    page.fill("#train-epochs", "500")
+    page.click("#train-button")
+    long_row = page.locator("#jobs-table tr[data-kind='train']").first
+    wait_js(page, "document.querySelector(\"#jobs-table tr[data-kind='train']\").dataset"
+            ".jobId !== arg", job_id)
+    long_row.locator("button.cancel").click()
+    wait_js(page, "document.querySelector(\"#jobs-table tr[data-kind='train']\").dataset"
+            ".state === 'cancelled'")
+    page.wait_for_selector("#adapters-table tr[data-adapter='polyp-page']")
+    assert page.locator("#adapters-table tr[data-adapter='polyp-long']").count() == 0
+
     # The new adapter can be picked in the segment view.
     page.click("#tab-segment")
     page.wait_for_selector("#adapter-select option[value='polyp-page']", state="attached")

@@ -187,7 +187,15 @@ function jobRow(job) {
     el("td", {}, progress, ` ${Math.round(job.progress * 100)}%`),
     el("td", { className: "num step" }, d.step != null ? `${d.step}/${d.total}` : "–"),
     el("td", { className: "num loss" }, fmt(d.loss, 4)),
-    el("td", {}, jobSummary(job)));
+    el("td", {}, jobSummary(job), TERMINAL.has(job.state) || job.cancel_requested ? null :
+       el("button", { type: "button", className: "cancel", onclick: () => cancel(job) },
+          "Cancel")));
+}
+
+async function cancel(job) {
+  const data = await attempt("Cancelling", () => api(`/v1/jobs/${job.id}/cancel`,
+                                                     { method: "POST" }));
+  if (data) update(data.job);
 }
 
 function renderJobs() {
@@ -215,6 +223,8 @@ function finished(job) {
     source.close();
     following.delete(job.id);
   }
+  status(`${job.kind} job ${job.id.slice(0, 8)} ${job.state}` +
+         (job.error ? `: ${job.error.message}` : "."), job.state === "failed");
   if (job.state !== "succeeded") return;
   if (job.kind === "train" || job.kind === "stats") {
     refreshAdaptersTable();

@@ -73,8 +73,15 @@ async function openImage(file) {
     clearMasks();
     drawPrompts();
     setState("ready");
-    status(`${file.name}: ${info.width} × ${info.height}, id ${info.image_id.slice(0, 12)}…` +
-           " — click on an object.");
+    if (bitmap.width !== info.width || bitmap.height !== info.height) {
+      // The browser applies EXIF orientation, the server segments the stored pixels as they are.
+      status(`${file.name}: the browser shows it ${bitmap.width} × ${bitmap.height} but the ` +
+             `server reads ${info.width} × ${info.height} (EXIF rotation?): masks will not ` +
+             "line up with the picture.", true);
+    } else {
+      status(`${file.name}: ${info.width} × ${info.height}, id ` +
+             `${info.image_id.slice(0, 12)}… — click on an object.`);
+    }
     $("stage").focus();
   } catch (error) {
     status(`Could not open the image: ${error.message}`, true);
