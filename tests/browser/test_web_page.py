@@ -383,3 +383,27 @@ def test_merge_evaluate_and_activate_versions_from_the_page(stack, page, tmp_pat
     with stack.client() as client:
         assert_overlay_is_api_mask(page, client)
     screenshot(page, "segment-live-vs-base")
+
+
+def test_the_pages_rle_decoder_agrees_with_pycocotools(stack, page):
+    """The overlay is decoded in the browser (service/static/js/rle.js): random masks, runs
+    longer than any 5-bit chunk, empty and full masks, a large image."""
+    rng = np.random.default_rng(0)
+    masks = [(rng.random((h, w)) < rng.random()).astype(np.uint8)
+             for h, w in rng.integers(1, 60, (40, 2))]
+    masks += [np.zeros((7, 9), np.uint8), np.ones((9, 7), np.uint8)]
+    big = np.zeros((700, 900), np.uint8)
+    big[100:650, 40:880] = 1
+    big[300:310, 500:520] = 0
+    masks.append(big)
+    cases = []
+    for mask in masks:
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        cases.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()})
+    page.goto(stack.url + "/")
+    decoded = page.evaluate("""async (cases) => {
+        const { rleToMask } = await import("/ui/js/rle.js");
+        return cases.map((rle) => Array.from(rleToMask(rle)));
+    }""", cases)
+    for mask, got in zip(masks, decoded, strict=True):
+        assert np.array_equal(np.array(got, dtype=np.uint8).reshape(mask.shape), mask)
