@@ -272,9 +272,18 @@ def test_training_started_from_the_page_streams_progress_to_the_end(stack, page,
     page.wait_for_selector("#adapters-table tr[data-adapter='polyp-page']")
     assert page.locator("#adapters-table tr[data-adapter='polyp-long']").count() == 0
 
-    # The new adapter can be picked in the segment view.
+    # The new adapter can be picked in the segment view, and answers as itself.
     page.click("#tab-segment")
     page.wait_for_selector("#adapter-select option[value='polyp-page']", state="attached")
+    page.select_option("#adapter-select", "polyp-page")
+    page.set_input_files("#image-file", files=[{"name": "scene.png", "mimeType": "image/png",
+                                                "buffer": png_bytes(scene())}])
+    wait_js(page, "document.querySelector('#stage').dataset.state === 'ready'")
+    click_image(page, 100, 70)
+    wait_done(page, 1)
+    assert page.locator("#stage").get_attribute("data-adapter-version") == "domain:polyp-page"
+    with stack.client() as client:
+        assert assert_overlay_is_api_mask(page, client)["request"]["adapter"] == "polyp-page"
     page.click("#tab-manage")
     page.locator("#h-datasets").scroll_into_view_if_needed()
     screenshot(page, "domains-jobs")
@@ -403,7 +412,8 @@ def test_the_pages_rle_decoder_agrees_with_pycocotools(stack, page):
     page.goto(stack.url + "/")
     decoded = page.evaluate("""async (cases) => {
         const { rleToMask } = await import("/ui/js/rle.js");
-        return cases.map((rle) => Array.from(rleToMask(rle)));
+        return cases.map((rle) => rleToMask(rle).join(""));
     }""", cases)
     for mask, got in zip(masks, decoded, strict=True):
-        assert np.array_equal(np.array(got, dtype=np.uint8).reshape(mask.shape), mask)
+        pixels = np.frombuffer(got.encode(), dtype=np.uint8) - ord("0")
+        assert np.array_equal(pixels.reshape(mask.shape), mask)
