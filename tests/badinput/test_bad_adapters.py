@@ -244,3 +244,14 @@ def test_the_store_check_sees_a_stored_adapter(admin, store, seeded):
         response = _upload(admin, seeded.adapter_dir, {}, {}, name="probe")
         assert response.status_code == 201, response.text
     assert admin.delete("/v1/adapters/probe").status_code == 200
+
+
+@pytest.mark.parametrize(("content", "content_type"), [
+    (b'{"name": "x"}', "application/json"), (b"name=x", "application/x-www-form-urlencoded"),
+    (b"x", "text/plain"), (b"x", None)])
+def test_uploads_that_are_not_multipart(admin, store, content, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    with store.unchanged():
+        for path in ("/v1/adapters", "/v1/datasets"):
+            assert_problem(admin.post(path, content=content, headers=headers), 422,
+                           "validation-error")
