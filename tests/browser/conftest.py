@@ -158,11 +158,13 @@ def page(browser, stack: Stack) -> Iterator[object]:
     assert not foreign, f"the page fetched from elsewhere: {foreign}"
 
 
-def screenshot(page, name: str) -> Path:
-    """Save a viewport screenshot as docs/screenshots/<name>.png (or under
-    ``REGCL_SCREENSHOT_DIR``, to leave the committed ones alone)."""
+def screenshot(page, name: str, selector: str | None = None) -> Path:
+    """Save a viewport screenshot (or of the element ``selector`` picks) as
+    docs/screenshots/<name>.png (or under ``REGCL_SCREENSHOT_DIR``, to leave the committed
+    ones alone)."""
     folder = Path(os.environ.get("REGCL_SCREENSHOT_DIR") or SCREENSHOTS)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    page.screenshot(path=str(path))
+    target = page.locator(selector) if selector else page
+    target.screenshot(path=str(path))
     return path

@@ -377,6 +377,7 @@ def test_merge_evaluate_and_activate_versions_from_the_page(stack, page, tmp_pat
     page.locator("#h-versions").scroll_into_view_if_needed()
     page.evaluate("window.scrollBy(0, -60)")
     screenshot(page, "versions")
+    screenshot(page, "matrix", "section[aria-labelledby='h-matrix']")
 
     # The segment view now answers 'live' with that version, next to the base model; this
     # time the image is dropped on the page.
