@@ -118,9 +118,10 @@ class Settings(BaseSettings):
     encoder_batch_size: int = Field(
         default=8, ge=1, le=256, description="Most images per image-encoder forward.",
     )
-    encoder_batch_wait_ms: float = Field(
-        default=2.0, ge=0, le=1000,
-        description="Longest wait for more images after the first of a batch.",
+    encoder_batch_wait_ms: float | None = Field(
+        default=None, ge=0, le=1000,
+        description="Longest wait for more images after the first of a batch; unset: 0 on "
+        "the CPU, 2 ms on CUDA.",
     )
     serve_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "

@@ -144,7 +144,10 @@ class ServingOptions:
     device: ``cpu``, ``cuda``, ``cuda:1``... dtype/sdpa: None picks bfloat16 + SDPA on CUDA
     and float32 + segment-anything's own attention on the CPU (exact SamPredictor parity).
     compile: ``torch.compile`` the encoder. max_batch / max_wait_ms: dynamic batching of
-    encodes. threads: torch intra-op threads (0: leave torch's default).
+    encodes; max_wait_ms None picks 0 on the CPU (the encoder is the bottleneck: requests
+    queue up while a batch runs, so batches form without waiting) and 2 ms on CUDA. threads:
+    torch intra-op threads (0: leave torch's default; 1 suits a small CPU, where the batcher
+    thread and the request threads already run in parallel).
     """
 
     device: str = "cpu"
@@ -152,7 +155,7 @@ class ServingOptions:
     sdpa: bool | None = None
     compile: bool = False
     max_batch: int = 8
-    max_wait_ms: float = 2.0
+    max_wait_ms: float | None = None
     threads: int = 0
 
     def resolved(self) -> ServingOptions:
@@ -163,13 +166,14 @@ class ServingOptions:
             raise ConfigError(f"invalid device {self.device!r}: {exc}") from exc
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.threads < 0:
-            raise ConfigError("need max_batch >= 1, max_wait_ms >= 0 and threads >= 0")
         gpu = device.type == "cuda"
+        wait = (2.0 if gpu else 0.0) if self.max_wait_ms is None else self.max_wait_ms
+        if self.max_batch < 1 or wait < 0 or self.threads < 0:
+            raise ConfigError("need max_batch >= 1, max_wait_ms >= 0 and threads >= 0")
         dtype = self.dtype or (torch.bfloat16 if gpu else torch.float32)
         sdpa = gpu if self.sdpa is None else self.sdpa
-        return ServingOptions(str(device), dtype, sdpa, self.compile, self.max_batch,
-                              self.max_wait_ms, self.threads)
+        return ServingOptions(str(device), dtype, sdpa, self.compile, self.max_batch, wait,
+                              self.threads)
 
 
 def image_id_of(image: np.ndarray) -> str:
@@ -236,7 +240,7 @@ class SegmentationEngine:
         self._fingerprint: str | None = None
         self._batcher: Batcher[_EncodeJob] = Batcher(
             self._run_encode_batch, max_batch=self.options.max_batch,
-            max_wait_s=self.options.max_wait_ms / 1000, name="regcl-encoder")
+            max_wait_s=(self.options.max_wait_ms or 0.0) / 1000, name="regcl-encoder")
 
     def close(self) -> None:
         """Stop the encoder's batching thread (after the encodes already queued)."""
