@@ -1,4 +1,4 @@
-"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl``, ``pretrain``."""
+"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl|merge|serve``, ``pretrain``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,52 @@ def _cmd_bench_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from regcl.bench.serve import ServeBenchConfig, run_serve_benchmark, serve_markdown
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    overrides: dict = {"model": args.model, "device": args.device,
+                       "random_weights": args.random_weights, "threads": args.threads}
+    for name in ("checkpoint", "url", "admin_key", "requests", "cached_requests", "warmup",
+                 "baseline_requests", "swaps", "train_images", "train_epochs", "train_batch"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.concurrency:
+        overrides["concurrency"] = ints(args.concurrency)
+    if args.swap_versions:
+        overrides["swap_versions"] = ints(args.swap_versions)
+    if args.encoder_variants is not None:
+        overrides["encoder_variants"] = tuple(v for v in args.encoder_variants.split(",") if v)
+    if args.encoder_batches:
+        overrides["encoder_batches"] = ints(args.encoder_batches)
+    env = {}
+    for flag, var in (("dtype", "REGCL_SERVE_DTYPE"), ("attention", "REGCL_SERVE_ATTENTION"),
+                      ("batch_size", "REGCL_ENCODER_BATCH_SIZE"),
+                      ("batch_wait_ms", "REGCL_ENCODER_BATCH_WAIT_MS"),
+                      ("server_threads", "REGCL_SERVE_THREADS")):
+        value = getattr(args, flag)
+        if value is not None:
+            env[var] = str(value)
+    if args.compile:
+        env["REGCL_SERVE_COMPILE"] = "true"
+    overrides["server_env"] = env
+    config = (ServeBenchConfig.quick(**overrides) if args.quick
+              else dataclasses.replace(ServeBenchConfig(), **overrides))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    report = run_serve_benchmark(config)
+    print(serve_markdown(report))
+    print(f"\n{report['elapsed_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     # The service lives beside the library; regcl/ imports it only here, on demand.
     try:
@@ -153,6 +199,41 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="write the report here")
     m.add_argument("--threads", type=int, default=0)
     m.set_defaults(func=_cmd_bench_merge)
+
+    s = bench.add_parser("serve", help="the service over HTTP (new images, cached prompts, "
+                                       "hot swap, LoRA overhead) against SamPredictor in the "
+                                       "same run; encoder variants; adapter training")
+    s.add_argument("--quick", action="store_true", help="smoke run of about a minute")
+    s.add_argument("--json", help="write the full report here")
+    s.add_argument("--model", default="tiny", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    s.add_argument("--checkpoint", help="SAM weights (vit_*: required unless --random-weights)")
+    s.add_argument("--random-weights", action="store_true",
+                   help="serve a seeded random SAM (speed only; vit_* without a checkpoint)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<n> (service and baseline)")
+    s.add_argument("--url", help="benchmark this running service instead of starting one")
+    s.add_argument("--admin-key", help="with --url: for activations (hot swap)")
+    s.add_argument("--swap-versions", help="with --url: two version numbers to swap between")
+    s.add_argument("--concurrency", help="client counts, e.g. 1,4,16")
+    s.add_argument("--requests", type=int, help="new-image requests per concurrency level")
+    s.add_argument("--cached-requests", type=int)
+    s.add_argument("--baseline-requests", type=int)
+    s.add_argument("--warmup", type=int, help="untimed new-image requests first")
+    s.add_argument("--swaps", type=int, help="activations in the hot-swap phase")
+    s.add_argument("--train-images", type=int)
+    s.add_argument("--train-epochs", type=int)
+    s.add_argument("--train-batch", type=int, help="adapter training batch (recipe: 8)")
+    s.add_argument("--encoder-variants", help="comma-separated, of: fp32, fp32-sdpa, bf16, "
+                                              "bf16-sdpa, bf16-sdpa-compile, fp32-compile "
+                                              "('' skips)")
+    s.add_argument("--encoder-batches", help="batch sizes of the encoder section, e.g. 1,8")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="service encoder")
+    s.add_argument("--attention", choices=["auto", "sdpa", "original"], help="service encoder")
+    s.add_argument("--compile", action="store_true", help="service: torch.compile the encoder")
+    s.add_argument("--batch-size", type=int, help="service: most images per encoder batch")
+    s.add_argument("--batch-wait-ms", type=float, help="service: longest batch wait")
+    s.add_argument("--server-threads", type=int, help="service: torch threads")
+    s.add_argument("--threads", type=int, default=0, help="torch threads of this process")
+    s.set_defaults(func=_cmd_bench_serve)
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
     u.set_defaults(func=_cmd_up)
