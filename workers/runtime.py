@@ -8,9 +8,9 @@ itself in a new process (a fork after first use).
 Worker-only environment variables (the shared ones are :class:`~infra.settings.Settings`):
 
 - ``REGCL_TORCH_THREADS``: torch intra-op threads (tests use 1; unset: torch's default);
-- ``REGCL_WORKER_DEVICE``: ``cpu`` (default) or ``cuda[:n]``. Note that
-  :func:`regcl.training.adapter.train_adapter` samples its prompts on the CPU, so training is
-  only known to work on ``cpu`` today.
+- ``REGCL_WORKER_DEVICE``: ``cpu`` (default) or ``cuda[:n]``. Training, evaluation and Gram
+  statistics run on the model's device (prompts are drawn on the CPU and moved, so a seed gives
+  the same prompts on every device).
 """
 
 from __future__ import annotations
