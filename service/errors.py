@@ -78,6 +78,13 @@ class NonFiniteValueError(PromptError):
     code = "non-finite-value"
 
 
+class ValueOutOfRangeError(PromptError):
+    """A mask-input logit is finite but so large that the model's arithmetic would overflow
+    (its magnitude is above ``service.prompts.MAX_MASK_INPUT_ABS``)."""
+
+    code = "value-out-of-range"
+
+
 class OutOfBoundsError(PromptError):
     """A point or box lies outside the image (0 <= x <= W, 0 <= y <= H)."""
 

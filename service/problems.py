@@ -102,6 +102,8 @@ KINDS: dict[type[BaseException], ProblemKind] = {
                                               "Malformed prompt"),
     service_errors.NonFiniteValueError: _service(service_errors.NonFiniteValueError, 422,
                                                  "Non-finite value in prompt"),
+    service_errors.ValueOutOfRangeError: _service(service_errors.ValueOutOfRangeError, 422,
+                                                  "Prompt value out of range"),
     service_errors.OutOfBoundsError: _service(service_errors.OutOfBoundsError, 422,
                                               "Prompt outside the image"),
     service_errors.InvalidLabelError: _service(service_errors.InvalidLabelError, 422,

@@ -19,9 +19,13 @@ from service.errors import (
     OutOfBoundsError,
     PromptShapeError,
     TooManyPointsError,
+    ValueOutOfRangeError,
 )
 
 DEFAULT_MAX_POINTS = 64
+MAX_MASK_INPUT_ABS = 1e6
+"""Largest mask-input logit magnitude accepted. SAM's own low-res logits stay within tens;
+values near the float32 maximum overflow in the prompt encoder and turn every score into NaN."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,10 @@ def check_prompt(
                                    f"{mask_input_size[1]} low-res logits, got shape {mask.shape}")
         if not np.isfinite(mask).all():
             raise NonFiniteValueError("mask_input contains NaN or infinite values")
+        if np.abs(mask).max() > MAX_MASK_INPUT_ABS:
+            raise ValueOutOfRangeError(f"mask_input logits must lie within "
+                                       f"+-{MAX_MASK_INPUT_ABS:g}, got "
+                                       f"{float(np.abs(mask).max()):g}")
         mask = mask.astype(np.float32)
     if coords is None and box_array is None and mask is None:
         raise EmptyPromptError("the prompt has no points, no box and no mask input")

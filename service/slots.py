@@ -31,6 +31,10 @@ PLACEHOLDER = "default"
 """The adapter PEFT needs to exist: rank 1, zero B, never made active (base runs with
 adapters disabled)."""
 
+MAX_ABS_WEIGHT = 1e4
+"""Largest LoRA weight magnitude served. Trained LoRA factors stay far below 1; factors of
+~1e10 are finite yet overflow the encoder's attention, and every score becomes NaN."""
+
 ENCODER_PREFIX = "image_encoder."
 WEIGHT_PREFIX = "base_model.model." + ENCODER_PREFIX
 
@@ -58,7 +62,8 @@ def check_adapter_files(sam: Sam, files: AdapterFiles, source: str) -> LoraConfi
 
     Checks, without changing ``sam``: a plain LoRA config (bias ``none``, no
     ``modules_to_save``, no parameter targets, no layer replication) whose targets exist and
-    all lie in the image encoder; weights under the image encoder, floating point and finite.
+    all lie in the image encoder; weights under the image encoder, floating point, finite and
+    at most :data:`MAX_ABS_WEIGHT` in magnitude.
     Shapes are checked once the slot exists (:func:`add_slot`).
     """
     config = files.config
@@ -89,6 +94,10 @@ def check_adapter_files(sam: Sam, files: AdapterFiles, source: str) -> LoraConfi
     for key, value in files.weights.items():
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise AdapterRejectedError(f"{source}: {key} has non-finite or non-float values")
+        if value.numel() and value.abs().max().item() > MAX_ABS_WEIGHT:
+            raise AdapterRejectedError(f"{source}: {key} has values of magnitude "
+                                       f"{value.abs().max().item():.3g}, above {MAX_ABS_WEIGHT:g}"
+                                       " (the model's arithmetic would overflow)")
     return config
 
 

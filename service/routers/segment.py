@@ -4,6 +4,7 @@ them (in the body and the ``X-Regcl-Adapter-Version`` header)."""
 from __future__ import annotations
 
 import base64
+import logging
 
 import numpy as np
 from fastapi import APIRouter, Depends, Response
@@ -12,7 +13,7 @@ from service.deps import RuntimeDep, require_segment_access
 from service.engine import BASE, LIVE, SegmentResult
 from service.errors import PromptShapeError, UnknownAdapterError
 from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle
-from service.problems import problem_responses
+from service.problems import ProblemError, problem_responses
 from service.routers.images import store_image
 from service.runtime import Runtime
 from service.schemas.segment import RLE, MaskResult, SegmentRequest, SegmentResponse
@@ -22,6 +23,7 @@ router = APIRouter(prefix="/v1/segment", tags=["segment"],
                    dependencies=[Depends(require_segment_access)])
 
 VERSION_HEADER = "X-Regcl-Adapter-Version"
+logger = logging.getLogger(__name__)
 
 
 def _mask_input(runtime: Runtime, text: str | None) -> np.ndarray | None:
@@ -79,6 +81,9 @@ def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> Se
     else:
         image_id = body.image_id or ""
     result = _segment(runtime, body, image_id, _mask_input(runtime, body.mask_input))
+    if not np.isfinite(result.scores).all():  # never answer NaN scores as null (schema: float)
+        logger.error("non-finite scores from %s", result.adapter_version)
+        raise ProblemError("internal-error")
     kind = body.adapter if body.adapter in (BASE, LIVE) else "domain"
     runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
     response.headers[VERSION_HEADER] = result.adapter_version

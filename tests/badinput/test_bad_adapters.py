@@ -159,6 +159,8 @@ CASES = {
                    {}, 422, "adapter-rejected"),
     "inf-weight": ({"adapter_model": (MODEL, lambda d: _with_weight(d, _set("lora_B", _inf)))},
                    {}, 422, "adapter-rejected"),
+    "huge-weight": ({"adapter_model": (MODEL, lambda d: _with_weight(
+        d, _set("lora_B", lambda t: t * 1e10)))}, {}, 422, "adapter-rejected"),
     "integer-weight": ({"adapter_model": (MODEL, lambda d: _with_weight(
         d, _set("lora_A", lambda t: t.to(torch.int32))))}, {}, 422, "adapter-rejected"),
     "absurd-size": ({"adapter_model": (MODEL, b"\0" * (MAX_UPLOAD_BYTES + 1))}, {}, 413,

@@ -45,6 +45,7 @@ PROMPTS = {
                  E.TooManyPointsError),
     "mask-shape": ({"mask_input": np.zeros((32, 32))}, E.PromptShapeError),
     "mask-nan": ({"mask_input": np.full(SIDE, np.nan)}, E.NonFiniteValueError),
+    "mask-huge": ({"mask_input": np.full(SIDE, -1e7)}, E.ValueOutOfRangeError),
 }
 
 

@@ -59,6 +59,8 @@ BAD_PROMPTS = {
     "label-half": ({"points": P, "labels": [0.5]}, "invalid-label"),
     "box-x1-lt-x0": ({"box": [60.0, 10.0, 20.0, 50.0]}, "invalid-box"),
     "box-y1-lt-y0": ({"box": [10.0, 60.0, 50.0, 20.0]}, "invalid-box"),
+    "mask-input-huge": ({"mask_input": _mask_input(np.full((MASK_SIDE, MASK_SIDE), 3e38))},
+                        "value-out-of-range"),
     "mask-input-size": ({"mask_input": base64.b64encode(b"\0" * 64).decode()}, "prompt-shape"),
     "mask-input-too-big": ({"mask_input": _mask_input(np.zeros((128, 128)))},
                            "payload-too-large"),
