@@ -531,6 +531,7 @@ def run_serve_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
                 report["server_env"] = env
                 report["service"] = http_benchmark(config, stack.url, stack.admin_key,
                                                    stack.versions, size, baseline)
+            report["service"]["server_swap_log"] = stack.swap_log
         report["baseline"] = baseline.pooled()
     report["elapsed_s"] = round(time.time() - started, 1)
     return report

@@ -18,7 +18,7 @@ from regcl.errors import AdapterError, RegclError
 from regcl.models import build_sam, model_fingerprint
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 from service.cache import ByteLRU, EmbeddingCache, EncodedImage
-from service.engine import SegmentationEngine
+from service.engine import SegmentationEngine, ServingOptions
 from service.errors import (
     AdapterRejectedError,
     EmptyPromptError,
@@ -66,6 +66,8 @@ def adapters(tmp_path_factory) -> list[AdapterFiles]:
 
 @pytest.fixture
 def engine() -> SegmentationEngine:
+    """The CPU default: segment-anything's own attention in float32, bit-exact SamPredictor
+    parity (SDPA is within tolerance: test_sdpa_engine_is_close_to_sam_predictor)."""
     return SegmentationEngine(build_sam("tiny"), cache_bytes=64 * EMBEDDING_BYTES)
 
 
@@ -109,6 +111,22 @@ def test_base_equals_sam_predictor(engine, reference, name):
     _assert_same(result, _predict(reference, prompt))
     assert result.masks.shape[1:] == image.shape[:2]
     assert result.masks.shape[0] == (3 if prompt["multimask"] else 1)
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_sdpa_engine_is_close_to_sam_predictor(reference, name):
+    engine = SegmentationEngine(build_sam("tiny"), cache_bytes=64 * EMBEDDING_BYTES,
+                                options=ServingOptions(sdpa=True))
+    assert engine.options.sdpa
+    image = make_image(0)
+    reference.set_image(image)
+    prompt = PROMPTS[name]
+    result = engine.segment(engine.register_image(image), adapter="base", **prompt)
+    masks, scores, low_res = _predict(reference, prompt)
+    np.testing.assert_allclose(result.low_res_logits, low_res, atol=1e-3)
+    np.testing.assert_allclose(result.scores, scores, atol=1e-4)
+    assert (result.masks != masks).mean() <= 1e-4
+    engine.close()
 
 
 def test_mask_input_round_trip_equals_sam_predictor(engine, reference):

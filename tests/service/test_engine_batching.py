@@ -121,10 +121,11 @@ def test_segment_many_equals_one_call_per_prompt():
     engine.close()
 
 
-def test_options_pick_exact_cpu_defaults_and_refuse_missing_cuda():
+def test_options_pick_cpu_defaults_and_refuse_missing_cuda():
     options = ServingOptions().resolved()
-    assert options.dtype == torch.float32 and options.sdpa is False
-    assert ServingOptions(dtype=torch.bfloat16, sdpa=True).resolved().sdpa is True
+    assert options.dtype == torch.float32 and options.sdpa is False  # exact parity
+    assert options.max_wait_ms == 0.0
+    assert ServingOptions(sdpa=True).resolved().sdpa is True
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             ServingOptions(device="cuda").resolved()
