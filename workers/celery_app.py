@@ -18,16 +18,24 @@ Job and retry policy
       job too (type and message recorded, traceback logged): no automatic retry either.
     - ``task_acks_late`` + ``worker_prefetch_multiplier=1``: a job is acknowledged when it
       *ends*, so a worker that dies mid-job (OOM kill, host loss, cold shutdown) does not lose
-      it: Redis redelivers it (at once when the worker's connection closes cleanly, else after
-      ``job_visibility_timeout_s``), and the next worker starts it again from scratch.
+      it. The running worker holds the job's lease and renews it (``job_lease_s``); once a
+      dead worker's lease lapses, the reaper (:mod:`workers.reaper`, a thread in every worker)
+      drops its unacknowledged message and sends the job again, and the next worker starts it
+      from scratch - within seconds, not after ``job_visibility_timeout_s`` (the broker's own
+      redelivery, still there as a backstop). A warm shutdown requeues its job at once.
       ``task_reject_on_worker_lost`` stays off: a job is not requeued by Celery on top of that.
+    - A delivery of a job whose lease is alive (a duplicate message) is skipped, so a job
+      never runs on two workers at once.
     - Each start increments the job's ``attempts`` (``JobStore.mark_running``). A job started
       more than :data:`MAX_ATTEMPTS` times is failed with ``WorkerLost`` instead of run, so a job
       that kills its worker (e.g. out of memory) cannot loop through the queue forever.
     - A redelivered job that already finished (its ack was lost) or was cancelled while queued
       is skipped: ``mark_running`` refuses it.
-    - ``job_visibility_timeout_s`` MUST exceed the longest job, or Redis hands a still-running
-      job to a second worker (which would count as a second attempt).
+    - A queued job whose message Redis lost (in no queue after ``queued_grace_s``) is sent
+      again by the reaper; one whose worker died on every allowed start fails as
+      ``WorkerLost``. No job stays queued or running forever.
+    - ``job_visibility_timeout_s`` should still exceed the longest job: past it the broker
+      redelivers a running job's message (the lease then makes the worker skip it).
 
 Queues: training, evaluation and statistics need the model and (ideally) a GPU and go to
 :data:`GPU_QUEUE`; merges are light and go to :data:`MERGE_QUEUE`, so that a deployment can give

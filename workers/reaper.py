@@ -74,7 +74,7 @@ def broker_messages(client: redis.Redis) -> tuple[set[str], dict[str, list[str]]
     waiting: set[str] = set()
     for queue in ALL_QUEUES:
         base = f"{keys.CELERY_KEY_PREFIX}{queue}"
-        for key in [base, *client.keys(f"{base}{_PRIORITY_SEP}*")]:
+        for key in [base, *client.scan_iter(match=f"{base}{_PRIORITY_SEP}*", count=1000)]:
             waiting.update(i for i in map(_message_id, client.lrange(key, 0, -1)) if i)
     unacked: dict[str, list[str]] = {}
     for tag, raw in client.hgetall(_UNACKED).items():
