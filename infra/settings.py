@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     serve_attention: Literal["auto", "sdpa", "original"] = Field(
         default="auto", description="Image-encoder attention: scaled_dot_product_attention or "
         "segment-anything's own (bit-exact SamPredictor parity in float32); auto: sdpa on "
-        "CUDA, original on the CPU (sdpa is faster there too, within 1e-4 of SamPredictor).",
+        "CUDA, original on the CPU (sdpa: within 1e-4 of SamPredictor, as fast or faster).",
     )
     serve_compile: bool = Field(
         default=False, description="torch.compile the image encoder (survives hot swaps).",

@@ -9,18 +9,19 @@ batch runs, so batches form without waiting; an idle engine pays at most ``max_w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from regcl.errors import ConfigError
 
-__all__ = ["BatchStats", "Batcher", "Pending"]
+__all__ = ["BatchStats", "Batcher", "Pending", "WriterFirstLock"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +134,41 @@ class Batcher(Generic[T]):
             for pending in batch:  # a run_batch that forgot one must not hang its caller
                 if not pending.future.done():
                     pending.future.set_exception(RuntimeError("batch item left unsettled"))
+
+
+class WriterFirstLock:
+    """A mutex whose ``with lock:`` holders (adapter changes) go before the next
+    :meth:`after_writers` holder (the batcher's next batch).
+
+    A plain lock is unfair: under steady load the batcher thread releases it and takes it
+    again at once for the next batch, so a hot swap could wait for a pause in the traffic.
+    Here a batch waits while any writer is waiting, so a swap waits for one batch at most.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._writers = 0
+
+    def __enter__(self) -> WriterFirstLock:
+        with self._changed:
+            self._writers += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._changed:
+                self._writers -= 1
+                self._changed.notify_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def after_writers(self) -> Iterator[None]:
+        """Hold the lock once no writer is waiting for it."""
+        with self._changed:
+            while self._writers:
+                self._changed.wait()
+        with self._lock:
+            yield

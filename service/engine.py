@@ -13,9 +13,13 @@ Threading model
       encoder forward per adapter among them.
     - LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` refuses
       anything else before the model is touched), so the prompt encoder and mask decoder are
-      the same for every adapter: decoding runs without the lock, concurrently, each request
-      with its own ``SamPredictor`` whose image state comes from a cached
-      :class:`~service.cache.EncodedImage`. A predictor is never shared between requests.
+      the same for every adapter: decoding runs without the lock, on a second batcher thread
+      (``regcl-decoder``): the prompts queued meanwhile that share a form decode in one
+      mask-decoder call, each row with its own cached :class:`~service.cache.EncodedImage`
+      (:func:`regcl.models.predict_masks_batched`); a prompt alone decodes through a fresh
+      ``SamPredictor``, exactly as segment-anything does.
+    - Adapter changes take the model lock before the encoder's next batch
+      (:class:`~service.batching.WriterFirstLock`), so a swap waits one batch at most.
     - ``_registry_lock`` guards the live pointer and the domain table for a moment at a time;
       when both are taken the model lock comes first.
     - The caches lock themselves.
@@ -52,9 +56,9 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, unwrap
 from regcl.data.images import DEFAULT_MAX_PIXELS, decode_image_bytes
 from regcl.errors import ConfigError
-from regcl.models import model_fingerprint
+from regcl.models import model_fingerprint, predict_masks_batched
 from regcl.models.serving import ServingEncoder, lora_deltas
-from service.batching import Batcher, BatchStats, Pending
+from service.batching import Batcher, BatchStats, Pending, WriterFirstLock
 from service.cache import ByteLRU, CacheStats, EmbeddingCache, EncodedImage
 from service.errors import (
     AdapterRejectedError,
@@ -138,14 +142,23 @@ class _EncodeJob:
 
 
 @dataclass(frozen=True)
+class _DecodeJob:
+    encoded: EncodedImage
+    prompt: Prompt
+    multimask: bool
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
 class ServingOptions:
     """How the engine runs its encoder (see :class:`~regcl.models.serving.ServingEncoder`).
 
     device: ``cpu``, ``cuda``, ``cuda:1``... dtype: None picks bfloat16 on CUDA, float32 on
     the CPU. sdpa: None picks SDPA attention on CUDA and segment-anything's own on the CPU
     (with float32: bit-exact SamPredictor parity, which the API tests hold the service to).
-    On the CPU ``sdpa=True`` is the faster choice (tiny encoder 1.6x at one thread, masks
-    within 1e-4 of SamPredictor's; ``REGCL_SERVE_ATTENTION=sdpa``).
+    On the CPU ``sdpa=True`` (``REGCL_SERVE_ATTENTION=sdpa``) was as fast or faster for the
+    tiny encoder in our runs, with masks within 1e-4 of SamPredictor's.
+    max_decode_batch: most prompts in one mask-decoder call.
     compile: ``torch.compile`` the encoder. max_batch / max_wait_ms: dynamic batching of
     encodes; max_wait_ms None picks 0 on the CPU (the encoder is the bottleneck: requests
     queue up while a batch runs, so batches form without waiting) and 2 ms on CUDA. threads:
@@ -160,6 +173,7 @@ class ServingOptions:
     max_batch: int = 8
     max_wait_ms: float | None = None
     threads: int = 0
+    max_decode_batch: int = 32
 
     def resolved(self) -> ServingOptions:
         """Options with the automatic choices made (a device that exists is required)."""
@@ -171,12 +185,13 @@ class ServingOptions:
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
         gpu = device.type == "cuda"
         wait = (2.0 if gpu else 0.0) if self.max_wait_ms is None else self.max_wait_ms
-        if self.max_batch < 1 or wait < 0 or self.threads < 0:
-            raise ConfigError("need max_batch >= 1, max_wait_ms >= 0 and threads >= 0")
+        if self.max_batch < 1 or wait < 0 or self.threads < 0 or self.max_decode_batch < 1:
+            raise ConfigError("need max_batch >= 1, max_wait_ms >= 0, threads >= 0 and "
+                              "max_decode_batch >= 1")
         dtype = self.dtype or (torch.bfloat16 if gpu else torch.float32)
         sdpa = gpu if self.sdpa is None else self.sdpa
         return ServingOptions(str(device), dtype, sdpa, self.compile, self.max_batch, wait,
-                              self.threads)
+                              self.threads, self.max_decode_batch)
 
 
 def image_id_of(image: np.ndarray) -> str:
@@ -231,7 +246,7 @@ class SegmentationEngine:
         self.max_points = max_points
         self._cache = EmbeddingCache(cache_bytes)
         self._images: ByteLRU[str, np.ndarray] = ByteLRU(image_store_bytes)
-        self._model_lock = threading.Lock()
+        self._model_lock = WriterFirstLock()  # adapter changes before the next batch
         self._registry_lock = threading.Lock()
         self._live: AdapterSlot | None = None
         self._domains: OrderedDict[str, AdapterSlot] = OrderedDict()
@@ -244,10 +259,15 @@ class SegmentationEngine:
         self._batcher: Batcher[_EncodeJob] = Batcher(
             self._run_encode_batch, max_batch=self.options.max_batch,
             max_wait_s=(self.options.max_wait_ms or 0.0) / 1000, name="regcl-encoder")
+        # Decodes never wait for company: whatever queued while one batch ran is the next.
+        self._decoder: Batcher[_DecodeJob] = Batcher(
+            self._run_decode_batch, max_batch=self.options.max_decode_batch, max_wait_s=0.0,
+            name="regcl-decoder")
 
     def close(self) -> None:
-        """Stop the encoder's batching thread (after the encodes already queued)."""
+        """Stop the batching threads (after the work already queued)."""
         self._batcher.close()
+        self._decoder.close()
 
     # ----------------------------------------------------------------------------- images
     def register_image(self, image: np.ndarray) -> str:
@@ -400,7 +420,7 @@ class SegmentationEngine:
     def _run_encode_batch(self, batch: list[Pending[_EncodeJob]]) -> None:
         """The batcher thread: one encoder forward per adapter among ``batch`` (each image
         once), under the model lock; settles every future with (embedding, cache_hit)."""
-        with self._model_lock:
+        with self._model_lock.after_writers():
             groups: dict[str, tuple[AdapterSlot | None, dict[str, list[Pending]]]] = {}
             for pending in batch:
                 job = pending.item
@@ -475,6 +495,69 @@ class SegmentationEngine:
     def _decode(self, encoded: EncodedImage, prompt: Prompt, multimask: bool,
                 cache_hit: bool) -> SegmentResult:
         check_bounds(prompt, encoded.original_size)
+        return self._decoder.run(_DecodeJob(encoded, prompt, bool(multimask), cache_hit))
+
+    def _run_decode_batch(self, batch: list[Pending[_DecodeJob]]) -> None:
+        """The decoder thread: prompts of the same form (point count, box, mask input,
+        multimask) from concurrent requests decode together in one mask-decoder call, each
+        row with its own image embedding; a prompt alone decodes as SamPredictor does."""
+        groups: dict[tuple, list[Pending[_DecodeJob]]] = {}
+        for pending in batch:
+            prompt, job = pending.item.prompt, pending.item
+            form = (None if prompt.point_coords is None else len(prompt.point_coords),
+                    prompt.box is not None, prompt.mask_input is not None, job.multimask)
+            groups.setdefault(form, []).append(pending)
+        for pendings in groups.values():
+            try:
+                if len(pendings) == 1:
+                    job = pendings[0].item
+                    results = [self._decode_one(job.encoded, job.prompt, job.multimask,
+                                                job.cache_hit)]
+                else:
+                    results = self._decode_rows([p.item for p in pendings])
+            except Exception as exc:
+                for pending in pendings:
+                    pending.future.set_exception(exc)
+                continue
+            for pending, result in zip(pendings, results, strict=True):
+                pending.future.set_result(result)
+
+    @torch.no_grad()
+    def _decode_rows(self, jobs: list[_DecodeJob]) -> list[SegmentResult]:
+        """Prompts of one form on (possibly) different images: one decoder call
+        (:func:`regcl.models.predict_masks_batched`), then each mask back to its image's
+        size as ``SamPredictor.predict`` does."""
+        sam, device = self._sam, self._sam.device
+        first = jobs[0].prompt
+        coords = labels = boxes = masks_in = None
+        if first.point_coords is not None:
+            coords = torch.as_tensor(np.stack([self._transform.apply_coords(
+                j.prompt.point_coords, j.encoded.original_size) for j in jobs]),
+                dtype=torch.float, device=device)
+            labels = torch.as_tensor(np.stack([j.prompt.point_labels for j in jobs]),
+                                     dtype=torch.int, device=device)
+        if first.box is not None:
+            boxes = torch.as_tensor(np.stack([self._transform.apply_boxes(
+                j.prompt.box, j.encoded.original_size)[0] for j in jobs]),
+                dtype=torch.float, device=device)
+        if first.mask_input is not None:
+            masks_in = torch.as_tensor(np.stack([j.prompt.mask_input for j in jobs]),
+                                       dtype=torch.float, device=device)
+        features = torch.cat([j.encoded.features for j in jobs])
+        low_res, iou = predict_masks_batched(sam, features, coords, labels, boxes, masks_in,
+                                             multimask_output=jobs[0].multimask)
+        results = []
+        for row, job in enumerate(jobs):
+            masks = sam.postprocess_masks(low_res[row : row + 1], job.encoded.input_size,
+                                          job.encoded.original_size) > sam.mask_threshold
+            results.append(SegmentResult(
+                masks[0].cpu().numpy(), iou[row].float().cpu().numpy(),
+                low_res[row].float().cpu().numpy(), job.encoded.adapter_version,
+                job.encoded.image_id, job.cache_hit))
+        return results
+
+    def _decode_one(self, encoded: EncodedImage, prompt: Prompt, multimask: bool,
+                    cache_hit: bool) -> SegmentResult:
         predictor = self._predictor(encoded)
         masks, scores, low_res = predictor.predict(
             point_coords=prompt.point_coords, point_labels=prompt.point_labels, box=prompt.box,

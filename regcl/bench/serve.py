@@ -16,9 +16,10 @@ Sections (each figure is measured in this run, on this machine):
 - **lora_overhead**: new-image throughput with ``adapter=base`` against ``adapter=live`` over
   HTTP (interleaved, twice each), and in-process the encoder with the adapter folded into the
   weights (what the service runs) against PEFT's unmerged LoRA forward and the base.
-- **hot_swap**: under new-image load, the time from an activation (``POST
-  /v1/versions/{n}/activate``) to the first response naming the new version, and how many
-  requests failed meanwhile.
+- **hot_swap**: under image load (inline images, a pool of ``requests`` distinct ones
+  cycled, so the same version hits the cache on a repeat but a new version never does), the
+  time from an activation (``POST /v1/versions/{n}/activate``) to the first response naming
+  the new version, and how many requests failed meanwhile.
 - **training**: domain-adapter training throughput (images/s) with regcl's recipe.
 
 The service is the real stack (:mod:`regcl.bench.serve_stack`) unless ``--url`` names a
@@ -464,7 +465,7 @@ def _hot_swap(config: ServeBenchConfig, client: _Client, phase, index: int, url:
             time.sleep(config.swap_interval_s)
         return done
 
-    result = client.run(phase("hot-swap", mode="new", concurrency=c, requests=64,
+    result = client.run(phase("hot-swap", mode="new", concurrency=c, requests=config.requests,
                               first_index=index, duration_s=duration), during=activations)
     records = result["records"]
     swaps = []
@@ -581,9 +582,9 @@ def serve_markdown(report: dict[str, Any]) -> str:
     swap = service.get("hot_swap")
     if swap:
         lat = ", ".join(f"{s['latency_ms']}" for s in swap["swaps"])
-        lines.append(f"Hot swap under load ({swap['concurrency']} clients): activation → first "
-                     f"response on the new version {lat} ms; {swap['failed']} failed of "
-                     f"{swap['requests']} requests")
+        lines.append(f"Hot swap under load ({swap['concurrency']} clients, inline images): "
+                     f"activation → first response on the new version {lat} ms; "
+                     f"{swap['failed']} failed of {swap['requests']} requests")
     train = report.get("training")
     if train:
         lines.append(f"Adapter training: {train['img_per_s']} img/s ({train['images']} "

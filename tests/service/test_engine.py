@@ -365,8 +365,9 @@ def test_concurrent_segments_during_repeated_swaps(engine, adapters):
     assert len(labels) >= 2  # swaps really happened while requests ran
     for result in results:  # each result was made by exactly the version it reports
         version = int(result.adapter_version.split(":")[1])
+        # 1e-4: concurrent requests' encodes and decodes may be batched (float rounding)
         np.testing.assert_allclose(result.low_res_logits,
-                                   expected[result.image_id, (version - 1) % 3], atol=1e-5)
+                                   expected[result.image_id, (version - 1) % 3], atol=1e-4)
     live_keys = {slot.key for slot in engine.adapters()}
     assert {key[1] for key in engine.cache.lru_keys()} <= live_keys | {"base"}
 
