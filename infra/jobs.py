@@ -52,9 +52,21 @@ __all__ = ["JobError", "JobRecord", "JobState", "JobStore", "wait_for"]
 logger = logging.getLogger(__name__)
 
 # Renew a lease only while it is ours; release likewise (a lost lease is never taken back).
+# A lapsed lease is taken back only by the attempt it belonged to, and only while no later
+# attempt has started (the job is still running with that attempt number): after a Redis outage
+# longer than the lease, the worker that kept working resumes its lease, and a redelivery of the
+# job that the reaper may have sent meanwhile is refused as a duplicate.
 _RENEW_LEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if holder == false and ARGV[3] ~= '' then
+  local job = redis.call('hmget', KEYS[2], 'state', 'attempts')
+  if job[1] == 'running' and job[2] == ARGV[3] then
+    redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+  end
 end
 return 0
 """
@@ -277,11 +289,15 @@ class JobStore:
         return self._change(job_id, _ACTIVE, change, "running", watch=(lease_key,),
                             check=check, extra=take)
 
-    def renew_lease(self, job_id: str, token: str, lease_s: float) -> bool:
+    def renew_lease(self, job_id: str, token: str, lease_s: float,
+                    attempt: int | None = None) -> bool:
         """Extend the job's lease by ``lease_s`` if ``token`` still holds it; False if the lease
-        was lost (expired - the reaper may have requeued the job - or taken by another)."""
-        return bool(self._renew(keys=[keys.job_lease(_check_id(job_id))],
-                                args=[token, max(int(lease_s * 1000), 1)]))
+        was lost (taken by another, or expired). With ``attempt`` (the holder's attempt
+        number) an expired lease is taken back if the job is still running that attempt."""
+        key = _check_id(job_id)
+        return bool(self._renew(keys=[keys.job_lease(key), keys.job(key)],
+                                args=[token, max(int(lease_s * 1000), 1),
+                                      "" if attempt is None else str(attempt)]))
 
     def release_lease(self, job_id: str, token: str) -> None:
         """Drop the lease if ``token`` holds it (a job handed back to the queue)."""

@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import redis
 from celery import shared_task
 from celery.exceptions import Reject
 
@@ -55,6 +56,9 @@ __all__ = ["JobHandle", "job_task", "run_job"]
 logger = logging.getLogger(__name__)
 
 FAULT_PAUSE_ENV = "REGCL_FAULT_PAUSE"
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+FINISH_RETRY_S = 120.0
+"""How long a job that ended keeps trying to record its end while Redis is unreachable."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,14 +71,17 @@ class JobHandle:
     """
 
     def __init__(self, jobs: JobStore, record: JobRecord, *, min_interval_s: float = 1.0,
-                 cancel_poll_s: float = 0.5) -> None:
+                 cancel_poll_s: float = 0.5,
+                 lease_lost: Callable[[], bool] = lambda: False) -> None:
         self.jobs = jobs
         self.record = record
         self.id = record.id
         self.min_interval_s = min_interval_s
         self.cancel_poll_s = cancel_poll_s
+        self._lease_lost = lease_lost
         self._cancelled = record.cancel_requested
         self.interrupted = False  # set when should_stop said stop because the worker stops
+        self.superseded = False  # set when should_stop said stop because the lease was lost
         self._last_report = float("-inf")
         self._last_poll = time.monotonic()
 
@@ -86,8 +93,12 @@ class JobHandle:
         if not force and now - self._last_report < self.min_interval_s:
             return
         self._last_report = now
-        record = self.jobs.update_progress(self.id, min(max(float(fraction), 0.0), 1.0),
-                                           detail)
+        try:
+            record = self.jobs.update_progress(self.id, min(max(float(fraction), 0.0), 1.0),
+                                               detail)
+        except _REDIS_DOWN as exc:  # progress is best effort: a Redis restart must not fail
+            logger.warning("job %s: progress not recorded (%s)", self.id, exc)  # the job
+            return
         self._cancelled = self._cancelled or record.cancel_requested
         self._last_poll = now
 
@@ -104,13 +115,18 @@ class JobHandle:
         now = time.monotonic()
         if not self._cancelled and now - self._last_poll >= self.cancel_poll_s:
             self._last_poll = now
-            self._cancelled = self.jobs.cancel_requested(self.id)
+            try:
+                self._cancelled = self.jobs.cancel_requested(self.id)
+            except _REDIS_DOWN as exc:  # ask again at the next poll
+                logger.warning("job %s: cancel flag not read (%s)", self.id, exc)
         if not self._cancelled and _worker_shutting_down():
             self.interrupted = True
-        return self._cancelled or self.interrupted
+        if self._lease_lost():
+            self.superseded = True
+        return self._cancelled or self.interrupted or self.superseded
 
     def check_cancelled(self) -> None:
-        """Raise CancelledError if a cancel was requested."""
+        """Raise CancelledError if a cancel was requested (or the job must stop otherwise)."""
         if self.should_stop():
             raise CancelledError(f"job {self.id} cancelled on request")
 
@@ -170,10 +186,10 @@ def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
         _finish(jobs.mark_cancelled, job_id)
         return
     logger.info("job %s (%s) started, attempt %d", job_id, record.kind, record.attempts)
-    heartbeat = Heartbeat(lambda: jobs.renew_lease(job_id, token, lease_s), lease_s / 3.0,
-                          f"the lease of job {job_id}").start()
+    heartbeat = Heartbeat(lambda: jobs.renew_lease(job_id, token, lease_s, record.attempts),
+                          lease_s / 3.0, f"the lease of job {job_id}").start()
     try:
-        _run_body(jobs, JobHandle(jobs, record), body, token)
+        _run_body(jobs, JobHandle(jobs, record, lease_lost=heartbeat.lost.is_set), body, token)
     finally:
         heartbeat.stop()
 
@@ -184,11 +200,18 @@ def _run_body(jobs: JobStore, job: JobHandle, body: Callable[[JobHandle], Any],
     try:
         result = body(job)
     except CancelledError:
+        if job.superseded:
+            logger.warning("job %s lost its lease (a later attempt owns it); stopped without "
+                           "recording anything", job_id)
+            return
         if job.interrupted:
             logger.warning("job %s interrupted by the worker's shutdown; requeued", job_id)
-            jobs.update_progress(job_id, 0.0, {"phase": "requeued",
-                                               "reason": "its worker shut down"})
-            jobs.release_lease(job_id, token)  # else the requeued message would be refused
+            try:
+                jobs.update_progress(job_id, 0.0, {"phase": "requeued",
+                                                   "reason": "its worker shut down"})
+                jobs.release_lease(job_id, token)  # else the requeued message is refused
+            except _REDIS_DOWN:  # the lease then lapses; the reaper leaves a queued job be
+                logger.warning("job %s: could not record the requeue", job_id)
             raise Reject("worker shutting down", requeue=True) from None
         logger.info("job %s cancelled", job_id)
         _finish(jobs.mark_cancelled, job_id)
@@ -204,11 +227,23 @@ def _run_body(jobs: JobStore, job: JobHandle, body: Callable[[JobHandle], Any],
 
 
 def _finish(change: Callable[..., JobRecord], job_id: str, *args: Any) -> None:
-    """Write the job's terminal state; log (do not raise) if that is no longer possible."""
-    try:
-        change(job_id, *args)
-    except (InvalidTransition, NotFound) as exc:
-        logger.warning("job %s: could not record its end: %s", job_id, exc)
+    """Write the job's terminal state, retrying while Redis is unreachable (for up to
+    :data:`FINISH_RETRY_S`); log (do not raise) if that is no longer possible."""
+    deadline, delay = time.monotonic() + FINISH_RETRY_S, 0.25
+    while True:
+        try:
+            change(job_id, *args)
+            return
+        except (InvalidTransition, NotFound) as exc:
+            logger.warning("job %s: could not record its end: %s", job_id, exc)
+            return
+        except _REDIS_DOWN as exc:
+            if time.monotonic() > deadline:
+                raise
+            logger.warning("job %s: Redis unreachable while recording its end (%s); "
+                           "retrying", job_id, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def job_task(name: str) -> Callable[[F], Any]:

@@ -265,3 +265,18 @@ def test_releasing_a_lease_lets_the_requeued_delivery_run(redis_client: redis.Re
     assert jobs.has_lease(job_id)
     jobs.release_lease(job_id, "a")  # a warm shutdown hands the job back
     assert jobs.mark_running(job_id, lease_s=30, token="b").attempts == 2
+
+
+def test_a_lapsed_lease_is_taken_back_only_by_its_own_attempt(redis_client: redis.Redis) -> None:
+    jobs = JobStore(redis_client)
+    job_id = jobs.create("train")
+    jobs.mark_running(job_id, lease_s=0.3, token="first")
+    time.sleep(0.5)  # e.g. Redis was away for longer than the lease
+    assert not jobs.renew_lease(job_id, "first", 5, attempt=2)  # not its attempt
+    assert jobs.renew_lease(job_id, "first", 5, attempt=1)  # still running attempt 1
+    with pytest.raises(InvalidTransition):  # the reaper's copy of the job is a duplicate now
+        jobs.mark_running(job_id, lease_s=5, token="second")
+    redis_client.delete(keys.job_lease(job_id))
+    jobs.mark_running(job_id, lease_s=5, token="second")  # a later attempt started
+    redis_client.delete(keys.job_lease(job_id))
+    assert not jobs.renew_lease(job_id, "first", 5, attempt=1)

@@ -15,7 +15,7 @@ from infra import keys
 from infra.jobs import JobState
 from tests.reliability.support import Rig, poll, redis_keys, say
 from tests.service.api_support import ADMIN_KEY, make_adapter, make_image, png_bytes
-from workers.submit import submit_evaluate, submit_merge
+from workers.submit import submit_evaluate, submit_merge, submit_train
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +101,31 @@ def test_redis_crash_and_restart_loses_nothing_and_everyone_reconnects(rig: Rig)
         f"outage: {during}; API answering {api_s:.2f} s after the restart; a job submitted "
         f"through the API done {job_s:.1f} s after the restart; next merge made v2 from v1's "
         f"state and the API swapped to it {swap_s:.1f} s after activation")
+
+
+def test_redis_crash_while_a_job_runs_the_job_ends_once(rig: Rig) -> None:
+    """Redis dies while a worker trains: the job still ends exactly once (finished by its
+    worker, or rerun by policy), with one adapter and no message left."""
+    rig.add_dataset("polyp")
+    rig.start_workers("w1", "w2")
+    job = submit_train(rig.celery, rig.jobs, dataset="polyp", domain="polyp",
+                       params={"epochs": 60, "rank": 4, "batch_size": 4})
+    poll(lambda: rig.jobs.get(job.id).detail.get("step", 0) >= 1, "training",
+         on_timeout=rig.log_tails)
+    time.sleep(1.5)
+    rig.crash_redis()
+    time.sleep(2.0)
+    rig.start_redis()
+    restarted_at = time.monotonic()
+    done = rig.wait(job)
+    assert done.state is JobState.SUCCEEDED, (done.error, rig.log_tails())
+    assert done.attempts <= 2
+    assert [a.name for a in rig.registry.list_adapters()] == ["polyp"]
+    assert rig.registry.get_adapter("polyp").metadata["job_id"] == job.id
+    time.sleep(5.0)  # a few reaper rounds: nothing moves any more
+    assert rig.jobs.get(job.id).attempts == done.attempts
+    assert rig.messages_of(job.id) == 0 and rig.jobs.active() == []
+    rig.check_store()
+    say(f"redis SIGKILLed for 2 s while a job trained: job succeeded "
+        f"{time.monotonic() - restarted_at - 5:.1f} s after the restart with "
+        f"{done.attempts} attempt(s); adapters 1; messages left 0")
