@@ -86,7 +86,7 @@ def _read_upload(directory: Path) -> AdapterFiles:
 
 
 @router.post("", response_model=AdapterUploadResponse, status_code=201,
-             responses=problem_responses(401, 403, 409, 413, 422))
+             responses=problem_responses(400, 401, 403, 409, 413, 422))
 def upload_adapter(
     _: AdminKey,
     runtime: RuntimeDep,

@@ -39,7 +39,7 @@ real datasets stay near 1)."""
 
 
 @router.post("", response_model=DatasetUploadResponse, status_code=201,
-             responses=problem_responses(401, 403, 409, 413, 422))
+             responses=problem_responses(400, 401, 403, 409, 413, 422))
 def upload_dataset(
     _: AdminKey,
     runtime: RuntimeDep,

@@ -48,7 +48,7 @@ def store_image(runtime: Runtime, data: bytes) -> ImageUploadResponse:
 
 @router.post("", response_model=ImageUploadResponse, status_code=201,
              openapi_extra=_UPLOAD_BODY,
-             responses=problem_responses(401, 413, 415, 422))
+             responses=problem_responses(400, 401, 413, 415, 422))
 async def upload_image(request: Request, runtime: RuntimeDep) -> ImageUploadResponse:
     """Upload an image as multipart (``file``) or JSON (``{"image_base64": ...}``); returns
     its id and size. Segment it with ``POST /v1/segment``."""

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 SSE_HEARTBEAT_S = 15.0
 SSE_RESYNC_S = 5.0
 _REGCL_METHODS = ("regcl", "regcl_product")
-_SUBMIT = problem_responses(401, 403, 404, 422, 503)
+_SUBMIT = problem_responses(400, 401, 403, 404, 409, 422, 503)
 
 
 def _submit() -> Any:

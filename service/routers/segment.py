@@ -69,7 +69,7 @@ def _mask_result(result: SegmentResult, index: int, body: SegmentRequest) -> Mas
 
 
 @router.post("", response_model=SegmentResponse,
-             responses=problem_responses(401, 404, 413, 422, 503))
+             responses=problem_responses(400, 401, 404, 413, 422, 503))
 def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> SegmentResponse:
     """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
     a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
