@@ -52,6 +52,7 @@ def test_bench_serve_quick_smoke(tmp_path):
         assert report["baseline"][kind]["throughput"] > 0
     swap = service["hot_swap"]
     assert swap["failed"] == 0 and all(s["latency_ms"] is not None for s in swap["swaps"])
+    assert swap["server"]["swap_seconds_mean_ms"] is not None
     assert service["lora_overhead"]["live_req_s"] > 0
     assert report["lora_encoder"]["folded_vs_base"] > 0
     assert report["training"]["img_per_s"] > 0

@@ -365,6 +365,19 @@ def _upload_images(url: str, size: int, count: int, first: int) -> list[str]:
     return ids
 
 
+def _swap_metrics(url: str) -> dict[str, float]:
+    """The API's swap histograms' ``_sum`` and ``_count`` (Prometheus text at /metrics)."""
+    import httpx
+
+    values: dict[str, float] = {}
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith("regcl_adapter_swap") and name.endswith(("_sum", "_count")):
+                values[name] = float(value)
+    return values
+
+
 def _activate(url: str, key: str, version: int) -> float:
     import httpx
 
@@ -465,8 +478,10 @@ def _hot_swap(config: ServeBenchConfig, client: _Client, phase, index: int, url:
             time.sleep(config.swap_interval_s)
         return done
 
+    before = _swap_metrics(url)
     result = client.run(phase("hot-swap", mode="new", concurrency=c, requests=config.requests,
                               first_index=index, duration_s=duration), during=activations)
+    after = _swap_metrics(url)
     records = result["records"]
     swaps = []
     for at, version in result["during"]:
@@ -477,7 +492,14 @@ def _hot_swap(config: ServeBenchConfig, client: _Client, phase, index: int, url:
                       "latency_ms": round((min(seen) - at) * 1000, 1) if seen else None})
     latencies = [s["latency_ms"] for s in swaps if s["latency_ms"] is not None]
     summary = summarise(records)
-    return {"concurrency": c, "swaps": swaps, "requests": summary["requests"],
+    server = {}
+    for name in ("regcl_adapter_swap_seconds", "regcl_adapter_swap_paused_seconds"):
+        count = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
+        total = after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)
+        server[name.removeprefix("regcl_adapter_") + "_mean_ms"] = \
+            round(total / count * 1000, 1) if count else None
+    return {"concurrency": c, "swaps": swaps, "server": server,
+            "requests": summary["requests"],
             "failed": summary["failed"], "throughput": summary.get("throughput"),
             "max_latency_ms": max(latencies) if latencies else None,
             "median_latency_ms": float(np.median(latencies)) if latencies else None}
@@ -532,7 +554,6 @@ def run_serve_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
                 report["server_env"] = env
                 report["service"] = http_benchmark(config, stack.url, stack.admin_key,
                                                    stack.versions, size, baseline)
-            report["service"]["server_swap_log"] = stack.swap_log
         report["baseline"] = baseline.pooled()
     report["elapsed_s"] = round(time.time() - started, 1)
     return report
@@ -582,9 +603,12 @@ def serve_markdown(report: dict[str, Any]) -> str:
     swap = service.get("hot_swap")
     if swap:
         lat = ", ".join(f"{s['latency_ms']}" for s in swap["swaps"])
+        server = swap.get("server", {})
         lines.append(f"Hot swap under load ({swap['concurrency']} clients, inline images): "
                      f"activation → first response on the new version {lat} ms; "
-                     f"{swap['failed']} failed of {swap['requests']} requests")
+                     f"{swap['failed']} failed of {swap['requests']} requests; in the API "
+                     f"a swap took {server.get('swap_seconds_mean_ms')} ms (fetch, checks, "
+                     f"load), encoding paused {server.get('swap_paused_seconds_mean_ms')} ms")
     train = report.get("training")
     if train:
         lines.append(f"Adapter training: {train['img_per_s']} img/s ({train['images']} "

@@ -38,7 +38,6 @@ class Stack:
     versions: list[int] = field(default_factory=list)
     log_file: Path | None = None
     pid: int | None = None
-    swap_log: list[str] = field(default_factory=list)  # the API's swap lines, at the end
 
 
 def free_port() -> int:
@@ -132,7 +131,3 @@ def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            with contextlib.suppress(OSError):
-                stack.swap_log = [line.strip() for line in log_file.read_text(
-                    errors="replace").splitlines() if "live adapter v" in line
-                    or "serving live version" in line]
