@@ -8,14 +8,15 @@ is 401 ``unauthorized``.
 
 FastAPI reads (and spools to disk) a request's body before it runs the route's dependencies,
 so :class:`AdminAuthMiddleware` checks the key of every route that depends on
-:func:`require_admin` *before* the body is read: an unauthenticated upload is refused without
-being received. The dependency stays as well (and documents the routes' security in OpenAPI).
+:func:`require_admin` (or on :func:`require_segment_access`, when segmentation needs a key)
+*before* the body is read: an unauthenticated upload is refused without being received. The
+dependencies stay as well (and document the routes' security in OpenAPI).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -130,6 +131,11 @@ def check_admin(settings: Settings, key: str | None) -> None:
 
 def require_segment_access(settings: SettingsDep, key: PresentedKey) -> None:
     """Segmentation is open unless ``segment_requires_key``; then it needs an admin key."""
+    check_segment_access(settings, key)
+
+
+def check_segment_access(settings: Settings, key: str | None) -> None:
+    """ProblemError 401 ``unauthorized`` if segmentation needs a key and ``key`` is none."""
     if settings.segment_requires_key and not settings.is_admin_key(key):
         raise ProblemError("unauthorized", "this service requires a key for segmentation",
                            headers=_CHALLENGE)
@@ -147,9 +153,22 @@ def key_from_headers(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
-def _depends_on_admin(dependant: Dependant) -> bool:
-    return any(dep.call is require_admin or _depends_on_admin(dep)
-               for dep in dependant.dependencies)
+Check = Callable[[Settings, str | None], None]
+
+
+def _gate(dependant: Dependant) -> Check | None:
+    """The key check a route's dependencies imply: admin first, then segmentation access."""
+    calls = set()
+    stack = list(dependant.dependencies)
+    while stack:
+        dep = stack.pop()
+        calls.add(dep.call)
+        stack.extend(dep.dependencies)
+    if require_admin in calls:
+        return check_admin
+    if require_segment_access in calls:
+        return check_segment_access
+    return None
 
 
 def _api_routes(app: Any) -> Iterator[tuple[str, APIRoute]]:
@@ -168,31 +187,41 @@ def _api_routes(app: Any) -> Iterator[tuple[str, APIRoute]]:
             yield context.path or route.path, route
 
 
-def admin_routes(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
-    """(path pattern, methods) of each route of ``app`` that depends on :func:`require_admin`."""
-    return [(compile_path(path)[0], frozenset(route.methods or ()))
-            for path, route in _api_routes(app) if _depends_on_admin(route.dependant)]
+def guarded_routes(app: Any) -> list[tuple[re.Pattern[str], frozenset[str], Check]]:
+    """(path pattern, methods, key check) of each route of ``app`` that depends on
+    :func:`require_admin` or :func:`require_segment_access`."""
+    routes = []
+    for path, route in _api_routes(app):
+        check = _gate(route.dependant)
+        if check is not None:
+            routes.append((compile_path(path)[0], frozenset(route.methods or ()), check))
+    return routes
 
 
 class AdminAuthMiddleware:
-    """Refuse requests to admin routes (those depending on :func:`require_admin`) without a
-    valid key before anything reads their body: 401 / 403 problem+json, connection closed."""
+    """Refuse requests to routes that need a key (those depending on :func:`require_admin`,
+    and on :func:`require_segment_access` when segmentation needs a key) without a valid one
+    before anything reads their body: 401 / 403 problem+json, connection closed."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self._routes: list[tuple[re.Pattern[str], frozenset[str]]] | None = None
+        self._routes: list[tuple[re.Pattern[str], frozenset[str], Check]] | None = None
 
-    def _is_admin_request(self, scope: Scope) -> bool:
+    def _check_of(self, scope: Scope) -> Check | None:
         if self._routes is None:  # the route table is complete once requests arrive
-            self._routes = admin_routes(scope["app"])
+            self._routes = guarded_routes(scope["app"])
         path, method = scope["path"], scope["method"]
-        return any(method in methods and pattern.match(path) for pattern, methods in self._routes)
+        for pattern, methods, check in self._routes:
+            if method in methods and pattern.match(path):
+                return check
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._is_admin_request(scope):
+        check = self._check_of(scope) if scope["type"] == "http" else None
+        if check is not None:
             try:
-                check_admin(self.settings, key_from_headers(Headers(scope=scope)))
+                check(self.settings, key_from_headers(Headers(scope=scope)))
             except ProblemError as exc:
                 response = problem_response(None, exc.kind, exc.detail,
                                             headers={**exc.headers, "Connection": "close"},

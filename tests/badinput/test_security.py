@@ -36,7 +36,9 @@ from tests.service.api_support import (
     MAX_UPLOAD_BYTES,
     assert_problem,
     folder_entries,
+    make_image,
     make_zip,
+    png_bytes,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,6 +140,24 @@ def test_mutations_disabled_without_keys(start_api, redis_server, tmp_path):
         status, answer = _raw_request(server.url, "post", "/v1/adapters", 1_500_000,
                                       PART_START)
         assert status == 403, answer
+    server.stop()
+
+
+def test_closed_segmentation_refuses_before_the_body(start_api, redis_server, tmp_path):
+    """With REGCL_SEGMENT_REQUIRES_KEY, image uploads and segmentation need a key, checked
+    before the body is read as for admin routes; with the key they work."""
+    (tmp_path / "closed").mkdir()
+    server = start_api(redis_server.url, tmp_path / "closed", REGCL_SEGMENT_REQUIRES_KEY="true")
+    image = {"file": ("a.png", png_bytes(make_image(0)))}
+    with server.client() as anon, server.client(ADMIN_KEY) as admin:
+        for path in ("/v1/images", "/v1/segment"):
+            status, answer = _raw_request(server.url, "post", path, 1_500_000, PART_START)
+            assert status == 401, answer
+        assert_problem(anon.post("/v1/images", files=image), 401, "unauthorized")
+        assert_problem(anon.post("/v1/segment", json={"image_id": "0" * 64, "box": [1, 1, 5, 5]}),
+                       401, "unauthorized")
+        assert anon.get("/v1/adapters").status_code == 200  # reading stays open
+        assert admin.post("/v1/images", files=image).status_code == 201
     server.stop()
 
 
