@@ -198,6 +198,15 @@ def guarded_routes(app: Any) -> list[tuple[re.Pattern[str], frozenset[str], Chec
     return routes
 
 
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the ``root_path`` a proxy mounts the app under."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        return path[len(root):]
+    return path
+
+
 class AdminAuthMiddleware:
     """Refuse requests to routes that need a key (those depending on :func:`require_admin`,
     and on :func:`require_segment_access` when segmentation needs a key) without a valid one
@@ -211,7 +220,7 @@ class AdminAuthMiddleware:
     def _check_of(self, scope: Scope) -> Check | None:
         if self._routes is None:  # the route table is complete once requests arrive
             self._routes = guarded_routes(scope["app"])
-        path, method = scope["path"], scope["method"]
+        path, method = _route_path(scope), scope["method"]
         for pattern, methods, check in self._routes:
             if method in methods and pattern.match(path):
                 return check

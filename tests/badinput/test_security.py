@@ -143,6 +143,24 @@ def test_mutations_disabled_without_keys(start_api, redis_server, tmp_path):
     server.stop()
 
 
+@pytest.mark.parametrize("root_path", ["", "/api"])
+def test_the_middleware_answers_before_the_app_starts(root_path):
+    """In process, before the lifespan has built the runtime (the routes' own dependencies
+    would answer 503): 401 can only come from the middleware, also behind a proxy prefix."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", admin_keys=ADMIN_KEY))
+    client = TestClient(app, root_path=root_path, raise_server_exceptions=False)
+    assert_problem(client.post(f"{root_path}/v1/adapters"), 401, "unauthorized")
+    assert_problem(client.delete(f"{root_path}/v1/datasets/x"), 401, "unauthorized")
+    assert_problem(client.post(f"{root_path}/v1/jobs/x/cancel"), 401, "unauthorized")
+    assert client.get(f"{root_path}/v1/adapters").status_code == 503  # not gated: app answers
+    assert client.post(f"{root_path}/v1/adapters",
+                       headers={"X-API-Key": ADMIN_KEY}).status_code == 503
+
+
 def test_closed_segmentation_refuses_before_the_body(start_api, redis_server, tmp_path):
     """With REGCL_SEGMENT_REQUIRES_KEY, image uploads and segmentation need a key, checked
     before the body is read as for admin routes; with the key they work."""
