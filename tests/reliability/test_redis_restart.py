@@ -107,9 +107,9 @@ def test_redis_crash_while_a_job_runs_the_job_ends_once(rig: Rig) -> None:
     """Redis dies while a worker trains: the job still ends exactly once (finished by its
     worker, or rerun by policy), with one adapter and no message left."""
     rig.add_dataset("polyp")
-    rig.start_workers("w1", "w2")
+    rig.start_workers("w")
     job = submit_train(rig.celery, rig.jobs, dataset="polyp", domain="polyp",
-                       params={"epochs": 60, "rank": 4, "batch_size": 4})
+                       params={"epochs": 40, "rank": 4, "batch_size": 4})
     poll(lambda: rig.jobs.get(job.id).detail.get("step", 0) >= 1, "training",
          on_timeout=rig.log_tails)
     time.sleep(1.5)
