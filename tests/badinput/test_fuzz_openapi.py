@@ -62,7 +62,9 @@ def _fuzz(api, config_file, key: str | None) -> tuple[int, list[str], str]:
                "--request-timeout", "60", "--no-color"]
     if key:
         command += ["--header", f"Authorization: Bearer {key}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # run in the config's folder: schemathesis keeps its example database in the cwd
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=config_file.parent)
     log = api.log_file.read_bytes()[offset:].decode(errors="replace")
     statuses = [(m.group(0), int(m.group(2))) for m in ACCESS.finditer(log)]
     errors = [line for line, status in statuses if status >= 500]
