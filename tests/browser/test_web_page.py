@@ -418,3 +418,31 @@ def test_the_pages_rle_decoder_agrees_with_pycocotools(stack, page):
     for mask, got in zip(masks, decoded, strict=True):
         pixels = np.frombuffer(got.encode(), dtype=np.uint8) - ord("0")
         assert np.array_equal(pixels.reshape(mask.shape), mask)
+
+
+def test_a_jpeg_with_exif_rotation_is_shown_as_the_server_segments_it(stack, page):
+    """The server ignores EXIF orientation (masks are drawn on the stored pixels); the page must
+    show those same pixels, or its masks would not line up with the picture."""
+    from PIL import Image
+
+    stored = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    stored[:, : WIDTH // 2] = (220, 30, 30)  # left half red, right half blue, as stored
+    stored[:, WIDTH // 2 :] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif)
+    page.goto(stack.url + "/")
+    drop_image(page, buffer.getvalue(), "rotated.jpg")
+    wait_js(page, "document.querySelector('#stage').dataset.state === 'ready'")
+    shown = page.evaluate("""() => {
+        const canvas = document.querySelector('#image-canvas');
+        const pixel = (x, y) => Array.from(canvas.getContext('2d').getImageData(x, y, 1, 1).data);
+        return [canvas.width, canvas.height, pixel(20, 20), pixel(20, 140), pixel(200, 20)];
+    }""")
+    width, height, top_left, bottom_left, top_right = shown
+    assert (width, height) == (WIDTH, HEIGHT)
+    for pixel in (top_left, bottom_left):  # rotated, the top row would be half red, half blue
+        assert pixel[0] > 150 and pixel[2] < 100, shown
+    assert top_right[2] > 150 and top_right[0] < 100, shown
+    assert "EXIF" not in page.locator("#segment-status").inner_text()

@@ -39,6 +39,38 @@ function compareAdapter() {
 
 // -- image ------------------------------------------------------------------------------------
 
+/** The file with its EXIF orientation tag (if any) set to 1, "as stored". The server segments
+ * the stored pixels and ignores EXIF orientation (as the datasets do), while browsers rotate
+ * JPEGs by it when decoding, and Chromium no longer lets createImageBitmap opt out. */
+async function withoutExifRotation(file) {
+  const view = new DataView(await file.arrayBuffer());
+  try {
+    if (view.getUint16(0) !== 0xffd8) return file;  // not a JPEG: nothing to undo
+    let offset = 2;
+    while (offset + 4 <= view.byteLength) {
+      const marker = view.getUint16(offset);
+      if ((marker & 0xff00) !== 0xff00 || marker === 0xffda) break;  // start of scan: no EXIF
+      if (marker === 0xffe1 && view.getUint32(offset + 4) === 0x45786966) {  // APP1 "Exif"
+        const tiff = offset + 10;
+        const little = view.getUint16(tiff) === 0x4949;
+        const ifd = tiff + view.getUint32(tiff + 4, little);
+        for (let i = 0; i < view.getUint16(ifd, little); i++) {
+          const entry = ifd + 2 + i * 12;
+          if (view.getUint16(entry, little) === 0x0112) {  // Orientation
+            view.setUint16(entry + 8, 1, little);
+            return new Blob([view.buffer], { type: file.type });
+          }
+        }
+        return file;
+      }
+      offset += 2 + view.getUint16(offset + 2);
+    }
+  } catch (error) {
+    if (!(error instanceof RangeError)) throw error;  // a truncated header: decode as it is
+  }
+  return file;
+}
+
 async function openImage(file) {
   if (!file) return;
   status(`Uploading ${file.name}…`);
@@ -46,7 +78,7 @@ async function openImage(file) {
     const form = new FormData();
     form.append("file", file, file.name);
     const info = await api("/v1/images", { method: "POST", form });
-    const bitmap = await createImageBitmap(file);
+    const bitmap = await createImageBitmap(await withoutExifRotation(file));
     state.image = { id: info.image_id, width: info.width, height: info.height, bitmap,
                     name: file.name };
     state.points = [];
@@ -74,7 +106,7 @@ async function openImage(file) {
     drawPrompts();
     setState("ready");
     if (bitmap.width !== info.width || bitmap.height !== info.height) {
-      // The browser applies EXIF orientation, the server segments the stored pixels as they are.
+      // Sizes still differ: an EXIF header this page could not rewrite.
       status(`${file.name}: the browser shows it ${bitmap.width} × ${bitmap.height} but the ` +
              `server reads ${info.width} × ${info.height} (EXIF rotation?): masks will not ` +
              "line up with the picture.", true);
