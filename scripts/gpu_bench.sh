@@ -16,7 +16,7 @@
 # Knobs (environment): REGCL_GPU_BENCH_MODELS (vit_b,vit_h), REGCL_GPU_BENCH_DEVICE (cuda),
 # REGCL_GPU_BENCH_QUICK (0; 1: smoke sizes), REGCL_GPU_BENCH_COMPILE_SERVICE (0; 1: the
 # service compiles its encoder too), REGCL_GPU_BENCH_ENCODER_VARIANTS, REGCL_GPU_BENCH_STEP_S
-# (time limit per step, 900), PYTHON (python3).
+# (time limit per step, 540), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the results folder}"
@@ -25,7 +25,7 @@ PY=${PYTHON:-python3}
 MODELS=${REGCL_GPU_BENCH_MODELS-vit_b,vit_h}  # set but empty: checks only
 DEVICE=${REGCL_GPU_BENCH_DEVICE:-cuda}
 QUICK=${REGCL_GPU_BENCH_QUICK:-0}
-STEP_S=${REGCL_GPU_BENCH_STEP_S:-900}
+STEP_S=${REGCL_GPU_BENCH_STEP_S:-540}  # the device tool stops a command at 600 s
 VARIANTS=${REGCL_GPU_BENCH_ENCODER_VARIANTS:-fp32,bf16,bf16-sdpa,bf16-sdpa-compile}
 export PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
