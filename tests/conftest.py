@@ -1,10 +1,16 @@
-"""Shared fixtures: small models and data that keep the suite to minutes on 2 CPU cores, and a
-REAL redis-server process for the tests that need Redis (no fakes)."""
+"""Shared fixtures: small models and data that keep the suite to minutes on 2 CPU cores, a
+REAL redis-server process for the tests that need Redis (no fakes), and the REAL HTTP API
+server shared by the API tests of every directory.
+
+Starting a server loads torch and the tiny SAM (seconds, more under a busy CPU), so one
+server is shared by the whole session (:func:`api`); modules that must restart a server or
+stop its Redis start their own with :func:`start_api`."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,6 +20,7 @@ from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from regcl.data import synthetic
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
+from tests.service.api_support import ApiServer, server_env
 
 
 def pytest_configure(config):
@@ -69,3 +76,30 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+# -- the HTTP API ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def start_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ApiServer]]:
+    """``start_api(redis_url, **env)`` starts a server (stopped at the end of the session)."""
+    servers: list[ApiServer] = []
+
+    def start(redis_url: str, data_dir: Path | None = None, **overrides: str) -> ApiServer:
+        data_dir = data_dir or tmp_path_factory.mktemp("api")
+        server = ApiServer(server_env(redis_url, data_dir, **overrides),
+                           data_dir / "server.log")
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def api(redis_server: RedisServer, start_api: Callable[..., ApiServer]) -> ApiServer:
+    """The shared server (admin key ADMIN_KEY, uploads up to MAX_UPLOAD_BYTES). Tests that use
+    it also take ``redis_client``, which empties its Redis database first."""
+    return start_api(redis_server.url)

@@ -23,7 +23,6 @@ from tests.service.api_support import (
     make_adapter,
     make_zip,
 )
-from tests.service.conftest import api, start_api  # noqa: F401 - the shared fixtures
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def seeded(api: ApiServer, redis_server: RedisServer,  # noqa: F811
+def seeded(api: ApiServer, redis_server: RedisServer,
            adapter_dirs: dict[str, Path]) -> Seed:
     client = connect(redis_server.url)
     client.flushdb()
@@ -75,7 +74,7 @@ def seeded(api: ApiServer, redis_server: RedisServer,  # noqa: F811
 
 
 @pytest.fixture
-def store(api: ApiServer, redis_server: RedisServer, seeded: Seed  # noqa: F811
+def store(api: ApiServer, redis_server: RedisServer, seeded: Seed
           ) -> Iterator[Store]:
     client = connect(redis_server.url)
     yield Store(api, client)
@@ -83,14 +82,14 @@ def store(api: ApiServer, redis_server: RedisServer, seeded: Seed  # noqa: F811
 
 
 @pytest.fixture
-def anon(api: ApiServer, seeded: Seed) -> Iterator[httpx.Client]:  # noqa: F811
+def anon(api: ApiServer, seeded: Seed) -> Iterator[httpx.Client]:
     """A client without a key (Redis NOT emptied: the module's seed stays)."""
     with api.client() as client:
         yield client
 
 
 @pytest.fixture
-def admin(api: ApiServer, seeded: Seed) -> Iterator[httpx.Client]:  # noqa: F811
+def admin(api: ApiServer, seeded: Seed) -> Iterator[httpx.Client]:
     """A client with the admin key (Redis NOT emptied: the module's seed stays)."""
     with api.client(ADMIN_KEY) as client:
         yield client

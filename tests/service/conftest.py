@@ -1,46 +1,19 @@
 """Fixtures of the HTTP API tests: the REAL server in a subprocess (see ``api_support``),
 talking to the real redis-server of ``tests/conftest.py``; clients are httpx.
 
-Starting a server loads torch and the tiny SAM (seconds, more under a busy CPU), so one
-server is shared by the whole session (:func:`api`); modules that must restart a server or
-stop its Redis start their own with :func:`start_api`.
+The server fixtures (``api``, ``start_api``) live in tests/conftest.py, so that every directory
+(tests/service, tests/badinput, ...) shares the one session server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
 
-from infra.redis_server import RedisServer
-from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
-
-
-@pytest.fixture(scope="session")
-def start_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ApiServer]]:
-    """``start_api(redis_url, **env)`` starts a server (stopped at the end of the session)."""
-    servers: list[ApiServer] = []
-
-    def start(redis_url: str, data_dir: Path | None = None, **overrides: str) -> ApiServer:
-        data_dir = data_dir or tmp_path_factory.mktemp("api")
-        server = ApiServer(server_env(redis_url, data_dir, **overrides),
-                           data_dir / "server.log")
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def api(redis_server: RedisServer, start_api: Callable[..., ApiServer]) -> ApiServer:
-    """The shared server (admin key ADMIN_KEY, uploads up to MAX_UPLOAD_BYTES). Tests that use
-    it also take ``redis_client``, which empties its Redis database first."""
-    return start_api(redis_server.url)
+from tests.service.api_support import ADMIN_KEY, ApiServer
 
 
 @pytest.fixture
