@@ -3,6 +3,7 @@ invalidation on swaps (correctness only; speed is `regcl bench serve`)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -237,3 +238,26 @@ def test_concurrent_prompts_on_cached_embeddings_decode_together():
         np.testing.assert_allclose(got[image_id].low_res_logits,
                                    expected[image_id].low_res_logits, atol=1e-4)
     engine.close()
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
+                    reason="torch.compile (inductor) on the CPU needs a C compiler")
+def test_compiled_engine_survives_hot_swaps_without_recompiling(tmp_path):
+    engine = _engine(compile=True, max_batch=1)
+    eager = _engine()
+    image = make_image(70)
+    files = [_randomised_adapter(tmp_path / f"a{i}", 10 + i) for i in range(2)]
+    want = eager.segment(eager.register_image(image), POINTS, LABELS, adapter="base")
+    got = engine.segment(engine.register_image(image), POINTS, LABELS, adapter="base")
+    np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-3)
+    assert engine.serving_encoder.compiles == 1
+    for version, adapter in enumerate(files, start=1):
+        engine.load_live(version, adapter)
+        eager.load_live(version, adapter)
+        got = engine.segment(engine.register_image(image), POINTS, LABELS)
+        want = eager.segment(eager.register_image(image), POINTS, LABELS)
+        assert got.adapter_version == f"live:{version}"
+        np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-3)
+    assert engine.serving_encoder.compiles == 1  # swaps were weight copies, not new graphs
+    engine.close()
+    eager.close()
