@@ -14,8 +14,10 @@ from collections.abc import Callable
 from types import TracebackType
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
-__all__ = ["Heartbeat"]
+__all__ = ["Heartbeat", "lock_heartbeat"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +59,17 @@ class Heartbeat:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def lock_heartbeat(lock: Lock, lease_s: float, what: str) -> Heartbeat:
+    """A started heartbeat that keeps the held Redis ``lock`` leased (``lease_s``, renewed every
+    third of it); it stops, with ``lost`` set, once the lock is no longer ours."""
+
+    def renew() -> bool:
+        try:
+            lock.reacquire()
+        except LockError:
+            return False
+        return True
+
+    return Heartbeat(renew, lease_s / 3.0, what).start()

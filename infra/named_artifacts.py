@@ -22,7 +22,7 @@ from redis.exceptions import LockError
 
 from infra.artifacts import ArtifactInfo, ArtifactStore
 from infra.errors import Conflict, NotFound
-from infra.heartbeat import Heartbeat
+from infra.heartbeat import lock_heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +82,7 @@ class NamedArtifacts(Generic[R]):
                                 blocking_timeout=blocking_timeout_s, thread_local=False)
         if not lock.acquire():
             raise Conflict(f"{self.kind} {name!r} is being added or deleted right now")
-
-        def renew() -> bool:
-            try:
-                lock.reacquire()
-            except LockError:
-                return False
-            return True
-
-        heartbeat = Heartbeat(renew, _LOCK_TIMEOUT_S / 3, f"the lock of {self.kind} {name!r}")
-        heartbeat.start()
+        heartbeat = lock_heartbeat(lock, _LOCK_TIMEOUT_S, f"the lock of {self.kind} {name!r}")
         try:
             yield
         finally:

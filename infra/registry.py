@@ -36,7 +36,7 @@ from redis.exceptions import LockError
 from infra import keys
 from infra.artifacts import ArtifactStore, files_of
 from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFound
-from infra.heartbeat import Heartbeat
+from infra.heartbeat import lock_heartbeat
 from infra.live import LiveSubscription, read_live
 from infra.named_artifacts import NamedArtifacts, fetch_artifact
 
@@ -295,15 +295,7 @@ class Registry:
                                 blocking_timeout=blocking_timeout_s, thread_local=False)
         if not lock.acquire():
             raise LockTimeout(f"merge lock still held after {blocking_timeout_s} s")
-
-        def renew() -> bool:
-            try:
-                lock.reacquire()
-            except LockError:
-                return False
-            return True
-
-        heartbeat = Heartbeat(renew, timeout_s / 3.0, "the merge lock").start()
+        heartbeat = lock_heartbeat(lock, timeout_s, "the merge lock")
         try:
             yield lock
         finally:
