@@ -88,6 +88,11 @@ def _cmd_bench_merge(args: argparse.Namespace) -> int:
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     import dataclasses
+    import signal
+
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the stack this run started (its
+    # redis-server and API process) is stopped rather than left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     from regcl.bench.serve import ServeBenchConfig, run_serve_benchmark, serve_markdown
 

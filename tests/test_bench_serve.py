@@ -5,8 +5,13 @@ every section, never how fast anything is."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +63,37 @@ def test_bench_serve_quick_smoke(tmp_path):
     assert report["training"]["img_per_s"] > 0
     assert {row["variant"] for row in report["encoder"]} == {"fp32", "fp32-sdpa"}
     assert report["machine"]["torch"] and report["server_env"]["REGCL_SERVE_THREADS"] == "1"
+
+
+def test_bench_serve_stops_its_stack_when_terminated(tmp_path):
+    """SIGTERM mid-run: the command exits and its API process and redis-server go with it."""
+    log = tmp_path / "bench.log"
+    with log.open("w") as sink:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "regcl.cli", "bench", "serve", "--quick",
+             "--encoder-variants", "", "--threads", "1", "--server-threads", "1"],
+            cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        api_pid = None
+        while api_pid is None and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(0.5)
+            found = re.search(r"API pid (\d+)", log.read_text())
+            api_pid = int(found.group(1)) if found else None
+        assert api_pid is not None, log.read_text()[-3000:]
+        redis_port = int(re.search(r"redis-server on 127\.0\.0\.1:(\d+)", log.read_text())[1])
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=120) != 0
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    for _ in range(100):  # the API process is gone (not even a zombie of ours: not our child)
+        try:
+            os.kill(api_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"API process {api_pid} outlived the benchmark")
+    with socket.socket() as probe:  # and nothing answers on its redis-server's port
+        assert probe.connect_ex(("127.0.0.1", redis_port)) != 0
