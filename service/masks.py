@@ -53,8 +53,12 @@ def mask_area(mask: np.ndarray) -> int:
 def mask_bbox(mask: np.ndarray) -> list[int]:
     """Tight box of the object as COCO ``[x, y, w, h]`` in pixels; ``[0, 0, 0, 0]`` if empty."""
     mask = _check_mask(mask)
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
+    # Row and column projections: two passes of any(), no H x W index arrays (np.nonzero's
+    # were a third of a cached-prompt request's time in the route).
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    if not rows.any():
         return [0, 0, 0, 0]
-    x0, y0 = int(xs.min()), int(ys.min())
-    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+    y0, x0 = int(rows.argmax()), int(cols.argmax())
+    y1 = rows.size - 1 - int(rows[::-1].argmax())
+    x1 = cols.size - 1 - int(cols[::-1].argmax())
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]

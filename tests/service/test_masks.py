@@ -44,3 +44,13 @@ def test_png_round_trip_area_and_box():
     assert mask_bbox(np.zeros((3, 3), bool)) == [0, 0, 0, 0]
     with pytest.raises(ValueError):
         mask_to_rle(np.zeros((2, 3, 4), bool))
+
+
+def test_bbox_is_pycocotools_box_on_random_masks():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        height, width = (int(v) for v in rng.integers(1, 30, 2))
+        mask = rng.random((height, width)) < rng.random() * 0.3
+        expected = ([int(v) for v in mask_utils.toBbox(mask_utils.encode(
+            np.asfortranarray(mask.astype(np.uint8))))] if mask.any() else [0, 0, 0, 0])
+        assert mask_bbox(mask) == expected, mask.astype(int)
