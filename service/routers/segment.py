@@ -1,10 +1,13 @@
 """``POST /v1/segment``: masks for a prompt on an image, with the adapter version that made
-them (in the body and the ``X-Regcl-Adapter-Version`` header)."""
+them (in the body and the ``X-Regcl-Adapter-Version`` header); ``POST /v1/segment/batch``:
+several prompts on one image in one request and one decoder call per prompt form."""
 
 from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Response
@@ -16,7 +19,16 @@ from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle
 from service.problems import ProblemError, problem_responses
 from service.routers.images import store_image
 from service.runtime import Runtime
-from service.schemas.segment import RLE, MaskResult, SegmentRequest, SegmentResponse
+from service.schemas.segment import (
+    RLE,
+    MaskResult,
+    PromptMasks,
+    SegmentBatchRequest,
+    SegmentBatchResponse,
+    SegmentOptions,
+    SegmentRequest,
+    SegmentResponse,
+)
 from service.uploads import decode_base64
 
 router = APIRouter(prefix="/v1/segment", tags=["segment"],
@@ -24,6 +36,7 @@ router = APIRouter(prefix="/v1/segment", tags=["segment"],
 
 VERSION_HEADER = "X-Regcl-Adapter-Version"
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _mask_input(runtime: Runtime, text: str | None) -> np.ndarray | None:
@@ -38,23 +51,45 @@ def _mask_input(runtime: Runtime, text: str | None) -> np.ndarray | None:
     return np.frombuffer(data, dtype="<f4").reshape(1, side, side).astype(np.float32)
 
 
-def _segment(runtime: Runtime, body: SegmentRequest, image_id: str,
-             mask_input: np.ndarray | None) -> SegmentResult:
-    def run() -> SegmentResult:
-        return runtime.engine.segment(image_id, body.points, body.labels, body.box, mask_input,
-                                      body.multimask, body.adapter)
+def _image_id(runtime: Runtime, body: SegmentOptions) -> str:
+    """The request's image id; an inline image is stored first."""
+    if body.image_base64 is not None:
+        data = decode_base64(body.image_base64, runtime.settings.max_upload_bytes,
+                             "image_base64")
+        return store_image(runtime, data).image_id
+    return body.image_id or ""
 
-    if body.adapter in (BASE, LIVE):
+
+def _with_adapter(runtime: Runtime, adapter: str, run: Callable[[], _T]) -> _T:
+    """``run()`` with ``adapter`` usable: a domain adapter is loaded first."""
+    if adapter in (BASE, LIVE):
         return run()
-    runtime.domains.ensure_loaded(body.adapter)
+    runtime.domains.ensure_loaded(adapter)
     try:
         return run()
     except UnknownAdapterError:  # unloaded by another request's load meanwhile: once more
-        runtime.domains.ensure_loaded(body.adapter)
+        runtime.domains.ensure_loaded(adapter)
         return run()
 
 
-def _mask_result(result: SegmentResult, index: int, body: SegmentRequest) -> MaskResult:
+def _answered(runtime: Runtime, body: SegmentOptions, results: list[SegmentResult],
+              response: Response) -> None:
+    """Refuse non-finite scores, count the segmentations, name the version in the header."""
+    for result in results:
+        if not np.isfinite(result.scores).all():  # never answer NaN scores as null
+            logger.error("non-finite scores from %s", result.adapter_version)
+            raise ProblemError("internal-error")
+    kind = body.adapter if body.adapter in (BASE, LIVE) else "domain"
+    for result in results:
+        runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
+    response.headers[VERSION_HEADER] = results[0].adapter_version
+
+
+def _masks(result: SegmentResult, body: SegmentOptions) -> list[MaskResult]:
+    return [_mask_result(result, i, body) for i in range(result.masks.shape[0])]
+
+
+def _mask_result(result: SegmentResult, index: int, body: SegmentOptions) -> MaskResult:
     mask = result.masks[index]
     out = MaskResult(score=float(result.scores[index]), area=mask_area(mask),
                      bbox=tuple(mask_bbox(mask)))
@@ -74,20 +109,31 @@ def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> Se
     """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
     a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
     model or an uploaded adapter by name."""
-    if body.image_base64 is not None:
-        data = decode_base64(body.image_base64, runtime.settings.max_upload_bytes,
-                             "image_base64")
-        image_id = store_image(runtime, data).image_id
-    else:
-        image_id = body.image_id or ""
-    result = _segment(runtime, body, image_id, _mask_input(runtime, body.mask_input))
-    if not np.isfinite(result.scores).all():  # never answer NaN scores as null (schema: float)
-        logger.error("non-finite scores from %s", result.adapter_version)
-        raise ProblemError("internal-error")
-    kind = body.adapter if body.adapter in (BASE, LIVE) else "domain"
-    runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
-    response.headers[VERSION_HEADER] = result.adapter_version
-    return SegmentResponse(masks=[_mask_result(result, i, body)
-                                  for i in range(result.masks.shape[0])],
-                           adapter_version=result.adapter_version, image_id=result.image_id,
-                           cache_hit=result.cache_hit)
+    image_id = _image_id(runtime, body)
+    mask_input = _mask_input(runtime, body.mask_input)
+    result = _with_adapter(runtime, body.adapter, lambda: runtime.engine.segment(
+        image_id, body.points, body.labels, body.box, mask_input, body.multimask,
+        body.adapter))
+    _answered(runtime, body, [result], response)
+    return SegmentResponse(masks=_masks(result, body), adapter_version=result.adapter_version,
+                           image_id=result.image_id, cache_hit=result.cache_hit)
+
+
+@router.post("/batch", response_model=SegmentBatchResponse,
+             responses=problem_responses(400, 401, 404, 413, 422, 503))
+def segment_batch(body: SegmentBatchRequest, runtime: RuntimeDep,
+                  response: Response) -> SegmentBatchResponse:
+    """Several prompts (up to 64) on one image: one encode (or cache hit), and one
+    mask-decoder call for each group of prompts of the same form (same number of points, box
+    or not, mask_input or not). One bad prompt refuses the whole request, with its problem
+    type. Results come back in the prompts' order."""
+    image_id = _image_id(runtime, body)
+    prompts = [{"point_coords": p.points, "point_labels": p.labels, "box": p.box,
+                "mask_input": _mask_input(runtime, p.mask_input)} for p in body.prompts]
+    results = _with_adapter(runtime, body.adapter, lambda: runtime.engine.segment_many(
+        image_id, prompts, body.multimask, body.adapter))
+    _answered(runtime, body, results, response)
+    first = results[0]
+    return SegmentBatchResponse(results=[PromptMasks(masks=_masks(r, body)) for r in results],
+                                adapter_version=first.adapter_version, image_id=first.image_id,
+                                cache_hit=first.cache_hit)

@@ -138,3 +138,42 @@ def test_not_json_body(anon, store):
         assert_problem(anon.post("/v1/segment", content=b"\xff\xfe\x00",  # not UTF-8
                                  headers={"content-type": "application/json"}), 400,
                        "bad-request")
+
+
+GOOD_PROMPT = {"points": [[10.0, 10.0]], "labels": [1]}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROMPTS))
+def test_a_bad_prompt_refuses_the_whole_batch(anon, store, image_id, case):
+    """``POST /v1/segment/batch``: the same catalogue, each bad prompt after a good one."""
+    prompt, code = BAD_PROMPTS[case]
+    status = 413 if code == "payload-too-large" else 422
+    with store.unchanged():
+        response = post_json(anon, "/v1/segment/batch",
+                             {"image_id": image_id, "prompts": [GOOD_PROMPT, prompt]})
+        body = assert_problem(response, status, code)
+        assert body["detail"] and body["instance"] == "/v1/segment/batch"
+
+
+BAD_BATCHES = {
+    # case: (body, status, code)
+    "no-prompts": ({"prompts": []}, 422, "validation-error"),
+    "prompts-missing": ({}, 422, "validation-error"),
+    "too-many-prompts": ({"prompts": [GOOD_PROMPT] * 65}, 422, "validation-error"),
+    "prompts-not-a-list": ({"prompts": GOOD_PROMPT}, 422, "validation-error"),
+    "prompt-not-an-object": ({"prompts": [[1, 2]]}, 422, "validation-error"),
+    "unknown-prompt-field": ({"prompts": [{**GOOD_PROMPT, "multimask": True}]}, 422,
+                             "validation-error"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_bad_batch_request(anon, store, image_id, case):
+    body, status, code = BAD_BATCHES[case]
+    with store.unchanged():
+        assert_problem(post_json(anon, "/v1/segment/batch", {"image_id": image_id, **body}),
+                       status, code)
+    with store.unchanged():
+        assert_problem(post_json(anon, "/v1/segment/batch",
+                                 {"image_id": "0" * 64, "prompts": [GOOD_PROMPT]}),
+                       404, "image-not-found")

@@ -44,7 +44,8 @@ from tests.service.api_support import (
 REPO = Path(__file__).resolve().parents[2]
 WRONG_KEY = "wrong-key-wrong-key-wrong"
 MUTATING = ("post", "put", "patch", "delete")
-PUBLIC_MUTATING = {("post", "/v1/images"), ("post", "/v1/segment")}
+PUBLIC_MUTATING = {("post", "/v1/images"), ("post", "/v1/segment"),
+                   ("post", "/v1/segment/batch")}
 """Mutating operations open to anyone by design (they store nothing durable: images live in
 the process's bounded image store). Every other mutating operation must need an admin key."""
 

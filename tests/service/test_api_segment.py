@@ -155,3 +155,25 @@ def test_health_metrics_and_docs(anon, image_id):
     assert anon.get("/docs").status_code == 200
     assert "/v1/segment" in anon.get("/openapi.json").json()["paths"]
 
+
+
+def test_a_batch_answers_each_prompt_as_segment_does(anon, image_id):
+    """``POST /v1/segment/batch``: prompts of different forms in one request (two share a
+    decoder call) give what ``POST /v1/segment`` gives for each, in the prompts' order."""
+    prompts = [{"points": POINTS, "labels": LABELS}, {"box": BOX},
+               {"points": [[20.0, 30.0], [60.0, 40.0]], "labels": [1, 1]},
+               {"points": POINTS[:1], "labels": LABELS[:1], "box": BOX}]
+    response = anon.post("/v1/segment/batch", json={"image_id": image_id, "adapter": "base",
+                                                    "prompts": prompts, "multimask": True})
+    assert response.status_code == 200, response.text
+    batch = response.json()
+    assert batch["adapter_version"] == "base" == response.headers["X-Regcl-Adapter-Version"]
+    assert batch["image_id"] == image_id and len(batch["results"]) == len(prompts)
+    for prompt, got in zip(prompts, batch["results"], strict=True):
+        single = anon.post("/v1/segment", json={"image_id": image_id, "adapter": "base",
+                                                "multimask": True, **prompt}).json()
+        assert len(got["masks"]) == len(single["masks"]) == 3
+        np.testing.assert_array_equal(_rle_masks(got), _rle_masks(single))
+        np.testing.assert_allclose([m["score"] for m in got["masks"]],
+                                   [m["score"] for m in single["masks"]], atol=1e-4)
+        assert [m["bbox"] for m in got["masks"]] == [m["bbox"] for m in single["masks"]]
