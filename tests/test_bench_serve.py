@@ -55,6 +55,10 @@ def test_bench_serve_quick_smoke(tmp_path):
             assert row["failed"] == 0 and row["ok"] == row["requests"] > 0
             assert row["vs_baseline"] > 0 and row["p50_ms"] <= row["p99_ms"]
         assert report["baseline"][kind]["throughput"] > 0
+    batch = service["batch"]
+    assert batch["failed"] == 0 and batch["ok"] == batch["requests"] > 0
+    assert batch["prompts_per_s"] > 0 and batch["prompts_per_request"] == 16
+    assert "points per request (POST /v1/segment/batch)" in result.stdout
     swap = service["hot_swap"]
     assert swap["failed"] == 0 and all(s["latency_ms"] is not None for s in swap["swaps"])
     assert swap["server"]["swap_seconds_mean_ms"] is not None

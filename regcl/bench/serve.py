@@ -63,6 +63,7 @@ class ServeBenchConfig:
     requests: int = 128  # new-image requests per concurrency level
     cached_requests: int = 256
     cached_images: int = 8
+    batch_prompts: int = 16  # prompts per request of the batch phase (POST /v1/segment/batch)
     warmup: int = 32
     baseline_requests: int = 64
     overhead_requests: int = 96
@@ -429,6 +430,7 @@ def http_benchmark(config: ServeBenchConfig, url: str, admin_key: str | None,
             out["cached"].append(row)
             logger.info("cached prompts, %d clients: %.1f req/s, p50 %.1f ms", c,
                         row["throughput"], row["p50_ms"])
+        out["batch"] = _batch_phase(config, client, phase, baseline, tuple(ids), top)
         if admin_key and len(versions) >= 2:
             out["lora_overhead"] = _http_lora_overhead(config, client, phase, index)
             index += 4 * config.overhead_requests
@@ -523,6 +525,26 @@ def _checkpoint(config: ServeBenchConfig, work_dir: Path) -> str | None:
     return str(path)
 
 
+def _batch_phase(config: ServeBenchConfig, client: Any, phase: Callable[..., Phase],
+                 baseline: Any, ids: tuple[str, ...], concurrency: int) -> dict[str, Any]:
+    """Cached images, ``batch_prompts`` prompts per request (``POST /v1/segment/batch``):
+    prompts per second against the baseline's ``predict`` loop around it."""
+    k = config.batch_prompts
+    before = baseline.cached(config.cached_requests)
+    result = client.run(phase(f"batch-c{concurrency}", mode="batch", concurrency=concurrency,
+                              requests=max(4 * concurrency, config.cached_requests // k),
+                              image_ids=ids,
+                              prompts_per_request=k))
+    after = baseline.cached(config.cached_requests)
+    row = {"concurrency": concurrency, "prompts_per_request": k,
+           **summarise(result["records"]), "baseline_throughput": _mean_rate(before, after)}
+    row["prompts_per_s"] = round(row["throughput"] * k, 2)
+    row["vs_baseline"] = round(row["prompts_per_s"] / row["baseline_throughput"], 3)
+    logger.info("batches of %d prompts, %d clients: %.1f prompts/s (%.2fx baseline)", k,
+                concurrency, row["prompts_per_s"], row["vs_baseline"])
+    return row
+
+
 def run_serve_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
     import torch
 
@@ -588,6 +610,13 @@ def serve_markdown(report: dict[str, Any]) -> str:
                          f"{row['throughput']} | {row['p50_ms']} | {row['p95_ms']} | "
                          f"{row['p99_ms']} | {row['failed']} | {row['baseline_throughput']} | "
                          f"{row['vs_baseline']:.2f} |")
+    batch = service.get("batch")
+    if batch:
+        lines.append(f"| {batch['prompts_per_request']} points per request "
+                     f"(POST /v1/segment/batch), cached: service over HTTP, prompts/s | "
+                     f"{batch['concurrency']} | {batch['prompts_per_s']} | {batch['p50_ms']} | "
+                     f"{batch['p95_ms']} | {batch['p99_ms']} | {batch['failed']} | "
+                     f"{batch['baseline_throughput']} | {batch['vs_baseline']:.2f} |")
     lora = report.get("lora_encoder")
     if lora:
         ms = lora["ms_per_img"]

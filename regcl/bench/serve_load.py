@@ -55,8 +55,10 @@ def bench_point(size: int) -> list[list[float]]:
 @dataclass(frozen=True)
 class Phase:
     """One load phase. mode: ``new`` (each request sends a never-seen image inline + one
-    point) or ``cached`` (one point on one of ``image_ids``, already encoded). requests: how
-    many (``duration_s`` > 0: keep going until then instead, for the hot-swap phase)."""
+    point), ``cached`` (one point on one of ``image_ids``, already encoded) or ``batch``
+    (``prompts_per_request`` one-point prompts on one of ``image_ids`` in one request).
+    requests: how many (``duration_s`` > 0: keep going until then instead, for the hot-swap
+    phase)."""
 
     name: str
     url: str
@@ -69,6 +71,7 @@ class Phase:
     adapter: str = "live"
     multimask: bool = False
     duration_s: float = 0.0
+    prompts_per_request: int = 1  # mode ``batch``: POST /v1/segment/batch with this many
     headers: tuple[tuple[str, str], ...] = ()
 
 
@@ -78,6 +81,12 @@ def _payloads(phase: Phase) -> list[dict[str, Any]]:
               "adapter": phase.adapter}
     if phase.mode == "cached":
         return [{**common, "image_id": image_id} for image_id in phase.image_ids]
+    if phase.mode == "batch":  # one point per prompt, on a 4 x 4 grid of the image
+        side = phase.image_size / 4
+        prompts = [{"points": [[side * (j % 4 + 0.5), side * (j // 4 % 4 + 0.5)]],
+                    "labels": [1]} for j in range(phase.prompts_per_request)]
+        return [{"image_id": image_id, "prompts": prompts, "multimask": phase.multimask,
+                 "adapter": phase.adapter} for image_id in phase.image_ids]
     count = phase.requests if phase.duration_s <= 0 else max(phase.requests, 1)
     return [{**common, "image_base64": base64.b64encode(png_bytes(
         bench_image(phase.first_index + i, phase.image_size))).decode("ascii")}
@@ -89,6 +98,7 @@ async def _run(phase: Phase, payloads: list[dict[str, Any]]) -> list[tuple]:
 
     records: list[tuple] = []
     issued = 0
+    path = "/v1/segment/batch" if phase.mode == "batch" else "/v1/segment"
     deadline = time.time() + phase.duration_s if phase.duration_s > 0 else None
     limits = httpx.Limits(max_connections=phase.concurrency,
                           max_keepalive_connections=phase.concurrency)
@@ -105,7 +115,7 @@ async def _run(phase: Phase, payloads: list[dict[str, Any]]) -> list[tuple]:
                 issued += 1
                 start = time.time()
                 try:
-                    response = await client.post("/v1/segment", json=body)
+                    response = await client.post(path, json=body)
                     status = response.status_code
                     version = response.headers.get(VERSION_HEADER, "")
                     if status == 200:
