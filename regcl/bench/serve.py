@@ -405,14 +405,10 @@ def http_benchmark(config: ServeBenchConfig, url: str, admin_key: str | None,
                          first_index=index))
         index += config.warmup
         for c in config.concurrency:
-            before = baseline.new(config.baseline_requests)
-            result = client.run(phase(f"new-c{c}", mode="new", concurrency=c,
-                                      requests=config.requests, first_index=index))
+            row = _with_baseline(client, phase(f"new-c{c}", mode="new", concurrency=c,
+                                               requests=config.requests, first_index=index),
+                                 lambda: baseline.new(config.baseline_requests))
             index += config.requests
-            after = baseline.new(config.baseline_requests)
-            row = {"concurrency": c, **summarise(result["records"]),
-                   "baseline_throughput": _mean_rate(before, after)}
-            row["vs_baseline"] = round(row["throughput"] / row["baseline_throughput"], 3)
             out["new"].append(row)
             logger.info("new images, %d clients: %.1f req/s (%.2fx baseline)", c,
                         row["throughput"], row["vs_baseline"])
@@ -420,13 +416,10 @@ def http_benchmark(config: ServeBenchConfig, url: str, admin_key: str | None,
         client.run(phase("cached-warm", mode="cached", concurrency=1, requests=len(ids),
                          image_ids=tuple(ids)))
         for c in config.concurrency:
-            before = baseline.cached(config.cached_requests)
-            result = client.run(phase(f"cached-c{c}", mode="cached", concurrency=c,
-                                      requests=config.cached_requests, image_ids=tuple(ids)))
-            after = baseline.cached(config.cached_requests)
-            row = {"concurrency": c, **summarise(result["records"]),
-                   "baseline_throughput": _mean_rate(before, after)}
-            row["vs_baseline"] = round(row["throughput"] / row["baseline_throughput"], 3)
+            row = _with_baseline(client, phase(f"cached-c{c}", mode="cached", concurrency=c,
+                                               requests=config.cached_requests,
+                                               image_ids=tuple(ids)),
+                                 lambda: baseline.cached(config.cached_requests))
             out["cached"].append(row)
             logger.info("cached prompts, %d clients: %.1f req/s, p50 %.1f ms", c,
                         row["throughput"], row["p50_ms"])
@@ -525,21 +518,32 @@ def _checkpoint(config: ServeBenchConfig, work_dir: Path) -> str | None:
     return str(path)
 
 
+def _with_baseline(client: Any, load: Phase, baseline_block: Callable[[], dict[str, Any]],
+                   per_request: int = 1) -> dict[str, Any]:
+    """Run ``load`` between two baseline blocks; its summary, with the baseline's mean rate
+    and the ratio (service units per second: requests x ``per_request`` prompts)."""
+    before = baseline_block()
+    result = client.run(load)
+    after = baseline_block()
+    row = {"concurrency": load.concurrency, **summarise(result["records"]),
+           "baseline_throughput": _mean_rate(before, after)}
+    if per_request != 1:
+        row["prompts_per_request"] = per_request
+        row["prompts_per_s"] = round(row["throughput"] * per_request, 2)
+    row["vs_baseline"] = round(row["throughput"] * per_request / row["baseline_throughput"], 3)
+    return row
+
+
 def _batch_phase(config: ServeBenchConfig, client: Any, phase: Callable[..., Phase],
                  baseline: Any, ids: tuple[str, ...], concurrency: int) -> dict[str, Any]:
     """Cached images, ``batch_prompts`` prompts per request (``POST /v1/segment/batch``):
     prompts per second against the baseline's ``predict`` loop around it."""
     k = config.batch_prompts
-    before = baseline.cached(config.cached_requests)
-    result = client.run(phase(f"batch-c{concurrency}", mode="batch", concurrency=concurrency,
-                              requests=max(4 * concurrency, config.cached_requests // k),
-                              image_ids=ids,
-                              prompts_per_request=k))
-    after = baseline.cached(config.cached_requests)
-    row = {"concurrency": concurrency, "prompts_per_request": k,
-           **summarise(result["records"]), "baseline_throughput": _mean_rate(before, after)}
-    row["prompts_per_s"] = round(row["throughput"] * k, 2)
-    row["vs_baseline"] = round(row["prompts_per_s"] / row["baseline_throughput"], 3)
+    row = _with_baseline(client, phase(f"batch-c{concurrency}", mode="batch",
+                                       concurrency=concurrency,
+                                       requests=max(4 * concurrency, config.cached_requests // k),
+                                       image_ids=ids, prompts_per_request=k),
+                         lambda: baseline.cached(config.cached_requests), per_request=k)
     logger.info("batches of %d prompts, %d clients: %.1f prompts/s (%.2fx baseline)", k,
                 concurrency, row["prompts_per_s"], row["vs_baseline"])
     return row
