@@ -26,6 +26,7 @@ import psutil
 import pytest
 import redis
 
+from cli.up import REPO_ROOT, settings_env, worker_command
 from infra import keys
 from infra.artifacts import MANIFEST, ArtifactStore
 from infra.datasets import DatasetRegistry
@@ -40,7 +41,6 @@ from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
 from tests.workers.worker_support import JOB_TIMEOUT_S, START_TIMEOUT_S, write_domain_dataset
 from workers.celery_app import make_celery
 from workers.reaper import broker_messages
-from workers.up import REPO_ROOT, settings_env, worker_command
 
 LEASE_S = 3.0
 REAPER_INTERVAL_S = 1.0
