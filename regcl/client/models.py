@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from regcl.client.encoding import decode_logits, decode_mask
+
 __all__ = [
     "TERMINAL_STATES",
     "Activation",
@@ -65,8 +67,6 @@ class Mask:
 
 
 def _masks(items: list[dict[str, Any]]) -> list[Mask]:
-    from regcl.client.encoding import decode_logits, decode_mask
-
     return [Mask(decode_mask(m), float(m["score"]), int(m["area"]),
                  tuple(int(v) for v in m["bbox"]),  # type: ignore[arg-type]
                  decode_logits(m["low_res_logits"]) if m.get("low_res_logits") else None)
@@ -265,6 +265,7 @@ class MatrixCell:
     mae: float | None
     count: int | None
     job_id: str
+    finished_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ class Matrix:
     def from_json(cls, body: dict[str, Any]) -> Matrix:
         rows = [MatrixRow(r["target"], r.get("version"), r.get("adapter"), bool(r["live"]),
                           {name: MatrixCell(c["iou"], c.get("dice"), c.get("mae"),
-                                            c.get("count"), c["job_id"])
+                                            c.get("count"), c["job_id"],
+                                            _time(c.get("finished_at")))
                            for name, c in r["scores"].items()})
                 for r in body["rows"]]
         return cls(rows, {c["dataset"]: c.get("domain") for c in body["columns"]},
