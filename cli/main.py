@@ -158,6 +158,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cli.demo import add_arguments as demo_arguments
     from regcl.models.build import TINY_CHECKPOINT
 
     parser = argparse.ArgumentParser(prog="regcl", description=__doc__.split("\n\n")[0])
@@ -236,8 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
     u.set_defaults(func=_cmd_up)
-
-    from cli.demo import add_arguments as demo_arguments
 
     d = sub.add_parser("demo", help="drive train → merge → activate → segment over HTTP "
                                     "against a running stack (regcl up)")
