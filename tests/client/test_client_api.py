@@ -39,6 +39,8 @@ from tests.service.api_support import (
     png_bytes,
 )
 
+pytestmark = pytest.mark.slow  # a worker and two API processes start for tests/client
+
 IMAGE = make_image(7)  # 96 x 128 x 3 uint8
 POINTS = [[40.0, 30.0], [90.0, 60.0]]
 BOX = [10.0, 8.0, 90.0, 70.0]
