@@ -25,6 +25,7 @@ COPY regcl ./regcl
 COPY infra ./infra
 COPY service ./service
 COPY workers ./workers
+COPY cli ./cli
 RUN pip install . \
     && useradd --system --uid 10001 --create-home regcl \
     && mkdir -p /var/lib/regcl/data /var/lib/regcl/artifacts \
