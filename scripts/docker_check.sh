@@ -135,15 +135,17 @@ set +e
 demo_rc=${PIPESTATUS[0]}
 set -e
 note "regcl demo (${cli[*]} demo --url $url ${demo_args[*]}): exit $demo_rc, $(since "$t") s"
+while read -r line; do note "  demo: $line"; done < <(grep -E '^ *(live now serves|done in)' "$LOG_DIR/demo.log")
 
 # -- sizes ------------------------------------------------------------------------------------
 for image in regcl-api regcl-worker "$REDIS_IMAGE" "$BASE_IMAGE"; do
     bytes=$($DOCKER image inspect -f '{{.Size}}' "$image" 2>/dev/null) || continue
     note "image $image: $(awk -v b="$bytes" 'BEGIN { printf "%.2f GB", b / 1e9 }')"
 done
-shared=$(comm -12 <($DOCKER image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' regcl-api | sort) \
-                  <($DOCKER image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' regcl-worker | sort) | grep -c .)
-note "layers regcl-api and regcl-worker share: $shared"
+layers() { $DOCKER image inspect -f '{{range .RootFS.Layers}}{{println .}}{{end}}' "$1" | grep . | sort; }
+shared=$(comm -12 <(layers regcl-api) <(layers regcl-worker) | wc -l)
+note "disk used by all images (shared layers once): $($DOCKER system df --format '{{.Type}} {{.Size}}' | awk '/^Images/ { print $2 }')"
+note "layers: regcl-api $(layers regcl-api | wc -l), regcl-worker $(layers regcl-worker | wc -l), shared $shared"
 
 printf '\n== docker_check summary (logs: %s)\n' "$LOG_DIR"
 printf '  %s\n' "${summary[@]}"
