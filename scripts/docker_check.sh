@@ -98,7 +98,7 @@ export REGCL_ADMIN_KEYS API_PORT
 up=("${compose[@]}" --profile cpu)
 
 stop() {
-    "${up[@]}" logs --no-color >"$LOG_DIR/compose.log" 2>&1 || true
+    "${up[@]}" logs --no-color --timestamps >"$LOG_DIR/compose.log" 2>&1 || true
     "${up[@]}" down --volumes --remove-orphans >/dev/null 2>&1 || true
 }
 trap stop EXIT
@@ -107,14 +107,23 @@ t=$(now)
 "${up[@]}" up -d --no-build >"$LOG_DIR/compose-up.log" 2>&1 \
     || { cat "$LOG_DIR/compose-up.log" >&2; fail "compose up"; }
 api=$("${up[@]}" ps -q api)
+host_ready() {  # /readyz through the published port, as a client sees it
+    python3 -c 'import sys, urllib.request
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/readyz", timeout=2)' "$API_PORT" 2>/dev/null
+}
+ready=""
 while :; do
+    if [[ -z $ready ]] && host_ready; then
+        ready=$(since "$t")
+        note "compose up → /readyz answers 200 on port $API_PORT: $ready s"
+    fi
     state=$($DOCKER inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$api")
     [[ $state == "running healthy" ]] && break
     [[ $state == running* ]] || { "${up[@]}" logs --no-color --tail 40 api >&2; fail "api: $state"; }
     awk -v s="$(since "$t")" 'BEGIN { exit !(s > 600) }' && fail "api not healthy after 600 s"
-    sleep 2
+    sleep 1
 done
-note "compose up → api healthy (/readyz): $(since "$t") s"
+note "compose up → api container healthy (its /readyz check, every 10 s): $(since "$t") s"
 [[ $("${up[@]}" ps -q worker-cpu) ]] || fail "the CPU worker is not running"
 
 # -- demo -------------------------------------------------------------------------------------
