@@ -116,6 +116,7 @@ class AdapterTable:
         self.lock = WriterFirstLock()
         self.max_domains = max_domains
         self.swaps = SwapLog()
+        self.domain_loads = 0
         self._cache = cache
         self._source = source
         self._state = threading.Lock()
@@ -194,7 +195,11 @@ class AdapterTable:
     def deltas(self, slot: AdapterSlot | None) -> dict | None:
         """What to fold into the serving encoder for ``slot`` (None: none)
         (:func:`regcl.models.serving.lora_deltas`). Caller holds the model lock."""
-        return None if slot is None else lora_deltas(self.sam.image_encoder, slot.key)
+        if slot is None:
+            return None
+        if slot.key not in self.model.peft_config:  # never with pins; never serve base instead
+            raise RuntimeError(f"adapter slot {slot.key} ({slot.label}) was removed in use")
+        return lora_deltas(self.sam.image_encoder, slot.key)
 
     # ----------------------------------------------------------------------------- changes
     def _new_slot(self, kind: str, name: str, version: int | None, files: AdapterFiles,
@@ -302,6 +307,7 @@ class AdapterTable:
                 if old is not None:
                     self._retired[old.key] = old
                 self._domains[name] = slot
+                self.domain_loads += 1
                 if pinned:
                     self._pins[slot.key] += 1
             self._remove_unused()

@@ -252,4 +252,5 @@ class SegmentationEngine:
     def stats(self) -> EngineStats:
         last, swaps = self.slots.swaps.last()
         return EngineStats(self.cache.stats(), self.images.stats(), self.live_version,
-                           tuple(self.domains()), self._encoding.encodes, swaps, last)
+                           tuple(self.domains()), self._encoding.encodes, swaps, last,
+                           self.slots.domain_loads)

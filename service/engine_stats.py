@@ -34,7 +34,8 @@ class SwapResult:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot for metrics."""
+    """A snapshot for metrics. domain_loads: domain adapters loaded so far (a reload after
+    an eviction counts again)."""
 
     embeddings: CacheStats
     images: CacheStats
@@ -43,6 +44,7 @@ class EngineStats:
     encodes: int
     swaps: int
     last_swap: SwapResult | None
+    domain_loads: int
 
 
 class SwapLog:
