@@ -125,7 +125,7 @@ class Settings(BaseSettings):
         "the CPU, 2 ms on CUDA.",
     )
     max_domain_adapters: int = Field(
-        default=8, ge=0, le=1024, description="Domain adapters kept loaded for serving; a "
+        default=8, ge=1, le=1024, description="Domain adapters kept loaded for serving; a "
         "request naming another one unloads the least recently used one no request is using.",
     )
     serve_threads: int = Field(
