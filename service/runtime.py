@@ -30,9 +30,10 @@ from infra.settings import Settings
 from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
-from service.engine import SegmentationEngine, ServingOptions
+from service.engine import SegmentationEngine
 from service.live_swap import DomainAdapters, LiveFollower
 from service.metrics import Metrics
+from service.options import ServingOptions
 
 __all__ = ["Runtime", "build_runtime"]
 
@@ -54,7 +55,6 @@ class Runtime:
     celery: Any | None  # celery.Celery; None when the workers package is not installed
     metrics: Metrics
     live: LiveFollower
-    domains: DomainAdapters
     cache_dir: Path
     upload_dir: Path
 
@@ -129,13 +129,6 @@ def serving_options(settings: Settings) -> ServingOptions:
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Load the model, build the engine and the platform clients (blocking: run it in a
     thread). The live adapter is not loaded here (see :meth:`LiveFollower.sync`)."""
-    sam = build_sam(settings.model, settings.checkpoint)
-    engine = SegmentationEngine(sam, cache_bytes=settings.embedding_cache_bytes,
-                                options=serving_options(settings))
-    fingerprint = engine.base_fingerprint  # hashed now, not while a request waits
-    logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
-                settings.device, fingerprint, engine.options)
-    metrics.attach_engine(engine)
     client = connect(settings.redis_url)
     aclient = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
                                       socket_connect_timeout=5.0, health_check_interval=30)
@@ -143,10 +136,18 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     registry = Registry(client, store)
     cache_dir = settings.data_dir / "cache" / "service"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    sam = build_sam(settings.model, settings.checkpoint)
+    engine = SegmentationEngine(sam, cache_bytes=settings.embedding_cache_bytes,
+                                max_domains=settings.max_domain_adapters,
+                                options=serving_options(settings),
+                                domain_source=DomainAdapters(registry, cache_dir))
+    fingerprint = engine.base_fingerprint  # hashed now, not while a request waits
+    logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
+                settings.device, fingerprint, engine.options)
+    metrics.attach_engine(engine)
     return Runtime(
         settings=settings, engine=engine, redis=client, aredis=aclient, store=store,
         registry=registry, jobs=JobStore(client), datasets=DatasetRegistry(client, store),
         celery=_make_celery(settings), metrics=metrics,
         live=LiveFollower(engine, registry, cache_dir, metrics),
-        domains=DomainAdapters(engine, registry, cache_dir),
         cache_dir=cache_dir, upload_dir=settings.data_dir / "tmp" / "uploads")

@@ -25,8 +25,8 @@ from infra.registry import validate_adapter_name as check_name
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.adapters.lora import META_FILE
 from regcl.errors import AdapterError, RegclError
+from service.adapter_table import BASE, LIVE
 from service.deps import AdminKey, RegistryDep, RuntimeDep
-from service.engine import BASE, LIVE
 from service.live_swap import check_adapter_fits
 from service.problems import ProblemError, problem_responses
 from service.runtime import Runtime
@@ -174,5 +174,5 @@ def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
 def delete_adapter(_: AdminKey, name: str, runtime: RuntimeDep) -> AdapterDeleteResponse:
     """Delete an adapter (versions merged from it keep their own copies)."""
     runtime.registry.delete_adapter(name)
-    runtime.domains.forget(name)
+    runtime.engine.unload_domain(name, missing_ok=True)
     return AdapterDeleteResponse(name=name, deleted=True)

@@ -10,11 +10,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from segment_anything import SamPredictor
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from regcl.errors import ConfigError
 from regcl.models import build_sam
 from service.batching import Batcher, WriterFirstLock
-from service.engine import SegmentationEngine, ServingOptions
+from service.decoding import DecodeJob, decode_rows
+from service.engine import SegmentationEngine
+from service.options import ServingOptions
 from tests.service.test_engine import LABELS, POINTS, _randomised_adapter, make_image
 
 EMBEDDING_BYTES = 128 * 16 * 16 * 4
@@ -201,8 +205,6 @@ def test_writer_first_lock_lets_a_writer_in_before_the_next_batch():
 
 @pytest.mark.parametrize("multimask", [True, False])
 def test_batched_decoding_equals_one_prompt_at_a_time(multimask):
-    from service.engine import _DecodeJob
-
     engine = _engine()
     images = [make_image(50, 120, 200), make_image(51, 90, 70), make_image(52, 200, 150)]
     encoded = [engine.encode(engine.register_image(image), "base")[0] for image in images]
@@ -212,19 +214,47 @@ def test_batched_decoding_equals_one_prompt_at_a_time(multimask):
              dict(box=np.array([5.0, 5.0, 60.0, 50.0])),
              dict(point_coords=POINTS[:1] / 3, point_labels=LABELS[:1],
                   box=np.array([5.0, 5.0, 60.0, 50.0]), mask_input=first.low_res_logits)]
+    sam = engine.slots.sam
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
     for form in forms:
-        jobs = [_DecodeJob(e, engine._check_prompt(form.get("point_coords"),
-                                                   form.get("point_labels"), form.get("box"),
-                                                   form.get("mask_input")), multimask, True)
+        jobs = [DecodeJob(e, engine._check_prompt(form.get("point_coords"),
+                                                  form.get("point_labels"), form.get("box"),
+                                                  form.get("mask_input")), multimask, True)
                 for e in encoded]
-        rows = engine._decode_rows(jobs)
+        rows = decode_rows(sam, transform, jobs)
         for job, got in zip(jobs, rows, strict=True):
-            want = engine._decode_one(job.encoded, job.prompt, multimask, True)
+            want = decode_rows(sam, transform, [job])[0]
             assert got.masks.shape == want.masks.shape and got.masks.dtype == want.masks.dtype
             np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-4)
             np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
             assert (got.masks != want.masks).mean() <= 1e-4
             assert got.image_id == job.encoded.image_id
+    engine.close()
+
+
+def test_one_row_decodes_as_sam_predictor_bit_for_bit():
+    """The one decode path, for a prompt alone, is SamPredictor.predict exactly."""
+    engine = _engine()
+    image = make_image(53, 90, 140)
+    encoded, _ = engine.encode(engine.register_image(image), "base")
+    predictor = SamPredictor(engine.slots.sam)
+    predictor.set_image(image)
+    transform = ResizeLongestSide(engine.slots.sam.image_encoder.img_size)
+    prompts = [dict(point_coords=POINTS / 2, point_labels=LABELS),
+               dict(box=np.array([5.0, 5.0, 60.0, 50.0])),
+               dict(point_coords=POINTS[:1] / 2, point_labels=LABELS[:1],
+                    box=np.array([5.0, 5.0, 60.0, 50.0]))]
+    for multimask in (True, False):
+        for prompt in prompts:
+            job = DecodeJob(encoded, engine._check_prompt(prompt.get("point_coords"),
+                                                          prompt.get("point_labels"),
+                                                          prompt.get("box"), None),
+                            multimask, True)
+            got = decode_rows(engine.slots.sam, transform, [job])[0]
+            masks, scores, logits = predictor.predict(multimask_output=multimask, **prompt)
+            np.testing.assert_array_equal(got.masks, masks)
+            np.testing.assert_array_equal(got.scores, scores)
+            np.testing.assert_array_equal(got.low_res_logits, logits)
     engine.close()
 
 
