@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from infra.settings import MIB, Settings, get_settings
-from service.deps import AdminAuthMiddleware
+from service.auth import AdminAuthMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import install_problem_handlers
 from service.routers import adapters, datasets, health, images, jobs, segment, versions

@@ -84,6 +84,7 @@ INTERNAL = _kind("internal-error", 500, "Internal server error", expose=False)
 BACKEND_UNAVAILABLE = _kind("backend-unavailable", 503, "A backend service is unavailable",
                             expose=False)
 VALIDATION = _kind("validation-error", 422, "The request does not match its schema")
+BASE_MODEL_MISMATCH = _kind("base-model-mismatch", 422, "Adapter made for another base model")
 
 KINDS: dict[type[BaseException], ProblemKind] = {
     # engine (service.errors): each class's own code
@@ -129,6 +130,7 @@ KINDS: dict[type[BaseException], ProblemKind] = {
     infra_errors.InvalidTransition: _kind("invalid-transition", 409, "Invalid state change"),
     infra_errors.Conflict: _kind("conflict", 409, "Conflict"),
     infra_errors.InvalidName: _kind("invalid-name", 422, "Invalid name"),
+    infra_errors.BaseModelMismatch: BASE_MODEL_MISMATCH,
     infra_errors.CorruptArtifact: _kind("corrupt-artifact", 500, "Stored artifact is corrupt",
                                         expose=False),
     infra_errors.RedisServerError: BACKEND_UNAVAILABLE,
@@ -152,10 +154,9 @@ HTTP_KINDS: dict[str, ProblemKind] = {k.code: k for k in (
     _kind("invalid-base64", 422, "Invalid base64 data"),
     _kind("unsafe-file", 422, "Unsafe file refused"),
     _kind("invalid-archive", 422, "Invalid archive"),
-    _kind("base-model-mismatch", 422, "Adapter made for another base model"),
     _kind("reserved-name", 422, "Reserved name"),
     _kind("jobs-unavailable", 503, "Job submission is not available"),
-    VALIDATION, INTERNAL, BACKEND_UNAVAILABLE,
+    VALIDATION, INTERNAL, BACKEND_UNAVAILABLE, BASE_MODEL_MISMATCH,
 )}
 _STATUS_CODES = {400: "bad-request", 401: "unauthorized", 404: "not-found",
                  405: "method-not-allowed", 413: "payload-too-large",

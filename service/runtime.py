@@ -24,7 +24,8 @@ import torch
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
-from infra.redis_client import connect
+from infra.platform import connect_platform
+from infra.redis_client import connect_async
 from infra.registry import Registry
 from infra.settings import Settings
 from regcl.errors import RegclError
@@ -136,17 +137,14 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
                 settings.device, fingerprint, engine.options)
     metrics.attach_engine(engine)
-    client = connect(settings.redis_url)
-    aclient = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                      socket_connect_timeout=5.0, health_check_interval=30)
-    store = ArtifactStore(settings.artifact_url)
-    registry = Registry(client, store)
+    platform = connect_platform(settings)
     cache_dir = settings.data_dir / "cache" / "service"
     cache_dir.mkdir(parents=True, exist_ok=True)
     return Runtime(
-        settings=settings, engine=engine, redis=client, aredis=aclient, store=store,
-        registry=registry, jobs=JobStore(client), datasets=DatasetRegistry(client, store),
+        settings=settings, engine=engine, redis=platform.redis,
+        aredis=connect_async(settings.redis_url), store=platform.store,
+        registry=platform.registry, jobs=platform.jobs, datasets=platform.datasets,
         celery=_make_celery(settings), metrics=metrics,
-        live=LiveFollower(engine, registry, cache_dir, metrics),
-        domains=DomainAdapters(engine, registry, cache_dir),
+        live=LiveFollower(engine, platform.registry, cache_dir, metrics),
+        domains=DomainAdapters(engine, platform.registry, cache_dir),
         cache_dir=cache_dir, upload_dir=settings.data_dir / "tmp" / "uploads")

@@ -19,13 +19,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 
+from infra.base_model import base_metadata, check_base_model
 from infra.errors import Conflict
-from infra.registry import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIGHTS_FILE
 from infra.registry import validate_adapter_name as check_name
 from regcl.adapters import AdapterFiles, read_adapter
-from regcl.adapters.lora import META_FILE
+from regcl.adapters.layout import (
+    CONFIG_FILE,
+    META_FILE,
+    STATS_FILE,
+    UNSAFE_SUFFIXES,
+    WEIGHTS_FILE,
+)
 from regcl.errors import AdapterError, RegclError
-from service.deps import AdminKey, RegistryDep, RuntimeDep
+from service.deps import AdminKey, DomainsDep, RegistryDep, RuntimeDep
 from service.engine import BASE, LIVE
 from service.live_swap import check_adapter_fits
 from service.problems import ProblemError, problem_responses
@@ -113,13 +119,11 @@ def upload_adapter(
     if name_taken(lambda: runtime.registry.get_adapter(name)):
         raise Conflict(f"adapter {name!r} already exists")
     engine = runtime.engine
-    stored = {**user, "domain": domain, "base_model": runtime.settings.model,
-              "base_fingerprint": engine.base_fingerprint,
+    stored = {**user, "domain": domain,
+              **base_metadata(runtime.settings.model, engine.base_fingerprint),
               "uploaded_at": datetime.now(UTC).isoformat()}
-    claimed = user.get("base_fingerprint")
-    if claimed is not None and claimed != engine.base_fingerprint:
-        raise ProblemError("base-model-mismatch", f"the adapter was made for base model "
-                           f"{claimed!r}; this service serves {engine.base_fingerprint!r}")
+    if "base_fingerprint" in user:  # a claim to check; without one, the upload is stamped
+        check_base_model(user, runtime.settings.model, engine.base_fingerprint, "the adapter")
     _check_base_model(user.get("base_model"), runtime.settings.model, "metadata.base_model")
     with runtime.scratch_dir("adapter-") as scratch:
         directory = scratch / name
@@ -171,8 +175,9 @@ def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
 
 @router.delete("/{name}", response_model=AdapterDeleteResponse,
                responses=problem_responses(401, 403, 404, 409, 422))
-def delete_adapter(_: AdminKey, name: str, runtime: RuntimeDep) -> AdapterDeleteResponse:
+def delete_adapter(_: AdminKey, name: str, registry: RegistryDep,
+                   domains: DomainsDep) -> AdapterDeleteResponse:
     """Delete an adapter (versions merged from it keep their own copies)."""
-    runtime.registry.delete_adapter(name)
-    runtime.domains.forget(name)
+    registry.delete_adapter(name)
+    domains.forget(name)
     return AdapterDeleteResponse(name=name, deleted=True)
