@@ -11,11 +11,10 @@ stays as the second check (and documents the route's security in OpenAPI).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.dependencies.models import Dependant
-from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -28,8 +27,9 @@ from service.deps import (
     require_segment_access,
 )
 from service.problems import ProblemError, problem_response
+from service.routes import api_routes, route_path
 
-__all__ = ["AdminAuthMiddleware", "guarded_routes", "key_from_headers"]
+__all__ = ["AdminAuthMiddleware", "guarded_routes", "key_check", "key_from_headers"]
 
 
 def key_from_headers(headers: Headers) -> str | None:
@@ -43,7 +43,7 @@ def key_from_headers(headers: Headers) -> str | None:
 Check = Callable[[Settings, str | None], None]
 
 
-def _gate(dependant: Dependant) -> Check | None:
+def key_check(dependant: Dependant) -> Check | None:
     """The key check a route's dependencies imply: admin first, then segmentation access."""
     calls = set()
     stack = list(dependant.dependencies)
@@ -58,40 +58,15 @@ def _gate(dependant: Dependant) -> Check | None:
     return None
 
 
-def _api_routes(app: Any) -> Iterator[tuple[str, APIRoute]]:
-    """Every API route of ``app`` with its full path (newer FastAPI keeps included routers
-    nested and lists them through ``iter_route_contexts``; older ones flatten them)."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # pragma: no cover - FastAPI before nested routers
-        for route in app.routes:
-            if isinstance(route, APIRoute):
-                yield route.path, route
-        return
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if isinstance(route, APIRoute):
-            yield context.path or route.path, route
-
-
 def guarded_routes(app: Any) -> list[tuple[re.Pattern[str], frozenset[str], Check]]:
     """(path pattern, methods, key check) of each route of ``app`` that depends on
     :func:`require_admin` or :func:`require_segment_access`."""
     routes = []
-    for path, route in _api_routes(app):
-        check = _gate(route.dependant)
+    for path, route in api_routes(app):
+        check = key_check(route.dependant)
         if check is not None:
             routes.append((compile_path(path)[0], frozenset(route.methods or ()), check))
     return routes
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the router matches: without the ``root_path`` a proxy mounts the app under."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root + "/"):
-        return path[len(root):]
-    return path
 
 
 class AdminAuthMiddleware:
@@ -107,7 +82,7 @@ class AdminAuthMiddleware:
     def _check_of(self, scope: Scope) -> Check | None:
         if self._routes is None:  # the route table is complete once requests arrive
             self._routes = guarded_routes(scope["app"])
-        path, method = _route_path(scope), scope["method"]
+        path, method = route_path(scope), scope["method"]
         for pattern, methods, check in self._routes:
             if method in methods and pattern.match(path):
                 return check

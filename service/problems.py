@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from infra import errors as infra_errors
 from regcl import errors as regcl_errors
 from service import errors as service_errors
+from service.routes import allowed_methods, route_path
 
 __all__ = [
     "KINDS",
@@ -155,6 +156,7 @@ HTTP_KINDS: dict[str, ProblemKind] = {k.code: k for k in (
     _kind("unsafe-file", 422, "Unsafe file refused"),
     _kind("invalid-archive", 422, "Invalid archive"),
     _kind("reserved-name", 422, "Reserved name"),
+    _kind("missing-stats", 409, "Adapter has no statistics"),
     _kind("jobs-unavailable", 503, "Job submission is not available"),
     VALIDATION, INTERNAL, BACKEND_UNAVAILABLE, BASE_MODEL_MISMATCH,
 )}
@@ -248,7 +250,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     kind = HTTP_KINDS[code] if code else ProblemKind(f"http-{exc.status_code}", exc.status_code,
                                                      "HTTP error")
     detail = exc.detail if isinstance(exc.detail, str) else None
-    return problem_response(request, kind, detail, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # Starlette names one route's methods; the path may have more
+        headers["Allow"] = ", ".join(allowed_methods(request.app, route_path(request.scope)))
+    return problem_response(request, kind, detail, headers=headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

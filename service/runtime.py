@@ -62,8 +62,7 @@ class Runtime:
     @property
     def mask_input_side(self) -> int:
         """Side of SAM's low-res mask logits (``mask_input``): 4 x the embedding size."""
-        spec = SAM_SPECS[self.settings.model]
-        return 4 * (spec.image_size // spec.patch_size)
+        return SAM_SPECS[self.settings.model].mask_input_side
 
     @contextlib.contextmanager
     def scratch_dir(self, prefix: str) -> Iterator[Path]:

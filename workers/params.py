@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -34,11 +35,14 @@ from regcl.merging.catalogue import CATALOGUE, STREAMING_METHODS, MethodInfo, pa
 
 __all__ = [
     "METHOD_PARAMS",
+    "STATS_SUFFIX",
     "EvaluateParams",
+    "Integer",
     "MergeJob",
     "MergeJobParams",
     "StatsParams",
     "TrainParams",
+    "integer",
     "method_params_type",
     "stats_output_name",
     "validate",
@@ -53,7 +57,22 @@ M = TypeVar("M", bound=BaseModel)
 DEFAULT_MERGE_METHOD = "regcl_product"
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema's integers include 2.0: take a float without a fraction as its int."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_whole)]
+"""An integer field (the models are strict: no strings or booleans for numbers)."""
+
+
+def integer(**bounds: int) -> Any:
+    """:data:`Integer` within ``bounds`` (``ge``, ``le``), for use inside a list or union (the
+    bounds must come before the validator for the schema to show them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+_FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 @functools.cache
@@ -84,19 +103,19 @@ class TrainParams(BaseModel):
     model_config = _FROZEN
 
     adapter: str | None = Field(None, json_schema_extra=ADAPTER_NAME_SCHEMA)
-    rank: int = Field(10, ge=1, le=256)
+    rank: Integer = Field(10, ge=1, le=256)
     alpha: Finite | None = Field(None, gt=0)
-    blocks: list[Annotated[int, Field(ge=0)]] | None = Field(
+    blocks: list[integer(ge=0)] | None = Field(  # type: ignore[valid-type]
         None, min_length=1, max_length=128, json_schema_extra={"uniqueItems": True})
-    epochs: int = Field(20, ge=1, le=1000)
-    batch_size: int = Field(8, ge=1, le=256)
+    epochs: Integer = Field(20, ge=1, le=1000)
+    batch_size: Integer = Field(8, ge=1, le=256)
     lr: Finite = Field(5e-3, gt=0, le=1)
     min_lr: Finite = Field(1e-7, ge=0, le=1, description="The rate the cosine schedule "
                            "ends at (normally below lr; above it, the rate rises to it).")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    n_points: int = Field(3, ge=1, le=64)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    n_points: Integer = Field(3, ge=1, le=64)
     holdout: Finite = Field(0.1, gt=0, le=0.5)
-    max_samples: int | None = Field(None, ge=2, le=100_000)
+    max_samples: integer(ge=2, le=100_000) | None = None  # type: ignore[valid-type]
 
     @field_validator("adapter")
     @classmethod
@@ -207,10 +226,10 @@ class EvaluateParams(BaseModel):
 
     model_config = _FROZEN
 
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    n_points: int = Field(3, ge=1, le=64)
-    max_samples: int | None = Field(512, ge=1, le=100_000)
-    batch_size: int = Field(16, ge=1, le=256)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    n_points: Integer = Field(3, ge=1, le=64)
+    max_samples: integer(ge=1, le=100_000) | None = 512  # type: ignore[valid-type]
+    batch_size: Integer = Field(16, ge=1, le=256)
 
 
 class StatsParams(BaseModel):
@@ -223,9 +242,9 @@ class StatsParams(BaseModel):
     model_config = _FROZEN
 
     output: str | None = Field(None, json_schema_extra=ADAPTER_NAME_SCHEMA)
-    max_samples: int = Field(64, ge=1, le=10_000)
-    batch_size: int = Field(16, ge=1, le=256)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    max_samples: Integer = Field(64, ge=1, le=10_000)
+    batch_size: Integer = Field(16, ge=1, le=256)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("output")
     @classmethod
@@ -233,9 +252,13 @@ class StatsParams(BaseModel):
         return None if value is None else _name(validate_adapter_name, value)
 
 
+STATS_SUFFIX = "-stats"
+"""A stats job's result is ``<adapter>-stats`` unless it is given a name."""
+
+
 def stats_output_name(adapter: str, params: StatsParams) -> str:
     """Where the stats job stores its result: ``params.output`` or ``<adapter>-stats``."""
-    name = params.output or f"{adapter}-stats"
+    name = params.output or adapter + STATS_SUFFIX
     try:
         validate_adapter_name(name)
     except ValueError as exc:

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from infra.base_model import base_metadata, check_base_model
 from infra.errors import Conflict
+from infra.registry import ADAPTER_NAME_SCHEMA
 from infra.registry import validate_adapter_name as check_name
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.adapters.layout import (
@@ -41,6 +42,12 @@ from service.schemas.adapters import (
     AdapterInfo,
     AdapterListResponse,
     AdapterUploadResponse,
+)
+from service.schemas.documented import (
+    JSON_OBJECT_FIELD,
+    NEW_NAME_SCHEMA,
+    NamePath,
+    upload_parts,
 )
 from service.uploads import copy_bounded, form_json_object, name_taken
 
@@ -92,18 +99,29 @@ def _read_upload(directory: Path) -> AdapterFiles:
 
 
 @router.post("", response_model=AdapterUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422))
+             responses=problem_responses(400, 401, 403, 409, 413, 422),
+             openapi_extra=upload_parts(
+                 adapter_config=("application/json", CONFIG_FILE),
+                 adapter_model=("application/octet-stream", WEIGHTS_FILE),
+                 regcl_stats=("application/octet-stream", STATS_FILE)))
 def upload_adapter(
     _: AdminKey,
     runtime: RuntimeDep,
-    name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}.")],
-    adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json.")],
-    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors.")],
-    domain: Annotated[str | None, Form(description="Image domain (default: the name).")]
-    = None,
+    name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}, other "
+                              "than base and live.", json_schema_extra=NEW_NAME_SCHEMA)],
+    adapter_config: Annotated[UploadFile, File(
+        description="PEFT adapter_config.json of a LoRA on the served model's image encoder.")],
+    adapter_model: Annotated[UploadFile, File(
+        description="adapter_model.safetensors: finite LoRA weights whose names and shapes fit "
+        "the served model (never a pickle: .bin, .pt, ... are refused by name).")],
+    domain: Annotated[str | None, Form(description="Image domain (default: the name).",
+                                       json_schema_extra=ADAPTER_NAME_SCHEMA)] = None,
     regcl_stats: Annotated[UploadFile | None, File(
-        description="regcl_stats.safetensors (Gram statistics, needed to merge).")] = None,
-    metadata: Annotated[str | None, Form(description="A JSON object stored with it.")] = None,
+        description="regcl_stats.safetensors: a finite Gram (in x in) and a token count per "
+        "LoRA weight (needed to merge).")] = None,
+    metadata: Annotated[str | None, Form(
+        description="A JSON object stored with it; base_model and base_fingerprint, if given, "
+        "must name the served model.", json_schema_extra=JSON_OBJECT_FIELD)] = None,
 ) -> AdapterUploadResponse:
     """Upload a PEFT LoRA adapter for the serving model. Without ``regcl_stats`` it can be
     served (``adapter=<name>`` in /v1/segment) but not merged (``has_stats: false``)."""
@@ -145,7 +163,7 @@ def list_adapters(registry: RegistryDep) -> AdapterListResponse:
 
 
 @router.get("/{name}", response_model=AdapterInfo, responses=problem_responses(404, 422))
-def get_adapter(name: str, registry: RegistryDep) -> AdapterInfo:
+def get_adapter(name: NamePath, registry: RegistryDep) -> AdapterInfo:
     """One adapter's record."""
     return AdapterInfo.of(registry.get_adapter(name))
 
@@ -159,7 +177,7 @@ def _zip_chunks(data: bytes) -> Iterator[bytes]:
             responses={200: {"content": {"application/zip": {}},
                              "description": "The adapter directory as a zip file."},
                        **problem_responses(404, 422)})
-def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
+def download_adapter(name: NamePath, runtime: RuntimeDep) -> StreamingResponse:
     """The adapter directory (PEFT files, statistics, metadata) as a zip file."""
     record = runtime.registry.get_adapter(name)
     path = runtime.registry.fetch_adapter(name, runtime.cache_dir)
@@ -175,7 +193,7 @@ def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
 
 @router.delete("/{name}", response_model=AdapterDeleteResponse,
                responses=problem_responses(401, 403, 404, 409, 422))
-def delete_adapter(_: AdminKey, name: str, registry: RegistryDep,
+def delete_adapter(_: AdminKey, name: NamePath, registry: RegistryDep,
                    domains: DomainsDep) -> AdapterDeleteResponse:
     """Delete an adapter (versions merged from it keep their own copies)."""
     registry.delete_adapter(name)

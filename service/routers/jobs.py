@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from infra import keys
 from infra.base_model import check_base_model
 from infra.errors import Conflict
-from infra.jobs import JobRecord, JobState, JobStore
+from infra.jobs import JOB_ID_PATTERN, JOB_KIND_PATTERN, JobRecord, JobState, JobStore
 from infra.registry import ADAPTER_NAME, Registry
-from regcl.errors import StatsError
 from regcl.merging.catalogue import STATS_METHODS
 from service.deps import (
     AdminKey,
@@ -36,7 +36,8 @@ from service.deps import (
     RegistryDep,
     SettingsDep,
 )
-from service.problems import problem_responses
+from service.problems import ProblemError, problem_responses
+from service.schemas.documented import JobIdPath
 from service.schemas.jobs import (
     MERGE_JOB_SCHEMA,
     EvaluateJobRequest,
@@ -49,6 +50,7 @@ from service.schemas.jobs import (
     TrainJobRequest,
 )
 from service.uploads import name_taken
+from workers.params import STATS_SUFFIX
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger(__name__)
@@ -56,6 +58,21 @@ logger = logging.getLogger(__name__)
 SSE_HEARTBEAT_S = 15.0
 SSE_RESYNC_S = 5.0
 _SUBMIT = problem_responses(400, 401, 403, 404, 409, 422, 503)
+
+
+class JobIdConvertor(Convertor[str]):
+    """Path segments that are job ids (``infra.jobs.JOB_ID_PATTERN``)."""
+
+    regex = JOB_ID_PATTERN
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", JobIdConvertor())  # /v1/jobs/train is not a job's path
 
 
 def _submit() -> Any:
@@ -102,8 +119,9 @@ def submit_merge(_: AdminKey, body: Annotated[MergeJobRequest, MERGE_JOB_SCHEMA]
         check_base_model(record.metadata, settings.model, engine.base_fingerprint,
                          f"adapter {name!r}")
         if body.method in STATS_METHODS and not record.has_stats:
-            raise StatsError(f"adapter {name!r} has no Gram statistics, which {body.method!r} "
-                             "merges need: run a stats job for it first (POST /v1/jobs/stats)")
+            raise ProblemError("missing-stats", f"adapter {name!r} has no Gram statistics, "
+                               f"which {body.method!r} merges need: run a stats job for it "
+                               "first (POST /v1/jobs/stats)")
     job = _submit().submit_merge(celery, jobs, adapters=body.adapters,
                                  method=body.method, params=body.params,
                                  activate=body.activate, fresh=body.fresh)
@@ -136,7 +154,7 @@ def submit_stats(_: AdminKey, body: StatsJobRequest, registry: RegistryDep,
     """Queue the computation of Gram statistics for an adapter."""
     registry.get_adapter(body.adapter)
     datasets.get_dataset(body.dataset)
-    _refuse_taken_output(registry, (body.params or {}).get("output") or f"{body.adapter}-stats")
+    _refuse_taken_output(registry, (body.params or {}).get("output") or body.adapter + STATS_SUFFIX)
     record = _submit().submit_stats(celery, jobs, adapter=body.adapter,
                                     dataset=body.dataset, params=body.params)
     return _accepted(response, record)
@@ -144,21 +162,21 @@ def submit_stats(_: AdminKey, body: StatsJobRequest, registry: RegistryDep,
 
 @router.get("", response_model=JobListResponse, responses=problem_responses(422, 503))
 def list_jobs(jobs: JobStoreDep,
-              kind: Annotated[str | None, Query(max_length=64)] = None,
+              kind: Annotated[str | None, Query(pattern=f"^{JOB_KIND_PATTERN}$")] = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> JobListResponse:
     """The newest jobs (of one ``kind``: train, merge, evaluate, stats), newest first."""
     return JobListResponse(jobs=[JobInfo.of(r) for r in jobs.list(kind=kind, limit=limit)])
 
 
-@router.get("/{job_id}", response_model=JobInfo, responses=problem_responses(404, 503))
-def get_job(job_id: str, jobs: JobStoreDep) -> JobInfo:
+@router.get("/{job_id:job_id}", response_model=JobInfo, responses=problem_responses(404, 503))
+def get_job(job_id: JobIdPath, jobs: JobStoreDep) -> JobInfo:
     """One job."""
     return JobInfo.of(jobs.get(job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobCancelResponse,
+@router.post("/{job_id:job_id}/cancel", response_model=JobCancelResponse,
              responses=problem_responses(401, 403, 404, 409, 503))
-def cancel_job(_: AdminKey, job_id: str, jobs: JobStoreDep,
+def cancel_job(_: AdminKey, job_id: JobIdPath, jobs: JobStoreDep,
                celery: CeleryDep) -> JobCancelResponse:
     """Cancel a job: a queued one at once, a running one at its next check (409 if it has
     already finished)."""
@@ -219,13 +237,13 @@ async def _job_events(request: Request, aredis: aioredis.Redis, jobs: JobStore,
             logger.debug("closing the job event subscription failed", exc_info=True)
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse, response_model=None,
+@router.get("/{job_id:job_id}/events", response_class=StreamingResponse, response_model=None,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "Server-sent events: `snapshot` (the record), "
                              "then the job's events (`running`, `progress`, `succeeded`, "
                              "...), each with data `{event, job}`; ends when the job ends."},
                        **problem_responses(404, 503)})
-async def job_events(job_id: str, request: Request, aredis: AsyncRedisDep,
+async def job_events(job_id: JobIdPath, request: Request, aredis: AsyncRedisDep,
                      jobs: JobStoreDep) -> StreamingResponse:
     """Follow a job as server-sent events."""
     await run_in_threadpool(jobs.get, job_id)  # 404 before the stream starts

@@ -19,6 +19,7 @@ from service.deps import (
 )
 from service.live_swap import check_adapter_fits
 from service.problems import problem_responses
+from service.schemas.documented import VersionPath
 from service.schemas.versions import (
     ActivateResponse,
     ContinualMatrixResponse,
@@ -128,14 +129,14 @@ def _columns(names: list[str], registry: RegistryDep, datasets: DatasetsDep
 
 
 @router.get("/{number}", response_model=VersionInfo, responses=problem_responses(404, 503))
-def get_version(number: int, registry: RegistryDep) -> VersionInfo:
+def get_version(number: VersionPath, registry: RegistryDep) -> VersionInfo:
     """One version's record."""
     return VersionInfo.of(registry.get_version(number), registry.live_version())
 
 
 @router.post("/{number}/activate", response_model=ActivateResponse,
              responses=problem_responses(401, 403, 404, 422, 503))
-def activate_version(_: AdminKey, number: int, registry: RegistryDep, live: LiveDep,
+def activate_version(_: AdminKey, number: VersionPath, registry: RegistryDep, live: LiveDep,
                      settings: SettingsDep, engine: EngineDep) -> ActivateResponse:
     """Make version ``number`` live everywhere (rolling back is activating an older one).
 

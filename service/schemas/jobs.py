@@ -14,10 +14,12 @@ from infra.registry import ADAPTER_NAME_SCHEMA
 from service.schemas.documented import documented_as
 from workers.params import (
     DEFAULT_MERGE_METHOD,
+    STATS_SUFFIX,
     EvaluateParams,
     MergeJobParams,
     StatsParams,
     TrainParams,
+    integer,
 )
 
 Name = Annotated[str, Field(max_length=64, json_schema_extra=ADAPTER_NAME_SCHEMA)]
@@ -27,7 +29,7 @@ JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TrainJobRequest(_Request):
@@ -61,13 +63,13 @@ class EvaluateJobRequest(_Request):
     """Score a merged ``version``, or an ``adapter``, or (neither) the base model on
     ``datasets``."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
         {"properties": {"version": {"type": "null"}}},
         {"properties": {"adapter": {"type": "null"}}}]})  # not both
 
     datasets: list[Name] = Field(min_length=1, max_length=16,
                                  json_schema_extra={"uniqueItems": True})
-    version: Annotated[int, Field(ge=1)] | None = None
+    version: integer(ge=1) | None = None  # type: ignore[valid-type]
     adapter: Name | None = None
     params: Annotated[dict[str, Any] | None, documented_as(EvaluateParams, nullable=True)] \
         = None
@@ -75,7 +77,14 @@ class EvaluateJobRequest(_Request):
 
 class StatsJobRequest(_Request):
     """Compute Gram statistics for ``adapter`` on ``dataset``; the result is a new adapter
-    (``params.output``, default ``<adapter>-stats``)."""
+    (``params.output``, default ``<adapter>-stats``: without an output name, the adapter's name
+    has at most 58 characters)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["params"], "properties": {"params": {
+            "type": "object", "required": ["output"],
+            "properties": {"output": {"type": "string"}}}}},
+        {"properties": {"adapter": {"maxLength": 64 - len(STATS_SUFFIX)}}}]})
 
     adapter: Name
     dataset: Name
