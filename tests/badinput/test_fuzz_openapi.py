@@ -43,7 +43,7 @@ from tests.service.api_support import (
     png_bytes,
 )
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 10
 IMAGE = make_image(0)  # 96 x 128 (H x W)
 ACCESS = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE) [^"]* HTTP/1\.1" (\d{3})')
 PHASES = {"admin": "examples,coverage,fuzzing,stateful", "anonymous": "fuzzing,stateful"}
@@ -99,8 +99,10 @@ def test_openapi_fuzz_with_all_checks(api, fuzz_dir, identity):
     result, sent, errors = _fuzz(api, fuzz_dir, identity)
     output = result.stdout + result.stderr
     summary = re.search(r"(\d+) generated[^\n]*", output)
+    phases = re.findall(r"(Coverage|Fuzzing|Stateful) \(in ([0-9.]+s)\)", output)
     print(f"fuzz {identity}: {sent} requests received by the server, {len(errors)} 5xx; "
-          f"schemathesis: {summary.group(0) if summary else '?'}")
+          f"schemathesis: {summary.group(0) if summary else '?'}; "
+          f"{', '.join(f'{name} {took}' for name, took in phases)}")
     assert result.returncode == 0, output[-8000:]
     assert sent > 100, output[-3000:]
     assert not errors, errors[:20]

@@ -156,7 +156,7 @@ def test_the_middleware_answers_before_the_app_starts(root_path):
     client = TestClient(app, root_path=root_path, raise_server_exceptions=False)
     assert_problem(client.post(f"{root_path}/v1/adapters"), 401, "unauthorized")
     assert_problem(client.delete(f"{root_path}/v1/datasets/x"), 401, "unauthorized")
-    assert_problem(client.post(f"{root_path}/v1/jobs/x/cancel"), 401, "unauthorized")
+    assert_problem(client.post(f"{root_path}/v1/jobs/{'0' * 32}/cancel"), 401, "unauthorized")
     assert client.get(f"{root_path}/v1/adapters").status_code == 503  # not gated: app answers
     assert client.post(f"{root_path}/v1/adapters",
                        headers={"X-API-Key": ADMIN_KEY}).status_code == 503
