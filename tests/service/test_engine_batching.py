@@ -179,28 +179,52 @@ def test_batcher_settles_every_future_and_closes():
         batcher.submit(1)
 
 
-def test_writer_first_lock_lets_a_writer_in_before_the_next_batch():
-    lock = WriterFirstLock()
-    batches = 0
-    stop = threading.Event()
-
-    def batcher() -> None:  # takes the lock again as soon as it let go, like the encoder
-        nonlocal batches
-        while not stop.is_set():
-            with lock.after_writers():
-                batches += 1
-                time.sleep(0.002)
-
-    thread = threading.Thread(target=batcher)
-    thread.start()
-    while batches < 5:
+def _wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.001)
-    waiting_from = batches
-    with lock:
-        got_at = batches
-    stop.set()
-    thread.join()
-    assert got_at - waiting_from <= 1  # at most the batch already running
+
+
+def test_writer_first_lock_lets_a_writer_in_before_the_next_batch():
+    """The batcher holds the lock for a batch and, like the encoder thread, asks for it again
+    the moment it lets go; a writer (a swap) waits meanwhile. The writer must go before the
+    next batch, every time.
+
+    Each step waits for the state it needs (a batch holding the lock, the writer counted as
+    waiting), so a correct lock gives this order always; a plain mutex hands the lock back to
+    the thread that just released it (it still runs), so the next batch would go first."""
+    lock = WriterFirstLock()
+    for round_ in range(20):
+        order: list[str] = []
+        holding, done = threading.Event(), threading.Event()
+
+        def batcher(order=order, holding=holding, done=done) -> None:
+            with lock.after_writers():
+                order.append("batch 1")
+                holding.set()
+                done.wait(10)
+            with lock.after_writers():
+                order.append("batch 2")
+
+        def writer(order=order) -> None:
+            with lock:
+                order.append("writer")
+
+        threads = [threading.Thread(target=batcher), threading.Thread(target=writer)]
+        threads[0].start()
+        assert holding.wait(10)
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while lock.waiting_writers != 1:
+            assert time.monotonic() < deadline, "the writer never waited"
+            time.sleep(0.001)
+        assert order == ["batch 1"], order  # the writer waits while the batch holds the lock
+        done.set()
+        for thread in threads:
+            thread.join(10)
+        assert order == ["batch 1", "writer", "batch 2"], (round_, order)
+        assert lock.waiting_writers == 0
 
 
 @pytest.mark.parametrize("multimask", [True, False])
