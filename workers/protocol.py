@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import redis
-from celery import shared_task
+from celery import current_task, shared_task
 from celery.exceptions import Reject
 
 from infra.errors import InvalidTransition, NotFound
@@ -164,13 +164,14 @@ def _rounded(value: Any) -> Any:
     return round(float(value), 5) if isinstance(value, int | float) else None
 
 
-def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
-    """Run ``body`` as job ``job_id`` under the protocol above (see the module doc)."""
+def run_job(job_id: str, body: Callable[[JobHandle], Any], worker: str | None = None) -> None:
+    """Run ``body`` as job ``job_id`` under the protocol above (see the module doc);
+    ``worker``: this worker's name, recorded on the job."""
     runtime = get_runtime()
     jobs, lease_s = runtime.jobs, runtime.settings.job_lease_s
     token = uuid.uuid4().hex
     try:
-        record = jobs.mark_running(job_id, lease_s=lease_s, token=token)
+        record = jobs.mark_running(job_id, lease_s=lease_s, token=token, worker=worker)
     except InvalidTransition as exc:
         logger.info("skipping job %s: %s", job_id, exc)
         return
@@ -251,7 +252,7 @@ def job_task(name: str) -> Callable[[F], Any]:
     with ``job_id=...`` and ``kwargs``, run under :func:`run_job`."""
     def decorate(fn: F) -> Any:
         def task(job_id: str, **kwargs: Any) -> None:
-            run_job(job_id, lambda job: fn(job, **kwargs))
+            run_job(job_id, lambda job: fn(job, **kwargs), worker=current_task.request.hostname)
 
         task.__name__, task.__qualname__ = fn.__name__, fn.__qualname__
         task.__module__, task.__doc__ = fn.__module__, fn.__doc__
