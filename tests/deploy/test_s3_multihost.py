@@ -1,0 +1,318 @@
+"""Many hosts, nothing shared but Redis and object storage (issue #12, part 2).
+
+The API and two workers run as separate processes, each with its own data directory; they
+share only a redis-server and an S3 endpoint (moto's standalone server, the real S3 protocol
+over HTTP on localhost, reached through the usual ``AWS_*`` variables). A ``trainer`` consumes
+only the GPU queue and a ``merger`` only the merge queue, so the work is split the way a
+deployment splits it, and each job records the worker that ran it:
+
+1. a dataset and a ready adapter are uploaded over HTTP (into S3);
+2. the trainer trains an adapter while the merger merges the uploaded one (their running
+   times overlap: the trainer pauses after training, by fault injection, so the overlap does
+   not depend on the machine's speed); the merged version goes live and is served;
+3. the merger's next merge is frozen in the middle of uploading its version (a TCP proxy in
+   front of S3 stalls the weights' PUT) and the merger is SIGKILLed: nothing of that version
+   is visible under ``versions/``, only staged files under ``.tmp/``; a new merger takes the
+   job over (the reaper requeues it) and publishes a complete version, which goes live;
+4. every artifact in the bucket is complete and matches its manifest's SHA-256 digests, read
+   back by this process (a reader on another host), and the registry's digests match;
+5. the API is restarted on a fresh data directory and serves the live version from S3, with
+   the same masks as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import subprocess
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from infra.artifacts import MANIFEST, ArtifactInfo, ArtifactStore
+from infra.redis_server import RedisServer
+from infra.settings import Settings
+from regcl.data.domains import domain_split
+from tests.conftest import free_tcp_port
+from tests.deploy.stall_proxy import StallProxy
+from tests.reliability.support import Worker, poll
+from tests.s3_support import MotoS3
+from tests.service.api_support import (
+    ADMIN_KEY,
+    ApiServer,
+    make_adapter,
+    make_image,
+    png_bytes,
+    server_env,
+)
+from tests.workers.worker_support import JOB_TIMEOUT_S, START_TIMEOUT_S
+from workers.celery_app import GPU_QUEUE, MERGE_QUEUE
+from workers.up import REPO_ROOT, settings_env, worker_command
+
+PREFIX = "deploy"
+TRAIN = {"adapter": "trained", "epochs": 1, "rank": 4, "batch_size": 4}
+PAUSE_S = 20  # the trainer pauses this long after training (the merge runs meanwhile)
+BOX = [10.0, 8.0, 90.0, 70.0]
+
+
+def say(message: str) -> None:
+    """A figure for the reader of ``pytest -s``."""
+    print(f"[deploy] {message}", flush=True)
+
+
+def _domain_zip(count: int) -> bytes:
+    images, masks = domain_split("polyp", "train", count)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(count):
+            zf.writestr(f"images/{i}.png",
+                        png_bytes(images[i].permute(1, 2, 0).to(torch.uint8).numpy()))
+            zf.writestr(f"masks/{i}.png", png_bytes(masks[i].numpy().astype(np.uint8) * 255))
+    return buffer.getvalue()
+
+
+class Deployment:
+    """A redis-server, an S3 bucket, and API / worker processes, each on its own data dir."""
+
+    def __init__(self, root: Path, s3: MotoS3) -> None:
+        self.root, self.s3 = root, s3
+        self.bucket = f"regcl-{uuid.uuid4().hex[:12]}"
+        self.url = f"{s3.create_bucket(self.bucket)}/{PREFIX}"
+        self.redis = RedisServer(root / "redis", free_tcp_port()).start()
+        self.settings = Settings(
+            redis_url=self.redis.url, data_dir=root / "unused", artifact_url=self.url,
+            model="tiny", job_lease_s=3.0, reaper_interval_s=1.0, queued_grace_s=5.0,
+            merge_lock_lease_s=3.0)
+        self.store = ArtifactStore(self.url)  # this process reads the bucket as a third host
+        self.workers: list[Worker] = []
+        self.apis: list[ApiServer] = []
+        self.data_dirs: list[Path] = []
+
+    def data_dir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir()
+        self.data_dirs.append(path)
+        return path
+
+    def start_worker(self, name: str, queue: str, **env: str) -> Worker:
+        log = self.root / f"{name}.log"
+        penv = {**os.environ, **settings_env(self.settings), **self.s3.env(),
+                "REGCL_DATA_DIR": str(self.data_dir(name)), "REGCL_TORCH_THREADS": "1",
+                "PYTHONPATH": str(REPO_ROOT), **env}
+        command = worker_command(hostname=f"{name}@localhost", queues=[queue],
+                                 extra=["--without-gossip", "--without-mingle"])
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, env=penv, cwd=REPO_ROOT, stdout=out,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        worker = Worker(name, process, log)
+        self.workers.append(worker)
+        poll(lambda: f"{name}@localhost ready." in log.read_text(errors="replace")
+             or process.poll() is not None, f"worker {name} to start", START_TIMEOUT_S, 0.2)
+        assert process.poll() is None, log.read_text()[-3000:]
+        return worker
+
+    def start_api(self) -> ApiServer:
+        data_dir = self.data_dir(f"api-{len(self.apis)}")
+        env = server_env(self.redis.url, data_dir, REGCL_ARTIFACT_URL=self.url,
+                         **self.s3.env())
+        server = ApiServer(env, data_dir / "server.log")
+        self.apis.append(server)
+        return server.start()
+
+    def logs(self) -> str:
+        parts = [f"--- {w.name} ---\n{w.log.read_text(errors='replace')[-3000:]}"
+                 for w in self.workers]
+        parts += [f"--- api ---\n{a.log_tail(30)}" for a in self.apis]
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        for server in self.apis:
+            server.stop()
+        for worker in self.workers:
+            worker.stop()
+        self.redis.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, moto_s3: MotoS3) -> Iterator[Deployment]:
+    stack = Deployment(tmp_path, moto_s3)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def submit(client: httpx.Client, kind: str, body: dict[str, Any]) -> str:
+    response = client.post(f"/v1/jobs/{kind}", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["job"]["id"]
+
+
+def wait_job(deployment: Deployment, client: httpx.Client, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = {}
+
+    def done() -> bool:
+        nonlocal job
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job["state"] in ("succeeded", "failed", "cancelled")
+
+    poll(done, f"job {job_id}", JOB_TIMEOUT_S, 0.2, on_timeout=deployment.logs)
+    assert job["state"] == "succeeded", (job, deployment.logs())
+    return job
+
+
+def wait_served(deployment: Deployment, client: httpx.Client, version: int) -> None:
+    poll(lambda: client.get("/v1/versions/live").json()["served_version"] == version,
+         f"the API to serve version {version}", 120, 0.2, on_timeout=deployment.logs)
+
+
+def segment(client: httpx.Client, image: bytes) -> tuple[str, np.ndarray]:
+    response = client.post("/v1/segment", json={
+        "image_base64": base64.b64encode(image).decode(), "box": BOX, "multimask": False,
+        "return_logits": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    logits = np.frombuffer(base64.b64decode(body["masks"][0]["low_res_logits"]), dtype="<f4")
+    return body["adapter_version"], logits
+
+
+def bucket_objects(store: ArtifactStore) -> list[str]:
+    """Every object under the store's root, relative to it."""
+    root = store._root
+    return sorted(p[len(root) + 1:] for p in store.fs.find(root))
+
+
+def verify_bucket(store: ArtifactStore) -> dict[str, str]:
+    """Every artifact under adapters/, versions/ and datasets/ holds exactly the files its
+    manifest lists, each with the recorded SHA-256, and the overall digest matches; returns
+    artifact key → digest. Read straight from S3, as another host would."""
+    groups: dict[str, list[str]] = {}
+    for rel in bucket_objects(store):
+        kind, name, *rest = rel.split("/")
+        if kind in ("adapters", "versions", "datasets"):
+            groups.setdefault(f"{kind}/{name}", []).append("/".join(rest))
+    digests = {}
+    for key, files in groups.items():
+        assert MANIFEST in files, f"{key} has files but no manifest: {files}"
+        manifest = json.loads(store.fs.cat_file(f"{store._root}/{key}/{MANIFEST}"))
+        assert sorted(f for f in files if f != MANIFEST) == sorted(manifest["files"]), key
+        for rel, expected in manifest["files"].items():
+            data = store.fs.cat_file(f"{store._root}/{key}/{rel}")
+            assert hashlib.sha256(data).hexdigest() == expected, f"{key}/{rel}"
+        assert ArtifactInfo.digest_of(manifest["files"]) == manifest["sha256"], key
+        digests[key] = manifest["sha256"]
+    return digests
+
+
+@pytest.mark.slow
+def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> None:
+    start = time.monotonic()
+    proxy = StallProxy(deployment.s3.port)
+    trainer = deployment.start_worker("trainer", GPU_QUEUE,
+                                      REGCL_FAULT_PAUSE=f"stats:{PAUSE_S}")
+    merger = deployment.start_worker("merger", MERGE_QUEUE, AWS_ENDPOINT_URL_S3=proxy.url)
+    api = deployment.start_api()
+    image = png_bytes(make_image(7, 96, 128))
+    with api.client(ADMIN_KEY) as client:
+        assert client.get("/readyz").json()["status"] == "ready"
+        # 1. Uploads go to S3.
+        response = client.post("/v1/datasets", data={"name": "polyp-data"},
+                               files={"file": ("polyp.zip", _domain_zip(6), "application/zip")})
+        assert response.status_code == 201, response.text
+        ready = make_adapter(deployment.root / "uploaded", seed=1)
+        response = client.post("/v1/adapters", data={"name": "uploaded", "domain": "camo"}, files={
+            name: (f"{name}{suffix}", (ready / f"{name}{suffix}").read_bytes())
+            for name, suffix in (("adapter_config", ".json"),
+                                 ("adapter_model", ".safetensors"),
+                                 ("regcl_stats", ".safetensors"))})
+        assert response.status_code == 201, response.text
+        base_label, base_logits = segment(client, image)
+        assert base_label == "base"
+
+        # 2. Train on one worker while the other merges.
+        train_id = submit(client, "train", {"dataset": "polyp-data", "domain": "polyp",
+                                            "params": TRAIN})
+        poll(lambda: client.get(f"/v1/jobs/{train_id}").json()["detail"].get("phase")
+             == "stats", "training to finish its steps", JOB_TIMEOUT_S, 0.2,
+             on_timeout=deployment.logs)
+        merge_id = submit(client, "merge", {"adapters": ["uploaded"], "activate": True})
+        first = wait_job(deployment, client, merge_id)
+        assert client.get(f"/v1/jobs/{train_id}").json()["state"] == "running"
+        train = wait_job(deployment, client, train_id)
+        assert (train["worker"], first["worker"]) == ("trainer@localhost", "merger@localhost")
+        times = [datetime.fromisoformat(job[at]) for job, at in (
+            (train, "started_at"), (first, "started_at"), (first, "finished_at"),
+            (train, "finished_at"))]
+        assert times == sorted(times), times  # the merge ran inside the training job
+        v1 = first["result"]["version"]
+        wait_served(deployment, client, v1)
+        label, live_logits = segment(client, image)
+        assert label == f"live:{v1}" and not np.allclose(live_logits, base_logits, atol=1e-4)
+        say(f"trainer trained while merger merged: train {train['started_at']} → "
+            f"{train['finished_at']}, merge {first['started_at']} → {first['finished_at']}")
+
+        # 3. The merger is killed in the middle of uploading the next version.
+        # The weights' PUT, wherever the store puts them (staged, or under the version's key).
+        proxy.arm(rb"PUT /\S*/(\.tmp/[0-9a-f]{32}|versions/v\d+)/adapter/"
+                  rb"adapter_model\.safetensors")
+        merge_id = submit(client, "merge", {"adapters": ["trained"], "activate": True})
+        poll(proxy.stalled.is_set, "the version upload to stall", JOB_TIMEOUT_S, 0.05,
+             on_timeout=deployment.logs)
+        merger.kill()
+        objects = bucket_objects(deployment.store)
+        staged = [o for o in objects if o.startswith(".tmp/")]
+        versions = sorted({o.split("/")[1] for o in objects if o.startswith("versions/")})
+        assert versions == [f"v{v1}"], objects  # nothing of the killed version is visible
+        assert [o.split("/", 2)[2] for o in staged] == ["adapter/adapter_config.json"], staged
+        assert client.get("/v1/versions").json()["live_version"] == v1
+        say(f"merger SIGKILLed while uploading a version ({proxy.matched.decode()}): "
+            f"versions/ holds only v{v1}, staged leftovers: {staged}")
+
+        merger2 = deployment.start_worker("merger2", MERGE_QUEUE)
+        second = wait_job(deployment, client, merge_id)
+        assert second["worker"] == f"{merger2.name}@localhost" and second["attempts"] == 2
+        v2 = second["result"]["version"]
+        assert v2 > v1 and second["result"]["activated"]
+        wait_served(deployment, client, v2)
+        label, live2_logits = segment(client, image)
+        assert label == f"live:{v2}"
+
+        # 4. Every artifact is complete and verified, read back from S3 by another host.
+        digests = verify_bucket(deployment.store)
+        adapters = {a["name"]: a["sha256"] for a in client.get("/v1/adapters").json()["adapters"]}
+        versions_listed = {v["number"]: v["sha256"]
+                           for v in client.get("/v1/versions").json()["versions"]}
+        assert {f"adapters/{n}": d for n, d in adapters.items()} \
+            | {f"versions/v{n}": d for n, d in versions_listed.items()} \
+            | {"datasets/polyp-data": client.get("/v1/datasets/polyp-data").json()["sha256"]} \
+            == digests
+        assert sorted(versions_listed) == [v1, v2]
+        removed = deployment.store.cleanup_temp(older_than_s=0)
+        assert removed == 1 and not [o for o in bucket_objects(deployment.store)
+                                     if o.startswith(".tmp/")]
+    proxy.close()
+
+    # 5. A restarted API (fresh data dir, nothing cached) serves the live version from S3.
+    api.stop()
+    api2 = deployment.start_api()
+    with api2.client() as client:
+        wait_served(deployment, client, v2)
+        label, logits = segment(client, image)
+        assert label == f"live:{v2}" and np.array_equal(logits, live2_logits)
+    for data_dir in deployment.data_dirs:  # nothing went to a local artifact store
+        assert not (data_dir / "artifacts").exists(), data_dir
+    assert trainer.process.poll() is None
+    say(f"API restarted on a fresh data dir serves live:{v2} from S3; {len(digests)} artifacts "
+        f"verified against their manifests; whole test {time.monotonic() - start:.0f} s")
