@@ -25,6 +25,8 @@ makes :meth:`JobHandle.phase` sleep that long right after reporting ``<phase>``,
 kill the worker at a known point of a job (e.g. ``store:30``: a merge about to store its
 version, merge lock held).
 
+Every phase's time and peak memory are logged when it ends (:mod:`workers.resources`).
+
 One exception: when the worker is asked to shut down (SIGTERM: a warm shutdown, which would
 otherwise wait for a job that may take hours), :meth:`JobHandle.should_stop` says stop too; the
 job then stays ``running`` and its message is put back in the queue at once (Celery ``Reject``
@@ -49,6 +51,7 @@ from infra.heartbeat import Heartbeat
 from infra.jobs import JobRecord, JobStore
 from regcl.errors import CancelledError, RegclError
 from workers.celery_app import MAX_ATTEMPTS
+from workers.resources import PhaseMeter
 from workers.runtime import get_runtime
 
 __all__ = ["JobHandle", "job_task", "run_job"]
@@ -84,6 +87,7 @@ class JobHandle:
         self.superseded = False  # set when should_stop said stop because the lease was lost
         self._last_report = float("-inf")
         self._last_poll = time.monotonic()
+        self.meter = PhaseMeter(record.id)  # time and peak memory per phase, in the log
 
     def progress(self, fraction: float, detail: Mapping[str, Any] | None = None, *,
                  force: bool = False) -> None:
@@ -105,6 +109,7 @@ class JobHandle:
     def phase(self, fraction: float, name: str, **detail: Any) -> None:
         """Report the start of a phase (``prepare``, ``train``, ``stats``...) and stop here if
         the job was cancelled."""
+        self.meter.start(name)
         self.progress(fraction, {"phase": name, **detail}, force=True)
         _fault_pause(name)
         self.check_cancelled()
@@ -199,7 +204,10 @@ def _run_body(jobs: JobStore, job: JobHandle, body: Callable[[JobHandle], Any],
               token: str) -> None:
     job_id = job.id
     try:
-        result = body(job)
+        try:
+            result = body(job)
+        finally:
+            job.meter.finish()
     except CancelledError:
         if job.superseded:
             logger.warning("job %s lost its lease (a later attempt owns it); stopped without "

@@ -187,18 +187,18 @@ def evaluate_prefix(model: PeftModel, prefix: torch.Tensor, masks: torch.Tensor,
     first = first_adapted_block(model)
     size = sam.image_encoder.img_size
     device = model_device(model)
-    masks = masks.cpu()
-    coords, labels = evaluation_prompts(masks, seed, n_points)
+    coords, labels = evaluation_prompts(masks.cpu(), seed, n_points)
     coords, labels = coords.to(device), labels.to(device)
     model.eval()
-    probs = []
+    scores: dict[str, list[torch.Tensor]] = {"iou": [], "dice": [], "mae": []}
     for i in range(0, prefix.shape[0], batch_size):
-        emb = encode_suffix(sam.image_encoder, prefix[i : i + batch_size].to(device), first)
-        low, _ = predict_masks_batched(sam, emb, coords[i : i + batch_size],
-                                       labels[i : i + batch_size])
-        probs.append(upscale_logits(low, size)[:, 0].sigmoid().cpu())
-    metrics = mask_metrics(torch.cat(probs), masks)
-    return {k: float(v.mean()) for k, v in metrics.items()}
+        part = slice(i, i + batch_size)
+        emb = encode_suffix(sam.image_encoder, prefix[part].to(device), first)
+        low, _ = predict_masks_batched(sam, emb, coords[part], labels[part])
+        prob = upscale_logits(low, size)[:, 0].sigmoid()
+        for key, value in mask_metrics(prob, masks[part].to(device)).items():
+            scores[key].append(value)  # computed on the device; only the means come back
+    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}
 
 
 def config_dict(config: TrainConfig) -> dict:

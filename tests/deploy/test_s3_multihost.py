@@ -26,15 +26,12 @@ import base64
 import hashlib
 import io
 import json
-import os
-import subprocess
 import time
 import uuid
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -42,34 +39,24 @@ import pytest
 import torch
 
 from infra.artifacts import MANIFEST, ArtifactInfo, ArtifactStore
-from infra.redis_server import RedisServer
-from infra.settings import Settings
 from regcl.data.domains import domain_split
-from tests.conftest import free_tcp_port
 from tests.deploy.stall_proxy import StallProxy
-from tests.reliability.support import Worker, poll
+from tests.deploy.support import Deployment, say, submit, wait_job, wait_served
+from tests.reliability.support import poll
 from tests.s3_support import MotoS3
 from tests.service.api_support import (
     ADMIN_KEY,
-    ApiServer,
     make_adapter,
     make_image,
     png_bytes,
-    server_env,
 )
-from tests.workers.worker_support import JOB_TIMEOUT_S, START_TIMEOUT_S
+from tests.workers.worker_support import JOB_TIMEOUT_S
 from workers.celery_app import GPU_QUEUE, MERGE_QUEUE
-from workers.up import REPO_ROOT, settings_env, worker_command
 
 PREFIX = "deploy"
 TRAIN = {"adapter": "trained", "epochs": 1, "rank": 4, "batch_size": 4}
 PAUSE_S = 20  # the trainer pauses this long after training (the merge runs meanwhile)
 BOX = [10.0, 8.0, 90.0, 70.0]
-
-
-def say(message: str) -> None:
-    """A figure for the reader of ``pytest -s``."""
-    print(f"[deploy] {message}", flush=True)
 
 
 def _domain_zip(count: int) -> bytes:
@@ -83,99 +70,18 @@ def _domain_zip(count: int) -> bytes:
     return buffer.getvalue()
 
 
-class Deployment:
-    """A redis-server, an S3 bucket, and API / worker processes, each on its own data dir."""
-
-    def __init__(self, root: Path, s3: MotoS3) -> None:
-        self.root, self.s3 = root, s3
-        self.bucket = f"regcl-{uuid.uuid4().hex[:12]}"
-        self.url = f"{s3.create_bucket(self.bucket)}/{PREFIX}"
-        self.redis = RedisServer(root / "redis", free_tcp_port()).start()
-        self.settings = Settings(
-            redis_url=self.redis.url, data_dir=root / "unused", artifact_url=self.url,
-            model="tiny", job_lease_s=3.0, reaper_interval_s=1.0, queued_grace_s=5.0,
-            merge_lock_lease_s=3.0)
-        self.store = ArtifactStore(self.url)  # this process reads the bucket as a third host
-        self.workers: list[Worker] = []
-        self.apis: list[ApiServer] = []
-        self.data_dirs: list[Path] = []
-
-    def data_dir(self, name: str) -> Path:
-        path = self.root / name
-        path.mkdir()
-        self.data_dirs.append(path)
-        return path
-
-    def start_worker(self, name: str, queue: str, **env: str) -> Worker:
-        log = self.root / f"{name}.log"
-        penv = {**os.environ, **settings_env(self.settings), **self.s3.env(),
-                "REGCL_DATA_DIR": str(self.data_dir(name)), "REGCL_TORCH_THREADS": "1",
-                "PYTHONPATH": str(REPO_ROOT), **env}
-        command = worker_command(hostname=f"{name}@localhost", queues=[queue],
-                                 extra=["--without-gossip", "--without-mingle"])
-        with open(log, "ab") as out:
-            process = subprocess.Popen(command, env=penv, cwd=REPO_ROOT, stdout=out,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        worker = Worker(name, process, log)
-        self.workers.append(worker)
-        poll(lambda: f"{name}@localhost ready." in log.read_text(errors="replace")
-             or process.poll() is not None, f"worker {name} to start", START_TIMEOUT_S, 0.2)
-        assert process.poll() is None, log.read_text()[-3000:]
-        return worker
-
-    def start_api(self) -> ApiServer:
-        data_dir = self.data_dir(f"api-{len(self.apis)}")
-        env = server_env(self.redis.url, data_dir, REGCL_ARTIFACT_URL=self.url,
-                         **self.s3.env())
-        server = ApiServer(env, data_dir / "server.log")
-        self.apis.append(server)
-        return server.start()
-
-    def logs(self) -> str:
-        parts = [f"--- {w.name} ---\n{w.log.read_text(errors='replace')[-3000:]}"
-                 for w in self.workers]
-        parts += [f"--- api ---\n{a.log_tail(30)}" for a in self.apis]
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        for server in self.apis:
-            server.stop()
-        for worker in self.workers:
-            worker.stop()
-        self.redis.stop()
-
-
 @pytest.fixture
 def deployment(tmp_path: Path, moto_s3: MotoS3) -> Iterator[Deployment]:
-    stack = Deployment(tmp_path, moto_s3)
+    """Leases of seconds, so a killed worker's job comes back quickly; the artifact store is
+    a new bucket on the S3 endpoint, reached through the ``AWS_*`` variables."""
+    bucket = moto_s3.create_bucket(f"regcl-{uuid.uuid4().hex[:12]}")
+    stack = Deployment(tmp_path, env=moto_s3.env(), artifact_url=f"{bucket}/{PREFIX}",
+                       model="tiny", job_lease_s=3.0, reaper_interval_s=1.0,
+                       queued_grace_s=5.0, merge_lock_lease_s=3.0)
     try:
         yield stack
     finally:
         stack.close()
-
-
-def submit(client: httpx.Client, kind: str, body: dict[str, Any]) -> str:
-    response = client.post(f"/v1/jobs/{kind}", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["job"]["id"]
-
-
-def wait_job(deployment: Deployment, client: httpx.Client, job_id: str) -> dict[str, Any]:
-    job: dict[str, Any] = {}
-
-    def done() -> bool:
-        nonlocal job
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        return job["state"] in ("succeeded", "failed", "cancelled")
-
-    poll(done, f"job {job_id}", JOB_TIMEOUT_S, 0.2, on_timeout=deployment.logs)
-    assert job["state"] == "succeeded", (job, deployment.logs())
-    return job
-
-
-def wait_served(deployment: Deployment, client: httpx.Client, version: int) -> None:
-    poll(lambda: client.get("/v1/versions/live").json()["served_version"] == version,
-         f"the API to serve version {version}", 120, 0.2, on_timeout=deployment.logs)
 
 
 def segment(client: httpx.Client, image: bytes) -> tuple[str, np.ndarray]:
@@ -219,10 +125,11 @@ def verify_bucket(store: ArtifactStore) -> dict[str, str]:
 @pytest.mark.slow
 def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> None:
     start = time.monotonic()
-    proxy = StallProxy(deployment.s3.port)
-    trainer = deployment.start_worker("trainer", GPU_QUEUE,
+    s3_port = int(deployment.env["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1])
+    proxy = StallProxy(s3_port)
+    trainer = deployment.start_worker("trainer", [GPU_QUEUE],
                                       REGCL_FAULT_PAUSE=f"stats:{PAUSE_S}")
-    merger = deployment.start_worker("merger", MERGE_QUEUE, AWS_ENDPOINT_URL_S3=proxy.url)
+    merger = deployment.start_worker("merger", [MERGE_QUEUE], AWS_ENDPOINT_URL_S3=proxy.url)
     api = deployment.start_api()
     image = png_bytes(make_image(7, 96, 128))
     with api.client(ADMIN_KEY) as client:
@@ -232,7 +139,7 @@ def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> 
                                files={"file": ("polyp.zip", _domain_zip(6), "application/zip")})
         assert response.status_code == 201, response.text
         ready = make_adapter(deployment.root / "uploaded", seed=1)
-        response = client.post("/v1/adapters", data={"name": "uploaded", "domain": "camo"}, files={
+        response = client.post("/v1/adapters", data={"name": "uploaded"}, files={
             name: (f"{name}{suffix}", (ready / f"{name}{suffix}").read_bytes())
             for name, suffix in (("adapter_config", ".json"),
                                  ("adapter_model", ".safetensors"),
@@ -280,7 +187,7 @@ def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> 
         say(f"merger SIGKILLed while uploading a version ({proxy.matched.decode()}): "
             f"versions/ holds only v{v1}, staged leftovers: {staged}")
 
-        merger2 = deployment.start_worker("merger2", MERGE_QUEUE)
+        merger2 = deployment.start_worker("merger2", [MERGE_QUEUE])
         second = wait_job(deployment, client, merge_id)
         assert second["worker"] == f"{merger2.name}@localhost" and second["attempts"] == 2
         v2 = second["result"]["version"]
