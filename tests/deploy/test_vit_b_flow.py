@@ -17,7 +17,9 @@ peak resident memory of the worker, the API and this process are printed (``pyte
 the worker logs each job phase's time and peak memory.
 
 vit_b encodes an image in about 16 s on 2 quiet cores, so the counts are minimal (2 images,
-1 training step, 1 calibration image, 4 encodes in the API and 2 here).
+1 training step, 1 calibration image, 2 encodes in the API and 2 here). Still, it took 19 min
+on the shared development machine (docs/deploy.md), so it is not part of ``make test``: run
+it with ``REGCL_TEST_VIT_B=1`` (``make test-vit-b``).
 """
 
 from __future__ import annotations
@@ -162,11 +164,13 @@ def check_parity(body: dict, predictor: SamPredictor, size: tuple[int, int], pro
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("REGCL_TEST_VIT_B") != "1", reason="vit_b on the CPU takes "
+                    "4 to 20 minutes here: run it with REGCL_TEST_VIT_B=1 (make test-vit-b)")
 def test_vit_b_upload_train_stats_merge_activate_segment(vit_b: Deployment, checkpoint: Path
                                                           ) -> None:
     scenes = {"wide": scene(LANDSCAPE, 1), "tall": scene(PORTRAIT, 2)}
-    worker = vit_b.start_worker("worker")
-    meter = Meter({"worker": worker.process.pid, "test": os.getpid()})
+    worker = vit_b.start_worker("worker")  # logs each job phase's time and peak RSS itself
+    meter = Meter({"test": os.getpid()})
     with meter.step("API start (loads vit_b)"):
         api = vit_b.start_api(**API_ENV)
     meter.pids["api"] = api.process.pid
