@@ -121,23 +121,20 @@ def _input_frame(sam: Sam) -> tuple[int, list[float]]:
 
 def dataset_tensors(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int | None,
                     seed: int) -> tuple[DatasetRecord, DomainTensors]:
-    """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, on the worker's device,
-    all in memory (training needs it so)."""
+    """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, all in host memory
+    (training needs it all; each batch goes to the worker's device as it is used, so device
+    memory does not grow with the dataset)."""
     record, dataset = open_registered_dataset(rt, name)
-    data = load_domain(dataset, *_input_frame(sam), max_samples=max_samples, seed=seed)
-    return record, DomainTensors(data.images.to(rt.device), data.masks.to(rt.device),
-                                 data.names, data.dropped)
+    return record, load_domain(dataset, *_input_frame(sam), max_samples=max_samples, seed=seed)
 
 
 def dataset_chunks(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int | None,
                    seed: int) -> tuple[DatasetRecord, Iterator[DomainTensors]]:
     """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, :data:`CHUNK` samples
-    at a time on the worker's device (memory stays bounded)."""
+    at a time in host memory (memory stays bounded; batches go to the device as used)."""
     record, dataset = open_registered_dataset(rt, name)
     indices = sample_indices(len(dataset), max_samples, seed)
-    chunks = (DomainTensors(c.images.to(rt.device), c.masks.to(rt.device), c.names, c.dropped)
-              for c in iter_model_input(dataset, indices, *_input_frame(sam), CHUNK))
-    return record, chunks
+    return record, iter_model_input(dataset, indices, *_input_frame(sam), CHUNK)
 
 
 def evaluate_dataset(rt: WorkerRuntime, name: str, sam: Sam, params: EvaluateParams,

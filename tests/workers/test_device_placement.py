@@ -2,7 +2,8 @@
 without a GPU.
 
 The model is moved to PyTorch's ``meta`` device, which stands in for CUDA: tensors there have
-shapes and dtypes but no data. :class:`StrictDevices` (a ``TorchDispatchMode``) watches every
+shapes and dtypes but no data. The dataset stays in host memory, as the worker keeps it, so
+every batch must be moved. :class:`StrictDevices` (a ``TorchDispatchMode``) watches every
 operator the worker's compute runs - training, Gram statistics, held-out scoring, the
 evaluation and statistics jobs, exactly the functions the tasks call - and records each one
 whose tensors sit on two devices at once, by CUDA's own rules: a 0-dim CPU tensor (a scalar)
@@ -14,7 +15,6 @@ sampling, ``nonzero``, boolean masks) get stand-in values, since meta tensors ho
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -39,7 +39,8 @@ _INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
 
 
 class StrictDevices(TorchDispatchMode):
-    """Runs every operator as usual and records those that mix devices (see module doc)."""
+    """Runs every operator as usual; one that mixes devices (see module doc) is recorded in
+    :attr:`violations` and stops the run with an AssertionError naming it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,6 +74,7 @@ class StrictDevices(TorchDispatchMode):
         if len(devices) > 1 or generators - devices:
             self.violations.append(f"{func}: tensors on {sorted(devices)}, generators on "
                                    f"{sorted(generators)}")
+            raise AssertionError(f"devices mixed, as CUDA would refuse: {self.violations[-1]}")
 
     @staticmethod
     def _stand_in(func: Any, args: tuple, kwargs: Mapping[str, Any]) -> Any:
@@ -115,15 +117,15 @@ class Reporter:
 
 @pytest.fixture
 def on_meta(random_tiny) -> tuple[torch.nn.Module, DomainTensors]:
-    """The worker's setup moved to the stand-in device: ``fresh_model()`` (a copy of the base
-    on the device) with LoRA attached, and a dataset's tensors ``.to(device)``."""
-    device = torch.device("meta")
-    model = attach_lora(copy.deepcopy(random_tiny).to(device).eval(), AdapterConfig(rank=4))
+    """The worker's setup with the stand-in device: ``fresh_model()`` (a copy of the base on
+    the device) with LoRA attached, and a dataset's tensors in host memory, as the worker
+    keeps them (each batch must be moved to the device as it is used)."""
+    model = attach_lora(copy.deepcopy(random_tiny).to("meta").eval(), AdapterConfig(rank=4))
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, 256, 256, generator=generator) * 255
     masks = torch.zeros(4, 256, 256, dtype=torch.bool)
     masks[:, 60:180, 40:200] = True
-    return model, DomainTensors(images.to(device), masks.to(device), ("a", "b", "c", "d"))
+    return model, DomainTensors(images, masks, ("a", "b", "c", "d"))
 
 
 def _lora_on(model: torch.nn.Module) -> set[str]:
@@ -163,17 +165,24 @@ def test_the_check_catches_a_cpu_tensor_handed_to_the_model(on_meta) -> None:
     sam = unwrap(model)
     coords = torch.full((1, 3, 2), 100.0)
     labels = torch.ones(1, 3, dtype=torch.int64)
-    with StrictDevices() as mode, contextlib.suppress(RuntimeError):
-        embedding = sam.image_encoder(data.images[:1])
-        predict_masks_batched(sam, embedding, coords, labels)  # meta may refuse it too
-    assert mode.violations and "cpu" in mode.violations[0] and "meta" in mode.violations[0]
+    with StrictDevices() as mode, pytest.raises(AssertionError, match="devices mixed"):
+        embedding = sam.image_encoder(data.images[:1].to("meta"))
+        predict_masks_batched(sam, embedding, coords, labels)
+    assert "cpu" in mode.violations[0] and "meta" in mode.violations[0]
 
 
-def test_evaluation_moves_cpu_inputs_to_the_model(on_meta) -> None:
-    model, _ = on_meta
-    images = torch.rand(2, 3, 256, 256) * 255
-    masks = torch.zeros(2, 256, 256, dtype=torch.bool)
-    masks[:, 10:50, 10:50] = True
+def test_the_check_catches_a_batch_not_moved_to_the_device(on_meta) -> None:
+    model, data = on_meta
+    sam = unwrap(model)
+    with StrictDevices() as mode, pytest.raises(AssertionError, match="devices mixed"):
+        sam.image_encoder(data.images[:1])  # host memory, straight into the model
+    assert len(mode.violations) == 1
+
+
+def test_evaluation_on_device_held_inputs(on_meta) -> None:
+    """Inputs already on the device (a caller's choice) are fine too."""
+    model, data = on_meta
     with StrictDevices() as mode:
-        scores = evaluate_points(unwrap(model), images, masks, batch_size=1)
+        scores = evaluate_points(unwrap(model), data.images.to("meta"),
+                                 data.masks.to("meta"), batch_size=3)
     assert mode.violations == [] and set(scores) == {"iou", "dice", "mae"}
