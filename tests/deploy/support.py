@@ -2,7 +2,8 @@
 
 :class:`Deployment` owns one ``redis-server`` and starts Celery workers and HTTP API processes
 on it, each with a data directory of its own (nothing on disk is shared unless the artifact
-store is a local directory the caller chose). Jobs are driven over HTTP, as a user drives them.
+store is a local directory the caller chose). Everything is driven over HTTP with regcl's own
+client (:class:`regcl.client.Client`), as a user drives it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
+import pytest
 
+from cli.up import REPO_ROOT, settings_env, worker_command
 from infra.artifacts import ArtifactStore
 from infra.redis_server import RedisServer
 from infra.settings import Settings
+from regcl.client import Client, Job, JobFailedError, WaitTimeoutError
 from tests.conftest import free_tcp_port
 from tests.reliability.support import Worker, poll
-from tests.service.api_support import ApiServer, server_env
+from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
 from tests.workers.worker_support import JOB_TIMEOUT_S, START_TIMEOUT_S
 from workers.celery_app import ALL_QUEUES
-from workers.up import REPO_ROOT, settings_env, worker_command
 
 
 def say(message: str) -> None:
@@ -98,29 +100,23 @@ class Deployment:
         self.redis.stop()
 
 
-def submit(client: httpx.Client, kind: str, body: dict[str, Any]) -> str:
-    """POST /v1/jobs/<kind>; the job's id."""
-    response = client.post(f"/v1/jobs/{kind}", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["job"]["id"]
+def client_of(server: ApiServer) -> Client:
+    """regcl's HTTP client on ``server``, with the admin key."""
+    return Client(server.url, ADMIN_KEY, timeout=600.0)
 
 
-def wait_job(deployment: Deployment, client: httpx.Client, job_id: str) -> dict[str, Any]:
-    """The job once it succeeded (the test fails, with the logs, otherwise)."""
-    job: dict[str, Any] = {}
-
-    def done() -> bool:
-        nonlocal job
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        return job["state"] in ("succeeded", "failed", "cancelled")
-
-    poll(done, f"job {job_id}", JOB_TIMEOUT_S, 0.2, on_timeout=deployment.logs)
-    assert job["state"] == "succeeded", (job, deployment.logs())
-    return job
+def wait_job(deployment: Deployment, client: Client, job: Job) -> Job:
+    """The job once it succeeded (the test fails, with every process's log, otherwise)."""
+    try:
+        return client.wait(job, timeout=JOB_TIMEOUT_S, check=True, poll_s=0.2)
+    except (JobFailedError, WaitTimeoutError) as exc:
+        pytest.fail(f"{exc}\n{deployment.logs()}")
 
 
-def wait_served(deployment: Deployment, client: httpx.Client, version: int,
+def wait_served(deployment: Deployment, client: Client, version: int,
                 timeout_s: float = 300.0) -> None:
     """Until the API serves merged version ``version`` as live."""
-    poll(lambda: client.get("/v1/versions/live").json()["served_version"] == version,
-         f"the API to serve version {version}", timeout_s, 0.2, on_timeout=deployment.logs)
+    try:
+        client.wait_served(version, timeout=timeout_s)
+    except WaitTimeoutError as exc:
+        pytest.fail(f"{exc}\n{deployment.logs()}")

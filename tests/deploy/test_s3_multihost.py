@@ -22,7 +22,6 @@ deployment splits it, and each job records the worker that ran it:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -30,22 +29,20 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
 from infra.artifacts import MANIFEST, ArtifactInfo, ArtifactStore
+from regcl.client import Client
 from regcl.data.domains import domain_split
 from tests.deploy.stall_proxy import StallProxy
-from tests.deploy.support import Deployment, say, submit, wait_job, wait_served
+from tests.deploy.support import Deployment, client_of, say, wait_job, wait_served
 from tests.reliability.support import poll
 from tests.s3_support import MotoS3
 from tests.service.api_support import (
-    ADMIN_KEY,
     make_adapter,
     make_image,
     png_bytes,
@@ -84,14 +81,10 @@ def deployment(tmp_path: Path, moto_s3: MotoS3) -> Iterator[Deployment]:
         stack.close()
 
 
-def segment(client: httpx.Client, image: bytes) -> tuple[str, np.ndarray]:
-    response = client.post("/v1/segment", json={
-        "image_base64": base64.b64encode(image).decode(), "box": BOX, "multimask": False,
-        "return_logits": True})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    logits = np.frombuffer(base64.b64decode(body["masks"][0]["low_res_logits"]), dtype="<f4")
-    return body["adapter_version"], logits
+def segment(client: Client, image: np.ndarray) -> tuple[str, np.ndarray]:
+    """(adapter version, low-res logits) of a box prompt on the live version."""
+    result = client.segment(image, box=BOX, multimask=False, return_logits=True)
+    return result.adapter_version, result.masks[0].low_res_logits
 
 
 def bucket_objects(store: ArtifactStore) -> list[str]:
@@ -131,50 +124,37 @@ def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> 
                                       REGCL_FAULT_PAUSE=f"stats:{PAUSE_S}")
     merger = deployment.start_worker("merger", [MERGE_QUEUE], AWS_ENDPOINT_URL_S3=proxy.url)
     api = deployment.start_api()
-    image = png_bytes(make_image(7, 96, 128))
-    with api.client(ADMIN_KEY) as client:
-        assert client.get("/readyz").json()["status"] == "ready"
+    image = make_image(7, 96, 128)
+    with client_of(api) as client:
+        assert client.ready().ready
         # 1. Uploads go to S3.
-        response = client.post("/v1/datasets", data={"name": "polyp-data"},
-                               files={"file": ("polyp.zip", _domain_zip(6), "application/zip")})
-        assert response.status_code == 201, response.text
-        ready = make_adapter(deployment.root / "uploaded", seed=1)
-        response = client.post("/v1/adapters", data={"name": "uploaded"}, files={
-            name: (f"{name}{suffix}", (ready / f"{name}{suffix}").read_bytes())
-            for name, suffix in (("adapter_config", ".json"),
-                                 ("adapter_model", ".safetensors"),
-                                 ("regcl_stats", ".safetensors"))})
-        assert response.status_code == 201, response.text
+        assert client.upload_dataset("polyp-data", _domain_zip(6)).count == 6
+        client.upload_adapter("uploaded", make_adapter(deployment.root / "uploaded", seed=1))
         base_label, base_logits = segment(client, image)
         assert base_label == "base"
 
         # 2. Train on one worker while the other merges.
-        train_id = submit(client, "train", {"dataset": "polyp-data", "domain": "polyp",
-                                            "params": TRAIN})
-        poll(lambda: client.get(f"/v1/jobs/{train_id}").json()["detail"].get("phase")
-             == "stats", "training to finish its steps", JOB_TIMEOUT_S, 0.2,
-             on_timeout=deployment.logs)
-        merge_id = submit(client, "merge", {"adapters": ["uploaded"], "activate": True})
-        first = wait_job(deployment, client, merge_id)
-        assert client.get(f"/v1/jobs/{train_id}").json()["state"] == "running"
-        train = wait_job(deployment, client, train_id)
-        assert (train["worker"], first["worker"]) == ("trainer@localhost", "merger@localhost")
-        times = [datetime.fromisoformat(job[at]) for job, at in (
-            (train, "started_at"), (first, "started_at"), (first, "finished_at"),
-            (train, "finished_at"))]
+        train = client.submit_train("polyp-data", "polyp", **TRAIN)
+        poll(lambda: client.get_job(train).detail.get("phase") == "stats",
+             "training to finish its steps", JOB_TIMEOUT_S, 0.2, on_timeout=deployment.logs)
+        first = wait_job(deployment, client, client.submit_merge(["uploaded"], activate=True))
+        assert client.get_job(train).state == "running"
+        train = wait_job(deployment, client, train)
+        assert (train.worker, first.worker) == ("trainer@localhost", "merger@localhost")
+        times = [train.started_at, first.started_at, first.finished_at, train.finished_at]
         assert times == sorted(times), times  # the merge ran inside the training job
-        v1 = first["result"]["version"]
+        v1 = first.result["version"]
         wait_served(deployment, client, v1)
         label, live_logits = segment(client, image)
         assert label == f"live:{v1}" and not np.allclose(live_logits, base_logits, atol=1e-4)
-        say(f"trainer trained while merger merged: train {train['started_at']} → "
-            f"{train['finished_at']}, merge {first['started_at']} → {first['finished_at']}")
+        say(f"trainer trained while merger merged: train {train.started_at} → "
+            f"{train.finished_at}, merge {first.started_at} → {first.finished_at}")
 
         # 3. The merger is killed in the middle of uploading the next version.
         # The weights' PUT, wherever the store puts them (staged, or under the version's key).
         proxy.arm(rb"PUT /\S*/(\.tmp/[0-9a-f]{32}|versions/v\d+)/adapter/"
                   rb"adapter_model\.safetensors")
-        merge_id = submit(client, "merge", {"adapters": ["trained"], "activate": True})
+        second = client.submit_merge(["trained"], activate=True)
         poll(proxy.stalled.is_set, "the version upload to stall", JOB_TIMEOUT_S, 0.05,
              on_timeout=deployment.logs)
         merger.kill()
@@ -183,29 +163,26 @@ def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> 
         versions = sorted({o.split("/")[1] for o in objects if o.startswith("versions/")})
         assert versions == [f"v{v1}"], objects  # nothing of the killed version is visible
         assert [o.split("/", 2)[2] for o in staged] == ["adapter/adapter_config.json"], staged
-        assert client.get("/v1/versions").json()["live_version"] == v1
+        assert client.live_version().live_version == v1
         say(f"merger SIGKILLed while uploading a version ({proxy.matched.decode()}): "
             f"versions/ holds only v{v1}, staged leftovers: {staged}")
 
         merger2 = deployment.start_worker("merger2", [MERGE_QUEUE])
-        second = wait_job(deployment, client, merge_id)
-        assert second["worker"] == f"{merger2.name}@localhost" and second["attempts"] == 2
-        v2 = second["result"]["version"]
-        assert v2 > v1 and second["result"]["activated"]
+        second = wait_job(deployment, client, second)
+        assert second.worker == f"{merger2.name}@localhost" and second.attempts == 2
+        v2 = second.result["version"]
+        assert v2 > v1 and second.result["activated"]
         wait_served(deployment, client, v2)
         label, live2_logits = segment(client, image)
         assert label == f"live:{v2}"
 
         # 4. Every artifact is complete and verified, read back from S3 by another host.
         digests = verify_bucket(deployment.store)
-        adapters = {a["name"]: a["sha256"] for a in client.get("/v1/adapters").json()["adapters"]}
-        versions_listed = {v["number"]: v["sha256"]
-                           for v in client.get("/v1/versions").json()["versions"]}
-        assert {f"adapters/{n}": d for n, d in adapters.items()} \
-            | {f"versions/v{n}": d for n, d in versions_listed.items()} \
-            | {"datasets/polyp-data": client.get("/v1/datasets/polyp-data").json()["sha256"]} \
-            == digests
-        assert sorted(versions_listed) == [v1, v2]
+        listed = {f"adapters/{a.name}": a.sha256 for a in client.list_adapters()} \
+            | {f"versions/v{v.number}": v.sha256 for v in client.list_versions()} \
+            | {"datasets/polyp-data": client.get_dataset("polyp-data").sha256}
+        assert listed == digests
+        assert [v.number for v in client.list_versions()] == [v1, v2]
         removed = deployment.store.cleanup_temp(older_than_s=0)
         assert removed == 1 and not [o for o in bucket_objects(deployment.store)
                                      if o.startswith(".tmp/")]
@@ -214,7 +191,7 @@ def test_api_and_two_workers_share_only_redis_and_s3(deployment: Deployment) -> 
     # 5. A restarted API (fresh data dir, nothing cached) serves the live version from S3.
     api.stop()
     api2 = deployment.start_api()
-    with api2.client() as client:
+    with client_of(api2) as client:
         wait_served(deployment, client, v2)
         label, logits = segment(client, image)
         assert label == f"live:{v2}" and np.array_equal(logits, live2_logits)

@@ -24,7 +24,6 @@ it with ``REGCL_TEST_VIT_B=1`` (``make test-vit-b``).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
@@ -36,7 +35,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import pytest
 import torch
 from peft import PeftModel
@@ -45,9 +43,10 @@ from segment_anything import SamPredictor, build_sam_vit_b
 
 from infra.redis_client import connect
 from infra.registry import Registry
+from regcl.client import Segmentation
 from regcl.models import build_sam
-from tests.deploy.support import Deployment, say, submit, wait_job, wait_served
-from tests.service.api_support import ADMIN_KEY, png_bytes
+from tests.deploy.support import Deployment, client_of, say, wait_job, wait_served
+from tests.service.api_support import png_bytes
 
 THREADS = "2"  # the processes work one after the other; each may use both cores
 PROCESS_ENV = {"REGCL_TORCH_THREADS": THREADS, "OMP_NUM_THREADS": THREADS,
@@ -134,31 +133,19 @@ def vit_b(tmp_path: Path, checkpoint: Path) -> Iterator[Deployment]:
         stack.close()
 
 
-def segment(client, image: np.ndarray, adapter: str, **prompt) -> dict:
-    response = client.post("/v1/segment", json={
-        "image_base64": base64.b64encode(png_bytes(image)).decode(), "adapter": adapter,
-        "return_logits": True, **prompt})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def check_parity(body: dict, predictor: SamPredictor, size: tuple[int, int], prompt: dict
-                 ) -> dict[str, float]:
+def check_parity(result: Segmentation, predictor: SamPredictor, size: tuple[int, int],
+                 prompt: dict) -> dict[str, float]:
     """The service's answer against SamPredictor's for the same prompt; the differences."""
     masks, scores, low_res = predictor.predict(
         point_coords=np.array(prompt["points"]) if "points" in prompt else None,
         point_labels=np.array(prompt["labels"]) if "labels" in prompt else None,
         box=np.array(prompt["box"]) if "box" in prompt else None,
         multimask_output=prompt["multimask"])
-    got = np.stack([mask_utils.decode({"size": m["rle"]["size"],
-                                       "counts": m["rle"]["counts"].encode()}).astype(bool)
-                    for m in body["masks"]])
-    assert [m["rle"]["size"] for m in body["masks"]] == [list(size)] * len(masks)
+    got = np.stack([m.mask for m in result.masks])
     assert got.shape == masks.shape == (len(masks), *size)  # at the image's own size
-    logits = np.stack([np.frombuffer(base64.b64decode(m["low_res_logits"]), dtype="<f4")
-                       .reshape(256, 256) for m in body["masks"]])
+    logits = np.stack([m.low_res_logits for m in result.masks])
     return {"mask_pixels_differing": float((got != masks).mean()),
-            "score_diff": float(np.abs(np.array([m["score"] for m in body["masks"]])
+            "score_diff": float(np.abs(np.array([m.score for m in result.masks])
                                        - scores).max()),
             "logit_diff": float(np.abs(logits - low_res).max())}
 
@@ -174,25 +161,21 @@ def test_vit_b_upload_train_stats_merge_activate_segment(vit_b: Deployment, chec
     with meter.step("API start (loads vit_b)"):
         api = vit_b.start_api(**API_ENV)
     meter.pids["api"] = api.process.pid
-    with api.client(ADMIN_KEY) as client:
+    with client_of(api) as client:
         with meter.step("upload dataset (2 images)"):
-            response = client.post("/v1/datasets", data={"name": "shapes"}, files={
-                "file": ("shapes.zip", dataset_zip(scenes), "application/zip")})
-        assert response.status_code == 201, response.text
+            assert client.upload_dataset("shapes", dataset_zip(scenes)).count == 2
         with meter.step("train job (1 step)"):
-            train = wait_job(vit_b, client, submit(client, "train", {
-                "dataset": "shapes", "domain": "shapes", "params": {"epochs": 1,
-                                                                    "batch_size": 1}}))
-        assert train["result"]["samples"] == {"train": 1, "holdout": 1, "dropped": 0}
+            train = wait_job(vit_b, client, client.submit_train(
+                "shapes", "shapes", epochs=1, batch_size=1))  # default adapter: rank 10
+        assert train.result["samples"] == {"train": 1, "holdout": 1, "dropped": 0}
         with meter.step("stats job (1 image)"):
-            stats = wait_job(vit_b, client, submit(client, "stats", {
-                "adapter": "shapes", "dataset": "shapes",
-                "params": {"max_samples": 1, "batch_size": 1}}))
-        assert stats["result"]["adapter"] == "shapes-stats"
+            stats = wait_job(vit_b, client, client.submit_stats(
+                "shapes", "shapes", params={"max_samples": 1, "batch_size": 1}))
+        assert stats.result["adapter"] == "shapes-stats"
         with meter.step("merge job + activate"):
-            merge = wait_job(vit_b, client, submit(client, "merge", {
-                "adapters": ["shapes-stats"], "activate": True}))
-        version = merge["result"]["version"]
+            merge = wait_job(vit_b, client, client.submit_merge(["shapes-stats"],
+                                                                activate=True))
+        version = merge.result["version"]
         with meter.step("hot swap in the API"):
             wait_served(vit_b, client, version)
 
@@ -203,10 +186,11 @@ def test_vit_b_upload_train_stats_merge_activate_segment(vit_b: Deployment, chec
                        "box": {"box": BOXES[size], "multimask": False}}
             for form, prompt in prompts.items():
                 with meter.step(f"segment {adapter} {size[1]}x{size[0]} {form}"):
-                    body = segment(client, image, adapter, **prompt)
+                    result = client.segment(image, adapter=adapter, return_logits=True,
+                                            **prompt)
                 expected = f"live:{version}" if adapter == "live" else "base"
-                assert body["adapter_version"] == expected
-                answers[adapter, form] = (body, prompt, size, image)
+                assert result.adapter_version == expected
+                answers[adapter, form] = (result, prompt, size, image)
 
     registry = Registry(connect(vit_b.redis.url), vit_b.store)
     local = registry.fetch_version(version, vit_b.root / "reader")
