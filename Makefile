@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench-quick browser
+.PHONY: run test test-vit-b lint bench-quick browser
 
 # The browser tests (#6) drive Debian's chromium; install it from the distribution when missing
 # (Playwright's own browser download cannot reach its host from here).
@@ -30,3 +30,8 @@ lint: $(STAMP)
 
 test: $(STAMP) lint browser
 	$(VENV)/bin/python -m pytest
+
+# Real SAM (vit_b, random weights written like the official checkpoint) through the whole
+# service on the CPU; minutes to tens of minutes, so not part of `make test` (docs/deploy.md).
+test-vit-b: $(STAMP)
+	REGCL_TEST_VIT_B=1 $(VENV)/bin/python -m pytest tests/deploy/test_vit_b_flow.py -s

@@ -20,6 +20,7 @@ from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from regcl.data import synthetic
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
+from tests.s3_support import MotoS3
 from tests.service.api_support import ApiServer, server_env
 
 
@@ -76,6 +77,24 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """One S3 endpoint (moto's server) for the session; this process reaches it through the
+    ``AWS_*`` variables, set while the session lasts. Tests make their own buckets."""
+    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env().items():
+            patch.setenv(name, value)
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 # -- the HTTP API ------------------------------------------------------------------------------

@@ -14,11 +14,9 @@ from peft import LoraConfig
 
 from regcl.adapters import AdapterConfig, attach_lora, unwrap
 from regcl.merging.catalogue import STATS_METHODS
-from regcl.training.adapter import encoder_prefix_cache, gram_stats_from_prefix, train_adapter
 from workers import steps
 from workers.celery_app import EVALUATE, MERGE, STATS, TRAIN
 from workers.params import EvaluateParams, StatsParams, TrainParams, stats_output_name, validate
-from workers.prepare import split_holdout
 from workers.protocol import JobHandle, job_task
 from workers.runtime import get_runtime
 
@@ -38,17 +36,8 @@ def train(job: JobHandle, dataset: str, domain: str, params: dict[str, Any]) -> 
         rank=p.rank, alpha=p.alpha, blocks=None if p.blocks is None else tuple(p.blocks)))
     record, data = steps.dataset_tensors(rt, dataset, unwrap(model),
                                          max_samples=p.max_samples, seed=p.seed)
-    train_set, holdout = split_holdout(data, p.holdout, p.seed)
-    prefix = encoder_prefix_cache(model, train_set.images)
-    job.phase(0.05, "train", samples=len(train_set))
-    history = train_adapter(model, train_set.images, train_set.masks, steps.train_config(p),
-                            progress=job.step_reporter(0.05, 0.85, "train"),
-                            should_stop=job.should_stop, prefix=prefix)
-    job.phase(0.85, "stats")
-    stats = gram_stats_from_prefix(model, prefix)
-    metrics = {**steps.holdout_metrics(model, holdout, p.seed, p.n_points), "train": history}
+    stats, metrics, samples = steps.fit_adapter(model, data, p, job)
     job.phase(0.95, "register")
-    samples = {"train": len(train_set), "holdout": len(holdout), "dropped": data.dropped}
     adapter = steps.register_adapter(rt, model, name, stats=stats, metadata={
         "domain": domain, **steps.base_metadata(rt), "metrics": metrics, "train": p.model_dump(),
         "dataset": {"name": dataset, "sha256": record.sha256, "samples": samples},
