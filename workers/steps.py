@@ -50,6 +50,7 @@ __all__ = [
     "dataset_tensors",
     "ensure_new_adapter",
     "evaluate_dataset",
+    "fold_adapters",
     "holdout_metrics",
     "load_adapter_model",
     "load_version_model",
@@ -240,6 +241,24 @@ def store_version(rt: WorkerRuntime, state: ContinualMergeState, config: LoraCon
         state.save(tmp / "merge_state.safetensors")
         return rt.registry.create_version(tmp / "adapter", tmp / "merge_state.safetensors",
                                           {**lineage, **base_metadata(rt)}, fence=fence)
+
+
+def fold_adapters(rt: WorkerRuntime, state: ContinualMergeState, names: list[str],
+                  on_fold: Callable[[int, str], None]
+                  ) -> tuple[LoraConfig | None, dict[str, str], dict[str, Any]]:
+    """Fold adapters ``names`` into ``state`` in order (``on_fold(i, name)`` before each).
+    Returns the LoRA config they share (None if ``names`` is empty), name → sha256 and
+    name → the adapter's held-out scores."""
+    config: LoraConfig | None = None
+    shas: dict[str, str] = {}
+    scores: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        on_fold(i, name)
+        record, files = adapter_files(rt, name, need_stats=state.method.startswith("regcl"))
+        state.fold(files.weights, files.stats, domain=name)
+        shas[name], config = record.sha256, files.config
+        scores[name] = record.metadata.get("metrics", {}).get("holdout")
+    return config, shas, scores
 
 
 def load_adapter_model(rt: WorkerRuntime, name: str) -> tuple[AdapterRecord, PeftModel]:
