@@ -41,9 +41,8 @@ class Origin:
         this origin, else None."""
         if not isinstance(url, str) or not url or len(url) > 8192 or _has_control(url):
             return None
-        absolute = urljoin(self.url + "/", url)
         try:
-            parts = urlsplit(absolute)
+            parts = urlsplit(urljoin(self.url + "/", url))
             port = parts.port
         except ValueError:  # a port that is no number, a bracket that does not close
             return None

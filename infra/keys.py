@@ -17,7 +17,7 @@ Layout (types in brackets)::
     regcl:lock:adapter:<name>      [string]  redis-py Lock held while an adapter is uploaded
     regcl:datasets                 [hash]    dataset name -> DatasetRecord JSON (infra.datasets)
     regcl:lock:dataset:<name>      [string]  redis-py Lock held while a dataset is added/deleted
-    regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "train"} JSON
+    regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "step"} JSON
     regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
     regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
     regcl:samples:<domain>:seen    [string]  log length at the latest snapshot

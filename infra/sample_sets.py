@@ -70,11 +70,12 @@ def default_domain(project_id: int) -> str:
 
 @dataclass(frozen=True)
 class ProjectSettings:
-    """What the backend's extra params set for a project: its domain and training params."""
+    """What the backend's extra params set for a project: its domain and the parameters of
+    its continual steps (``workers.params.ContinualParams``, checked by the caller)."""
 
     project: int
     domain: str
-    train: dict[str, Any]
+    step: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -135,23 +136,23 @@ class SampleSets:
     # -- projects ------------------------------------------------------------------------------
 
     def project(self, project_id: int) -> ProjectSettings:
-        """The project's settings (its default domain and no training params if never set)."""
+        """The project's settings (its default domain and no step params if never set)."""
         project_id = _check_id(project_id, "project id")
         raw = self._redis.hget(keys.LS_PROJECTS, str(project_id))
         if raw is None:
             return ProjectSettings(project_id, default_domain(project_id), {})
         data = json.loads(raw)
-        return ProjectSettings(project_id, data["domain"], dict(data.get("train", {})))
+        return ProjectSettings(project_id, data["domain"], dict(data.get("step", {})))
 
     def configure_project(self, project_id: int, domain: str | None,
-                          train: Mapping[str, Any] | None) -> ProjectSettings:
-        """Set the project's domain (None: the default) and training parameters (checked by
-        the caller)."""
+                          step: Mapping[str, Any] | None) -> ProjectSettings:
+        """Set the project's domain (None: the default) and step parameters (checked by the
+        caller)."""
         project_id = _check_id(project_id, "project id")
         settings = ProjectSettings(project_id, validate_domain_name(
-            domain if domain is not None else default_domain(project_id)), dict(train or {}))
+            domain if domain is not None else default_domain(project_id)), dict(step or {}))
         self._redis.hset(keys.LS_PROJECTS, str(project_id), json.dumps(
-            {"domain": settings.domain, "train": settings.train}, allow_nan=False))
+            {"domain": settings.domain, "step": settings.step}, allow_nan=False))
         return settings
 
     # -- samples -------------------------------------------------------------------------------

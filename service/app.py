@@ -25,7 +25,16 @@ from infra.settings import MIB, Settings, get_settings
 from service.deps import AdminAuthMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.problems import install_problem_handlers
-from service.routers import adapters, datasets, health, images, jobs, segment, versions
+from service.routers import (
+    adapters,
+    datasets,
+    health,
+    images,
+    jobs,
+    labelstudio,
+    segment,
+    versions,
+)
 from service.routers.ui import install_ui
 from service.runtime import Runtime, build_runtime
 from service.uploads import BodyLimitMiddleware
@@ -94,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=request_body_limit(settings))
     app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
-    for module in (health, images, segment, adapters, datasets, jobs, versions):
+    for module in (health, images, segment, adapters, datasets, jobs, versions, labelstudio):
         app.include_router(module.router)
     install_ui(app)  # the web page at / (service/static)
     return app
