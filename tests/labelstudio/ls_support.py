@@ -81,3 +81,58 @@ def sdk_decode(rles: list[list[int]], sizes: list[tuple[int, int]]) -> list[np.n
                           for r, (h, w) in zip(rles, sizes, strict=True)])
     return [np.array(f, dtype=bool).reshape(h, w) for f, (h, w) in zip(flat, sizes,
                                                                        strict=True)]
+
+
+# -- Label Studio-shaped payloads --------------------------------------------------------------
+
+
+def keypoint(x: float, y: float, positive: bool = True, label: str = "object") -> dict:
+    """A smart keypoint region of an interactive context (percent coordinates)."""
+    return {"type": "keypointlabels", "from_name": "click", "to_name": "image",
+            "is_positive": positive, "origin": "manual",
+            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]}}
+
+
+def rectangle(x: float, y: float, width: float, height: float) -> dict:
+    """A smart rectangle region (percent coordinates)."""
+    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image",
+            "value": {"x": x, "y": y, "width": width, "height": height, "rotation": 0,
+                      "rectanglelabels": ["object"]}}
+
+
+def task(task_id: int, url: str) -> dict:
+    return {"id": task_id, "data": {"image": url}, "annotations": [], "predictions": []}
+
+
+def predict_body(tasks: list[dict], regions: list[dict] | None, project: int = 1,
+                 config: str = LABEL_CONFIG) -> dict:
+    """A /predict request as Label Studio sends it (``regions``: the interactive context)."""
+    context = None if regions is None else {"result": regions}
+    return {"tasks": tasks, "project": f"{project}.1712345678", "label_config": config,
+            "params": {"login": None, "password": None, "context": context}}
+
+
+def brush_region(mask: np.ndarray, rle: list[int] | None = None) -> dict:
+    """A brushlabels region of an annotation (our encoder unless ``rle`` is given)."""
+    from regcl.data.brush_rle import encode_brush_rle
+
+    return {"type": "brushlabels", "from_name": "mask", "to_name": "image",
+            "original_width": int(mask.shape[1]), "original_height": int(mask.shape[0]),
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": encode_brush_rle(mask) if rle is None else rle,
+                      "brushlabels": ["object"]}}
+
+
+def annotation_event(action: str, project: int, annotation: int, task_id: int, url: str,
+                     regions: list[dict], config: str = LABEL_CONFIG) -> dict:
+    """An ANNOTATION_CREATED / _UPDATED webhook as Label Studio sends it."""
+    return {"action": action,
+            "annotation": {"id": annotation, "task": task_id, "project": project,
+                           "result": regions, "was_cancelled": False},
+            "task": {"id": task_id, "project": project, "data": {"image": url}},
+            "project": {"id": project, "title": f"project {project}", "label_config": config}}
+
+
+def project_event(action: str, project: int, **payload: Any) -> dict:
+    return {"action": action, "project": {"id": project, "label_config": LABEL_CONFIG},
+            **payload}
