@@ -78,3 +78,16 @@ def test_setting_is_normalised() -> None:
     assert Settings(gate_tolerance=0.05).gate_tolerance == 0.05
     with pytest.raises(ValidationError):
         Settings(gate_tolerance=-0.1)
+
+
+def test_the_api_key_reaches_child_processes() -> None:
+    # `regcl up` and the tests start the API and workers from settings_env(settings):
+    # a SecretStr must travel as its value, not as "**********".
+    from workers.up import settings_env
+
+    settings = Settings(label_studio_url="http://ls.example", label_studio_api_key="t0ken-xyz")
+    env = settings_env(settings)
+    assert env["REGCL_LABEL_STUDIO_API_KEY"] == "t0ken-xyz"
+    rebuilt = Settings(**{k.removeprefix("REGCL_").lower(): v for k, v in env.items()})
+    assert rebuilt.label_studio_api_key.get_secret_value() == "t0ken-xyz"
+    assert rebuilt.label_studio_url == "http://ls.example"
