@@ -72,7 +72,7 @@ def health(runtime: RuntimeDep) -> HealthResponse:
 
 @router.post("/setup", response_model=SetupResponse,
              dependencies=[Depends(require_segment_access)],
-             responses=problem_responses(401, 403, 422, 503))
+             responses=problem_responses(400, 401, 403, 422, 503))
 def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupResponse:
     """Connect a project: answers the model version. With extra params (``domain``, step
     parameters) it stores them for the project, which needs the admin key."""
@@ -88,7 +88,7 @@ def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupRe
 
 @router.post("/predict", response_model=PredictResponse,
              dependencies=[Depends(require_segment_access)],
-             responses=problem_responses(401, 404, 413, 422, 502, 503))
+             responses=problem_responses(400, 401, 404, 413, 422, 502, 503))
 def predict(body: PredictRequest, backend: BackendDep) -> PredictResponse:
     """One prediction per task: a brush mask for the interactive prompt in
     ``params.context.result`` (smart keypoints, a rectangle), with ``model_version``; no
@@ -97,7 +97,7 @@ def predict(body: PredictRequest, backend: BackendDep) -> PredictResponse:
 
 
 @router.post("/webhook", response_model=WebhookResponse,
-             responses=problem_responses(401, 403, 409, 413, 422, 502, 503))
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 502, 503))
 def webhook(body: WebhookRequest, backend: BackendDep, _: AdminKey) -> WebhookResponse:
     """Label Studio's events: ANNOTATION_CREATED / ANNOTATION_UPDATED store the annotation's
     masks in the project's domain, ANNOTATIONS_DELETED removes them, START_TRAINING submits
@@ -117,7 +117,7 @@ def webhook(body: WebhookRequest, backend: BackendDep, _: AdminKey) -> WebhookRe
 
 
 @router.post("/train", response_model=TrainResponse,
-             responses=problem_responses(401, 403, 409, 422, 503))
+             responses=problem_responses(400, 401, 403, 409, 422, 503))
 def train(body: TrainRequest, backend: BackendDep, _: AdminKey) -> TrainResponse:
     """The legacy training call: submits the project's continual step."""
     domain, job, running = backend.train(project_id_of(body.project))
