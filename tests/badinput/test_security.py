@@ -45,9 +45,11 @@ REPO = Path(__file__).resolve().parents[2]
 WRONG_KEY = "wrong-key-wrong-key-wrong"
 MUTATING = ("post", "put", "patch", "delete")
 PUBLIC_MUTATING = {("post", "/v1/images"), ("post", "/v1/segment"),
-                   ("post", "/v1/segment/batch")}
+                   ("post", "/v1/segment/batch"), ("post", "/labelstudio/predict"),
+                   ("post", "/labelstudio/setup")}
 """Mutating operations open to anyone by design (they store nothing durable: images live in
-the process's bounded image store). Every other mutating operation must need an admin key."""
+the process's bounded image store; Label Studio's /setup stores its extra params only with the
+admin key, tests/labelstudio). Every other mutating operation must need an admin key."""
 
 
 def _admin_operations(client) -> list[tuple[str, str]]:
