@@ -83,7 +83,7 @@ def test_setting_is_normalised() -> None:
 def test_the_api_key_reaches_child_processes() -> None:
     # `regcl up` and the tests start the API and workers from settings_env(settings):
     # a SecretStr must travel as its value, not as "**********".
-    from workers.up import settings_env
+    from cli.up import settings_env
 
     settings = Settings(label_studio_url="http://ls.example", label_studio_api_key="t0ken-xyz")
     env = settings_env(settings)
