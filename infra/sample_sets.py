@@ -25,17 +25,18 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.exceptions import LockError
 
 from infra import keys
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRecord, DatasetRegistry
-from infra.errors import Conflict, InvalidName
+from infra.errors import Conflict, InvalidName, LockTimeout
 from regcl.errors import DataError
 
 __all__ = [
@@ -275,8 +276,17 @@ class SampleSets:
     def set_step_job(self, domain: str, job_id: str) -> None:
         self._redis.set(keys.samples(validate_domain_name(domain), "job"), job_id)
 
-    def step_lock(self, domain: str) -> redis.lock.Lock:
-        """The lock to hold while deciding whether to submit a step for ``domain``."""
-        return self._redis.lock(keys.samples_lock(validate_domain_name(domain)), timeout=30,
+    @contextlib.contextmanager
+    def step_lock(self, domain: str) -> Iterator[None]:
+        """Hold the lock under which a step for ``domain`` is submitted (LockTimeout if
+        another request holds it for more than 10 s)."""
+        lock = self._redis.lock(keys.samples_lock(validate_domain_name(domain)), timeout=30,
                                 blocking_timeout=10, thread_local=False)
+        if not lock.acquire():
+            raise LockTimeout(f"a continual step of {domain!r} is being submitted right now")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError):
+                lock.release()
 

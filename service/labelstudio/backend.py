@@ -32,11 +32,7 @@ from service.engine import LIVE
 from service.errors import ImageNotFoundError
 from service.labelstudio.annotations import annotated_masks, check_id
 from service.labelstudio.config import LabelConfig, parse_label_config
-from service.labelstudio.errors import (
-    LabelStudioError,
-    MalformedPayloadError,
-    NotEnoughSamplesError,
-)
+from service.labelstudio.errors import MalformedPayloadError, NotEnoughSamplesError
 from service.labelstudio.images import TaskImage, TaskImages
 from service.labelstudio.prompts import ContextPrompt, parse_context
 from service.masks import mask_to_png
@@ -207,8 +203,9 @@ class LabelStudioBackend:
             return None
         try:
             return self.train(project_id)[1]
-        except (NotEnoughSamplesError, LabelStudioError) as exc:
-            logger.info("%s: not training yet (%s)", domain, exc)
+        except (RegclError, ProblemError) as exc:  # the annotation is stored: say, go on
+            logger.warning("%s: %d changes pending, but no step was started (%s: %s)",
+                           domain, pending, type(exc).__name__, exc)
             return None
 
     def train(self, project_id: int) -> tuple[str, str, bool]:

@@ -133,6 +133,10 @@ class TaskImages:
                     return self._read(url, resp, deadline)
             except httpx.TimeoutException:
                 break
+            except httpx.ProtocolError as exc:  # e.g. a Location header that is no URL
+                raise LabelStudioUnreachableError(
+                    f"Label Studio's answer for {_shown(url)} is not valid HTTP: "
+                    f"{type(exc).__name__}") from None
             except httpx.TransportError as exc:
                 raise LabelStudioUnreachableError(
                     f"Label Studio did not answer for {_shown(url)}: "
@@ -145,7 +149,10 @@ class TaskImages:
 
     def _redirect(self, url: str, location: str) -> str:
         assert self.origin is not None
-        target = self.origin.resolve(str(httpx.URL(url).join(location))) if location else None
+        try:
+            target = self.origin.resolve(str(httpx.URL(url).join(location)))
+        except (httpx.InvalidURL, ValueError, TypeError):  # a Location that is no URL
+            target = None
         if target is None:
             raise ForeignImageUrlError(f"Label Studio redirected {_shown(url)} outside its "
                                        "origin; refused")

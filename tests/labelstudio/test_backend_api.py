@@ -4,8 +4,6 @@ annotations into the project's sample set (created, updated, deleted), training 
 
 from __future__ import annotations
 
-import base64
-
 import httpx
 import numpy as np
 import redis
@@ -13,8 +11,8 @@ import redis
 from infra import keys
 from infra.jobs import JobStore
 from infra.sample_sets import SampleSets
+from regcl.client import Client
 from regcl.data.brush_rle import decode_brush_rle
-from service.masks import rle_to_mask
 from tests.labelstudio.conftest import TRAIN_EVERY
 from tests.labelstudio.file_origin import FileOrigin
 from tests.labelstudio.ls_support import (
@@ -65,7 +63,7 @@ def test_setup_answers_the_version_and_stores_extra_params_only_with_the_key(
     assert "secret-token" not in "".join(ls_redis.hvals(keys.LS_PROJECTS))
 
 
-def test_interactive_prediction_equals_v1_segment(ls_anon: httpx.Client,
+def test_interactive_prediction_equals_v1_segment(ls_api: ApiServer, ls_anon: httpx.Client,
                                                   origin: FileOrigin) -> None:
     path, array, data = _image(origin, "parity", seed=3)
     height, width = array.shape[:2]
@@ -75,25 +73,23 @@ def test_interactive_prediction_equals_v1_segment(ls_anon: httpx.Client,
          {"points": [[51.2, 52.8], [103.04, 11.76]], "labels": [1, 0]}),
         ([rectangle(10.0, 20.0, 50.0, 40.0)], {"box": [12.8, 19.2, 76.8, 57.6]}),
     ]
-    for regions, prompt in cases:
-        answer = ls_anon.post("/labelstudio/predict", json=predict_body([task(7, path)],
-                                                                       regions))
-        assert answer.status_code == 200, answer.text
-        (prediction,) = answer.json()["results"]
-        (region,) = prediction["result"]
-        assert region["type"] == "brushlabels" and region["value"]["format"] == "rle"
-        assert (region["from_name"], region["to_name"]) == ("mask", "image")
-        assert (region["original_width"], region["original_height"]) == (width, height)
-        assert region["value"]["brushlabels"] == ["object"]
-        mask = decode_brush_rle(region["value"]["rle"], height, width)
-        segment = ls_anon.post("/v1/segment", json={
-            "image_base64": base64.b64encode(data).decode(), "multimask": False, **prompt})
-        assert segment.status_code == 200, segment.text
-        expected = segment.json()
-        np.testing.assert_array_equal(mask, rle_to_mask(expected["masks"][0]["rle"]))
-        assert mask.any()
-        assert prediction["model_version"] == expected["adapter_version"] == "base"
-        assert abs(prediction["score"] - expected["masks"][0]["score"]) < 1e-6
+    with Client(ls_api.url) as regcl:
+        for regions, prompt in cases:
+            answer = ls_anon.post("/labelstudio/predict",
+                                  json=predict_body([task(7, path)], regions))
+            assert answer.status_code == 200, answer.text
+            (prediction,) = answer.json()["results"]
+            (region,) = prediction["result"]
+            assert region["type"] == "brushlabels" and region["value"]["format"] == "rle"
+            assert (region["from_name"], region["to_name"]) == ("mask", "image")
+            assert (region["original_width"], region["original_height"]) == (width, height)
+            assert region["value"]["brushlabels"] == ["object"]
+            mask = decode_brush_rle(region["value"]["rle"], height, width)
+            expected = regcl.segment(data, multimask=False, **prompt)
+            np.testing.assert_array_equal(mask, expected.masks[0].mask)
+            assert mask.any()
+            assert prediction["model_version"] == expected.adapter_version == "base"
+            assert abs(prediction["score"] - expected.masks[0].score) < 1e-6
     assert origin.fetched(path) == 1  # fetched once, then the engine's store
 
 

@@ -52,6 +52,8 @@ def good(ls_api: ApiServer, origin: FileOrigin) -> dict[str, object]:
                drip_s=1.5)
     origin.add("/data/upload/x/to-elsewhere.png", b"", status=302,
                headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+    origin.add("/data/upload/x/bad-location.png", b"", status=302,
+               headers={"Location": "http://[::1"})
     origin.add("/data/upload/x/loop.png", b"", status=302,
                headers={"Location": "/data/upload/x/loop.png"})
     origin.add("/data/upload/x/broken.png", b"oops", status=500)
@@ -116,6 +118,7 @@ def test_predict_refuses_bad_label_configs(store: Store, admin: httpx.Client, go
     ("http://ls@127.0.0.2/data/upload/1/a.png", 422, "foreign-image-url"),
     ("file:///etc/passwd", 422, "foreign-image-url"),
     ("/data/upload/x/to-elsewhere.png", 422, "foreign-image-url"),
+    ("/data/upload/x/bad-location.png", 502, "label-studio-unreachable"),
     ("/data/upload/x/loop.png", 422, "image-unavailable"),
     ("/data/upload/x/missing.png", 422, "image-unavailable"),
     ("/data/upload/x/corrupt.png", 422, "invalid-image"),

@@ -32,13 +32,12 @@ from PIL import Image
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
-from infra.jobs import JobStore, wait_for
 from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.sample_sets import SampleSets
 from infra.settings import Settings
+from regcl.client import Client
 from regcl.data.domains import domain_split
-from service.masks import rle_to_mask
 from tests.labelstudio.labelstudio_server import PASSWORD, TOKEN, USER, LabelStudio, ok
 from tests.labelstudio.ls_support import LABEL_CONFIG, keypoint, sdk_decode, sdk_encode
 from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
@@ -150,7 +149,7 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
     store = ArtifactStore(str(e2e.data_dir / "artifacts"))
     sets = SampleSets(redis_client, store, DatasetRegistry(redis_client, store))
     backend = f"{e2e.api.url}/labelstudio"
-    with e2e.ls.client() as ls, e2e.api.client() as regcl:
+    with e2e.ls.client() as ls, Client(e2e.api.url, ADMIN_KEY) as regcl:
         # a project with a smart keypoint / rectangle / brush config, and its images
         project = ok(ls.post("/api/projects", json={"title": "regcl e2e",
                                                      "label_config": LABEL_CONFIG}), 201)
@@ -196,11 +195,10 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
         stored = ok(ls.get(f"/api/annotations/{annotation['id']}"))["result"]
         (stored_region,) = [r for r in stored if r["type"] == "brushlabels"]
         (ls_mask,) = sdk_decode([stored_region["value"]["rle"]], [(256, 256)])
-        segment = ok(regcl.post("/v1/segment", json={
-            "image_base64": base64.b64encode(_png(arrays[0])).decode(),
-            "points": [[x * 256 / 100, y * 256 / 100]], "labels": [1], "multimask": False}))
-        expected = rle_to_mask(segment["masks"][0]["rle"])
-        assert expected.any()
+        segment = regcl.segment(_png(arrays[0]), points=[[x * 256 / 100, y * 256 / 100]],
+                                labels=[1], multimask=False)
+        expected = segment.masks[0].mask
+        assert expected.any() and segment.adapter_version == "base"
         np.testing.assert_array_equal(ls_mask, expected)
         e2e.state.update(project=pid, task=first)
 
@@ -219,8 +217,8 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
         trained = ls.post(f"/api/ml/{ml['id']}/train", json={})  # 200, empty body
         assert trained.status_code == 200, trained.text
         job_id = _wait(lambda: sets.step_job(DOMAIN), "the continual step's job", e2e)
-        job = wait_for(JobStore(redis_client), job_id, JOB_TIMEOUT_S, poll_s=0.5)
-        assert job.state.value == "succeeded", (job, e2e.logs())
+        job = regcl.wait(job_id, JOB_TIMEOUT_S)
+        assert job.kind == "continual" and job.state == "succeeded", (job, e2e.logs())
         result = job.result
         gate = result["gate"]
         assert result["snapshot"]["annotations"] == IMAGES
@@ -231,7 +229,9 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
 
         # Label Studio's next prediction carries the version that is live now
         want = f"live:{result['version']}" if result["activated"] else "base"
-        if not result["activated"]:
+        if result["activated"]:
+            assert regcl.live_version().live_version == result["version"]
+        else:
             assert gate["reason"].startswith("not activated: "), gate
 
         def version_seen() -> str | None:
