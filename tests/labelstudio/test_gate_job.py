@@ -10,7 +10,6 @@ exactly wrong for A. Merged into live, the candidate beats live on B and loses o
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from celery import Celery
-from PIL import Image
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
@@ -32,6 +30,7 @@ from infra.registry import Registry
 from infra.sample_sets import SampleSets
 from infra.settings import Settings
 from regcl.data.domains import domain_split
+from tests.service.api_support import png_bytes
 from tests.workers.worker_support import start_worker, stop_worker, write_domain_dataset
 from workers.celery_app import make_celery
 from workers.submit import submit_continual, submit_merge, submit_train
@@ -84,11 +83,6 @@ def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
         client.close()
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def test_a_candidate_that_forgets_is_not_activated(worker: Worker) -> None:
     # domain A, live as version 1
@@ -102,9 +96,9 @@ def test_a_candidate_that_forgets_is_not_activated(worker: Worker) -> None:
 
     # domain B: A's images, every mask the whole image (as annotations arrive)
     images, _ = domain_split("polyp", "train", COUNT)
-    everything = _png(np.full((256, 256), 255, dtype=np.uint8))
+    everything = png_bytes(np.full((256, 256), 255, dtype=np.uint8))
     for i in range(COUNT):
-        image = _png(images[i].permute(1, 2, 0).to(torch.uint8).numpy())
+        image = png_bytes(images[i].permute(1, 2, 0).to(torch.uint8).numpy())
         worker.sets.put("gate-b", 100 + i, i, hashlib.sha256(image).hexdigest(), image,
                         [everything])
     job = worker.wait(submit_continual(worker.celery, worker.jobs, domain="gate-b",

@@ -40,7 +40,7 @@ from regcl.client import Client
 from regcl.data.domains import domain_split
 from tests.labelstudio.labelstudio_server import PASSWORD, TOKEN, USER, LabelStudio, ok
 from tests.labelstudio.ls_support import LABEL_CONFIG, keypoint, sdk_decode, sdk_encode
-from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
+from tests.service.api_support import ADMIN_KEY, ApiServer, png_bytes, server_env
 from tests.workers.worker_support import start_worker, stop_worker
 
 pytestmark = pytest.mark.slow
@@ -111,11 +111,6 @@ def e2e(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
         ls.stop()
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def _centroid_percent(mask: np.ndarray) -> tuple[float, float]:
     ys, xs = np.nonzero(mask)
@@ -154,7 +149,7 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
         project = ok(ls.post("/api/projects", json={"title": "regcl e2e",
                                                      "label_config": LABEL_CONFIG}), 201)
         pid = project["id"]
-        files = {f"file{i}": (f"polyp{i}.png", _png(a), "image/png")
+        files = {f"file{i}": (f"polyp{i}.png", png_bytes(a), "image/png")
                  for i, a in enumerate(arrays)}
         assert ok(ls.post(f"/api/projects/{pid}/import", files=files), 201)["task_count"] \
             == IMAGES
@@ -195,7 +190,7 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
         stored = ok(ls.get(f"/api/annotations/{annotation['id']}"))["result"]
         (stored_region,) = [r for r in stored if r["type"] == "brushlabels"]
         (ls_mask,) = sdk_decode([stored_region["value"]["rle"]], [(256, 256)])
-        segment = regcl.segment(_png(arrays[0]), points=[[x * 256 / 100, y * 256 / 100]],
+        segment = regcl.segment(png_bytes(arrays[0]), points=[[x * 256 / 100, y * 256 / 100]],
                                 labels=[1], multimask=False)
         expected = segment.masks[0].mask
         assert expected.any() and segment.adapter_version == "base"

@@ -4,13 +4,11 @@ immutable datasets that open like any other."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from PIL import Image
 
 from infra import keys
 from infra.artifacts import ArtifactStore
@@ -18,12 +16,7 @@ from infra.datasets import DatasetRegistry, open_dataset
 from infra.errors import InvalidName
 from infra.sample_sets import SampleSets, default_domain, split_tasks
 from regcl.errors import DataError
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.service.api_support import png_bytes
 
 
 def _sample(seed: int) -> tuple[str, bytes, bytes]:
@@ -31,7 +24,7 @@ def _sample(seed: int) -> tuple[str, bytes, bytes]:
     image = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
     mask = np.zeros((24, 32), dtype=np.uint8)
     mask[4:12 + seed % 5, 6:20] = 255
-    return f"{seed:064x}", _png(image), _png(mask)
+    return f"{seed:064x}", png_bytes(image), png_bytes(mask)
 
 
 @pytest.fixture
