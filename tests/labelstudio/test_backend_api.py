@@ -74,6 +74,7 @@ def test_interactive_prediction_equals_v1_segment(ls_api: ApiServer, ls_anon: ht
         ([rectangle(10.0, 20.0, 50.0, 40.0)], {"box": [12.8, 19.2, 76.8, 57.6]}),
     ]
     with Client(ls_api.url) as regcl:
+        encodes = _encodes(regcl)
         for regions, prompt in cases:
             answer = ls_anon.post("/labelstudio/predict",
                                   json=predict_body([task(7, path)], regions))
@@ -90,7 +91,15 @@ def test_interactive_prediction_equals_v1_segment(ls_api: ApiServer, ls_anon: ht
             assert mask.any()
             assert prediction["model_version"] == expected.adapter_version == "base"
             assert abs(prediction["score"] - expected.masks[0].score) < 1e-6
+        assert _encodes(regcl) == encodes + 1  # 6 segmentations of one image, one encode
     assert origin.fetched(path) == 1  # fetched once, then the engine's store
+
+
+def _encodes(client: Client) -> float:
+    """The API's image-encoder runs so far (its Prometheus counter)."""
+    (line,) = [x for x in client.metrics().splitlines()
+               if x.startswith("regcl_image_encodes_total ")]
+    return float(line.split()[1])
 
 
 def test_no_prompt_no_mask(ls_anon: httpx.Client, origin: FileOrigin) -> None:
