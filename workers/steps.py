@@ -34,6 +34,7 @@ from regcl.data.types import SampleDataset
 from regcl.errors import MergeError, StatsError
 from regcl.evaluation.evaluate import evaluate_points
 from regcl.merging import ContinualMergeState, make_params
+from regcl.merging.catalogue import STATS_METHODS
 from regcl.models.decoding import preprocess
 from regcl.training.adapter import (
     TrainConfig,
@@ -48,7 +49,6 @@ from workers.prepare import (
     iter_model_input,
     load_domain,
     sample_indices,
-    split_holdout,
 )
 from workers.runtime import WorkerRuntime
 
@@ -65,6 +65,7 @@ __all__ = [
     "evaluate_chunks",
     "evaluate_dataset",
     "fit_adapter",
+    "fold_adapters",
     "holdout_metrics",
     "load_adapter_model",
     "load_version_model",
@@ -194,24 +195,25 @@ class JobLike(Protocol):
     def should_stop(self) -> bool: ...
 
 
-def fit_adapter(model: PeftModel, data: DomainTensors, params: TrainParams, job: JobLike
-                ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
-    """The compute of a train job, on the model's device: hold out a seeded slice of
-    ``data``, train the model's LoRA on the rest (frozen encoder prefix cached once), collect
-    the Gram statistics of its inputs and score it on the held-out slice. Returns
-    (statistics, metrics, sample counts)."""
-    train_set, holdout = split_holdout(data, params.holdout, params.seed)
+def fit_adapter(model: PeftModel, train_set: DomainTensors, holdout: DomainTensors,
+                params: TrainParams, job: JobLike, span: tuple[float, float] = (0.05, 0.95)
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The compute of training one adapter, on the model's device: train the model's LoRA on
+    ``train_set`` (frozen encoder prefix cached once), collect the Gram statistics of its
+    inputs and score it on ``holdout``. Progress runs over ``span`` of the job (train, then
+    stats). Returns (statistics, metrics)."""
+    start, end = span
     prefix = encoder_prefix_cache(model, train_set.images)
-    job.phase(0.05, "train", samples=len(train_set))
+    job.phase(start, "train", samples=len(train_set))
+    train_end = start + (end - start) * 8 / 9  # train: 0.05 -> 0.85 of a train job
     history = train_adapter(model, train_set.images, train_set.masks, train_config(params),
-                            progress=job.step_reporter(0.05, 0.85, "train"),
+                            progress=job.step_reporter(start, train_end, "train"),
                             should_stop=job.should_stop, prefix=prefix)
-    job.phase(0.85, "stats")
+    job.phase(train_end, "stats")
     stats = gram_stats_from_prefix(model, prefix)
     metrics = {**holdout_metrics(model, holdout, params.seed, params.n_points),
                "train": history}
-    return stats, metrics, {"train": len(train_set), "holdout": len(holdout),
-                            "dropped": data.dropped}
+    return stats, metrics
 
 
 def train_config(params: TrainParams) -> TrainConfig:
@@ -289,6 +291,24 @@ def store_version(rt: WorkerRuntime, state: ContinualMergeState, config: LoraCon
         state.save(tmp / "merge_state.safetensors")
         return rt.registry.create_version(tmp / "adapter", tmp / "merge_state.safetensors",
                                           {**lineage, **base_metadata(rt)}, fence=fence)
+
+
+def fold_adapters(rt: WorkerRuntime, state: ContinualMergeState, names: list[str],
+                  on_fold: Callable[[int, str], None]
+                  ) -> tuple[LoraConfig | None, dict[str, str], dict[str, Any]]:
+    """Fold adapters ``names`` into ``state`` in order (``on_fold(i, name)`` before each).
+    Returns the LoRA config they share (None if ``names`` is empty), name → sha256 and
+    name → the adapter's held-out scores."""
+    config: LoraConfig | None = None
+    shas: dict[str, str] = {}
+    scores: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        on_fold(i, name)
+        record, files = adapter_files(rt, name, need_stats=state.method in STATS_METHODS)
+        state.fold(files.weights, files.stats, domain=name)
+        shas[name], config = record.sha256, files.config
+        scores[name] = record.metadata.get("metrics", {}).get("holdout")
+    return config, shas, scores
 
 
 def load_adapter_model(rt: WorkerRuntime, name: str) -> tuple[AdapterRecord, PeftModel]:
