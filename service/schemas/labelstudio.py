@@ -32,6 +32,8 @@ __all__ = [
 _OPEN = ConfigDict(extra="allow")
 MAX_TASKS = 64
 MAX_CONFIG = 256 * 1024
+PROJECT_PATTERN = r"^[0-9]{1,18}(\..*)?$"
+"""A project as Label Studio names it: ``<id>`` or ``<id>.<created timestamp>``."""
 
 
 class HealthResponse(BaseModel):
@@ -52,7 +54,7 @@ class SetupRequest(BaseModel):
 
     model_config = _OPEN
 
-    project: str = Field(max_length=64)
+    project: str = Field(max_length=64, pattern=PROJECT_PATTERN)
     schema_: str | None = Field(default=None, alias="schema", max_length=MAX_CONFIG)
     hostname: str | None = Field(default=None, max_length=2048)
     extra_params: dict[str, Any] | str | None = None
@@ -79,8 +81,10 @@ class PredictRequest(BaseModel):
     model_config = _OPEN
 
     tasks: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_TASKS)
-    label_config: str | None = Field(default=None, max_length=MAX_CONFIG)
-    project: str | None = Field(default=None, max_length=64)
+    label_config: str = Field(min_length=1, max_length=MAX_CONFIG,
+                              description="The project's labeling config (XML with a "
+                              "BrushLabels tag on an Image).")
+    project: str | None = Field(default=None, max_length=64, pattern=PROJECT_PATTERN)
     model_version: str | None = Field(default=None, max_length=256)
     params: PredictParams | None = None
 
@@ -150,7 +154,7 @@ class TrainRequest(BaseModel):
 
     model_config = _OPEN
 
-    project: str = Field(max_length=64)
+    project: str = Field(max_length=64, pattern=PROJECT_PATTERN)
 
 
 class TrainResponse(BaseModel):
