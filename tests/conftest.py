@@ -122,3 +122,24 @@ def api(redis_server: RedisServer, start_api: Callable[..., ApiServer]) -> ApiSe
     """The shared server (admin key ADMIN_KEY, uploads up to MAX_UPLOAD_BYTES). Tests that use
     it also take ``redis_client``, which empties its Redis database first."""
     return start_api(redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[object]:
+    """Debian's chromium, launched once per session through Playwright's sync API (which
+    allows one Playwright at a time in a thread: the browser tests and Label Studio's
+    screenshot share this one). Skips without chromium or Playwright, fails when ``CI`` is
+    set (see tests/browser/conftest.py)."""
+    from tests.browser.conftest import CHROMIUM_ARGS, chromium_path, unavailable
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("Playwright for Python is not installed (pip install -e '.[dev]')")
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

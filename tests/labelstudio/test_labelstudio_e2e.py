@@ -240,40 +240,34 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
     redis_client.close()
 
 
-def test_screenshot_of_a_regcl_mask_in_label_studio(e2e: E2E) -> None:
+def test_screenshot_of_a_regcl_mask_in_label_studio(e2e: E2E, chromium) -> None:
     """Label Studio's labeling page showing the annotation made from regcl's mask; saved as
     labelstudio.png under REGCL_SCREENSHOT_DIR (docs/screenshots refreshes the committed one),
     by default in a scratch folder. Skips without chromium (fails on CI)."""
     if "task" not in e2e.state:
         pytest.skip("needs the end-to-end test's annotation (run the module)")
-    from tests.browser.conftest import CHROMIUM_ARGS, SCRATCH_SCREENSHOTS, chromium_path
+    from tests.browser.conftest import SCRATCH_SCREENSHOTS
 
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright is not installed")
-    executable = chromium_path()
     folder = Path(os.environ.get("REGCL_SCREENSHOT_DIR") or SCRATCH_SCREENSHOTS)
     folder.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 720})
-            page.set_default_timeout(120_000)
-            page.goto(f"{e2e.ls.url}/user/login/")
-            page.fill("input[name=email]", USER)
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            page.wait_for_load_state("networkidle")
-            page.goto(f"{e2e.ls.url}/projects/{e2e.state['project']}/data"
-                      f"?task={e2e.state['task']}")
-            page.get_by_text("Regions").first.wait_for()
-            page.locator("canvas").first.wait_for()
-            page.wait_for_load_state("networkidle")
-            page.wait_for_timeout(1500)  # the brush layer is drawn after the image loads
-            shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-        finally:
-            browser.close()
+    context = chromium.new_context(viewport={"width": 1100, "height": 720})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(f"{e2e.ls.url}/user/login/")
+        page.fill("input[name=email]", USER)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{e2e.ls.url}/projects/{e2e.state['project']}/data"
+                  f"?task={e2e.state['task']}")
+        page.get_by_text("Regions").first.wait_for()
+        page.locator("canvas").first.wait_for()
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(1500)  # the brush layer is drawn after the image loads
+        shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    finally:
+        context.close()
     path = folder / "labelstudio.png"  # 128 colours: a third of the size, for docs/
     shot.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     assert path.stat().st_size > 10_000
