@@ -1,7 +1,8 @@
 """regcl: continual adaptation of Segment Anything with LoRA adapters merged by RegMean.
 
 The library imports nothing heavy at package import; import the submodules you need
-(``regcl.models``, ``regcl.merging``, ``regcl.adapters``, ``regcl.data``, ...).
+(``regcl.models``, ``regcl.merging``, ``regcl.adapters``, ``regcl.data``, ...), and
+``regcl.client`` for the service's HTTP client.
 """
 
 from regcl.errors import (

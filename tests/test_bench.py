@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from cli.main import main
 from regcl.bench.cl import BenchConfig, domain_orders, markdown_table, run_cl_benchmark
-from regcl.cli import main
 from regcl.training.adapter import TrainConfig
 
 TOY = BenchConfig(domains=("polyp", "shadow"), orders=2, train_per_domain=4, test_per_domain=4,
