@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from regcl.adapters.layout import count_key, gram_key
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging import (
     ContinualMergeState,
     available_methods,
-    count_key,
-    gram_key,
     magmax_merge,
     mean_merge,
     merge_adapters,

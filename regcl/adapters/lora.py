@@ -24,15 +24,18 @@ from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from regcl.adapters.config import AdapterConfig
+from regcl.adapters.layout import (
+    CONFIG_FILE,
+    META_FILE,
+    STATS_FILE,
+    UNSAFE_SUFFIXES,
+    WEIGHTS_FILE,
+    count_key,
+    gram_key,
+)
 from regcl.errors import AdapterError, CheckpointNotFoundError, StatsError
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-STATS_FILE = "regcl_stats.safetensors"
-META_FILE = "regcl_adapter.json"
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def attach_lora(sam: Sam, config: AdapterConfig | LoraConfig = AdapterConfig()) -> PeftModel:
@@ -136,15 +139,15 @@ def check_stats(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
                 source: str) -> None:
     """Statistics must cover every LoRA weight with a finite, square Gram of its input size."""
     for key, value in weights.items():
-        gram, count = stats.get(f"{key}.gram"), stats.get(f"{key}.count")
+        gram, count = stats.get(gram_key(key)), stats.get(count_key(key))
         if gram is None or count is None:
-            raise StatsError(f"{source}: statistics lack {key}.gram / {key}.count")
+            raise StatsError(f"{source}: statistics lack {gram_key(key)} / {count_key(key)}")
         n_in = value.shape[-1]
         if tuple(gram.shape) != (n_in, n_in):
-            raise StatsError(f"{source}: {key}.gram has shape {tuple(gram.shape)}, "
+            raise StatsError(f"{source}: {gram_key(key)} has shape {tuple(gram.shape)}, "
                              f"expected {(n_in, n_in)}")
         if count.numel() != 1 or count.is_floating_point():
-            raise StatsError(f"{source}: {key}.count must be one integer token count")
+            raise StatsError(f"{source}: {count_key(key)} must be one integer token count")
         if not torch.isfinite(gram).all() or int(count) <= 0:
             raise StatsError(f"{source}: {key} statistics are non-finite or empty")
 

@@ -3,7 +3,7 @@ domain's data.
 
 For a LoRA layer ``y = W0 x + B A x`` the statistics are, per weight key K (PEFT naming):
 ``K.gram`` = XᵀX / n over all n tokens seen (in x in; X the inputs of that linear: x for
-``lora_A``, A x for ``lora_B``) and ``K.count`` = n.
+``lora_A``, A x for ``lora_B``) and ``K.count`` = n (key names: :mod:`regcl.adapters.layout`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from peft import PeftModel
 
+from regcl.adapters.layout import count_key, gram_key
 from regcl.errors import StatsError
 
 
@@ -78,6 +79,6 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
     for key, total in sums.items():
         if counts[key] == 0:
             raise StatsError(f"no inputs reached {key}: nothing to compute its Gram from")
-        stats[f"{key}.gram"] = (total / counts[key]).to(device="cpu", dtype=torch.float32)
-        stats[f"{key}.count"] = torch.tensor(counts[key], dtype=torch.int64)
+        stats[gram_key(key)] = (total / counts[key]).to(device="cpu", dtype=torch.float32)
+        stats[count_key(key)] = torch.tensor(counts[key], dtype=torch.int64)
     return stats
