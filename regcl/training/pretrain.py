@@ -46,7 +46,7 @@ class PretrainConfig:
     eval_samples: int = 256
     # Mixed precision: encoder and decoder forward under CPU bfloat16 autocast (weights, optimiser
     # state, loss and evaluation stay float32). On the 2-core dev CPU (AVX512-BF16) a step costs
-    # ~1.5x less CPU time; gradients agree with float32 to cosine 0.9997 (docs/pretraining.md).
+    # ~1.5x less CPU time; gradients agree with float32 to cosine 0.999 (docs/pretraining.md).
     autocast_bf16: bool = False
 
 
