@@ -11,6 +11,7 @@ from regcl.adapters.lora import (
     load_weights_into,
     read_adapter,
     save_adapter,
+    seeded_lora_init,
     unwrap,
 )
 from regcl.adapters.stats import collect_gram_stats, lora_linears
@@ -29,5 +30,6 @@ __all__ = [
     "lora_linears",
     "read_adapter",
     "save_adapter",
+    "seeded_lora_init",
     "unwrap",
 ]
