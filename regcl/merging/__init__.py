@@ -2,10 +2,14 @@
 
 - :mod:`regcl.merging.merge_utils`: functions over tensors (RegMean, TIES, MagMax, ...).
 - :mod:`regcl.merging.methods`: whole-adapter merges by name (:func:`merge_adapters`).
+- :mod:`regcl.merging.core_space`: Core Space merging (NeurIPS 2025), registered as ``core_space``.
 - :mod:`regcl.merging.state`: :class:`ContinualMergeState`, constant-memory domain folding.
 """
 
+from regcl.merging.core_space import CoreSpaceParams, core_space_merge
 from regcl.merging.merge_utils import (
+    GRAM_WEIGHTINGS,
+    gram_scale,
     magmax_merge,
     mean_merge,
     product_regmean_merge,
@@ -37,9 +41,11 @@ from regcl.merging.methods import (
 from regcl.merging.state import STREAMING_METHODS, ContinualMergeState
 
 __all__ = [
+    "GRAM_WEIGHTINGS",
     "MERGE_METHODS",
     "STREAMING_METHODS",
     "ContinualMergeState",
+    "CoreSpaceParams",
     "MagmaxParams",
     "MeanParams",
     "MergeMethod",
@@ -49,9 +55,11 @@ __all__ = [
     "TaskArithmeticParams",
     "TiesParams",
     "available_methods",
+    "core_space_merge",
     "count_key",
     "get_merge_method",
     "gram_key",
+    "gram_scale",
     "magmax_merge",
     "make_params",
     "mean_merge",

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging.merge_utils import (
+    GRAM_WEIGHTINGS,
+    gram_scale,
     magmax_merge,
     mean_merge,
     product_regmean_merge,
@@ -105,14 +107,21 @@ class RegclParams(MergeParams):
 
     ridge: relative ridge ≥ 0 (λ = ridge · mean diag of the Gram sum), pulling to the plain mean.
     alpha: off-diagonal shrink in [0, 1] of each Gram; 1 = no shrink.
+    weighting: how domains' Grams weigh against each other, one of
+        :data:`~regcl.merging.merge_utils.GRAM_WEIGHTINGS` (``domain``: each domain alike).
     """
 
     ridge: float = 1e-4
     alpha: float = 1.0
+    weighting: str = "domain"
 
     def __post_init__(self) -> None:
         _number(self, "ridge", low=0.0)
         _number(self, "alpha", low=0.0, high=1.0)
+        if self.weighting not in GRAM_WEIGHTINGS:
+            raise ConfigError(
+                f"weighting must be one of {', '.join(GRAM_WEIGHTINGS)}, got {self.weighting!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -361,10 +370,16 @@ def merge_regcl(
         weights = [adapter[key] for adapter in adapters]
         if unit == UNIT_REGMEAN:
             grams = [s[gram_key(key)] for s in stats]
-            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha)
+            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha,
+                                        scales=gram_scales(stats, key, params.weighting))
         else:
             merged[key] = mean_merge(weights)
     return merged
+
+
+def gram_scales(stats: Sequence[Stats], key: str, weighting: str) -> list[float]:
+    """Each domain's factor on its Gram of ``key`` under ``weighting`` (:func:`gram_scale`)."""
+    return [gram_scale(s[gram_key(key)], float(s[count_key(key)]), weighting) for s in stats]
 
 
 @register_merge_method("regcl_product", RegclProductParams, needs_stats=True)
@@ -387,11 +402,13 @@ def merge_regcl_product(
             pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
             grams = [s[gram_key(key)] for s in stats]
             merged[key], merged[b_key] = product_regmean_merge(
-                pairs, grams, rank=weights[0].shape[0], ridge=params.ridge, alpha=params.alpha
+                pairs, grams, rank=weights[0].shape[0], ridge=params.ridge, alpha=params.alpha,
+                scales=gram_scales(stats, key, params.weighting),
             )
         elif unit == UNIT_REGMEAN:
             grams = [s[gram_key(key)] for s in stats]
-            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha)
+            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha,
+                                        scales=gram_scales(stats, key, params.weighting))
         elif unit == UNIT_MEAN:
             merged[key] = mean_merge(weights)
     return {key: merged[key] for key in plan}

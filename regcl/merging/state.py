@@ -23,6 +23,7 @@ from torch import Tensor
 
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging.merge_utils import (
+    gram_scale,
     product_delta,
     refactor_low_rank,
     regmean_solve,
@@ -57,6 +58,10 @@ _NOT_STREAMING = {
         "TIES trims each adapter to its own top-density entries and elects every sign from all "
         "adapters at once, so its result cannot be computed from running sums; keep the adapters "
         "and call merge_adapters('ties', ...) instead"
+    ),
+    "core_space": (
+        "its reference bases are SVDs of every adapter's stacked factors, so it needs all the "
+        "adapters at once; keep them and call merge_adapters('core_space', ...) instead"
     ),
 }
 _METADATA_KEY = "regcl_merge_state"
@@ -136,6 +141,7 @@ class ContinualMergeState:
     ) -> dict[str, Tensor]:
         """One adapter's terms for every running sum (float64; magmax: the new running max)."""
         alpha = getattr(self._params, "alpha", 1.0)
+        weighting = getattr(self._params, "weighting", "domain")
         terms: dict[str, Tensor] = {}
         for key, unit in plan.items():
             weight = adapter[key]
@@ -152,7 +158,9 @@ class ContinualMergeState:
                 assert stats is not None
                 if unit == UNIT_PRODUCT_A:
                     weight = product_delta(weight, adapter[lora_b_key(key)])  # out x in
-                gram_t, gram_weight_t = regmean_terms(weight, stats[gram_key(key)], alpha=alpha)
+                gram = stats[gram_key(key)]
+                scale = gram_scale(gram, float(stats[count_key(key)]), weighting)
+                gram_t, gram_weight_t = regmean_terms(weight, gram, alpha=alpha, scale=scale)
                 terms[f"{key}{_SEP}gram_sum"] = gram_t
                 terms[f"{key}{_SEP}gram_weight_sum"] = gram_weight_t
                 terms[f"{key}{_SEP}count_sum"] = (
