@@ -5,13 +5,20 @@
 """
 
 from regcl.routing.features import first_layer_key, first_layer_moments, token_moments
-from regcl.routing.router import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN, DomainRouter, Route
+from regcl.routing.router import (
+    DEFAULT_MAX_NOVELTY,
+    DEFAULT_MIN_MARGIN,
+    DomainRouter,
+    Route,
+    decide,
+)
 
 __all__ = [
     "DEFAULT_MAX_NOVELTY",
     "DEFAULT_MIN_MARGIN",
     "DomainRouter",
     "Route",
+    "decide",
     "first_layer_key",
     "first_layer_moments",
     "token_moments",

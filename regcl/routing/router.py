@@ -37,7 +37,7 @@ from torch import Tensor
 from regcl.errors import RoutingError
 from regcl.routing.features import first_layer_key, token_moments
 
-__all__ = ["DEFAULT_MAX_NOVELTY", "DEFAULT_MIN_MARGIN", "DomainRouter", "Route"]
+__all__ = ["DEFAULT_MAX_NOVELTY", "DEFAULT_MIN_MARGIN", "DomainRouter", "Route", "decide"]
 
 # Both measured with `regcl bench cl` (docs/benchmarks.md, "Domain routing"): see there for
 # the distributions of margins and novelties that justify them.
@@ -69,6 +69,28 @@ class Route:
     margin: float
     novelty: float
     scores: dict[str, float]
+
+
+def decide(scores: Tensor, novelty: Tensor, *, min_margin: float = DEFAULT_MIN_MARGIN,
+           max_novelty: float = DEFAULT_MAX_NOVELTY) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The routing rule on score and novelty columns (B x T, domains sorted by name).
+
+    Returns ``(best B, margin B, novelty of best B, chosen B bool)``: the best column (the
+    first, i.e. the smallest name, on an exact tie), its lead over the runner-up (``inf`` with
+    one column), and whether the route is taken (margin ≥ min_margin, novelty ≤ max_novelty).
+    """
+    if scores.dim() != 2 or scores.shape != novelty.shape or scores.shape[1] == 0:
+        raise RoutingError(f"scores and novelty must be B x T alike, got {tuple(scores.shape)} "
+                           f"and {tuple(novelty.shape)}")
+    best = scores.argmax(1)  # first maximum: the smallest name among equals
+    if scores.shape[1] > 1:
+        top = scores.topk(2, dim=1).values
+        margin = top[:, 0] - top[:, 1]
+    else:
+        margin = torch.full((scores.shape[0],), math.inf, dtype=scores.dtype)
+    best_novelty = novelty.gather(1, best[:, None])[:, 0]
+    chosen = (margin >= min_margin) & (best_novelty <= max_novelty)
+    return best, margin, best_novelty, chosen
 
 
 class DomainRouter:
@@ -261,17 +283,14 @@ class DomainRouter:
     def decide(self, scores: Tensor, novelty: Tensor, *, min_margin: float = DEFAULT_MIN_MARGIN,
                max_novelty: float = DEFAULT_MAX_NOVELTY) -> list[Route]:
         """One :class:`Route` per row of ``scores`` / ``novelty`` (B x T, from the scorers)."""
-        routes = []
-        for row, nov in zip(scores.tolist(), novelty.tolist()):
-            order = sorted(range(len(row)), key=lambda i: (-row[i], self._names[i]))
-            best = order[0]
-            margin = row[best] - row[order[1]] if len(order) > 1 else math.inf
-            chosen = margin >= min_margin and nov[best] <= max_novelty
-            routes.append(Route(
-                domain=self._names[best] if chosen else None, best=self._names[best],
-                margin=margin, novelty=nov[best],
-                scores={name: value for name, value in zip(self._names, row)}))
-        return routes
+        best, margin, best_novelty, chosen = decide(scores, novelty, min_margin=min_margin,
+                                                    max_novelty=max_novelty)
+        return [
+            Route(domain=self._names[b] if c else None, best=self._names[b], margin=m,
+                  novelty=n, scores=dict(zip(self._names, row)))
+            for b, m, n, c, row in zip(best.tolist(), margin.tolist(), best_novelty.tolist(),
+                                       chosen.tolist(), scores.tolist())
+        ]
 
     def route(self, tokens: Tensor, **thresholds: float) -> Route:
         """Routes one image: tokens N x D or H x W x D (``min_margin``, ``max_novelty``)."""
