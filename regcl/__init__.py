@@ -2,7 +2,7 @@
 
 The library imports nothing heavy at package import; import the submodules you need
 (``regcl.models``, ``regcl.merging``, ``regcl.routing``, ``regcl.adapters``, ``regcl.data``,
-...).
+...), and ``regcl.client`` for the service's HTTP client.
 """
 
 from regcl.errors import (

@@ -85,14 +85,14 @@ for model in ${MODELS//,/ }; do
   fi
   [ "${REGCL_GPU_BENCH_COMPILE_SERVICE:-0}" = 1 ] && args+=(--compile)
   say "regcl ${args[*]}"
-  timeout "$STEP_S" "$PY" -m regcl.cli "${args[@]}" 2>&1 | tee -a "$LOG" \
+  timeout "$STEP_S" "$PY" -m cli "${args[@]}" 2>&1 | tee -a "$LOG" \
     || { status=1; say "bench serve $model failed"; }
 done
 
 say "summary"
 "$PY" - "$OUT" <<'EOF' >"$OUT/summary.md" 2>>"$LOG"
 import json, pathlib, sys
-from regcl.bench.serve import serve_markdown
+from cli.bench_serve import serve_markdown
 out = pathlib.Path(sys.argv[1])
 checks = out / "checks.json"
 if checks.exists():

@@ -10,10 +10,10 @@ import statistics
 
 import pytest
 
+from cli.main import main
 from regcl.bench.cl import BenchConfig, config_from_options, domain_orders, run_cl_benchmark
 from regcl.bench.cl_output import report_text, write_outputs
 from regcl.bench.cl_report import markdown_table, mean_ci, paired, t_quantile
-from regcl.cli import main
 from regcl.data.domains import LONG_ORDER
 from regcl.errors import ConfigError
 from regcl.training.adapter import TrainConfig

@@ -44,7 +44,7 @@ def test_merge_benchmark_tiny():
 
 
 def test_cli_prints_the_table(capsys):
-    from regcl.cli import main
+    from cli.main import main
 
     assert main(["bench", "merge", "--models", "tiny", "--methods", "regcl",
                  "--domains", "1,2"]) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from regcl.bench.serve_load import bench_image, summarise
+from cli.bench_serve.load import bench_image, summarise
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_bench_images_are_unique_and_repeatable():
 def test_bench_serve_quick_smoke(tmp_path):
     out = tmp_path / "serve.json"
     result = subprocess.run(
-        [sys.executable, "-m", "regcl.cli", "bench", "serve", "--quick", "--json", str(out),
+        [sys.executable, "-m", "cli", "bench", "serve", "--quick", "--json", str(out),
          "--concurrency", "1,2", "--encoder-variants", "fp32,fp32-sdpa",
          "--encoder-batches", "1", "--threads", "1", "--server-threads", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -74,7 +74,7 @@ def test_bench_serve_stops_its_stack_when_terminated(tmp_path):
     log = tmp_path / "bench.log"
     with log.open("w") as sink:
         bench = subprocess.Popen(
-            [sys.executable, "-m", "regcl.cli", "bench", "serve", "--quick",
+            [sys.executable, "-m", "cli", "bench", "serve", "--quick",
              "--encoder-variants", "", "--threads", "1", "--server-threads", "1"],
             cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:

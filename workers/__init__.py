@@ -15,6 +15,7 @@ torch):
 - :mod:`workers.steps`: the building blocks of the tasks (registry lookups with base-model
   checks, dataset tensors, storing adapters and versions);
 - :mod:`workers.runtime`: per-process state of a worker (settings, clients, the base model);
-- :mod:`workers.prepare`: datasets → model-sized tensors (ResizeLongestSide + padding);
-- :mod:`workers.up`: ``run_up(settings)``, behind ``regcl up`` (Redis + worker + API).
+- :mod:`workers.prepare`: datasets → model-sized tensors (ResizeLongestSide + padding).
+
+``regcl up`` (Redis + a worker + the API in the foreground) is an entry point: :mod:`cli.up`.
 """

@@ -46,12 +46,12 @@ MERGE_METHODS_BENCHED = ("regcl", "regcl_product", "mean", "task_arithmetic", "t
 DEFAULT_BENCH_MERGE = "regcl_product"
 """The service's default merge (workers/params.py), which ``auto`` falls back to."""
 MERGE_SWEEP = (
-    "regcl", "regcl:ridge=1e-06", "regcl:ridge=1e-08", "regcl:weighting=trace",
+    "regcl", "regcl:ridge=1e-06", "regcl:ridge=1e-08", "regcl:ridge=0", "regcl:weighting=trace",
     "regcl_product", "regcl_product:ridge=1e-05", "regcl_product:ridge=1e-06",
     "regcl_product:ridge=1e-07", "regcl_product:ridge=1e-08", "regcl_product:ridge=1e-10",
-    "regcl_product:ridge=0", "regcl_product:weighting=tokens", "regcl_product:weighting=trace",
-    "core_space", "core_space:inner=mean", "core_space:inner=task_arithmetic",
-    "core_space:inner=iso",
+    "regcl_product:ridge=1e-12", "regcl_product:ridge=0", "regcl_product:weighting=tokens",
+    "regcl_product:weighting=trace", "core_space", "core_space:inner=mean",
+    "core_space:inner=task_arithmetic", "core_space:inner=iso",
 )
 """Merge variants scored on the final step (``--sweep``): ridges down to the solver's limit,
 Gram weightings, Core Space merging with its inner methods."""

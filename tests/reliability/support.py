@@ -5,12 +5,12 @@
 processes on it, and the clients the API uses. Leases and reaper rounds are short (seconds) so
 that a worker's death is noticed quickly; the broker's own visibility timeout stays long, so a
 killed job comes back only through the reaper. :class:`LoadClients` is N threads segmenting
-through the API while a test does something to the stack.
+through the API (each with the library's :class:`regcl.client.Client`) while a test does
+something to the stack.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psutil
 import pytest
 import redis
 
+from cli.up import REPO_ROOT, settings_env, worker_command
 from infra import keys
 from infra.artifacts import MANIFEST, ArtifactStore
 from infra.datasets import DatasetRegistry
@@ -35,12 +35,12 @@ from infra.redis_server import RedisServer
 from infra.registry import Registry
 from infra.settings import Settings
 from regcl.adapters import read_adapter
+from regcl.client import Activation, ApiConnectionError, ApiError, ProtocolError, Segmentation
 from tests.conftest import free_tcp_port
 from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
 from tests.workers.worker_support import JOB_TIMEOUT_S, START_TIMEOUT_S, write_domain_dataset
 from workers.celery_app import make_celery
 from workers.reaper import broker_messages
-from workers.up import REPO_ROOT, settings_env, worker_command
 
 LEASE_S = 3.0
 REAPER_INTERVAL_S = 1.0
@@ -60,7 +60,7 @@ def poll(predicate: Callable[[], bool], what: str, timeout_s: float = JOB_TIMEOU
         try:
             if predicate():
                 return time.monotonic() - start
-        except (redis.exceptions.ConnectionError, httpx.TransportError):
+        except (redis.exceptions.ConnectionError, ApiConnectionError):
             pass
         if time.monotonic() - start > timeout_s:
             pytest.fail(f"timed out waiting for {what}\n{on_timeout()}")
@@ -229,24 +229,25 @@ def rig(tmp_path: Path):
 # -- HTTP load ---------------------------------------------------------------------------------
 
 
-def segment_body(image: bytes, adapter: str = "live") -> dict:
-    return {"image_base64": base64.b64encode(image).decode(), "box": BOX, "multimask": False,
-            "adapter": adapter, "return_logits": True}
+def segment(client, image: bytes, adapter: str = "live") -> Segmentation:
+    """One box prompt on an inline image, with the mask's low-res logits."""
+    return client.segment(image, box=BOX, multimask=False, adapter=adapter,
+                          return_logits=True)
 
 
-def logits_of(body: dict) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(body["masks"][0]["low_res_logits"]), dtype="<f4")
+def logits_of(result: Segmentation) -> np.ndarray:
+    return result.masks[0].low_res_logits
 
 
-def activate(server: ApiServer, number: int) -> httpx.Response:
-    with server.client(ADMIN_KEY) as client:
-        return client.post(f"/v1/versions/{number}/activate")
+def activate(server: ApiServer, number: int) -> Activation:
+    with server.api(ADMIN_KEY) as client:
+        return client.activate(number)
 
 
 def metric(server: ApiServer, name: str) -> float:
     """One unlabelled sample of ``/metrics``."""
-    with server.client() as client:
-        text = client.get("/metrics", timeout=30).text
+    with server.api(timeout=30.0) as client:
+        text = client.metrics()
     for line in text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[-1])
@@ -286,29 +287,25 @@ class LoadClients:
 
     def _run(self, index: int) -> None:
         turn = index
-        with httpx.Client(base_url=self.server.url, timeout=120.0) as client:
+        with self.server.api() as client:
             while not self._stop.is_set():
                 image = turn % len(self.images)
                 turn += 1
                 start = time.monotonic()
                 try:
-                    response = client.post("/v1/segment",
-                                           json=segment_body(self.images[image]))
-                except httpx.TransportError as exc:
+                    result = segment(client, self.images[image])
+                except ApiConnectionError as exc:
                     outcome = Outcome(start, time.monotonic(), 0, image=image,
-                                      error=type(exc).__name__)
+                                      error=type(exc.__cause__ or exc).__name__)
                     time.sleep(0.05)  # a refused connection returns at once; do not spin
+                except ProtocolError as exc:  # header and body disagree
+                    outcome = Outcome(start, time.monotonic(), 200, image=image, error=str(exc))
+                except ApiError as exc:
+                    outcome = Outcome(start, time.monotonic(), exc.status, image=image,
+                                      error=str(exc)[:200])
                 else:
-                    outcome = Outcome(start, time.monotonic(), response.status_code,
-                                      image=image)
-                    if response.status_code == 200:
-                        body = response.json()
-                        outcome.version = body["adapter_version"]
-                        if response.headers.get("X-Regcl-Adapter-Version") != outcome.version:
-                            outcome.error = "header and body disagree"
-                        outcome.logits = logits_of(body)
-                    else:
-                        outcome.error = response.text[:200]
+                    outcome = Outcome(start, time.monotonic(), 200, result.adapter_version,
+                                      image, logits_of(result))
                 with self._lock:
                     self.outcomes.append(outcome)
 
@@ -330,13 +327,8 @@ class LoadClients:
 
 def reference_logits(server: ApiServer, images: list[bytes]) -> list[np.ndarray]:
     """What the server answers for each image with the live version, quietly, one at a time."""
-    out = []
-    with server.client() as client:
-        for image in images:
-            response = client.post("/v1/segment", json=segment_body(image))
-            assert response.status_code == 200, response.text
-            out.append(logits_of(response.json()))
-    return out
+    with server.api() as client:
+        return [logits_of(segment(client, image)) for image in images]
 
 
 def redis_keys(client: redis.Redis) -> set[str]:

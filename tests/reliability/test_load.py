@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from regcl.client import ApiError
 from tests.reliability.support import (
     LoadClients,
     Rig,
     activate,
     metric,
-    poll,
     reference_logits,
     rss_mib,
     say,
@@ -45,10 +45,9 @@ def make_versions(rig: Rig) -> tuple[int, int]:
 
 
 def serve(server: ApiServer, number: int) -> None:
-    assert activate(server, number).status_code == 200
-    with server.client() as client:
-        poll(lambda: client.get("/v1/versions/live").json()["served_version"] == number,
-             f"version {number} to be served", timeout_s=120)
+    assert activate(server, number).version.number == number
+    with server.api() as client:
+        client.wait_served(number, timeout=120)
 
 
 def references(server: ApiServer, numbers: tuple[int, ...]) -> dict[str, list[np.ndarray]]:
@@ -86,8 +85,12 @@ def test_clients_segment_while_versions_are_activated_again_and_again(rig: Rig) 
     def swap() -> None:
         while not stop.wait(1.0):
             number = (a, b)[len(activations) % 2]
-            response = activate(server, number)
-            activations.append(response.status_code)
+            try:
+                activate(server, number)
+            except ApiError as exc:
+                activations.append(exc.status)
+            else:
+                activations.append(200)
 
     def sample() -> None:
         while not stop.wait(0.5):

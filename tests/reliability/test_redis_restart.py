@@ -5,15 +5,15 @@ themselves (a request, a job submitted through the API, a merge and a hot-swap a
 
 from __future__ import annotations
 
-import base64
 import time
+from collections.abc import Callable
 
-import httpx
 import pytest
 
 from infra import keys
 from infra.jobs import JobState
-from tests.reliability.support import Rig, poll, redis_keys, say
+from regcl.client import ApiConnectionError, ApiError
+from tests.reliability.support import Rig, poll, redis_keys, say, segment
 from tests.service.api_support import ADMIN_KEY, make_adapter, make_image, png_bytes
 from workers.submit import submit_evaluate, submit_merge, submit_train
 
@@ -37,6 +37,15 @@ def snapshot(rig: Rig) -> dict:
     }
 
 
+def answers(call: Callable[[], object]) -> bool:
+    """Whether the API answers ``call`` with a success (an error status is no answer yet)."""
+    try:
+        call()
+    except ApiError:
+        return False
+    return True
+
+
 def test_redis_crash_and_restart_loses_nothing_and_everyone_reconnects(rig: Rig) -> None:
     rig.add_dataset("polyp", count=4)
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
@@ -47,21 +56,23 @@ def test_redis_crash_and_restart_loses_nothing_and_everyone_reconnects(rig: Rig)
     scored = rig.wait(submit_evaluate(rig.celery, rig.jobs, datasets=["polyp"],
                                       params=EVALUATE))
     assert merged.state is scored.state is JobState.SUCCEEDED
-    image = {"image_base64": base64.b64encode(png_bytes(make_image(3))).decode(),
-             "box": [10.0, 8.0, 90.0, 70.0], "multimask": False}
-    with api.client() as client:
-        poll(lambda: client.post("/v1/segment", json=image).json()["adapter_version"]
-             == "live:1", "the API to serve version 1", timeout_s=120)
+    image = png_bytes(make_image(3))
+    with api.api() as client:
+        poll(lambda: segment(client, image).adapter_version == "live:1",
+             "the API to serve version 1", timeout_s=120)
     before = snapshot(rig)
     assert before["live"] == 1 and len(before["jobs"]) == 2
 
     time.sleep(1.5)  # appendfsync everysec: what was written a second ago is on disk
     rig.crash_redis()
-    with api.client() as client:
+    with api.api(timeout=15.0) as client:
         try:
-            during = client.get("/v1/jobs", timeout=15).status_code
-        except httpx.TransportError as exc:
-            during = type(exc).__name__
+            client.list_jobs()
+            during: int | str = 200
+        except ApiError as exc:
+            during = exc.status
+        except ApiConnectionError as exc:
+            during = type(exc.__cause__ or exc).__name__
     restart_s = rig.start_redis()
     restarted_at = time.monotonic()
     after = snapshot(rig)
@@ -69,16 +80,11 @@ def test_redis_crash_and_restart_loses_nothing_and_everyone_reconnects(rig: Rig)
 
     # The API reconnects: its first request after the restart may still meet a dead
     # connection; it answers again without being restarted.
-    with api.client(ADMIN_KEY) as client:
-        api_s = poll(lambda: client.get("/v1/versions/live").status_code == 200,
-                     "the API to answer again", timeout_s=120)
-        response = client.post("/v1/segment", json=image)
-        assert response.status_code == 200 and response.json()["adapter_version"] == "live:1"
-        submitted = client.post("/v1/jobs/evaluate", json={"datasets": ["polyp"],
-                                                           "params": EVALUATE})
-        assert submitted.status_code == 202, submitted.text
-        job_id = submitted.json()["job"]["id"] if "job" in submitted.json() \
-            else submitted.json()["id"]
+    with api.api(ADMIN_KEY) as client:
+        api_s = poll(lambda: answers(client.live_version), "the API to answer again",
+                     timeout_s=120)
+        assert segment(client, image).adapter_version == "live:1"
+        job_id = client.submit_evaluate(["polyp"], params=EVALUATE).id
     # The worker reconnects and runs it.
     job = rig.wait(job_id, timeout_s=300)
     assert job.state is JobState.SUCCEEDED, job.error
@@ -90,9 +96,9 @@ def test_redis_crash_and_restart_loses_nothing_and_everyone_reconnects(rig: Rig)
     assert third.result["version"] == 2 and third.result["folded"] == ["c"]
     assert rig.registry.get_version(2).lineage["domains"] == ["a", "b", "c"]
     assert rig.registry.get_version(2).lineage["parent"] == 1
-    with api.client() as client:
-        swap_s = poll(lambda: client.post("/v1/segment", json=image).json()["adapter_version"]
-                      == "live:2", "the API to serve version 2", timeout_s=120)
+    with api.api() as client:
+        swap_s = poll(lambda: segment(client, image).adapter_version == "live:2",
+                      "the API to serve version 2", timeout_s=120)
     rig.check_store()
     say(f"redis SIGKILLed and restarted ({restart_s:.2f} s to answer PING): "
         f"{len(before['keys'])} regcl keys, {len(before['jobs'])} job records, "

@@ -1,6 +1,10 @@
 """Helpers of the HTTP API tests: the REAL server (``python -m service.app``, i.e. uvicorn)
 in a subprocess on a free port, configured through ``REGCL_*`` variables; test data (images,
 LoRA adapters); problem+json assertions. The fixtures are in ``conftest.py`` next to it.
+
+Two clients per server: :meth:`ApiServer.client` (raw httpx, for tests of the HTTP contract
+itself: status codes, headers, problem bodies) and :meth:`ApiServer.api` (the library's typed
+:class:`regcl.client.Client`, for tests that use the service: waits, segmentation under load).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from regcl.adapters import AdapterConfig, attach_lora, save_adapter
+from regcl.client import ApiConnectionError, Client
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,16 +59,17 @@ class ApiServer:
                                         env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"API server exited with {self.process.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        with self.api(timeout=2.0) as api:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"API server exited with {self.process.returncode}:\n"
+                                       f"{self.log_tail()}")
+                try:
+                    if api.health():
+                        return self
+                except ApiConnectionError:
+                    pass
+                time.sleep(0.25)
         self.stop()
         raise RuntimeError(f"API server not up after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
 
@@ -79,8 +85,13 @@ class ApiServer:
             self.process.wait(10)
 
     def client(self, key: str | None = None) -> httpx.Client:
+        """A raw HTTP client (for tests of the HTTP contract)."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, timeout=120.0, headers=headers)
+
+    def api(self, key: str | None = None, timeout: float = 120.0) -> Client:
+        """The library's typed client on this server."""
+        return Client(self.url, key, timeout=timeout)
 
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

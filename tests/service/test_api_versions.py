@@ -146,13 +146,8 @@ def test_a_version_that_does_not_fit_is_refused_and_changes_nothing(server, vers
 
 
 def _wait_served(server: ApiServer, number: int, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with server.client() as client:
-        while time.monotonic() < deadline:
-            if client.get("/v1/versions/live").json()["served_version"] == number:
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"server did not swap to version {number}")
+    with server.api() as api:
+        api.wait_served(number, timeout_s)
 
 
 def test_follows_the_pointer_moved_by_another_process(server, registry, versions,

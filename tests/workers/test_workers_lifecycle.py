@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.up import REPO_ROOT
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobState, JobStore, wait_for
@@ -34,7 +35,6 @@ from tests.workers.worker_support import (
 )
 from workers.celery_app import make_celery
 from workers.submit import cancel_job, submit_train
-from workers.up import REPO_ROOT
 
 LONG = {"epochs": 500, "rank": 4, "batch_size": 4}
 
@@ -80,7 +80,7 @@ class UpProcess:
                "REGCL_TORCH_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
         env.pop("REGCL_REDIS_URL", None)
         code = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
-                "from infra.settings import Settings; from workers.up import run_up; "
+                "from infra.settings import Settings; from cli.up import run_up; "
                 "sys.exit(run_up(Settings(), api_app='tests.workers.fake_api:create_app'))")
         # Its own session: like a terminal's foreground job, so a test can signal the group.
         self.process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO_ROOT,

@@ -118,7 +118,7 @@ def test_routes_and_serialisation() -> None:
 
 
 def test_the_submission_surface_imports_no_torch() -> None:
-    code = ("import sys, workers.submit, workers.celery_app, workers.up; "
+    code = ("import sys, workers.submit, workers.celery_app, cli.up; "
             "print(sorted(m for m in ('torch', 'peft', 'segment_anything') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -19,6 +19,7 @@ import torch
 from celery import Celery
 from PIL import Image
 
+from cli.up import REPO_ROOT, settings_env, worker_command
 from infra.datasets import DatasetRecord, DatasetRegistry
 from infra.errors import NotFound
 from infra.jobs import JobRecord, JobStore, wait_for
@@ -26,7 +27,6 @@ from infra.redis_server import RedisServer
 from infra.registry import Registry
 from infra.settings import Settings
 from regcl.data.domains import domain_split
-from workers.up import REPO_ROOT, settings_env, worker_command
 
 WORKER_DB = 1
 JOB_TIMEOUT_S = 900.0  # generous: the suite may share 2 cores with other work (SCHED_IDLE)

@@ -1,4 +1,10 @@
-"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl|merge|serve``, ``pretrain``."""
+"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl|merge|serve``, ``pretrain``.
+
+The entry points sit above every layer (they may import the library, ``infra``, ``workers``
+and ``service``; nothing imports them). Each command imports what it needs when it runs, so
+``regcl bench cl`` starts without the service's packages being loaded. Run it as ``regcl`` or
+``python -m cli``.
+"""
 
 from __future__ import annotations
 
@@ -84,7 +90,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     # redis-server and API process) is stopped rather than left behind.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    from regcl.bench.serve import ServeBenchConfig, run_serve_benchmark, serve_markdown
+    from cli.bench_serve import ServeBenchConfig, run_serve_benchmark, serve_markdown
 
     def ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -128,35 +134,24 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    # The service lives beside the library; regcl/ imports it only here, on demand.
-    try:
-        from infra.settings import Settings
-        from workers.up import run_up
-    except ImportError as exc:  # an install of the library alone, without the service
-        logger.error("regcl up needs the service packages (infra, workers, service): %s", exc)
-        return 2
+    from cli.up import run_up
+    from infra.settings import Settings
+
     return run_up(Settings())
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import os
+    from cli.demo import run
 
-    try:
-        from service.demo import run_demo
-    except ImportError as exc:
-        logger.error("regcl demo needs the service packages: %s", exc)
-        return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo prints its own progress
-    key = args.admin_key or next(
-        (k.strip() for k in os.environ.get("REGCL_ADMIN_KEYS", "").split(",") if k.strip()), "")
-    return run_demo(args.url, key, domain=args.domain, train_images=args.train_images,
-                    epochs=args.epochs)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cli.demo import add_arguments as demo_arguments
     from regcl.models.build import TINY_CHECKPOINT
 
-    parser = argparse.ArgumentParser(prog="regcl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="regcl", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -253,11 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="drive train → merge → activate → segment over HTTP "
                                     "against a running stack (regcl up)")
-    d.add_argument("--url", default="http://127.0.0.1:8000")
-    d.add_argument("--admin-key", help="default: the first of REGCL_ADMIN_KEYS")
-    d.add_argument("--domain", default="polyp")
-    d.add_argument("--train-images", type=int, default=24)
-    d.add_argument("--epochs", type=int, default=3)
+    demo_arguments(d)
     d.set_defaults(func=_cmd_demo)
     return parser
 

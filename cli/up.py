@@ -21,7 +21,6 @@ Redis (``SHUTDOWN SAVE``). If any child dies, the others are stopped too and ``r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -45,7 +44,6 @@ from workers.celery_app import ALL_QUEUES
 __all__ = [
     "API_APP",
     "api_command",
-    "main",
     "run_up",
     "settings_env",
     "worker_command",
@@ -238,16 +236,3 @@ def _wait_ready(supervisor: _Supervisor, stop: threading.Event, timeout_s: float
             return False
         stop.wait(1.0)
     return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m workers.up``: ``regcl up`` with the settings from the environment."""
-    parser = argparse.ArgumentParser(prog="regcl up", description=__doc__.split("\n\n")[0])
-    parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_up(Settings())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,10 @@ sends it over a pipe: it builds its payloads first (untimed), then runs ``concur
 asyncio clients (httpx) until the phase's requests are done or its duration is over, and sends
 back one record per request: start and end wall-clock times (``time.time()``, comparable with
 the parent's), HTTP status and the adapter version the response names. Nothing here imports
-torch, so the client process stays light.
+torch, so the client process stays light. This is the one place of the benchmark that does
+not use :class:`regcl.client.Client`: it is a load generator (asyncio, one event loop for
+every concurrent client, request bodies built before the clock starts, answers parsed but not
+decoded), and its figures must stay comparable with the earlier runs'.
 
 Images (:func:`bench_image`) are smooth random RGB images, each made unique by its index (the
 service keys embeddings by content hash, so every "new image" request misses the cache); the

@@ -6,9 +6,9 @@ embedded ``redis-server``, the artifact store and registry, and the API process
 Two live versions with random LoRA weights are registered (version 1 is made live before the
 API starts), so hot swaps and LoRA overhead can be measured.
 
-Like ``regcl up`` in :mod:`regcl.cli`, this is the one place under ``regcl/bench`` that uses
-the platform packages (``infra``, ``workers``); they are imported inside
-:func:`running_stack` only, so the library itself never depends on them.
+The platform packages (``infra``, and ``regcl up``'s command lines from :mod:`cli.up`) are
+imported inside :func:`running_stack` only, so the in-process sections of the benchmark start
+without them.
 """
 
 from __future__ import annotations
@@ -66,17 +66,19 @@ def write_random_adapter(model: str, directory: Path, seed: int,
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    import httpx
+    from regcl.client import Client
+    from regcl.errors import RegclError
 
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the API process exited with {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            response = httpx.get(f"{url}/readyz", timeout=2.0)
-            if response.status_code == 200 and response.json().get("served_version") == 1:
-                return
-        time.sleep(0.5)
+    with Client(url, timeout=2.0) as api:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the API process exited with {process.returncode}")
+            with contextlib.suppress(RegclError):
+                readiness = api.ready()
+                if readiness.ready and readiness.served_version == 1:
+                    return
+            time.sleep(0.5)
     raise TimeoutError(f"the API at {url} was not ready (serving version 1) within "
                        f"{timeout_s:.0f} s")
 
@@ -89,11 +91,11 @@ def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
 
     ``env``: extra ``REGCL_*`` variables for the API (device, dtype, batching, threads...).
     """
+    from cli.up import api_command, settings_env
     from infra.artifacts import ArtifactStore
     from infra.redis_server import RedisServer
     from infra.registry import Registry
     from infra.settings import Settings
-    from workers.up import api_command, settings_env
 
     admin_key = secrets.token_hex(16)
     settings = Settings(data_dir=work_dir / "data", redis_port=free_port(),
