@@ -52,7 +52,8 @@ def _cmd_bench_cl(args: argparse.Namespace) -> int:
         sweep=args.sweep, epochs=args.epochs, orders=args.orders,
         train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
         checkpoint=args.checkpoint, threads=args.threads, workers=args.workers,
-        default_method=args.default_method, final_only=args.final_only or None)
+        default_method=args.default_method, final_only=args.final_only or None,
+        cache_dir=args.cache)
     if args.route_only:
         from regcl.bench.cl_route import route_text, run_route_calibration
 
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "numbers depend on it)")
     b.add_argument("--workers", type=int, help="worker processes (default 1; the numbers do "
                                                "not depend on it)")
+    b.add_argument("--cache", help="keep trained adapters in this folder and reuse those of "
+                                   "earlier runs with the same training settings")
     b.set_defaults(func=_cmd_bench_cl)
 
     m = bench.add_parser("merge", help="continual merge time and state size vs. the number of "

@@ -159,6 +159,24 @@ def test_numbers_do_not_depend_on_the_worker_count(report):
     assert comparable(again) == comparable(report)
 
 
+@pytest.mark.slow
+def test_a_cache_of_trained_adapters_changes_no_number(report, tmp_path):
+    """A run that fills the cache, and one that reads every training from it, both equal the
+    run without a cache."""
+    def comparable(r):
+        data = {k: v for k, v in r.items()
+                if k not in ("elapsed_s", "machine", "trained_from_cache")}
+        data["config"] = {**data["config"], "cache_dir": None}
+        return json.dumps(data, sort_keys=True, default=str)
+
+    cached = dataclasses.replace(TOY, cache_dir=str(tmp_path / "cache"))
+    first = run_cl_benchmark(cached)
+    assert first["trained_from_cache"] == 0
+    second = run_cl_benchmark(cached)
+    assert second["trained_from_cache"] == 2 * 2 + 2 * 2  # 2 seeds x (2 domains + 2 orders)
+    assert comparable(first) == comparable(report) == comparable(second)
+
+
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "cl", "--domains", "skin", "--orders", "1", "--train-per-domain",

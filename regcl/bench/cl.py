@@ -81,6 +81,7 @@ class BenchConfig:
     threads: int = 1
     workers: int = 1
     checkpoint: str | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.domains or len(set(self.domains)) != len(self.domains):
@@ -196,6 +197,7 @@ def run_cl_benchmark(config: BenchConfig, progress: Callable[[str], None] | None
     torch.set_num_threads(config.threads)  # the merges run here
     seeds, domains = config.seeds, config.domains
     orders = [] if config.final_only else domain_orders(domains, config.orders)
+    cached_before = _count_cached(config, orders)
     try:
         with JobRunner(config, say) as runner:
             # 1. Individual adapters (with their statistics) and the base model.
@@ -229,6 +231,7 @@ def run_cl_benchmark(config: BenchConfig, progress: Callable[[str], None] | None
     report = assemble_report(config, orders, base, individual_scores, sequential_scores,
                              merge_scores, routing)
     report["memory"] = memory_by_domains(config, individual)
+    report["trained_from_cache"] = cached_before
     report["elapsed_s"] = round(time.monotonic() - start, 1)
     report["machine"] = (f"{platform.machine()}, {config.workers} worker process(es) x "
                          f"{config.threads} torch thread(s), torch {torch.__version__}, "
@@ -255,6 +258,19 @@ def memory_by_domains(config: BenchConfig, individual: dict) -> list[dict[str, i
                                       for spec, state in states.items()},
                      "auto_adapters_bytes": adapters, "auto_router_bytes": router.nbytes()})
     return rows
+
+
+def _count_cached(config: BenchConfig, orders: Sequence[tuple[str, ...]]) -> int:
+    """How many of this run's trainings the cache holds already (0 without a cache)."""
+    if not config.cache_dir:
+        return 0
+    from regcl.bench.cl_worker import TrainedCache
+
+    cache = TrainedCache(config)
+    identities = [("individual", s, d) for s in config.seeds for d in config.domains]
+    identities += [("sequential", s, o[:step]) for s in config.seeds for o in orders
+                   for step in range(2, len(o) + 1)]
+    return sum(cache.has(identity) for identity in identities)
 
 
 def _plan_merges(config: BenchConfig, orders: Sequence[tuple[str, ...]],

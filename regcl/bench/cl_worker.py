@@ -17,19 +17,24 @@ augmentation is used, so this is exact.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from regcl.adapters.lora import adapter_weights, attach_lora, load_weights_into, seeded_lora_init
 from regcl.data.domains import domain_split
-from regcl.models.build import build_sam
+from regcl.models.build import TINY_CHECKPOINT, build_sam
 from regcl.routing import DomainRouter, first_layer_moments
 from regcl.training.adapter import (
     encoder_prefix_cache,
@@ -65,6 +70,7 @@ class BenchWorker:
         self.config = config
         self.model: PeftModel = attach_lora(build_sam("tiny", config.checkpoint), config.adapter)
         self._cache: OrderedDict[tuple[int, str, str], SplitData] = OrderedDict()
+        self.trained = TrainedCache(config) if config.cache_dir else None
 
     def data(self, seed: int, domain: str, split: str) -> SplitData:
         key = (seed, domain, split)
@@ -78,10 +84,24 @@ class BenchWorker:
         self._cache.move_to_end(key)
         return self._cache[key]
 
-    def train(self, seed: int, domain: str, start: Weights | None, *,
-              with_stats: bool) -> tuple[Weights, Weights | None]:
+    def train(self, seed: int, domain: str, start: Weights | None, *, with_stats: bool,
+              identity: tuple | None = None) -> tuple[Weights, Weights | None]:
         """Trains from ``start`` (None: the seed's fresh init) on ``domain``; optionally also
-        returns the Gram statistics of the trained adapter on that domain's training data."""
+        returns the Gram statistics of the trained adapter on that domain's training data.
+
+        identity: what determines the result besides the config (e.g. the seed and the order
+        of domains trained so far), the key of the on-disk cache when the config has one."""
+        if self.trained is not None and identity is not None:
+            hit = self.trained.get(identity)
+            if hit is not None:
+                return hit
+        weights, stats = self._train(seed, domain, start, with_stats=with_stats)
+        if self.trained is not None and identity is not None:
+            self.trained.put(identity, weights, stats)
+        return weights, stats
+
+    def _train(self, seed: int, domain: str, start: Weights | None, *,
+               with_stats: bool) -> tuple[Weights, Weights | None]:
         load_weights_into(self.model, seeded_lora_init(self.model, seed) if start is None
                           else start)
         data = self.data(seed, domain, "train")
@@ -118,6 +138,56 @@ class BenchWorker:
             scores, novelty = router.score_moments(second, first)
             out["scores"][domain], out["novelty"][domain] = scores, novelty
         return out
+
+
+class TrainedCache:
+    """Trained adapters on disk (``BenchConfig.cache_dir``), shared by runs whose training is
+    the same: e.g. a ten-domain run reuses the five-domain run's adapters of the same seeds.
+
+    The key hashes the job's identity with every setting that changes training (adapter and
+    training config, data sizes, the base weights' bytes, torch threads and version); files
+    are safetensors, written atomically. A run that must be reproduced from scratch is run
+    without a cache.
+    """
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.root = Path(config.cache_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        checkpoint = Path(config.checkpoint) if config.checkpoint else TINY_CHECKPOINT
+        self.setting = json.dumps({
+            "adapter": dataclasses.asdict(config.adapter),
+            "train": {k: v for k, v in dataclasses.asdict(config.train).items() if k != "seed"},
+            "train_per_domain": config.train_per_domain,
+            "weights": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+            "threads": config.threads, "torch": torch.__version__,
+        }, sort_keys=True, default=str)
+        self.hits = 0
+
+    def _path(self, identity: tuple) -> Path:
+        digest = hashlib.sha256((self.setting + repr(identity)).encode()).hexdigest()[:32]
+        return self.root / f"{digest}.safetensors"
+
+    def has(self, identity: tuple) -> bool:
+        return self._path(identity).is_file()
+
+    def get(self, identity: tuple) -> tuple[Weights, Weights | None] | None:
+        path = self._path(identity)
+        if not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
+        stats = {k[2:]: v for k, v in tensors.items() if k.startswith("s/")} or None
+        self.hits += 1
+        logger.info("cache hit %s", identity)
+        return weights, stats
+
+    def put(self, identity: tuple, weights: Weights, stats: Weights | None) -> None:
+        tensors = {f"w/{k}": v.contiguous() for k, v in weights.items()}
+        tensors.update({f"s/{k}": v.contiguous() for k, v in (stats or {}).items()})
+        path = self._path(identity)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"identity": repr(identity)})
+        tmp.rename(path)
 
 
 _WORKER: BenchWorker | None = None
@@ -157,11 +227,13 @@ def run_job(job: tuple) -> Any:
 def execute(worker: BenchWorker, job: tuple) -> Any:
     kind, seed = job[0], job[1]
     if kind == "individual":
-        return worker.train(seed, job[2], None, with_stats=True)
+        return worker.train(seed, job[2], None, with_stats=True,
+                            identity=("individual", seed, job[2]))
     if kind == "chain":
-        weights, steps = job[3], []
-        for domain in job[2][1:]:
-            weights, _ = worker.train(seed, domain, weights, with_stats=False)
+        order, weights, steps = tuple(job[2]), job[3], []
+        for step, domain in enumerate(order[1:], start=2):
+            weights, _ = worker.train(seed, domain, weights, with_stats=False,
+                                      identity=("sequential", seed, order[:step]))
             steps.append(weights)
         return steps
     if kind == "evaluate":
