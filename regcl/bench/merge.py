@@ -22,7 +22,8 @@ Memory: ``state_bytes`` is :meth:`ContinualMergeState.nbytes` (the running sums,
 solve (measured). Solver workspace (LAPACK, the SVD of ``regcl_product``) is not included.
 
 Methods without a streaming state (``core_space``, ``ties``) keep every adapter: for them
-``state_bytes`` is the T adapters (and statistics) kept, and *solve* merges all T at once.
+``state_bytes`` is the T adapters kept (no statistics: neither reads them), and *solve* merges
+all T at once.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from regcl.adapters.config import default_blocks
-from regcl.merging import STREAMING_METHODS, ContinualMergeState, merge_adapters
+from regcl.merging import (
+    STREAMING_METHODS,
+    ContinualMergeState,
+    get_merge_method,
+    merge_adapters,
+)
 from regcl.merging.methods import count_key, gram_key
 from regcl.models.build import SAM_SPECS
 
@@ -130,7 +136,8 @@ def bench_one(model: str, method: str, domains: Sequence[int], rank: int = 10, s
 def _bench_kept(model: str, method: str, domains: Sequence[int], old: tuple[Weights, Weights],
                 new: tuple[Weights, Weights], say: Callable[[str], None]) -> list[dict]:
     """A method without a streaming state (e.g. ``core_space``, ``ties``): it keeps every
-    adapter (``state_bytes`` = T adapters and their statistics, growing with T) and merges
+    adapter (``state_bytes`` = T adapters, and their statistics if the method reads them,
+    growing with T) and merges
     them all at each new domain (``solve_ms``); there is no fold (``fold_ms`` 0)."""
     rows = []
     for count in domains:
@@ -141,7 +148,8 @@ def _bench_kept(model: str, method: str, domains: Sequence[int], old: tuple[Weig
         t0 = time.perf_counter()
         merged = merge_adapters(method, adapters, stats)
         solve = time.perf_counter() - t0
-        kept = count * (_tensor_bytes(new[0]) + _tensor_bytes(new[1]))
+        needs = get_merge_method(method).needs_stats
+        kept = count * (_tensor_bytes(new[0]) + (_tensor_bytes(new[1]) if needs else 0))
         row = {"model": model, "method": method, "domains": count, "fold_ms": 0.0,
                "solve_ms": solve * 1e3, "state_bytes": kept, "merged_bytes": _tensor_bytes(merged),
                "peak_bytes": kept + _tensor_bytes(merged), "adapter_bytes": _tensor_bytes(new[0]),
