@@ -13,16 +13,18 @@ The names below are imported from their submodule on first use.
 from regcl._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(("CATALOGUE", "STATS_METHODS", "STREAMING_METHODS", "MagmaxParams",
+    **dict.fromkeys(("CATALOGUE", "CORE_INNER_METHODS", "CoreSpaceParams", "GRAM_WEIGHTINGS",
+                     "STATS_METHODS", "STREAMING_METHODS", "MagmaxParams",
                      "MeanParams", "MergeParams", "MethodInfo", "RegclParams",
                      "RegclProductParams", "TaskArithmeticParams", "TiesParams",
                      "method_info"), "catalogue"),
-    **dict.fromkeys(("magmax_merge", "mean_merge", "product_regmean_merge",
+    **dict.fromkeys(("gram_scale", "magmax_merge", "mean_merge", "product_regmean_merge",
                      "refactor_low_rank", "regmean_merge", "regmean_solve", "shrink_gram",
                      "task_arithmetic_merge", "ties_merge"), "merge_utils"),
     **dict.fromkeys(("MERGE_METHODS", "MergeMethod", "available_methods", "get_merge_method",
                      "make_params", "merge_adapters", "register_merge_method"), "methods"),
     "ContinualMergeState": "state",
+    "core_space_merge": "core_space",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -36,6 +36,7 @@ from regcl.merging.catalogue import (
     method_info,
 )
 from regcl.merging.merge_utils import (
+    gram_scale,
     magmax_merge,
     mean_merge,
     product_regmean_merge,
@@ -284,10 +285,16 @@ def merge_regcl(
         weights = [adapter[key] for adapter in adapters]
         if unit == UNIT_REGMEAN:
             grams = [s[gram_key(key)] for s in stats]
-            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha)
+            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha,
+                                        scales=gram_scales(stats, key, params.weighting))
         else:
             merged[key] = mean_merge(weights)
     return merged
+
+
+def gram_scales(stats: Sequence[Stats], key: str, weighting: str) -> list[float]:
+    """Each domain's factor on its Gram of ``key`` under ``weighting`` (:func:`gram_scale`)."""
+    return [gram_scale(s[gram_key(key)], float(s[count_key(key)]), weighting) for s in stats]
 
 
 @register_merge_method("regcl_product")
@@ -310,11 +317,13 @@ def merge_regcl_product(
             pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
             grams = [s[gram_key(key)] for s in stats]
             merged[key], merged[b_key] = product_regmean_merge(
-                pairs, grams, rank=weights[0].shape[0], ridge=params.ridge, alpha=params.alpha
+                pairs, grams, rank=weights[0].shape[0], ridge=params.ridge, alpha=params.alpha,
+                scales=gram_scales(stats, key, params.weighting),
             )
         elif unit == UNIT_REGMEAN:
             grams = [s[gram_key(key)] for s in stats]
-            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha)
+            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha,
+                                        scales=gram_scales(stats, key, params.weighting))
         elif unit == UNIT_MEAN:
             merged[key] = mean_merge(weights)
     return {key: merged[key] for key in plan}
@@ -387,3 +396,8 @@ def merge_adapters(
             raise StatsError(f"got {len(adapters)} adapters but {len(stats)} statistics dicts")
     logger.info("merging %d adapters with %s %s", len(adapters), method, typed_params)
     return spec.merge(adapters, stats, typed_params)
+
+
+# Methods written in modules of their own register themselves on import (after the names above
+# exist, which they import): importing this module makes every catalogue method available.
+from regcl.merging import core_space as _core_space  # noqa: E402,F401
