@@ -36,20 +36,9 @@ from torch import Tensor
 
 from regcl.errors import RoutingError
 from regcl.routing.features import first_layer_key, token_moments
+from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
 
 __all__ = ["DEFAULT_MAX_NOVELTY", "DEFAULT_MIN_MARGIN", "DomainRouter", "Route", "decide"]
-
-# Chosen from `regcl bench cl --route-only --domains long --probes source --seeds 3
-# --first-seed 10` (docs/benchmarks.md, "Domain routing"): seeds the benchmark's tables do not
-# use; 10 domains, 1920 test images, 15 routed to a wrong domain.
-DEFAULT_MIN_MARGIN = 0.05
-"""Smallest lead (score units: nats per token and feature) of the best domain over the
-runner-up for the route to be taken. Measured: it turns away 40 % of the wrong routes (their
-median margin is 0.09) and 0.1 % of the right ones (5 % of right routes lead by < 0.34)."""
-DEFAULT_MAX_NOVELTY = 3.0
-"""Largest novelty (mean squared Mahalanobis distance per feature under the best domain) for
-the route to be taken. Measured: 99.7 % of in-domain test images are below it (median 0.75),
-81 % of source-domain scenes (no adapter's domain; median 7.0) above it."""
 
 _METADATA_KEY = "regcl_domain_router"
 _FORMAT_VERSION = 1

@@ -1,0 +1,47 @@
+"""Test data for ``adapter: "auto"``: statistics-only domain adapters of the shipped tiny SAM.
+
+Each adapter has seeded random (non-zero) LoRA weights, so it changes the masks, and real
+Gram statistics collected on a few training images of one synthetic domain
+(:mod:`regcl.data.domains`), so the router can tell its domain. Nothing is trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regcl.adapters import AdapterConfig, attach_lora, collect_gram_stats, save_adapter
+from regcl.data.domains import domain_split
+from regcl.models import build_sam
+
+STATS_IMAGES = 6
+SIZE = 256
+
+
+@functools.cache
+def _domain_images(domain: str, split: str, count: int) -> torch.Tensor:
+    images, _ = domain_split(domain, split, count, SIZE)
+    return images
+
+
+def domain_image(domain: str, index: int = 0) -> np.ndarray:
+    """Test image ``index`` of ``domain`` (H x W x 3 uint8; never used for statistics)."""
+    image = _domain_images(domain, "test", index + 1)[index]
+    return image.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy().copy()
+
+
+def stats_adapter(directory: Path, domain: str, seed: int, *, rank: int = 4,
+                  scale: float = 0.15) -> Path:
+    """A tiny-SAM LoRA adapter for ``domain`` in ``directory`` (see the module docstring)."""
+    torch.manual_seed(seed)
+    model = attach_lora(build_sam("tiny"), AdapterConfig(rank=rank))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    stats = collect_gram_stats(model, images=_domain_images(domain, "train", STATS_IMAGES))
+    return save_adapter(model, directory, stats=stats, metadata={"domain": domain})
