@@ -15,6 +15,7 @@ BROWSER = 3  # tests/browser: API + worker
 CLIENT = 4  # tests/client: API + worker
 CLIENT_KEYLESS = 5  # tests/client: an API with no admin keys
 LIFECYCLE = 6  # tests/workers/test_workers_lifecycle.py: a worker per test
+AUTO_ROUTING = 7  # tests/service/test_api_auto.py: two API processes, one registry
 
 REDIS_DATABASES = 16  # redis-server's default `databases`
 
