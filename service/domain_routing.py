@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from regcl.adapters.layout import count_key, gram_key, mean_key
@@ -37,8 +39,8 @@ from regcl.routing import (
 )
 from service.adapter_table import AUTO, LIVE
 
-__all__ = ["AUTO", "AutoRoute", "DomainEntry", "DomainRouting", "RouterState", "domain_entry",
-           "router_digest"]
+__all__ = ["AUTO", "AutoRoute", "DomainEntry", "DomainRouting", "RouterDomain", "RouterState",
+           "domain_entry", "read_domain_entry", "router_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,21 @@ def _block_of(key: str) -> int:
     return int(match.group(1))
 
 
+def read_domain_entry(stats_file: str | os.PathLike[str], name: str, revision: str
+                      ) -> DomainEntry:
+    """:func:`domain_entry` of a statistics file, reading only the router's three tensors
+    (RoutingError when the file is not one)."""
+    try:
+        with safe_open(os.fspath(stats_file), framework="pt") as handle:
+            names = list(handle.keys())
+            key = first_layer_key(names)
+            stats = {k: handle.get_tensor(k) for k in (gram_key(key), count_key(key),
+                                                        mean_key(key)) if k in names}
+    except (OSError, SafetensorError) as exc:
+        raise RoutingError(f"cannot read statistics: {exc}") from None
+    return domain_entry(name, revision, stats)
+
+
 def domain_entry(name: str, revision: str, stats: Mapping[str, Tensor]) -> DomainEntry:
     """The router's part of an adapter's statistics (RoutingError when they lack it)."""
     key = first_layer_key(stats)
@@ -106,12 +123,22 @@ class AutoRoute:
 
 
 @dataclass(frozen=True)
+class RouterDomain:
+    """A domain the router holds: its adapter's name and sha256, and the tokens behind it."""
+
+    name: str
+    revision: str
+    tokens: int
+
+
+@dataclass(frozen=True)
 class RouterState:
-    """One generation of the router (immutable once published)."""
+    """One generation of the router (immutable once published). The router holds the only
+    copy of the statistics; nothing else keeps them."""
 
     generation: int
     router: DomainRouter | None
-    entries: tuple[DomainEntry, ...] = ()
+    domains: tuple[RouterDomain, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -121,7 +148,7 @@ class RouterState:
             self.router.key)
 
     def revision_of(self, name: str) -> str | None:
-        return next((e.revision for e in self.entries if e.name == name), None)
+        return next((d.revision for d in self.domains if d.name == name), None)
 
 
 def router_digest(router: DomainRouter | None) -> str:
@@ -198,7 +225,8 @@ class DomainRouting:
                                            f"router reads {key}")
                     continue
                 router.fold_moments(entry.name, entry.gram, entry.count, entry.mean, key=key)
-        kept = tuple(e for e in usable if e.name not in skipped)
+        kept = tuple(RouterDomain(e.name, e.revision, e.count) for e in usable
+                     if e.name not in skipped)
         with self._lock:
             state = RouterState(self._state.generation + 1,
                                 router if router is not None and router.num_domains else None,
@@ -206,7 +234,7 @@ class DomainRouting:
             self._state = state
             self._routes.clear()
         logger.info("domain router generation %d: %d domain(s) %s, %d skipped",
-                    state.generation, len(kept), [e.name for e in kept], len(skipped))
+                    state.generation, len(kept), [d.name for d in kept], len(skipped))
         return state
 
     def remembered(self, image_id: str, generation: int) -> AutoRoute | None:

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from infra.errors import InvalidName, NotFound
 from infra.live import LiveSubscription
@@ -37,7 +35,7 @@ from regcl.adapters import AdapterFiles, check_weights, read_adapter
 from regcl.adapters.layout import STATS_FILE
 from regcl.errors import AdapterError, RoutingError
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
-from service.domain_routing import DomainEntry, RouterState, domain_entry
+from service.domain_routing import DomainEntry, RouterState, read_domain_entry
 from service.engine import SegmentationEngine
 from service.engine_stats import SwapResult
 from service.errors import AdapterRejectedError, UnknownAdapterError
@@ -161,7 +159,9 @@ class RouterFollower:
     """Keeps the engine's domain router in step with the registry (see the module docstring).
 
     An adapter whose statistics cannot route (missing, malformed, another layer or width) is
-    listed as skipped with the reason; one that vanished mid-sync is picked up next time.
+    listed as skipped with the reason; one that vanished mid-sync is picked up next time. The
+    statistics are read from the local copies of the adapters (fetched once per sha256), only
+    the router's three tensors of each, and kept nowhere but in the router.
     """
 
     def __init__(self, engine: SegmentationEngine, registry: Registry, cache_dir: Path) -> None:
@@ -169,42 +169,35 @@ class RouterFollower:
         self._registry = registry
         self._cache_dir = cache_dir
         self._lock = threading.Lock()
-        self._entries: dict[str, DomainEntry] = {}  # by name, at the revision last read
-        self._signature: object = None  # what the served router was built from
+        self._signature: object = None  # (name, sha256) of what the served router was built from
         self._subscription: LiveSubscription | None = None
-        self.last_error: str | None = None
 
     def sync(self) -> RouterState:
         """Re-list the registry and rebuild the router if its adapters changed."""
         with self._lock:
-            records = [r for r in self._registry.list_adapters() if r.has_stats]
-            entries: dict[str, DomainEntry] = {}
-            skipped: dict[str, str] = {}
-            for record in records:
-                known = self._entries.get(record.name)
-                if known is not None and known.revision == record.sha256:
-                    entries[record.name] = known
-                    continue
-                try:
-                    path = self._registry.fetch_adapter(record.name, self._cache_dir)
-                    stats = load_file(str(path / STATS_FILE))
-                    entries[record.name] = domain_entry(record.name, record.sha256, stats)
-                except NotFound:
-                    continue  # deleted meanwhile
-                except (RoutingError, SafetensorError, OSError, ValueError) as exc:
-                    skipped[record.name] = f"its statistics cannot route: {exc}"
-            signature = (sorted((n, e.revision) for n, e in entries.items()), sorted(skipped))
+            records = sorted((r for r in self._registry.list_adapters() if r.has_stats),
+                             key=lambda r: r.name)
+            signature = [(r.name, r.sha256) for r in records]
             if signature == self._signature:
                 return self._engine.routing.state
-            self._entries, self._signature = entries, signature
-            return self._engine.routing.replace(list(entries.values()), skipped)
+            entries: list[DomainEntry] = []
+            skipped: dict[str, str] = {}
+            for record in records:
+                try:
+                    path = self._registry.fetch_adapter(record.name, self._cache_dir)
+                    entries.append(read_domain_entry(path / STATS_FILE, record.name,
+                                                     record.sha256))
+                except NotFound:
+                    continue  # deleted meanwhile: its own notice follows
+                except (RoutingError, OSError, ValueError) as exc:
+                    skipped[record.name] = f"its statistics cannot route: {exc}"
+            self._signature = signature
+            return self._engine.routing.replace(entries, skipped)
 
     def _on_notice(self, _: int = 0) -> None:
         try:
             self.sync()
-            self.last_error = None
-        except Exception as exc:
-            self.last_error = str(exc)
+        except Exception:
             logger.exception("could not rebuild the domain router; the previous one serves")
 
     def start(self, live: LiveFollower | None = None) -> None:

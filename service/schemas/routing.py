@@ -93,8 +93,8 @@ class RouterInfo(BaseModel):
     def of(cls, state: RouterState, routing: DomainRouting) -> RouterInfo:
         router = state.router
         return cls(generation=state.generation,
-                   domains=[RouterDomain(name=e.name, revision=e.revision, tokens=e.count)
-                            for e in state.entries],
+                   domains=[RouterDomain(name=d.name, revision=d.revision, tokens=d.tokens)
+                            for d in state.domains],
                    skipped=[RouterSkipped(name=n, reason=r)
                             for n, r in sorted(state.skipped.items())],
                    layer=None if router is None else router.key, block=state.block,

@@ -111,5 +111,5 @@ def test_statistics_that_cannot_route_are_skipped_with_the_reason(
     wide = domain_entry("wide", "r", {k: v for k, v in adapters["polyp"].stats.items()})
     wide = type(wide)("wide", "r", wide.key, torch.eye(8), 10, None)
     state = routing.replace([*_entries(adapters, DOMAINS[:1]), wide])
-    assert [e.name for e in state.entries] == ["polyp"] and "192" in state.skipped["wide"]
+    assert [d.name for d in state.domains] == ["polyp"] and "192" in state.skipped["wide"]
     assert routing.replace([]).router is None
