@@ -19,7 +19,7 @@ from tests.browser.test_web_page import (
     wait_js,
 )
 from tests.service.api_support import png_bytes
-from tests.service.auto_support import SIZE, domain_image, stats_adapter
+from tests.service.auto_support import SIZE, domain_image, nowhere, stats_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_auto_in_the_menu_shows_the_chosen_adapter_and_its_confidence(stack, pag
         assert page.locator("#main-caption").inner_text() == "auto (domain:page-polyp)"
         screenshot(page, "segment-auto")
 
-        open_and_click(page, np.full((SIZE, SIZE, 3), 128, np.uint8), "grey.png")
+        open_and_click(page, nowhere(), "noise.png")
         request, _ = page_prompt(page)
         route = client.post("/v1/segment", json=request).json()["route"]
         assert not route["confident"] and route["domain"] is None

@@ -33,6 +33,12 @@ def domain_image(domain: str, index: int = 0) -> np.ndarray:
     return image.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy().copy()
 
 
+def nowhere(height: int = SIZE, width: int = SIZE) -> np.ndarray:
+    """An image of no domain: uniform RGB noise (H x W x 3 uint8). (A uniform mid-grey square
+    is not one: its tokens are all alike and sit close to camo_pattern's mean, novelty 1.4.)"""
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
 def stats_adapter(directory: Path, domain: str, seed: int, *, rank: int = 4,
                   scale: float = 0.15) -> Path:
     """A tiny-SAM LoRA adapter for ``domain`` in ``directory`` (see the module docstring)."""

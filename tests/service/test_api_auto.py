@@ -26,7 +26,7 @@ from regcl.routing import DomainRouter
 from service.domain_routing import router_digest
 from tests import databases
 from tests.service.api_support import ADMIN_KEY, ApiServer, assert_problem, make_adapter
-from tests.service.auto_support import domain_image, stats_adapter
+from tests.service.auto_support import domain_image, nowhere, stats_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +131,11 @@ def test_the_batch_route_and_the_header_say_what_was_chosen(stack, servers) -> N
 def test_an_image_from_nowhere_falls_back_to_the_live_version(stack) -> None:
     a, b, live = stack
     for api in (a, b):
-        result = api.segment(np.full((200, 300, 3), 128, np.uint8), box=BOX, adapter="auto")
+        result = api.segment(nowhere(), box=BOX, adapter="auto")
         assert result.route.domain is None and not result.route.confident
         assert result.route.novelty > result.route.max_novelty
         assert result.adapter_version == f"live:{live}"
-        assert api.segment(np.full((200, 300, 3), 128, np.uint8), box=BOX).route is None
+        assert api.segment(nowhere(), box=BOX).route is None
 
 
 def test_auto_masks_equal_a_direct_request_with_the_chosen_adapter(stack) -> None:

@@ -17,7 +17,7 @@ from regcl.models import build_sam
 from regcl.routing import DomainRouter
 from service.domain_routing import DomainRouting, domain_entry, router_digest
 from service.engine import SegmentationEngine
-from tests.service.auto_support import domain_image, stats_adapter
+from tests.service.auto_support import domain_image, nowhere, stats_adapter
 
 DOMAINS = ("polyp", "shadow", "camo_pattern")
 LATE = "skin"  # registered later
@@ -63,7 +63,7 @@ def test_an_image_of_each_domain_routes_to_its_adapter(engine: SegmentationEngin
 
 
 def test_an_image_from_nowhere_falls_back_to_live(engine: SegmentationEngine) -> None:
-    _, result = _auto(engine, np.full((200, 300, 3), 128, np.uint8))
+    _, result = _auto(engine, nowhere())
     assert result.route.route is not None and result.route.route.domain is None
     assert result.route.route.novelty > engine.routing.max_novelty
     assert result.adapter_version == "live:7" and result.route.adapter == "live"
