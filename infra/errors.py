@@ -3,6 +3,7 @@
 Like :mod:`regcl.errors`, each error subclasses :class:`~regcl.errors.RegclError` *and* the closest
 built-in, so callers catch either. The service maps them to RFC 7807 problems:
 ``NotFound`` → 404, ``Conflict`` (and its subclasses) → 409, ``InvalidName`` → 422/400,
+``BaseModelMismatch`` → 422 ``base-model-mismatch``,
 ``LockTimeout`` → 409/503, ``RedisServerError`` → startup failure.
 
 The names say the outcome (``NotFound``, ``Conflict``) rather than ending in ``Error`` because
@@ -11,9 +12,10 @@ they are the platform's contract with the service and workers, mirroring HTTP's 
 
 from __future__ import annotations
 
-from regcl.errors import ConfigError, RegclError
+from regcl.errors import AdapterError, ConfigError, RegclError
 
 __all__ = [
+    "BaseModelMismatch",
     "ConfigError",
     "Conflict",
     "CorruptArtifact",
@@ -47,6 +49,10 @@ class LockTimeout(Conflict, TimeoutError):  # noqa: N818
 
 class InvalidName(RegclError, ValueError):  # noqa: N818
     """An artifact key, adapter name or job kind breaks the naming rules."""
+
+
+class BaseModelMismatch(AdapterError):  # noqa: N818
+    """An adapter or version was made on another base model than the deployment's."""
 
 
 class RedisServerError(RegclError, RuntimeError):

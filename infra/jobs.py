@@ -77,8 +77,10 @@ end
 return 0
 """
 
-_KIND = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-_JOB_ID = re.compile(r"[0-9a-f]{32}")
+JOB_KIND_PATTERN = r"[a-z][a-z0-9_.-]{0,63}"
+JOB_ID_PATTERN = r"[0-9a-f]{32}"
+_KIND = re.compile(JOB_KIND_PATTERN)
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 class JobState(StrEnum):

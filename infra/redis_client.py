@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import redis
+import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-__all__ = ["connect"]
+__all__ = ["connect", "connect_async"]
 
 
 def connect(url: str, **kwargs: object) -> redis.Redis:
@@ -24,3 +25,9 @@ def connect(url: str, **kwargs: object) -> redis.Redis:
     }
     options.update(kwargs)
     return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+
+
+def connect_async(url: str) -> aioredis.Redis:
+    """An asyncio client for ``url`` (the API's server-sent events), decoding replies."""
+    return aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5.0,
+                                   health_check_interval=30)

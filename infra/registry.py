@@ -39,9 +39,11 @@ from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFou
 from infra.heartbeat import lock_heartbeat
 from infra.live import LiveSubscription, read_live
 from infra.named_artifacts import NamedArtifacts, fetch_artifact
+from regcl.adapters.layout import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIGHTS_FILE
 
 __all__ = [
     "ADAPTER_NAME",
+    "ADAPTER_NAME_SCHEMA",
     "AdapterRecord",
     "MergeLockLost",
     "Registry",
@@ -51,13 +53,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-# The adapter directory contract of regcl.adapters.lora (CONFIG_FILE, WEIGHTS_FILE, STATS_FILE,
-# UNSAFE_SUFFIXES), repeated here so the platform does not import torch; a test keeps them equal.
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-STATS_FILE = "regcl_stats.safetensors"
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
+ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
+ADAPTER_NAME_SCHEMA = {"pattern": f"^{ADAPTER_NAME_PATTERN}$", "minLength": 1, "maxLength": 64}
+"""The rule of adapter (and dataset) names as JSON Schema keywords, for the API's document."""
 VERSION_ADAPTER_DIR = "adapter"
 VERSION_STATE_FILE = "merge_state.safetensors"
 _MAX_SKIPPED_NUMBERS = 1000

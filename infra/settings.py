@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         description="Longest wait for more images after the first of a batch; unset: 0 on "
         "the CPU, 2 ms on CUDA.",
     )
+    max_domain_adapters: int = Field(
+        default=8, ge=1, le=1024, description="Domain adapters kept loaded for serving; a "
+        "request naming another one unloads the least recently used one no request is using.",
+    )
     serve_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "
         "default).",

@@ -125,7 +125,8 @@ def _sync(device: str) -> None:
 def engine_check(device: str) -> dict:
     import numpy as np
 
-    from service.engine import SegmentationEngine, ServingOptions
+    from service.engine import SegmentationEngine
+    from service.options import ServingOptions
 
     image = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
     points, labels = np.array([[120.0, 80.0]]), np.array([1])

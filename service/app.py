@@ -22,8 +22,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from infra.settings import MIB, Settings, get_settings
-from service.deps import AdminAuthMiddleware
+from service.auth import AdminAuthMiddleware
 from service.metrics import Metrics, MetricsMiddleware
+from service.openapi import install_openapi
 from service.problems import install_problem_handlers
 from service.routers import adapters, datasets, health, images, jobs, segment, versions
 from service.routers.ui import install_ui
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, images, segment, adapters, datasets, jobs, versions):
         app.include_router(module.router)
     install_ui(app)  # the web page at / (service/static)
+    install_openapi(app, settings)  # the document states what the server does
     return app
 
 

@@ -164,6 +164,12 @@ class WriterFirstLock:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
+    @property
+    def waiting_writers(self) -> int:
+        """How many ``with lock:`` holders are waiting for the lock now."""
+        with self._changed:
+            return self._writers
+
     @contextlib.contextmanager
     def after_writers(self) -> Iterator[None]:
         """Hold the lock once no writer is waiting for it."""

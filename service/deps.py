@@ -7,7 +7,7 @@ configured every mutating endpoint answers 403 ``mutations-disabled``; a missing
 is 401 ``unauthorized``.
 
 FastAPI reads (and spools to disk) a request's body before it runs the route's dependencies,
-so :class:`AdminAuthMiddleware` checks the key of every route that depends on
+so :class:`service.auth.AdminAuthMiddleware` checks the key of every route that depends on
 :func:`require_admin` (or on :func:`require_segment_access`, when segmentation needs a key)
 *before* the body is read: an unauthenticated upload is refused without being received. The
 dependencies stay as well (and document the routes' security in OpenAPI).
@@ -15,33 +15,29 @@ dependencies stay as well (and document the routes' security in OpenAPI).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
-from fastapi.dependencies.models import Dependant
-from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from starlette.datastructures import Headers
-from starlette.routing import compile_path
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
 from infra.registry import Registry
 from infra.settings import Settings
 from service.engine import SegmentationEngine
-from service.problems import ProblemError, problem_response
+from service.live_swap import LiveFollower
+from service.problems import ProblemError
 from service.runtime import Runtime
 
 __all__ = [
-    "AdminAuthMiddleware",
     "AdminKey",
+    "AsyncRedisDep",
     "CeleryDep",
     "DatasetsDep",
     "EngineDep",
     "JobStoreDep",
+    "LiveDep",
     "RegistryDep",
     "RuntimeDep",
     "SegmentAccess",
@@ -84,6 +80,14 @@ def get_datasets(runtime: RuntimeDep) -> DatasetRegistry:
     return runtime.datasets
 
 
+def get_async_redis(runtime: RuntimeDep) -> aioredis.Redis:
+    return runtime.aredis
+
+
+def get_live(runtime: RuntimeDep) -> LiveFollower:
+    return runtime.live
+
+
 def get_celery(runtime: RuntimeDep) -> Any:
     if runtime.celery is None:
         raise ProblemError("jobs-unavailable", "this deployment has no job queue (the workers "
@@ -97,6 +101,8 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 DatasetsDep = Annotated[DatasetRegistry, Depends(get_datasets)]
 CeleryDep = Annotated[Any, Depends(get_celery)]
+AsyncRedisDep = Annotated[aioredis.Redis, Depends(get_async_redis)]
+LiveDep = Annotated[LiveFollower, Depends(get_live)]
 
 
 def presented_key(
@@ -143,98 +149,3 @@ def check_segment_access(settings: Settings, key: str | None) -> None:
 
 AdminKey = Annotated[None, Depends(require_admin)]
 SegmentAccess = Annotated[None, Depends(require_segment_access)]
-
-
-def key_from_headers(headers: Headers) -> str | None:
-    """The key a request presents, read as :func:`presented_key` reads it (Bearer first)."""
-    scheme, _, credentials = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return headers.get("x-api-key") or None
-
-
-Check = Callable[[Settings, str | None], None]
-
-
-def _gate(dependant: Dependant) -> Check | None:
-    """The key check a route's dependencies imply: admin first, then segmentation access."""
-    calls = set()
-    stack = list(dependant.dependencies)
-    while stack:
-        dep = stack.pop()
-        calls.add(dep.call)
-        stack.extend(dep.dependencies)
-    if require_admin in calls:
-        return check_admin
-    if require_segment_access in calls:
-        return check_segment_access
-    return None
-
-
-def _api_routes(app: Any) -> Iterator[tuple[str, APIRoute]]:
-    """Every API route of ``app`` with its full path (newer FastAPI keeps included routers
-    nested and lists them through ``iter_route_contexts``; older ones flatten them)."""
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # pragma: no cover - FastAPI before nested routers
-        for route in app.routes:
-            if isinstance(route, APIRoute):
-                yield route.path, route
-        return
-    for context in iter_route_contexts(app.routes):
-        route = context.original_route
-        if isinstance(route, APIRoute):
-            yield context.path or route.path, route
-
-
-def guarded_routes(app: Any) -> list[tuple[re.Pattern[str], frozenset[str], Check]]:
-    """(path pattern, methods, key check) of each route of ``app`` that depends on
-    :func:`require_admin` or :func:`require_segment_access`."""
-    routes = []
-    for path, route in _api_routes(app):
-        check = _gate(route.dependant)
-        if check is not None:
-            routes.append((compile_path(path)[0], frozenset(route.methods or ()), check))
-    return routes
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the router matches: without the ``root_path`` a proxy mounts the app under."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root + "/"):
-        return path[len(root):]
-    return path
-
-
-class AdminAuthMiddleware:
-    """Refuse requests to routes that need a key (those depending on :func:`require_admin`,
-    and on :func:`require_segment_access` when segmentation needs a key) without a valid one
-    before anything reads their body: 401 / 403 problem+json, connection closed."""
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-        self._routes: list[tuple[re.Pattern[str], frozenset[str], Check]] | None = None
-
-    def _check_of(self, scope: Scope) -> Check | None:
-        if self._routes is None:  # the route table is complete once requests arrive
-            self._routes = guarded_routes(scope["app"])
-        path, method = _route_path(scope), scope["method"]
-        for pattern, methods, check in self._routes:
-            if method in methods and pattern.match(path):
-                return check
-        return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        check = self._check_of(scope) if scope["type"] == "http" else None
-        if check is not None:
-            try:
-                check(self.settings, key_from_headers(Headers(scope=scope)))
-            except ProblemError as exc:
-                response = problem_response(None, exc.kind, exc.detail,
-                                            headers={**exc.headers, "Connection": "close"},
-                                            instance=scope.get("path", ""))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

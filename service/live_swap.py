@@ -7,13 +7,12 @@ answers) and once at startup (a restarted process serves the live version at onc
 trigger re-reads the pointer, under one lock, so triggers arriving in any order converge on
 the pointer's current value and a late notification never rolls the engine back.
 
-:class:`DomainAdapters` loads a domain adapter from the registry the first time a request
-names it, and again when the registry's copy changed (deleted and uploaded anew).
+:class:`DomainAdapters` is where the engine loads a domain adapter from when a request names
+one that is not loaded (never, evicted, or uploaded anew since).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -28,7 +27,8 @@ from infra.registry import Registry
 from regcl.adapters import AdapterFiles, check_weights, read_adapter
 from regcl.errors import AdapterError
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
-from service.engine import SegmentationEngine, SwapResult
+from service.engine import SegmentationEngine
+from service.engine_stats import SwapResult
 from service.errors import AdapterRejectedError, UnknownAdapterError
 from service.metrics import Metrics
 from service.slots import check_adapter_files
@@ -121,35 +121,23 @@ class LiveFollower:
 
 
 class DomainAdapters:
-    """Loads registry adapters into the engine on demand, by name."""
+    """The registry as the engine's :class:`~service.adapter_table.DomainSource`: a request
+    naming an uploaded adapter gets it loaded (and loaded again after a new upload under that
+    name). Which adapters are loaded is the engine's to know, not this class's."""
 
-    def __init__(self, engine: SegmentationEngine, registry: Registry, cache_dir: Path) -> None:
-        self._engine = engine
+    def __init__(self, registry: Registry, cache_dir: Path) -> None:
         self._registry = registry
         self._cache_dir = cache_dir
-        self._lock = threading.Lock()
-        self._loaded: dict[str, str] = {}  # name -> sha256 of the copy loaded
 
-    def ensure_loaded(self, name: str) -> None:
-        """Make registry adapter ``name`` servable as ``adapter=name``; UnknownAdapterError if
-        the registry has none of that name."""
+    def revision(self, name: str) -> str:
+        """The sha256 of the registry's copy of ``name``; UnknownAdapterError if none."""
         try:
-            record = self._registry.get_adapter(name)
+            return self._registry.get_adapter(name).sha256
         except (NotFound, InvalidName) as exc:
             raise UnknownAdapterError(
                 f"unknown adapter {name!r}: use 'live', 'base' or an uploaded adapter's "
                 "name") from exc
-        with self._lock:
-            if self._loaded.get(name) == record.sha256 and name in self._engine.domains():
-                return
-            path = self._registry.fetch_adapter(name, self._cache_dir)
-            self._engine.load_domain(name, read_adapter(path))
-            self._loaded[name] = record.sha256
 
-    def forget(self, name: str) -> None:
-        """Stop serving ``name`` (after it was deleted from the registry)."""
-        with self._lock:
-            self._loaded.pop(name, None)
-            if name in self._engine.domains():
-                with contextlib.suppress(UnknownAdapterError):  # unloaded meanwhile
-                    self._engine.unload_domain(name)
+    def files(self, name: str) -> AdapterFiles:
+        """Adapter ``name``, fetched into the cache and read (the engine checks it)."""
+        return read_adapter(self._registry.fetch_adapter(name, self._cache_dir))

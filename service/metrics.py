@@ -88,6 +88,9 @@ class EngineCollector(Collector):
                      -1 if stats.live_version is None else stats.live_version)
         yield _gauge("regcl_domain_adapters_loaded", "Domain adapters loaded for serving.",
                      len(stats.domains))
+        yield _counter("regcl_domain_adapter_loads", "Domain adapters loaded (again after an "
+                       "eviction, or after a new upload under the same name).",
+                       stats.domain_loads)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

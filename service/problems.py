@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from infra import errors as infra_errors
 from regcl import errors as regcl_errors
 from service import errors as service_errors
+from service.routes import allowed_methods, route_path
 
 __all__ = [
     "KINDS",
@@ -84,6 +85,7 @@ INTERNAL = _kind("internal-error", 500, "Internal server error", expose=False)
 BACKEND_UNAVAILABLE = _kind("backend-unavailable", 503, "A backend service is unavailable",
                             expose=False)
 VALIDATION = _kind("validation-error", 422, "The request does not match its schema")
+BASE_MODEL_MISMATCH = _kind("base-model-mismatch", 422, "Adapter made for another base model")
 
 KINDS: dict[type[BaseException], ProblemKind] = {
     # engine (service.errors): each class's own code
@@ -129,6 +131,7 @@ KINDS: dict[type[BaseException], ProblemKind] = {
     infra_errors.InvalidTransition: _kind("invalid-transition", 409, "Invalid state change"),
     infra_errors.Conflict: _kind("conflict", 409, "Conflict"),
     infra_errors.InvalidName: _kind("invalid-name", 422, "Invalid name"),
+    infra_errors.BaseModelMismatch: BASE_MODEL_MISMATCH,
     infra_errors.CorruptArtifact: _kind("corrupt-artifact", 500, "Stored artifact is corrupt",
                                         expose=False),
     infra_errors.RedisServerError: BACKEND_UNAVAILABLE,
@@ -152,10 +155,10 @@ HTTP_KINDS: dict[str, ProblemKind] = {k.code: k for k in (
     _kind("invalid-base64", 422, "Invalid base64 data"),
     _kind("unsafe-file", 422, "Unsafe file refused"),
     _kind("invalid-archive", 422, "Invalid archive"),
-    _kind("base-model-mismatch", 422, "Adapter made for another base model"),
     _kind("reserved-name", 422, "Reserved name"),
+    _kind("missing-stats", 409, "Adapter has no statistics"),
     _kind("jobs-unavailable", 503, "Job submission is not available"),
-    VALIDATION, INTERNAL, BACKEND_UNAVAILABLE,
+    VALIDATION, INTERNAL, BACKEND_UNAVAILABLE, BASE_MODEL_MISMATCH,
 )}
 _STATUS_CODES = {400: "bad-request", 401: "unauthorized", 404: "not-found",
                  405: "method-not-allowed", 413: "payload-too-large",
@@ -247,7 +250,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     kind = HTTP_KINDS[code] if code else ProblemKind(f"http-{exc.status_code}", exc.status_code,
                                                      "HTTP error")
     detail = exc.detail if isinstance(exc.detail, str) else None
-    return problem_response(request, kind, detail, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:  # Starlette names one route's methods; the path may have more
+        headers["Allow"] = ", ".join(allowed_methods(request.app, route_path(request.scope)))
+    return problem_response(request, kind, detail, headers=headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

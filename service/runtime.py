@@ -24,15 +24,17 @@ import torch
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
-from infra.redis_client import connect
+from infra.platform import connect_platform
+from infra.redis_client import connect_async
 from infra.registry import Registry
 from infra.settings import Settings
 from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
-from service.engine import SegmentationEngine, ServingOptions
+from service.engine import SegmentationEngine
 from service.live_swap import DomainAdapters, LiveFollower
 from service.metrics import Metrics
+from service.options import ServingOptions
 
 __all__ = ["Runtime", "build_runtime"]
 
@@ -54,15 +56,13 @@ class Runtime:
     celery: Any | None  # celery.Celery; None when the workers package is not installed
     metrics: Metrics
     live: LiveFollower
-    domains: DomainAdapters
     cache_dir: Path
     upload_dir: Path
 
     @property
     def mask_input_side(self) -> int:
         """Side of SAM's low-res mask logits (``mask_input``): 4 x the embedding size."""
-        spec = SAM_SPECS[self.settings.model]
-        return 4 * (spec.image_size // spec.patch_size)
+        return SAM_SPECS[self.settings.model].mask_input_side
 
     @contextlib.contextmanager
     def scratch_dir(self, prefix: str) -> Iterator[Path]:
@@ -129,24 +129,22 @@ def serving_options(settings: Settings) -> ServingOptions:
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Load the model, build the engine and the platform clients (blocking: run it in a
     thread). The live adapter is not loaded here (see :meth:`LiveFollower.sync`)."""
+    platform = connect_platform(settings)
+    cache_dir = settings.data_dir / "cache" / "service"
+    cache_dir.mkdir(parents=True, exist_ok=True)
     sam = build_sam(settings.model, settings.checkpoint)
     engine = SegmentationEngine(sam, cache_bytes=settings.embedding_cache_bytes,
-                                options=serving_options(settings))
+                                max_domains=settings.max_domain_adapters,
+                                options=serving_options(settings),
+                                domain_source=DomainAdapters(platform.registry, cache_dir))
     fingerprint = engine.base_fingerprint  # hashed now, not while a request waits
     logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
                 settings.device, fingerprint, engine.options)
     metrics.attach_engine(engine)
-    client = connect(settings.redis_url)
-    aclient = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                      socket_connect_timeout=5.0, health_check_interval=30)
-    store = ArtifactStore(settings.artifact_url)
-    registry = Registry(client, store)
-    cache_dir = settings.data_dir / "cache" / "service"
-    cache_dir.mkdir(parents=True, exist_ok=True)
     return Runtime(
-        settings=settings, engine=engine, redis=client, aredis=aclient, store=store,
-        registry=registry, jobs=JobStore(client), datasets=DatasetRegistry(client, store),
+        settings=settings, engine=engine, redis=platform.redis,
+        aredis=connect_async(settings.redis_url), store=platform.store,
+        registry=platform.registry, jobs=platform.jobs, datasets=platform.datasets,
         celery=_make_celery(settings), metrics=metrics,
-        live=LiveFollower(engine, registry, cache_dir, metrics),
-        domains=DomainAdapters(engine, registry, cache_dir),
+        live=LiveFollower(engine, platform.registry, cache_dir, metrics),
         cache_dir=cache_dir, upload_dir=settings.data_dir / "tmp" / "uploads")

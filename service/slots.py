@@ -46,6 +46,8 @@ class AdapterSlot:
     key: the PEFT adapter name, unique per load; it is the embedding cache's version key.
     label: what responses report (``live:3``, ``domain:polyp``). kind: ``live`` or ``domain``.
     name: the domain name (``live`` for the live adapter). version: the live version, or None.
+    revision: the content hash of a domain adapter loaded from the registry (None otherwise),
+    so that a new upload under the same name is loaded again.
     """
 
     key: str
@@ -55,6 +57,7 @@ class AdapterSlot:
     version: int | None
     source: str
     loaded_at: float
+    revision: str | None = None
 
 
 def check_adapter_files(sam: Sam, files: AdapterFiles, source: str) -> LoraConfig:

@@ -153,7 +153,8 @@ def test_upload_train_merge_activate_segment_over_http(stack, held_out):
         assert np.array_equal(live.masks[0].low_res_logits, base.masks[0].low_res_logits)
 
         job = client.submit_train("e2e-polyp-data", DOMAIN, **TRAIN_PARAMS)
-        assert job.kind == "train" and job.state == "queued"
+        # the answer is read after the job is sent: an idle worker may have started it already
+        assert job.kind == "train" and job.state in ("queued", "running")
         events = list(client.events(job))
         assert events and events[0].event == "snapshot", stack.tail()
         final = events[-1].job

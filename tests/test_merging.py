@@ -7,12 +7,11 @@ import itertools
 import pytest
 import torch
 
+from regcl.adapters.layout import count_key, gram_key
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging import (
     ContinualMergeState,
     available_methods,
-    count_key,
-    gram_key,
     gram_scale,
     magmax_merge,
     mean_merge,

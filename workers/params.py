@@ -1,34 +1,54 @@
 """Validated parameters of each job kind (pydantic; no torch, so the API can import them).
 
 Every model forbids unknown fields (a typo is an error, not a silently ignored option) and
-bounds each number. :func:`validate` turns pydantic's ValidationError into
-:class:`~regcl.errors.ConfigError` with one readable line per problem. The worker validates
-again when it reads a job, so a job sent by other means gets the same checks.
+bounds each number; the HTTP API publishes these models as its request schemas. The merge
+methods, their parameters and bounds come from :mod:`regcl.merging.catalogue` (one model per
+streaming method, made from its parameter dataclass). :func:`validate` turns pydantic's
+ValidationError into :class:`~regcl.errors.ConfigError` with one readable line per problem.
+The worker validates again when it reads a job, so a job sent by other means gets the same
+checks.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+import functools
+import math
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
+    TypeAdapter,
     ValidationError,
+    create_model,
     field_validator,
-    model_validator,
 )
 
 from infra.datasets import validate_dataset_name
-from infra.registry import validate_adapter_name
+from infra.registry import ADAPTER_NAME_SCHEMA, validate_adapter_name
 from regcl.errors import ConfigError
+from regcl.merging.catalogue import (
+    CATALOGUE,
+    STREAMING_METHODS,
+    Choice,
+    MethodInfo,
+    parameter_bounds,
+)
 
 __all__ = [
-    "STREAMING_METHODS",
+    "METHOD_PARAMS",
+    "STATS_SUFFIX",
     "EvaluateParams",
+    "Integer",
+    "MergeJob",
     "MergeJobParams",
     "StatsParams",
     "TrainParams",
+    "integer",
     "method_params_type",
     "stats_output_name",
     "validate",
@@ -36,23 +56,41 @@ __all__ = [
 
 M = TypeVar("M", bound=BaseModel)
 
-# regcl.merging.STREAMING_METHODS, repeated so that this module needs no torch (a test keeps
-# them equal): only methods whose merge folds into running sums can be merged continually.
-STREAMING_METHODS = ("regcl", "regcl_product", "mean", "task_arithmetic", "magmax")
-MergeMethodName = Literal["regcl", "regcl_product", "mean", "task_arithmetic", "magmax"]
-# The default merge. `regcl bench cl` (README; docs/bench-cl.json) scored the product variant
+# The default merge (of the catalogue's streaming methods: only those can be merged
+# continually). `regcl bench cl` (README; docs/bench-cl.json) scored the product variant
 # above the paper's per-factor RegMean: AA 0.563 vs 0.532, forgetting 0.028 vs 0.043, over 3
 # domain orders of the 5 synthetic domains with the tiny SAM. Re-check when the models change.
-DEFAULT_MERGE_METHOD: MergeMethodName = "regcl_product"
+DEFAULT_MERGE_METHOD = "regcl_product"
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
-def validate(model: type[M], data: Any, what: str) -> M:
-    """``model`` validated from ``data`` (None: all defaults); ConfigError when invalid."""
+def _whole(value: Any) -> Any:
+    """JSON Schema's integers include 2.0: take a float without a fraction as its int."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_whole)]
+"""An integer field (the models are strict: no strings or booleans for numbers)."""
+
+
+def integer(**bounds: int) -> Any:
+    """:data:`Integer` within ``bounds`` (``ge``, ``le``), for use inside a list or union (the
+    bounds must come before the validator for the schema to show them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+_FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+@functools.cache
+def _adapter_of(model: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(model)
+
+
+def validate(model: type[M] | Any, data: Any, what: str) -> M:
+    """``model`` (a model class or an annotated union of them) validated from ``data`` (None:
+    all defaults); ConfigError when invalid."""
     try:
-        return model.model_validate({} if data is None else data)
+        return _adapter_of(model).validate_python({} if data is None else data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
@@ -70,29 +108,25 @@ class TrainParams(BaseModel):
 
     model_config = _FROZEN
 
-    adapter: str | None = None
-    rank: int = Field(10, ge=1, le=256)
+    adapter: str | None = Field(None, json_schema_extra=ADAPTER_NAME_SCHEMA)
+    rank: Integer = Field(10, ge=1, le=256)
     alpha: Finite | None = Field(None, gt=0)
-    blocks: list[int] | None = Field(None, min_length=1, max_length=128)
-    epochs: int = Field(20, ge=1, le=1000)
-    batch_size: int = Field(8, ge=1, le=256)
+    blocks: list[integer(ge=0)] | None = Field(  # type: ignore[valid-type]
+        None, min_length=1, max_length=128, json_schema_extra={"uniqueItems": True})
+    epochs: Integer = Field(20, ge=1, le=1000)
+    batch_size: Integer = Field(8, ge=1, le=256)
     lr: Finite = Field(5e-3, gt=0, le=1)
-    min_lr: Finite = Field(1e-7, ge=0, le=1)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    n_points: int = Field(3, ge=1, le=64)
+    min_lr: Finite = Field(1e-7, ge=0, le=1, description="The rate the cosine schedule "
+                           "ends at (normally below lr; above it, the rate rises to it).")
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    n_points: Integer = Field(3, ge=1, le=64)
     holdout: Finite = Field(0.1, gt=0, le=0.5)
-    max_samples: int | None = Field(None, ge=2, le=100_000)
+    max_samples: integer(ge=2, le=100_000) | None = None  # type: ignore[valid-type]
 
     @field_validator("adapter")
     @classmethod
     def _adapter_name(cls, value: str | None) -> str | None:
         return None if value is None else _name(validate_adapter_name, value)
-
-    @model_validator(mode="after")
-    def _min_lr_below_lr(self) -> TrainParams:
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        return self
 
     @field_validator("blocks")
     @classmethod
@@ -104,58 +138,54 @@ class TrainParams(BaseModel):
         return sorted(value)
 
 
-class RegclMethodParams(BaseModel):
-    """``regcl`` / ``regcl_product``: relative ridge ≥ 0 and Gram off-diagonal shrink in
-    [0, 1] (see :class:`regcl.merging.RegclParams`)."""
-
-    model_config = _FROZEN
-
-    ridge: Finite = Field(1e-4, ge=0)
-    alpha: Finite = Field(1.0, ge=0, le=1)
-
-
-class NoMethodParams(BaseModel):
-    """``mean`` and ``magmax`` take no parameters."""
-
-    model_config = _FROZEN
-
-
-class TaskArithmeticMethodParams(BaseModel):
-    """``task_arithmetic``: the factor on the sum of the task vectors."""
-
-    model_config = _FROZEN
-
-    scale: Finite = 1.0
+def _method_params_model(info: MethodInfo) -> type[BaseModel]:
+    """The pydantic twin of ``info.params_type``: its fields, defaults and bounds (a
+    :class:`~regcl.merging.catalogue.Choice` becomes a Literal of its options)."""
+    fields: dict[str, Any] = {}
+    for name, (bound, default, doc) in parameter_bounds(info.params_type).items():
+        if isinstance(bound, Choice):
+            fields[name] = (Literal[bound.options], Field(default, description=doc))
+            continue
+        limits: dict[str, float] = {}
+        if math.isfinite(bound.low):
+            limits["gt" if bound.low_open else "ge"] = bound.low
+        if math.isfinite(bound.high):
+            limits["le"] = bound.high
+        fields[name] = (Finite, Field(default, description=doc, **limits))
+    return create_model(f"{_camel(info.name)}MethodParams", __config__=_FROZEN,
+                        __doc__=f"Parameters of merge method ``{info.name}``.", **fields)
 
 
-_METHOD_PARAMS: dict[str, type[BaseModel]] = {
-    "regcl": RegclMethodParams,
-    "regcl_product": RegclMethodParams,
-    "mean": NoMethodParams,
-    "task_arithmetic": TaskArithmeticMethodParams,
-    "magmax": NoMethodParams,
-}
+def _camel(name: str) -> str:
+    return "".join(part.title() for part in name.split("_"))
+
+
+METHOD_PARAMS: dict[str, type[BaseModel]] = {
+    name: _method_params_model(CATALOGUE[name]) for name in STREAMING_METHODS}
+"""The parameter model of each streaming merge method."""
 
 
 def method_params_type(method: str) -> type[BaseModel]:
     """The parameter model of merge ``method`` (ConfigError for other names)."""
-    if method not in _METHOD_PARAMS:
+    if method not in METHOD_PARAMS:
         raise ConfigError(f"merge method {method!r} cannot be merged continually; use one of "
                           f"{', '.join(STREAMING_METHODS)}")
-    return _METHOD_PARAMS[method]
+    return METHOD_PARAMS[method]
 
 
-class MergeJobParams(BaseModel):
+class MergeJob(BaseModel):
     """A merge job: the adapters to fold into the latest version's merge state, in order.
 
     fresh: start from an empty state even if the latest version's method and parameters match.
+    One subclass per streaming method fixes ``method`` and types ``params``.
     """
 
     model_config = _FROZEN
 
-    adapters: list[str] = Field(min_length=1, max_length=64)
-    method: MergeMethodName = DEFAULT_MERGE_METHOD
-    params: dict[str, Any] = {}
+    adapters: list[Annotated[str, Field(json_schema_extra=ADAPTER_NAME_SCHEMA)]] = Field(
+        min_length=1, max_length=64, json_schema_extra={"uniqueItems": True})
+    method: str
+    params: BaseModel | None = None
     activate: bool = False
     fresh: bool = False
 
@@ -169,10 +199,35 @@ class MergeJobParams(BaseModel):
         return value
 
     def method_params(self) -> dict[str, Any]:
-        """``params`` validated for ``method``, with defaults filled in (ConfigError)."""
-        model = validate(method_params_type(self.method), self.params,
-                         f"parameters of merge method {self.method!r}")
-        return model.model_dump()
+        """The method's parameters, with defaults filled in (none given: all defaults)."""
+        params = self.params if self.params is not None else METHOD_PARAMS[self.method]()
+        return params.model_dump()
+
+
+def _merge_job_model(method: str) -> Any:
+    params = METHOD_PARAMS[method]
+    default = method if method == DEFAULT_MERGE_METHOD else ...
+    model = create_model(f"{_camel(method)}MergeJob", __base__=MergeJob,
+                         __doc__=f"A merge job with method ``{method}`` "
+                         f"({CATALOGUE[method].summary}).",
+                         method=(Literal[method], Field(default)),  # type: ignore[valid-type]
+                         params=(params | None, Field(None)))
+    return Annotated[model, Tag(method)]
+
+
+def _method_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("method", DEFAULT_MERGE_METHOD)
+    return getattr(value, "method", None)
+
+
+MergeJobParams = Annotated[
+    Union[tuple(_merge_job_model(m) for m in STREAMING_METHODS)],  # noqa: UP007
+    Discriminator(_method_tag, custom_error_type="invalid_merge_method",
+                  custom_error_message="method must be one of "
+                  + ", ".join(STREAMING_METHODS))]
+"""A merge job of one streaming method (validate with :func:`validate`); the default method
+is :data:`DEFAULT_MERGE_METHOD`."""
 
 
 class EvaluateParams(BaseModel):
@@ -181,10 +236,10 @@ class EvaluateParams(BaseModel):
 
     model_config = _FROZEN
 
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    n_points: int = Field(3, ge=1, le=64)
-    max_samples: int | None = Field(512, ge=1, le=100_000)
-    batch_size: int = Field(16, ge=1, le=256)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    n_points: Integer = Field(3, ge=1, le=64)
+    max_samples: integer(ge=1, le=100_000) | None = 512  # type: ignore[valid-type]
+    batch_size: Integer = Field(16, ge=1, le=256)
 
 
 class StatsParams(BaseModel):
@@ -196,10 +251,10 @@ class StatsParams(BaseModel):
 
     model_config = _FROZEN
 
-    output: str | None = None
-    max_samples: int = Field(64, ge=1, le=10_000)
-    batch_size: int = Field(16, ge=1, le=256)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    output: str | None = Field(None, json_schema_extra=ADAPTER_NAME_SCHEMA)
+    max_samples: Integer = Field(64, ge=1, le=10_000)
+    batch_size: Integer = Field(16, ge=1, le=256)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("output")
     @classmethod
@@ -207,9 +262,13 @@ class StatsParams(BaseModel):
         return None if value is None else _name(validate_adapter_name, value)
 
 
+STATS_SUFFIX = "-stats"
+"""A stats job's result is ``<adapter>-stats`` unless it is given a name."""
+
+
 def stats_output_name(adapter: str, params: StatsParams) -> str:
     """Where the stats job stores its result: ``params.output`` or ``<adapter>-stats``."""
-    name = params.output or f"{adapter}-stats"
+    name = params.output or adapter + STATS_SUFFIX
     try:
         validate_adapter_name(name)
     except ValueError as exc:

@@ -26,11 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.artifacts import ArtifactStore
-from infra.datasets import DatasetRegistry
-from infra.jobs import JobStore
-from infra.redis_client import connect
-from infra.registry import Registry
+from infra.platform import Platform, connect_platform
 from infra.settings import Settings
 from regcl.errors import ConfigError
 
@@ -38,6 +34,11 @@ if TYPE_CHECKING:
     import redis
     import torch
     from segment_anything.modeling import Sam
+
+    from infra.artifacts import ArtifactStore
+    from infra.datasets import DatasetRegistry
+    from infra.jobs import JobStore
+    from infra.registry import Registry
 
 __all__ = ["WorkerRuntime", "get_runtime"]
 
@@ -71,24 +72,29 @@ class WorkerRuntime:
         self._fingerprint: str | None = None
 
     @cached_property
+    def platform(self) -> Platform:
+        """Redis, the artifact store and the stores over them (made on first use)."""
+        return connect_platform(self.settings)
+
+    @property
     def redis(self) -> redis.Redis:
-        return connect(self.settings.redis_url)
+        return self.platform.redis
 
-    @cached_property
+    @property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.settings.artifact_url)
+        return self.platform.store
 
-    @cached_property
+    @property
     def jobs(self) -> JobStore:
-        return JobStore(self.redis)
+        return self.platform.jobs
 
-    @cached_property
+    @property
     def registry(self) -> Registry:
-        return Registry(self.redis, self.store)
+        return self.platform.registry
 
-    @cached_property
+    @property
     def datasets(self) -> DatasetRegistry:
-        return DatasetRegistry(self.redis, self.store)
+        return self.platform.datasets
 
     @property
     def cache_dir(self) -> Path:

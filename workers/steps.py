@@ -1,10 +1,8 @@
 """The building blocks the tasks are made of: fetch and check registry entries, turn datasets
 into tensors, store adapters and versions. Each is a few lines over ``regcl`` and ``infra``.
 
-Base-model rule: an adapter or version records the fingerprint of the base SAM it was made on
-(``metadata["base_fingerprint"]``, :func:`regcl.models.model_fingerprint`). One whose
-fingerprint differs from the workers' base is refused (AdapterError); one without a fingerprint
-(e.g. a plain PEFT upload) is accepted with a warning.
+Every adapter and version they load is checked against the workers' base model
+(:mod:`infra.base_model`: another base is refused with ``BaseModelMismatch``).
 """
 
 from __future__ import annotations
@@ -18,6 +16,8 @@ from peft import LoraConfig, PeftModel
 from redis.lock import Lock
 from segment_anything.modeling import Sam
 
+from infra.base_model import base_metadata as infra_base_metadata
+from infra.base_model import check_base_model, same_base_model
 from infra.datasets import DatasetRecord, open_dataset
 from infra.errors import Conflict, NotFound
 from infra.registry import AdapterRecord, VersionRecord
@@ -31,7 +31,7 @@ from regcl.adapters import (
     unwrap,
 )
 from regcl.data.types import SampleDataset
-from regcl.errors import AdapterError, MergeError, StatsError
+from regcl.errors import MergeError, StatsError
 from regcl.evaluation.evaluate import evaluate_points
 from regcl.merging import ContinualMergeState, make_params
 from regcl.models.decoding import preprocess
@@ -68,19 +68,12 @@ CHUNK = 64
 
 def base_metadata(rt: WorkerRuntime) -> dict[str, str]:
     """What an adapter or version records about the base model it was made on."""
-    return {"base_model": rt.settings.model, "base_fingerprint": rt.base_fingerprint()}
+    return infra_base_metadata(rt.settings.model, rt.base_fingerprint())
 
 
 def check_base(rt: WorkerRuntime, metadata: dict[str, Any], what: str) -> None:
-    """AdapterError if ``metadata`` names another base model than the workers' one."""
-    theirs = metadata.get("base_fingerprint")
-    if theirs is None:
-        logger.warning("%s records no base model fingerprint; assuming it fits", what)
-    elif theirs != rt.base_fingerprint():
-        raise AdapterError(
-            f"{what} was made on base model {metadata.get('base_model', '?')!r} (fingerprint "
-            f"{theirs}), but the workers run {rt.settings.model!r} (fingerprint "
-            f"{rt.base_fingerprint()}); it cannot be used with this base model")
+    """BaseModelMismatch if ``metadata`` names another base model than the workers' one."""
+    check_base_model(metadata, rt.settings.model, rt.base_fingerprint(), what)
 
 
 def ensure_new_adapter(rt: WorkerRuntime, name: str) -> None:
@@ -214,7 +207,7 @@ def start_state(rt: WorkerRuntime, method: str, params: dict[str, Any], fresh: b
     if latest is None or fresh:
         return None, ContinualMergeState(method, **params)
     lineage = latest.lineage
-    if lineage.get("base_fingerprint", rt.base_fingerprint()) != rt.base_fingerprint():
+    if not same_base_model(lineage, rt.base_fingerprint()):
         logger.warning("version %d was made on another base model; starting afresh",
                        latest.number)
         return None, ContinualMergeState(method, **params)

@@ -35,6 +35,7 @@ from workers.celery_app import EVALUATE, MERGE, QUEUE_OF, STATS, TRAIN
 from workers.params import (
     DEFAULT_MERGE_METHOD,
     EvaluateParams,
+    MergeJob,
     MergeJobParams,
     StatsParams,
     TrainParams,
@@ -84,9 +85,9 @@ def submit_merge(celery: Celery, jobs: JobStore, *, adapters: list[str],
     """Fold ``adapters`` (in order) into the latest version's merge state and store the
     result as a new version (made live if ``activate``). ``params``: the merge method's
     parameters (``regcl``: ridge, alpha). ``fresh``: start from an empty state."""
-    merge = validate(MergeJobParams, {"adapters": adapters, "method": method,
-                                      "params": params or {}, "activate": activate,
-                                      "fresh": fresh}, "merge job")
+    merge: MergeJob = validate(MergeJobParams, {
+        "adapters": adapters, "method": method, "params": params, "activate": activate,
+        "fresh": fresh}, "merge job")
     return _enqueue(celery, jobs, "merge", MERGE, {
         "adapters": merge.adapters, "method": merge.method, "params": merge.method_params(),
         "activate": merge.activate, "fresh": merge.fresh})

@@ -13,6 +13,7 @@ from typing import Any
 from peft import LoraConfig
 
 from regcl.adapters import AdapterConfig, attach_lora, unwrap
+from regcl.merging.catalogue import STATS_METHODS
 from regcl.training.adapter import encoder_prefix_cache, gram_stats_from_prefix, train_adapter
 from workers import steps
 from workers.celery_app import EVALUATE, MERGE, STATS, TRAIN
@@ -74,7 +75,7 @@ def merge(job: JobHandle, adapters: list[str], method: str, params: dict[str, An
         config: LoraConfig | None = None
         for i, name in enumerate(todo):
             job.phase(0.05 + 0.75 * i / len(todo), "fold", adapter=name)
-            record, files = steps.adapter_files(rt, name, need_stats=method.startswith("regcl"))
+            record, files = steps.adapter_files(rt, name, need_stats=method in STATS_METHODS)
             state.fold(files.weights, files.stats, domain=name)
             known[name], config = record.sha256, files.config
             scores[name] = record.metadata.get("metrics", {}).get("holdout")

@@ -92,9 +92,8 @@ def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
     ``env``: extra ``REGCL_*`` variables for the API (device, dtype, batching, threads...).
     """
     from cli.up import api_command, settings_env
-    from infra.artifacts import ArtifactStore
+    from infra.platform import connect_platform
     from infra.redis_server import RedisServer
-    from infra.registry import Registry
     from infra.settings import Settings
 
     admin_key = secrets.token_hex(16)
@@ -103,7 +102,7 @@ def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
                         admin_keys=(admin_key,))
     log_file = work_dir / "api.log"
     with RedisServer(settings.data_dir / "redis", settings.redis_port) as server:
-        registry = Registry(server.client(), ArtifactStore(settings.artifact_url))
+        registry = connect_platform(settings, server.client()).registry
         stack = Stack(url=f"http://{settings.api_host}:{settings.api_port}",
                       admin_key=admin_key, log_file=log_file)
         state = work_dir / "merge_state.safetensors"

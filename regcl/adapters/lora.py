@@ -24,15 +24,19 @@ from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from regcl.adapters.config import AdapterConfig
+from regcl.adapters.layout import (
+    CONFIG_FILE,
+    META_FILE,
+    STATS_FILE,
+    UNSAFE_SUFFIXES,
+    WEIGHTS_FILE,
+    count_key,
+    gram_key,
+    mean_key,
+)
 from regcl.errors import AdapterError, CheckpointNotFoundError, StatsError
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-STATS_FILE = "regcl_stats.safetensors"
-META_FILE = "regcl_adapter.json"
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def attach_lora(sam: Sam, config: AdapterConfig | LoraConfig = AdapterConfig(),
@@ -161,21 +165,22 @@ def check_stats(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
     an optional ``.mean`` (statistics made before it was added lack it) must be a finite
     vector of that size."""
     for key, value in weights.items():
-        gram, count = stats.get(f"{key}.gram"), stats.get(f"{key}.count")
+        gram, count = stats.get(gram_key(key)), stats.get(count_key(key))
         if gram is None or count is None:
-            raise StatsError(f"{source}: statistics lack {key}.gram / {key}.count")
+            raise StatsError(f"{source}: statistics lack {gram_key(key)} / {count_key(key)}")
         n_in = value.shape[-1]
         if tuple(gram.shape) != (n_in, n_in):
-            raise StatsError(f"{source}: {key}.gram has shape {tuple(gram.shape)}, "
+            raise StatsError(f"{source}: {gram_key(key)} has shape {tuple(gram.shape)}, "
                              f"expected {(n_in, n_in)}")
         if count.numel() != 1 or count.is_floating_point():
-            raise StatsError(f"{source}: {key}.count must be one integer token count")
+            raise StatsError(f"{source}: {count_key(key)} must be one integer token count")
         if not torch.isfinite(gram).all() or int(count) <= 0:
             raise StatsError(f"{source}: {key} statistics are non-finite or empty")
-        mean = stats.get(f"{key}.mean")
+        mean = stats.get(mean_key(key))
         if mean is not None and (tuple(mean.shape) != (n_in,) or not mean.is_floating_point()
                                  or not torch.isfinite(mean).all()):
-            raise StatsError(f"{source}: {key}.mean must be a finite float vector of size {n_in}")
+            raise StatsError(f"{source}: {mean_key(key)} must be a finite float vector of size "
+                             f"{n_in}")
 
 
 def load_adapter(sam: Sam, directory: str | Path) -> tuple[PeftModel, AdapterFiles]:

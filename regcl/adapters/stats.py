@@ -3,9 +3,9 @@ domain's data.
 
 For a LoRA layer ``y = W0 x + B A x`` the statistics are, per weight key K (PEFT naming):
 ``K.gram`` = XᵀX / n over all n tokens seen (in x in; X the inputs of that linear: x for
-``lora_A``, A x for ``lora_B``), ``K.count`` = n and ``K.mean`` = the mean input row (in).
-``K.mean`` was added later (the domain router uses it, :mod:`regcl.routing`); statistics
-without it stay valid, and nothing that merges reads it.
+``lora_A``, A x for ``lora_B``), ``K.count`` = n and ``K.mean`` = the mean input row (in)
+(key names: :mod:`regcl.adapters.layout`). ``K.mean`` was added later (the domain router uses
+it, :mod:`regcl.routing`); statistics without it stay valid, and nothing that merges reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from peft import PeftModel
 
+from regcl.adapters.layout import count_key, gram_key, mean_key
 from regcl.errors import StatsError
 
 
@@ -84,7 +85,7 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
     for key, total in sums.items():
         if counts[key] == 0:
             raise StatsError(f"no inputs reached {key}: nothing to compute its Gram from")
-        stats[f"{key}.gram"] = (total / counts[key]).to(device="cpu", dtype=torch.float32)
-        stats[f"{key}.count"] = torch.tensor(counts[key], dtype=torch.int64)
-        stats[f"{key}.mean"] = (firsts[key] / counts[key]).to(device="cpu", dtype=torch.float32)
+        stats[gram_key(key)] = (total / counts[key]).to(device="cpu", dtype=torch.float32)
+        stats[count_key(key)] = torch.tensor(counts[key], dtype=torch.int64)
+        stats[mean_key(key)] = (firsts[key] / counts[key]).to(device="cpu", dtype=torch.float32)
     return stats

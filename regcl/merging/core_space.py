@@ -18,32 +18,23 @@ For one adapted linear with T LoRA pairs (A_t: r x in, B_t: out x r):
 Linear merges (task arithmetic, mean) in core space equal the same merge of the full products
 B_t A_t; non-linear ones (TIES, Iso-C) act on a Tr x Tr matrix instead of out x in. The bases
 depend on every adapter, so the method needs all of them at once (no constant-memory state).
+Its parameters are :class:`~regcl.merging.catalogue.CoreSpaceParams`; the whole-adapter merge
+is registered as ``core_space`` in :mod:`regcl.merging.methods`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from regcl.errors import ConfigError, MergeError
-from regcl.merging.merge_utils import mean_merge, product_delta, ties_merge
-from regcl.merging.methods import (
-    Adapter,
-    MergeParams,
-    Stats,
-    _number,
-    check_adapters,
-    lora_b_key,
-    register_merge_method,
-)
+from regcl.merging.catalogue import CORE_INNER_METHODS
+from regcl.merging.merge_utils import product_delta, ties_merge
 
-__all__ = ["CORE_INNER_METHODS", "CoreSpaceParams", "core_bases", "core_space_merge"]
+__all__ = ["CORE_INNER_METHODS", "core_bases", "core_space_merge"]
 
-CORE_INNER_METHODS = ("ties", "task_arithmetic", "mean", "iso")
 _SUPPORT_TOL = 1e-10  # singular values below this fraction of the largest are not directions
 
 
@@ -115,45 +106,3 @@ def core_space_merge(
     a_out[:keep] = root[:, None] * (vh[:keep] @ v_a)
     b_out[:, :keep] = (u_b @ u[:, :keep]) * root[None, :]
     return a_out.to(pairs[0][0].dtype), b_out.to(pairs[0][1].dtype)
-
-
-@dataclass(frozen=True)
-class CoreSpaceParams(MergeParams):
-    """inner: the merge of the core matrices, one of :data:`CORE_INNER_METHODS`;
-    density: fraction in (0, 1] TIES keeps; scale: factor of TIES / task arithmetic / Iso-C."""
-
-    inner: str = "ties"
-    density: float = 0.2
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.inner not in CORE_INNER_METHODS:
-            raise ConfigError(
-                f"inner must be one of {', '.join(CORE_INNER_METHODS)}, got {self.inner!r}"
-            )
-        _number(self, "density", low=0.0, high=1.0, low_open=True)
-        _number(self, "scale", low=-math.inf)
-
-
-@register_merge_method("core_space", CoreSpaceParams)
-def merge_core_space(
-    adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: CoreSpaceParams
-) -> dict[str, Tensor]:
-    """Core Space merging (NeurIPS 2025): LoRA pairs merged as core matrices, re-factored to rank.
-
-    Keys that are not part of a lora_A / lora_B pair are averaged.
-    """
-    check_adapters(adapters)
-    first = adapters[0]
-    merged: dict[str, Tensor] = {}
-    for key in first:
-        b_key = lora_b_key(key)
-        if b_key is not None and b_key in first:
-            pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
-            merged[key], merged[b_key] = core_space_merge(
-                pairs, rank=first[key].shape[0], inner=params.inner, density=params.density,
-                scale=params.scale)
-    for key in first:
-        if key not in merged:
-            merged[key] = mean_merge([adapter[key] for adapter in adapters])
-    return {key: merged[key] for key in first}

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from regcl.errors import MergeError
+from regcl.merging.catalogue import GRAM_WEIGHTINGS
 
 __all__ = [
     "GRAM_WEIGHTINGS",
@@ -118,17 +119,10 @@ def regmean_terms(
     return gram64, gram64 @ weight.to(torch.float64).T
 
 
-GRAM_WEIGHTINGS = ("domain", "tokens", "trace")
-"""How RegMean weighs one domain's Gram G = XᵀX/n against the others': ``domain`` as it is
-(every domain counts the same, whatever its token count: the default), ``tokens`` by its token
-count n (XᵀX: domains with more data count more), ``trace`` divided by its mean diagonal (every
-domain's inputs brought to the same energy)."""
-
-
 def gram_scale(gram: Tensor, count: float, weighting: str) -> float:
     """The factor one domain's Gram (in x in, ``XᵀX/n``) gets under ``weighting``.
 
-    count: that Gram's token count n. See :data:`GRAM_WEIGHTINGS`.
+    count: that Gram's token count n. See :data:`~regcl.merging.catalogue.GRAM_WEIGHTINGS`.
     """
     if weighting == "domain":
         return 1.0

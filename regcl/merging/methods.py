@@ -1,13 +1,13 @@
-"""Merge methods by name, each with typed parameters (mergekit style).
+"""Whole-adapter merge functions, registered by name (mergekit style).
 
 An adapter is a ``dict[str, Tensor]`` in PEFT state-dict naming, e.g.
 ``base_model.model.image_encoder.blocks.3.attn.qkv.lora_A.weight`` (r x in) and
-``...qkv.lora_B.weight`` (out x r). Its statistics are a ``dict[str, Tensor]`` holding, for each
-linear weight key ``K`` that has them, ``f"{K}.gram"`` (in x in, the Gram ``XᵀX / n`` of that
-layer's inputs) and ``f"{K}.count"`` (0-dim, the token count ``n``).
+``...qkv.lora_B.weight`` (out x r). Its statistics are a ``dict[str, Tensor]`` keyed as
+:mod:`regcl.adapters.layout` says (``K.gram``: in x in, ``K.count``: 0-dim).
 
-Adding a method is writing one function ``(adapters, stats, params) -> adapter`` and decorating
-it with :func:`register_merge_method` next to a frozen dataclass of its parameters.
+Which methods exist, what they need and their parameters is :mod:`regcl.merging.catalogue`;
+here each catalogue entry gets its function ``(adapters, stats, params) -> adapter``, decorated
+with :func:`register_merge_method`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,22 @@ from typing import Any
 
 from torch import Tensor
 
+from regcl.adapters.layout import count_key, gram_key, weight_key_of_gram
 from regcl.errors import ConfigError, MergeError, StatsError
+from regcl.merging.catalogue import (
+    CoreSpaceParams,
+    MagmaxParams,
+    MeanParams,
+    MergeParams,
+    MethodInfo,
+    RegclParams,
+    RegclProductParams,
+    TaskArithmeticParams,
+    TiesParams,
+    method_info,
+)
+from regcl.merging.core_space import core_space_merge
 from regcl.merging.merge_utils import (
-    GRAM_WEIGHTINGS,
     gram_scale,
     magmax_merge,
     mean_merge,
@@ -39,9 +52,6 @@ logger = logging.getLogger(__name__)
 Adapter = Mapping[str, Tensor]
 Stats = Mapping[str, Tensor]
 
-GRAM_SUFFIX = ".gram"
-COUNT_SUFFIX = ".count"
-
 # How one adapter key is merged by the Gram-based methods.
 UNIT_REGMEAN = "regmean"  # RegMean with this key's own Gram
 UNIT_MEAN = "mean"  # no statistics: plain mean
@@ -49,16 +59,6 @@ UNIT_PRODUCT_A = "product_A"  # lora_A of a pair merged as B @ A with the lora_A
 UNIT_PRODUCT_B = "product_B"  # lora_B of such a pair; produced together with its lora_A
 
 _LORA_A = re.compile(r"^(?P<prefix>.+)\.lora_A(?P<suffix>(\.[^.]+)?\.weight)$")
-
-
-def gram_key(weight_key: str) -> str:
-    """Stats key of the input Gram (in x in) of ``weight_key``."""
-    return weight_key + GRAM_SUFFIX
-
-
-def count_key(weight_key: str) -> str:
-    """Stats key of the token count (0-dim) behind the Gram of ``weight_key``."""
-    return weight_key + COUNT_SUFFIX
 
 
 def is_lora_key(key: str) -> bool:
@@ -75,93 +75,6 @@ def lora_b_key(lora_a_key: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters
-
-
-def _number(
-    params: object, name: str, *, low: float, high: float = math.inf, low_open: bool = False
-) -> None:
-    value = getattr(params, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{name} must be finite and in {bracket}{low}, {high}], got {value}")
-    # Stored as float so parameters round-trip through JSON unchanged.
-    object.__setattr__(params, name, float(value))
-
-
-@dataclass(frozen=True)
-class MergeParams:
-    """Base of every method's parameters; subclasses validate in ``__post_init__``."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Parameters as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class RegclParams(MergeParams):
-    """RegMean parameters.
-
-    ridge: relative ridge ≥ 0 (λ = ridge · mean diag of the Gram sum), pulling to the plain mean.
-    alpha: off-diagonal shrink in [0, 1] of each Gram; 1 = no shrink.
-    weighting: how domains' Grams weigh against each other, one of
-        :data:`~regcl.merging.merge_utils.GRAM_WEIGHTINGS` (``domain``: each domain alike).
-    """
-
-    ridge: float = 1e-4
-    alpha: float = 1.0
-    weighting: str = "domain"
-
-    def __post_init__(self) -> None:
-        _number(self, "ridge", low=0.0)
-        _number(self, "alpha", low=0.0, high=1.0)
-        if self.weighting not in GRAM_WEIGHTINGS:
-            raise ConfigError(
-                f"weighting must be one of {', '.join(GRAM_WEIGHTINGS)}, got {self.weighting!r}"
-            )
-
-
-@dataclass(frozen=True)
-class RegclProductParams(RegclParams):
-    """Same parameters as :class:`RegclParams`; the rank is the adapters' own LoRA rank."""
-
-
-@dataclass(frozen=True)
-class MeanParams(MergeParams):
-    """The plain mean has no parameters."""
-
-
-@dataclass(frozen=True)
-class TaskArithmeticParams(MergeParams):
-    """scale: multiplies the sum of the task vectors."""
-
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _number(self, "scale", low=-math.inf)
-
-
-@dataclass(frozen=True)
-class TiesParams(MergeParams):
-    """density: fraction in (0, 1] of each task's entries kept; scale: multiplies the result."""
-
-    density: float = 0.2
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        _number(self, "density", low=0.0, high=1.0, low_open=True)
-        _number(self, "scale", low=-math.inf)
-
-
-@dataclass(frozen=True)
-class MagmaxParams(MergeParams):
-    """MagMax has no parameters."""
-
-
-# ---------------------------------------------------------------------------------------------
 # Registry
 
 MergeFn = Callable[[Sequence[Adapter], Sequence[Stats] | None, Any], dict[str, Tensor]]
@@ -169,28 +82,36 @@ MergeFn = Callable[[Sequence[Adapter], Sequence[Stats] | None, Any], dict[str, T
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: its name, parameter type and whole-adapter merge function."""
+    """A registered merge method: its catalogue entry and whole-adapter merge function."""
 
-    name: str
-    params_type: type[MergeParams]
+    info: MethodInfo
     merge: MergeFn
-    needs_stats: bool
-    description: str
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def params_type(self) -> type[MergeParams]:
+        return self.info.params_type
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.info.needs_stats
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-def register_merge_method(
-    name: str, params_type: type[MergeParams], *, needs_stats: bool = False
-) -> Callable[[MergeFn], MergeFn]:
-    """Decorator registering ``fn(adapters, stats, params) -> adapter`` under ``name``."""
+def register_merge_method(name: str) -> Callable[[MergeFn], MergeFn]:
+    """Decorator registering ``fn(adapters, stats, params) -> adapter`` as catalogue method
+    ``name`` (ConfigError for a name the catalogue lacks or one registered already)."""
+    info = method_info(name)
 
     def decorator(fn: MergeFn) -> MergeFn:
         if name in MERGE_METHODS:
             raise ConfigError(f"merge method {name!r} is already registered")
-        description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        MERGE_METHODS[name] = MergeMethod(name, params_type, fn, needs_stats, description)
+        MERGE_METHODS[name] = MergeMethod(info, fn)
         return fn
 
     return decorator
@@ -203,12 +124,8 @@ def available_methods() -> list[str]:
 
 def get_merge_method(name: str) -> MergeMethod:
     """The registered method called ``name``; ConfigError listing the known names otherwise."""
-    try:
-        return MERGE_METHODS[name]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown merge method {name!r}; known methods: {', '.join(available_methods())}"
-        ) from None
+    method_info(name)  # ConfigError for unknown names, listing the known ones
+    return MERGE_METHODS[name]
 
 
 def make_params(method: str, **params: Any) -> MergeParams:
@@ -294,7 +211,7 @@ def plan_units(adapter: Adapter, stats: Stats, index: int, *, product: bool) -> 
     """
     if not isinstance(stats, Mapping):
         raise StatsError(f"adapter {index}: statistics must be a dict of tensors")
-    stray = [k for k in stats if k.endswith(GRAM_SUFFIX) and k[: -len(GRAM_SUFFIX)] not in adapter]
+    stray = [k for k in stats if (w := weight_key_of_gram(k)) is not None and w not in adapter]
     if stray:
         raise StatsError(f"adapter {index}: Grams for keys the adapter lacks: {stray[:5]}")
     units: dict[str, str] = {}
@@ -355,7 +272,7 @@ def _plan_all(
 # Methods
 
 
-@register_merge_method("regcl", RegclParams, needs_stats=True)
+@register_merge_method("regcl")
 def merge_regcl(
     adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: RegclParams
 ) -> dict[str, Tensor]:
@@ -382,7 +299,7 @@ def gram_scales(stats: Sequence[Stats], key: str, weighting: str) -> list[float]
     return [gram_scale(s[gram_key(key)], float(s[count_key(key)]), weighting) for s in stats]
 
 
-@register_merge_method("regcl_product", RegclProductParams, needs_stats=True)
+@register_merge_method("regcl_product")
 def merge_regcl_product(
     adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: RegclProductParams
 ) -> dict[str, Tensor]:
@@ -414,7 +331,7 @@ def merge_regcl_product(
     return {key: merged[key] for key in plan}
 
 
-@register_merge_method("mean", MeanParams)
+@register_merge_method("mean")
 def merge_mean(
     adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: MeanParams
 ) -> dict[str, Tensor]:
@@ -422,7 +339,7 @@ def merge_mean(
     return {key: mean_merge([a[key] for a in adapters]) for key in adapters[0]}
 
 
-@register_merge_method("task_arithmetic", TaskArithmeticParams)
+@register_merge_method("task_arithmetic")
 def merge_task_arithmetic(
     adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: TaskArithmeticParams
 ) -> dict[str, Tensor]:
@@ -437,7 +354,7 @@ def merge_task_arithmetic(
     }
 
 
-@register_merge_method("ties", TiesParams)
+@register_merge_method("ties")
 def merge_ties(
     adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: TiesParams
 ) -> dict[str, Tensor]:
@@ -448,12 +365,33 @@ def merge_ties(
     }
 
 
-@register_merge_method("magmax", MagmaxParams)
+@register_merge_method("magmax")
 def merge_magmax(
     adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: MagmaxParams
 ) -> dict[str, Tensor]:
     """MagMax: per element, the value of largest magnitude across adapters."""
     return {key: magmax_merge([a[key] for a in adapters]) for key in adapters[0]}
+
+
+@register_merge_method("core_space")
+def merge_core_space(
+    adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: CoreSpaceParams
+) -> dict[str, Tensor]:
+    """Core Space merging (NeurIPS 2025, :mod:`regcl.merging.core_space`): each lora_A /
+    lora_B pair merged as core matrices and re-factored to its rank; other keys averaged."""
+    first = adapters[0]
+    merged: dict[str, Tensor] = {}
+    for key in first:
+        b_key = lora_b_key(key)
+        if b_key is not None and b_key in first:
+            pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
+            merged[key], merged[b_key] = core_space_merge(
+                pairs, rank=first[key].shape[0], inner=params.inner, density=params.density,
+                scale=params.scale)
+    for key in first:
+        if key not in merged:
+            merged[key] = mean_merge([adapter[key] for adapter in adapters])
+    return {key: merged[key] for key in first}
 
 
 def merge_adapters(
@@ -465,8 +403,8 @@ def merge_adapters(
     """Merges whole adapters with the registered ``method`` and its keyword ``params``.
 
     adapters: T adapters with identical keys and shapes.
-    stats:    T statistics dicts (``f"{K}.gram"``: in x in, ``f"{K}.count"``: 0-dim), required
-              by ``regcl`` and ``regcl_product``, ignored by the others.
+    stats:    T statistics dicts (``K.gram``: in x in, ``K.count``: 0-dim), required by the
+              methods whose catalogue entry ``needs_stats``, ignored by the others.
     Returns one adapter with the same keys and shapes. Raises ConfigError (unknown method or
     bad parameters), MergeError (mismatched or non-finite adapters), StatsError (statistics
     missing or not matching their adapter).

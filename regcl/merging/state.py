@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from regcl.adapters.layout import count_key, gram_key
 from regcl.errors import ConfigError, MergeError, StatsError
+from regcl.merging.catalogue import STREAMING_METHODS, method_info
 from regcl.merging.merge_utils import (
     gram_scale,
     product_delta,
@@ -40,9 +42,6 @@ from regcl.merging.methods import (
     check_adapter,
     check_same_layout,
     compare_plans,
-    count_key,
-    get_merge_method,
-    gram_key,
     lora_b_key,
     make_params,
     plan_units,
@@ -52,18 +51,6 @@ __all__ = ["STREAMING_METHODS", "ContinualMergeState"]
 
 logger = logging.getLogger(__name__)
 
-STREAMING_METHODS = ("regcl", "regcl_product", "mean", "task_arithmetic", "magmax")
-_NOT_STREAMING = {
-    "ties": (
-        "TIES trims each adapter to its own top-density entries and elects every sign from all "
-        "adapters at once, so its result cannot be computed from running sums; keep the adapters "
-        "and call merge_adapters('ties', ...) instead"
-    ),
-    "core_space": (
-        "its reference bases are SVDs of every adapter's stacked factors, so it needs all the "
-        "adapters at once; keep them and call merge_adapters('core_space', ...) instead"
-    ),
-}
 _METADATA_KEY = "regcl_merge_state"
 _FORMAT_VERSION = 1
 _SEP = "::"  # between a weight key and the name of one of its sums; never in PEFT keys
@@ -85,10 +72,11 @@ class ContinualMergeState:
     """
 
     def __init__(self, method: str = "regcl", **params: Any) -> None:
-        get_merge_method(method)  # ConfigError for unknown names, listing the known ones
-        if method not in STREAMING_METHODS:
-            reason = _NOT_STREAMING.get(method, "it has no streaming form")
-            raise ConfigError(f"merge method {method!r} cannot be used continually: {reason}")
+        info = method_info(method)  # ConfigError for unknown names, listing the known ones
+        if not info.streams:
+            raise ConfigError(f"merge method {method!r} cannot be used continually: "
+                              f"{info.why_not_streaming}")
+        self._needs_stats = info.needs_stats
         self._method = method
         self._params: MergeParams = make_params(method, **params)
         # key -> {"shape": [...], "dtype": "float32", "unit": UNIT_*}; None until the first fold
@@ -128,7 +116,7 @@ class ContinualMergeState:
     # -- folding -------------------------------------------------------------------------------
 
     def _plan(self, adapter: Adapter, stats: Stats | None, index: int) -> dict[str, str]:
-        if self._method not in ("regcl", "regcl_product"):
+        if not self._needs_stats:
             return {key: _UNIT_ELEMENTWISE for key in adapter}
         if stats is None:
             raise StatsError(
@@ -174,7 +162,7 @@ class ContinualMergeState:
     def fold(self, adapter: Adapter, stats: Stats | None = None, *, domain: str) -> None:
         """Folds one domain's adapter (and its statistics) into the running sums.
 
-        adapter: the domain's LoRA weights; stats: its Grams (needed by regcl / regcl_product);
+        adapter: the domain's LoRA weights; stats: its Grams (needed by regcl, regcl_product);
         domain: a unique name recorded in the lineage. Everything is validated before the state
         changes, so a failed fold (MergeError / StatsError) leaves the state as it was.
         """

@@ -46,6 +46,11 @@ class SamSpec:
     iou_head_hidden_dim: int = 256
     patch_size: int = 16
 
+    @property
+    def mask_input_side(self) -> int:
+        """Side of the low-res mask logits (``mask_input``): 4 x the image embedding's side."""
+        return 4 * (self.image_size // self.patch_size)
+
 
 SAM_SPECS: dict[str, SamSpec] = {
     "vit_h": SamSpec(1024, 1280, 32, 16, (7, 15, 23, 31), 14, 256, 2048, 8),

@@ -19,14 +19,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import StreamingResponse
 
+from infra.base_model import base_metadata, check_base_model
 from infra.errors import Conflict
-from infra.registry import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIGHTS_FILE
+from infra.registry import ADAPTER_NAME_SCHEMA
 from infra.registry import validate_adapter_name as check_name
 from regcl.adapters import AdapterFiles, read_adapter
-from regcl.adapters.lora import META_FILE
+from regcl.adapters.layout import (
+    CONFIG_FILE,
+    META_FILE,
+    STATS_FILE,
+    UNSAFE_SUFFIXES,
+    WEIGHTS_FILE,
+)
 from regcl.errors import AdapterError, RegclError
-from service.deps import AdminKey, RegistryDep, RuntimeDep
-from service.engine import BASE, LIVE
+from service.adapter_table import BASE, LIVE
+from service.deps import AdminKey, EngineDep, RegistryDep, RuntimeDep
 from service.live_swap import check_adapter_fits
 from service.problems import ProblemError, problem_responses
 from service.runtime import Runtime
@@ -35,6 +42,12 @@ from service.schemas.adapters import (
     AdapterInfo,
     AdapterListResponse,
     AdapterUploadResponse,
+)
+from service.schemas.documented import (
+    JSON_OBJECT_FIELD,
+    NEW_NAME_SCHEMA,
+    NamePath,
+    upload_parts,
 )
 from service.uploads import copy_bounded, form_json_object, name_taken
 
@@ -86,18 +99,29 @@ def _read_upload(directory: Path) -> AdapterFiles:
 
 
 @router.post("", response_model=AdapterUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422))
+             responses=problem_responses(400, 401, 403, 409, 413, 422),
+             openapi_extra=upload_parts(
+                 adapter_config=("application/json", CONFIG_FILE),
+                 adapter_model=("application/octet-stream", WEIGHTS_FILE),
+                 regcl_stats=("application/octet-stream", STATS_FILE)))
 def upload_adapter(
     _: AdminKey,
     runtime: RuntimeDep,
-    name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}.")],
-    adapter_config: Annotated[UploadFile, File(description="PEFT adapter_config.json.")],
-    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors.")],
-    domain: Annotated[str | None, Form(description="Image domain (default: the name).")]
-    = None,
+    name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}, other "
+                              "than base and live.", json_schema_extra=NEW_NAME_SCHEMA)],
+    adapter_config: Annotated[UploadFile, File(
+        description="PEFT adapter_config.json of a LoRA on the served model's image encoder.")],
+    adapter_model: Annotated[UploadFile, File(
+        description="adapter_model.safetensors: finite LoRA weights whose names and shapes fit "
+        "the served model (never a pickle: .bin, .pt, ... are refused by name).")],
+    domain: Annotated[str | None, Form(description="Image domain (default: the name).",
+                                       json_schema_extra=ADAPTER_NAME_SCHEMA)] = None,
     regcl_stats: Annotated[UploadFile | None, File(
-        description="regcl_stats.safetensors (Gram statistics, needed to merge).")] = None,
-    metadata: Annotated[str | None, Form(description="A JSON object stored with it.")] = None,
+        description="regcl_stats.safetensors: a finite Gram (in x in) and a token count per "
+        "LoRA weight (needed to merge).")] = None,
+    metadata: Annotated[str | None, Form(
+        description="A JSON object stored with it; base_model and base_fingerprint, if given, "
+        "must name the served model.", json_schema_extra=JSON_OBJECT_FIELD)] = None,
 ) -> AdapterUploadResponse:
     """Upload a PEFT LoRA adapter for the serving model. Without ``regcl_stats`` it can be
     served (``adapter=<name>`` in /v1/segment) but not merged (``has_stats: false``)."""
@@ -113,13 +137,11 @@ def upload_adapter(
     if name_taken(lambda: runtime.registry.get_adapter(name)):
         raise Conflict(f"adapter {name!r} already exists")
     engine = runtime.engine
-    stored = {**user, "domain": domain, "base_model": runtime.settings.model,
-              "base_fingerprint": engine.base_fingerprint,
+    stored = {**user, "domain": domain,
+              **base_metadata(runtime.settings.model, engine.base_fingerprint),
               "uploaded_at": datetime.now(UTC).isoformat()}
-    claimed = user.get("base_fingerprint")
-    if claimed is not None and claimed != engine.base_fingerprint:
-        raise ProblemError("base-model-mismatch", f"the adapter was made for base model "
-                           f"{claimed!r}; this service serves {engine.base_fingerprint!r}")
+    if "base_fingerprint" in user:  # a claim to check; without one, the upload is stamped
+        check_base_model(user, runtime.settings.model, engine.base_fingerprint, "the adapter")
     _check_base_model(user.get("base_model"), runtime.settings.model, "metadata.base_model")
     with runtime.scratch_dir("adapter-") as scratch:
         directory = scratch / name
@@ -141,7 +163,7 @@ def list_adapters(registry: RegistryDep) -> AdapterListResponse:
 
 
 @router.get("/{name}", response_model=AdapterInfo, responses=problem_responses(404, 422))
-def get_adapter(name: str, registry: RegistryDep) -> AdapterInfo:
+def get_adapter(name: NamePath, registry: RegistryDep) -> AdapterInfo:
     """One adapter's record."""
     return AdapterInfo.of(registry.get_adapter(name))
 
@@ -155,7 +177,7 @@ def _zip_chunks(data: bytes) -> Iterator[bytes]:
             responses={200: {"content": {"application/zip": {}},
                              "description": "The adapter directory as a zip file."},
                        **problem_responses(404, 422)})
-def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
+def download_adapter(name: NamePath, runtime: RuntimeDep) -> StreamingResponse:
     """The adapter directory (PEFT files, statistics, metadata) as a zip file."""
     record = runtime.registry.get_adapter(name)
     path = runtime.registry.fetch_adapter(name, runtime.cache_dir)
@@ -171,8 +193,9 @@ def download_adapter(name: str, runtime: RuntimeDep) -> StreamingResponse:
 
 @router.delete("/{name}", response_model=AdapterDeleteResponse,
                responses=problem_responses(401, 403, 404, 409, 422))
-def delete_adapter(_: AdminKey, name: str, runtime: RuntimeDep) -> AdapterDeleteResponse:
+def delete_adapter(_: AdminKey, name: NamePath, registry: RegistryDep,
+                   engine: EngineDep) -> AdapterDeleteResponse:
     """Delete an adapter (versions merged from it keep their own copies)."""
-    runtime.registry.delete_adapter(name)
-    runtime.domains.forget(name)
+    registry.delete_adapter(name)
+    engine.unload_domain(name, missing_ok=True)
     return AdapterDeleteResponse(name=name, deleted=True)

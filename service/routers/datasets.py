@@ -14,6 +14,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from infra.datasets import dataset_format, open_dataset, validate_dataset_name, verify_samples
 from infra.errors import Conflict
+from infra.registry import ADAPTER_NAME_SCHEMA
 from service.deps import AdminKey, DatasetsDep, RuntimeDep
 from service.problems import ProblemError, problem_responses
 from service.schemas.datasets import (
@@ -22,6 +23,7 @@ from service.schemas.datasets import (
     DatasetListResponse,
     DatasetUploadResponse,
 )
+from service.schemas.documented import JSON_OBJECT_FIELD, NamePath, upload_parts
 from service.uploads import (
     copy_bounded,
     extract_zip,
@@ -39,14 +41,18 @@ real datasets stay near 1)."""
 
 
 @router.post("", response_model=DatasetUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422))
+             responses=problem_responses(400, 401, 403, 409, 413, 422),
+             openapi_extra=upload_parts(file=("application/zip", "dataset.zip")))
 def upload_dataset(
     _: AdminKey,
     runtime: RuntimeDep,
-    name: Annotated[str, Form(description="Dataset name, [a-z0-9][a-z0-9_-]{0,63}.")],
-    file: Annotated[UploadFile, File(description="A zip of images/ + masks/, or of "
-                                     "annotations.json + images/.")],
-    metadata: Annotated[str | None, Form(description="A JSON object stored with it.")] = None,
+    name: Annotated[str, Form(description="Dataset name, [a-z0-9][a-z0-9_-]{0,63}.",
+                              json_schema_extra=ADAPTER_NAME_SCHEMA)],
+    file: Annotated[UploadFile, File(description="A zip of images/ + masks/ (pairs by name), "
+                                     "or of annotations.json (COCO) + images/; every sample "
+                                     "must read.")],
+    metadata: Annotated[str | None, Form(description="A JSON object stored with it.",
+                                         json_schema_extra=JSON_OBJECT_FIELD)] = None,
 ) -> DatasetUploadResponse:
     """Upload a dataset of one image domain for training and evaluation jobs."""
     validate_dataset_name(name)
@@ -81,14 +87,14 @@ def list_datasets(datasets: DatasetsDep) -> DatasetListResponse:
 
 
 @router.get("/{name}", response_model=DatasetInfo, responses=problem_responses(404, 422))
-def get_dataset(name: str, datasets: DatasetsDep) -> DatasetInfo:
+def get_dataset(name: NamePath, datasets: DatasetsDep) -> DatasetInfo:
     """One dataset's record."""
     return DatasetInfo.of(datasets.get_dataset(name))
 
 
 @router.delete("/{name}", response_model=DatasetDeleteResponse,
                responses=problem_responses(401, 403, 404, 409, 422))
-def delete_dataset(_: AdminKey, name: str, datasets: DatasetsDep) -> DatasetDeleteResponse:
+def delete_dataset(_: AdminKey, name: NamePath, datasets: DatasetsDep) -> DatasetDeleteResponse:
     """Delete a dataset (adapters trained on it are kept)."""
     datasets.delete_dataset(name)
     return DatasetDeleteResponse(name=name, deleted=True)

@@ -26,9 +26,12 @@ _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                           "properties": {"file": {
+                               "type": "string", "format": "binary",
+                               "description": "An image file: PNG, JPEG, BMP, TIFF or WebP."}}},
+                "encoding": {"file": {"contentType": "image/*"}}},
             "application/json": {"schema": ImageUploadRequest.model_json_schema()},
         },
     }

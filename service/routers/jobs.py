@@ -14,19 +14,32 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from infra import keys
+from infra.base_model import check_base_model
 from infra.errors import Conflict
-from infra.jobs import JobRecord, JobState
-from infra.registry import ADAPTER_NAME
-from regcl.errors import StatsError
-from service.deps import AdminKey, CeleryDep, JobStoreDep, RuntimeDep
+from infra.jobs import JOB_ID_PATTERN, JOB_KIND_PATTERN, JobRecord, JobState, JobStore
+from infra.registry import ADAPTER_NAME, Registry
+from regcl.merging.catalogue import STATS_METHODS
+from service.deps import (
+    AdminKey,
+    AsyncRedisDep,
+    CeleryDep,
+    DatasetsDep,
+    EngineDep,
+    JobStoreDep,
+    RegistryDep,
+    SettingsDep,
+)
 from service.problems import ProblemError, problem_responses
-from service.runtime import Runtime
+from service.schemas.documented import JobIdPath
 from service.schemas.jobs import (
+    MERGE_JOB_SCHEMA,
     EvaluateJobRequest,
     JobCancelResponse,
     JobInfo,
@@ -37,14 +50,29 @@ from service.schemas.jobs import (
     TrainJobRequest,
 )
 from service.uploads import name_taken
+from workers.params import STATS_SUFFIX
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 logger = logging.getLogger(__name__)
 
 SSE_HEARTBEAT_S = 15.0
 SSE_RESYNC_S = 5.0
-_REGCL_METHODS = ("regcl", "regcl_product")
 _SUBMIT = problem_responses(400, 401, 403, 404, 409, 422, 503)
+
+
+class JobIdConvertor(Convertor[str]):
+    """Path segments that are job ids (``infra.jobs.JOB_ID_PATTERN``)."""
+
+    regex = JOB_ID_PATTERN
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", JobIdConvertor())  # /v1/jobs/train is not a job's path
 
 
 def _submit() -> Any:
@@ -53,11 +81,11 @@ def _submit() -> Any:
     return submit
 
 
-def _refuse_taken_output(runtime: Runtime, name: object) -> None:
+def _refuse_taken_output(registry: Registry, name: object) -> None:
     """409 now, rather than a job that fails at its end, if the adapter a job would register
     exists already (malformed names are left to the parameter validation: 422)."""
     if isinstance(name, str) and ADAPTER_NAME.fullmatch(name) \
-            and name_taken(lambda: runtime.registry.get_adapter(name)):
+            and name_taken(lambda: registry.get_adapter(name)):
         raise Conflict(f"adapter {name!r} already exists; name the job's result otherwise")
 
 
@@ -68,33 +96,33 @@ def _accepted(response: Response, record: JobRecord) -> JobSubmitResponse:
 
 @router.post("/train", response_model=JobSubmitResponse, status_code=202,
              responses=_SUBMIT)
-def submit_train(_: AdminKey, body: TrainJobRequest, runtime: RuntimeDep, celery: CeleryDep,
+def submit_train(_: AdminKey, body: TrainJobRequest, registry: RegistryDep,
+                 datasets: DatasetsDep, jobs: JobStoreDep, celery: CeleryDep,
                  response: Response) -> JobSubmitResponse:
     """Queue the training of a domain adapter."""
-    runtime.datasets.get_dataset(body.dataset)
-    _refuse_taken_output(runtime, body.params.get("adapter") or body.domain)
-    record = _submit().submit_train(celery, runtime.jobs, dataset=body.dataset,
+    datasets.get_dataset(body.dataset)
+    _refuse_taken_output(registry, body.params.get("adapter") or body.domain)
+    record = _submit().submit_train(celery, jobs, dataset=body.dataset,
                                     domain=body.domain, params=body.params)
     return _accepted(response, record)
 
 
 @router.post("/merge", response_model=JobSubmitResponse, status_code=202,
              responses=_SUBMIT)
-def submit_merge(_: AdminKey, body: MergeJobRequest, runtime: RuntimeDep, celery: CeleryDep,
-                 response: Response) -> JobSubmitResponse:
+def submit_merge(_: AdminKey, body: Annotated[MergeJobRequest, MERGE_JOB_SCHEMA],
+                 registry: RegistryDep,
+                 jobs: JobStoreDep, settings: SettingsDep, engine: EngineDep,
+                 celery: CeleryDep, response: Response) -> JobSubmitResponse:
     """Queue a merge of adapters into a new version."""
-    served = runtime.engine.base_fingerprint
     for name in body.adapters:
-        record = runtime.registry.get_adapter(name)
-        theirs = record.metadata.get("base_fingerprint")
-        if theirs is not None and theirs != served:
-            raise ProblemError("base-model-mismatch", f"adapter {name!r} was made on base model "
-                               f"{record.metadata.get('base_model', '?')!r} (fingerprint "
-                               f"{theirs}); this service's base model has fingerprint {served}")
-        if body.method in _REGCL_METHODS and not record.has_stats:
-            raise StatsError(f"adapter {name!r} has no Gram statistics, which {body.method!r} "
-                             "merges need: run a stats job for it first (POST /v1/jobs/stats)")
-    job = _submit().submit_merge(celery, runtime.jobs, adapters=body.adapters,
+        record = registry.get_adapter(name)
+        check_base_model(record.metadata, settings.model, engine.base_fingerprint,
+                         f"adapter {name!r}")
+        if body.method in STATS_METHODS and not record.has_stats:
+            raise ProblemError("missing-stats", f"adapter {name!r} has no Gram statistics, "
+                               f"which {body.method!r} merges need: run a stats job for it "
+                               "first (POST /v1/jobs/stats)")
+    job = _submit().submit_merge(celery, jobs, adapters=body.adapters,
                                  method=body.method, params=body.params,
                                  activate=body.activate, fresh=body.fresh)
     return _accepted(response, job)
@@ -102,16 +130,17 @@ def submit_merge(_: AdminKey, body: MergeJobRequest, runtime: RuntimeDep, celery
 
 @router.post("/evaluate", response_model=JobSubmitResponse, status_code=202,
              responses=_SUBMIT)
-def submit_evaluate(_: AdminKey, body: EvaluateJobRequest, runtime: RuntimeDep,
-                    celery: CeleryDep, response: Response) -> JobSubmitResponse:
+def submit_evaluate(_: AdminKey, body: EvaluateJobRequest, registry: RegistryDep,
+                    datasets: DatasetsDep, jobs: JobStoreDep, celery: CeleryDep,
+                    response: Response) -> JobSubmitResponse:
     """Queue an evaluation of a version, an adapter or the base model."""
     for name in body.datasets:
-        runtime.datasets.get_dataset(name)
+        datasets.get_dataset(name)
     if body.version is not None and body.adapter is None:
-        runtime.registry.get_version(body.version)
+        registry.get_version(body.version)
     if body.adapter is not None and body.version is None:
-        runtime.registry.get_adapter(body.adapter)
-    record = _submit().submit_evaluate(celery, runtime.jobs, datasets=body.datasets,
+        registry.get_adapter(body.adapter)
+    record = _submit().submit_evaluate(celery, jobs, datasets=body.datasets,
                                        version=body.version, adapter=body.adapter,
                                        params=body.params)
     return _accepted(response, record)
@@ -119,39 +148,39 @@ def submit_evaluate(_: AdminKey, body: EvaluateJobRequest, runtime: RuntimeDep,
 
 @router.post("/stats", response_model=JobSubmitResponse, status_code=202,
              responses=_SUBMIT)
-def submit_stats(_: AdminKey, body: StatsJobRequest, runtime: RuntimeDep, celery: CeleryDep,
+def submit_stats(_: AdminKey, body: StatsJobRequest, registry: RegistryDep,
+                 datasets: DatasetsDep, jobs: JobStoreDep, celery: CeleryDep,
                  response: Response) -> JobSubmitResponse:
     """Queue the computation of Gram statistics for an adapter."""
-    runtime.registry.get_adapter(body.adapter)
-    runtime.datasets.get_dataset(body.dataset)
-    _refuse_taken_output(runtime, (body.params or {}).get("output") or f"{body.adapter}-stats")
-    record = _submit().submit_stats(celery, runtime.jobs, adapter=body.adapter,
+    registry.get_adapter(body.adapter)
+    datasets.get_dataset(body.dataset)
+    _refuse_taken_output(registry, (body.params or {}).get("output") or body.adapter + STATS_SUFFIX)
+    record = _submit().submit_stats(celery, jobs, adapter=body.adapter,
                                     dataset=body.dataset, params=body.params)
     return _accepted(response, record)
 
 
 @router.get("", response_model=JobListResponse, responses=problem_responses(422, 503))
 def list_jobs(jobs: JobStoreDep,
-              kind: Annotated[str | None, Query(max_length=64)] = None,
+              kind: Annotated[str | None, Query(pattern=f"^{JOB_KIND_PATTERN}$")] = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> JobListResponse:
     """The newest jobs (of one ``kind``: train, merge, evaluate, stats), newest first."""
     return JobListResponse(jobs=[JobInfo.of(r) for r in jobs.list(kind=kind, limit=limit)])
 
 
-@router.get("/{job_id}", response_model=JobInfo, responses=problem_responses(404, 503))
-def get_job(job_id: str, jobs: JobStoreDep) -> JobInfo:
+@router.get("/{job_id:job_id}", response_model=JobInfo, responses=problem_responses(404, 503))
+def get_job(job_id: JobIdPath, jobs: JobStoreDep) -> JobInfo:
     """One job."""
     return JobInfo.of(jobs.get(job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobCancelResponse,
+@router.post("/{job_id:job_id}/cancel", response_model=JobCancelResponse,
              responses=problem_responses(401, 403, 404, 409, 503))
-def cancel_job(_: AdminKey, job_id: str, runtime: RuntimeDep,
+def cancel_job(_: AdminKey, job_id: JobIdPath, jobs: JobStoreDep,
                celery: CeleryDep) -> JobCancelResponse:
     """Cancel a job: a queued one at once, a running one at its next check (409 if it has
     already finished)."""
-    return JobCancelResponse(job=JobInfo.of(_submit().cancel_job(celery, runtime.jobs,
-                                                                 job_id)))
+    return JobCancelResponse(job=JobInfo.of(_submit().cancel_job(celery, jobs, job_id)))
 
 
 def _sse(event: str, data: Any, event_id: int) -> bytes:
@@ -159,17 +188,18 @@ def _sse(event: str, data: Any, event_id: int) -> bytes:
     return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()
 
 
-async def _job_events(request: Request, runtime: Runtime, job_id: str) -> AsyncIterator[bytes]:
+async def _job_events(request: Request, aredis: aioredis.Redis, jobs: JobStore,
+                      job_id: str) -> AsyncIterator[bytes]:
     """The job's current record, then each published event, until it is finished.
 
     Subscribing comes before reading the record, so no event between the two is lost; the
     record is also re-read every few seconds (an event published while Redis was briefly
     unreachable is not lost either) and a comment line keeps proxies from timing out.
     """
-    pubsub = runtime.aredis.pubsub(ignore_subscribe_messages=True)
+    pubsub = aredis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(keys.job_channel(job_id))
     try:
-        record = await run_in_threadpool(runtime.jobs.get, job_id)
+        record = await run_in_threadpool(jobs.get, job_id)
         event_id = 0
         yield _sse("snapshot", {"event": "snapshot", "job": record.model_dump(mode="json")},
                    event_id)
@@ -189,7 +219,7 @@ async def _job_events(request: Request, runtime: Runtime, job_id: str) -> AsyncI
                 last_sent = last_check = now
             elif now - last_check >= SSE_RESYNC_S:
                 last_check = now
-                record = await run_in_threadpool(runtime.jobs.get, job_id)
+                record = await run_in_threadpool(jobs.get, job_id)
                 if record.state != last_state:
                     event_id += 1
                     yield _sse(record.state.value, {"event": record.state.value,
@@ -207,16 +237,17 @@ async def _job_events(request: Request, runtime: Runtime, job_id: str) -> AsyncI
             logger.debug("closing the job event subscription failed", exc_info=True)
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse, response_model=None,
+@router.get("/{job_id:job_id}/events", response_class=StreamingResponse, response_model=None,
             responses={200: {"content": {"text/event-stream": {}},
                              "description": "Server-sent events: `snapshot` (the record), "
                              "then the job's events (`running`, `progress`, `succeeded`, "
                              "...), each with data `{event, job}`; ends when the job ends."},
                        **problem_responses(404, 503)})
-async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> StreamingResponse:
+async def job_events(job_id: JobIdPath, request: Request, aredis: AsyncRedisDep,
+                     jobs: JobStoreDep) -> StreamingResponse:
     """Follow a job as server-sent events."""
-    await run_in_threadpool(runtime.jobs.get, job_id)  # 404 before the stream starts
-    return StreamingResponse(_job_events(request, runtime, job_id),
+    await run_in_threadpool(jobs.get, job_id)  # 404 before the stream starts
+    return StreamingResponse(_job_events(request, aredis, jobs, job_id),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

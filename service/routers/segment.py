@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable
-from typing import TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Response
 
+from service.adapter_table import BASE, LIVE
+from service.decoding import SegmentResult
 from service.deps import RuntimeDep, require_segment_access
-from service.engine import BASE, LIVE, SegmentResult
-from service.errors import PromptShapeError, UnknownAdapterError
+from service.errors import PromptShapeError
 from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle
 from service.problems import ProblemError, problem_responses
 from service.routers.images import store_image
@@ -36,7 +35,6 @@ router = APIRouter(prefix="/v1/segment", tags=["segment"],
 
 VERSION_HEADER = "X-Regcl-Adapter-Version"
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 def _mask_input(runtime: Runtime, text: str | None) -> np.ndarray | None:
@@ -58,18 +56,6 @@ def _image_id(runtime: Runtime, body: SegmentOptions) -> str:
                              "image_base64")
         return store_image(runtime, data).image_id
     return body.image_id or ""
-
-
-def _with_adapter(runtime: Runtime, adapter: str, run: Callable[[], _T]) -> _T:
-    """``run()`` with ``adapter`` usable: a domain adapter is loaded first."""
-    if adapter in (BASE, LIVE):
-        return run()
-    runtime.domains.ensure_loaded(adapter)
-    try:
-        return run()
-    except UnknownAdapterError:  # unloaded by another request's load meanwhile: once more
-        runtime.domains.ensure_loaded(adapter)
-        return run()
 
 
 def _answered(runtime: Runtime, body: SegmentOptions, results: list[SegmentResult],
@@ -111,9 +97,8 @@ def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> Se
     model or an uploaded adapter by name."""
     image_id = _image_id(runtime, body)
     mask_input = _mask_input(runtime, body.mask_input)
-    result = _with_adapter(runtime, body.adapter, lambda: runtime.engine.segment(
-        image_id, body.points, body.labels, body.box, mask_input, body.multimask,
-        body.adapter))
+    result = runtime.engine.segment(image_id, body.points, body.labels, body.box, mask_input,
+                                    body.multimask, body.adapter)
     _answered(runtime, body, [result], response)
     return SegmentResponse(masks=_masks(result, body), adapter_version=result.adapter_version,
                            image_id=result.image_id, cache_hit=result.cache_hit)
@@ -130,8 +115,7 @@ def segment_batch(body: SegmentBatchRequest, runtime: RuntimeDep,
     image_id = _image_id(runtime, body)
     prompts = [{"point_coords": p.points, "point_labels": p.labels, "box": p.box,
                 "mask_input": _mask_input(runtime, p.mask_input)} for p in body.prompts]
-    results = _with_adapter(runtime, body.adapter, lambda: runtime.engine.segment_many(
-        image_id, prompts, body.multimask, body.adapter))
+    results = runtime.engine.segment_many(image_id, prompts, body.multimask, body.adapter)
     _answered(runtime, body, results, response)
     first = results[0]
     return SegmentBatchResponse(results=[PromptMasks(masks=_masks(r, body)) for r in results],

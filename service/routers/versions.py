@@ -8,9 +8,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from infra.jobs import JobRecord, JobState
-from service.deps import AdminKey, DatasetsDep, JobStoreDep, RegistryDep, RuntimeDep
+from service.deps import (
+    AdminKey,
+    DatasetsDep,
+    EngineDep,
+    JobStoreDep,
+    LiveDep,
+    RegistryDep,
+    SettingsDep,
+)
 from service.live_swap import check_adapter_fits
 from service.problems import problem_responses
+from service.schemas.documented import VersionPath
 from service.schemas.versions import (
     ActivateResponse,
     ContinualMatrixResponse,
@@ -34,13 +43,14 @@ def list_versions(registry: RegistryDep) -> VersionListResponse:
 
 
 @router.get("/live", response_model=LiveVersionResponse, responses=problem_responses(503))
-def live_version(runtime: RuntimeDep) -> LiveVersionResponse:
+def live_version(registry: RegistryDep, engine: EngineDep, live: LiveDep
+                 ) -> LiveVersionResponse:
     """The live pointer and what this process serves (they differ only during a swap, or
     when the pointed version could not be loaded: see ``last_swap_error``)."""
-    return LiveVersionResponse(live_version=runtime.registry.live_version(),
-                               served_version=runtime.engine.live_version,
-                               adapter_version=runtime.engine.live_label,
-                               last_swap_error=runtime.live.last_error)
+    return LiveVersionResponse(live_version=registry.live_version(),
+                               served_version=engine.live_version,
+                               adapter_version=engine.live_label,
+                               last_swap_error=live.last_error)
 
 
 def _target_row(target: str, live: int | None) -> MatrixRow | None:
@@ -119,27 +129,27 @@ def _columns(names: list[str], registry: RegistryDep, datasets: DatasetsDep
 
 
 @router.get("/{number}", response_model=VersionInfo, responses=problem_responses(404, 503))
-def get_version(number: int, registry: RegistryDep) -> VersionInfo:
+def get_version(number: VersionPath, registry: RegistryDep) -> VersionInfo:
     """One version's record."""
     return VersionInfo.of(registry.get_version(number), registry.live_version())
 
 
 @router.post("/{number}/activate", response_model=ActivateResponse,
              responses=problem_responses(401, 403, 404, 422, 503))
-def activate_version(_: AdminKey, number: int, runtime: RuntimeDep) -> ActivateResponse:
+def activate_version(_: AdminKey, number: VersionPath, registry: RegistryDep, live: LiveDep,
+                     settings: SettingsDep, engine: EngineDep) -> ActivateResponse:
     """Make version ``number`` live everywhere (rolling back is activating an older one).
 
     The version is checked against the serving model first (422 and nothing changes if it
     does not fit); then the live pointer moves, every replica swaps, and this one has swapped
     before it answers.
     """
-    registry = runtime.registry
-    files = runtime.live.read_version(number)  # NotFound -> 404
-    check_adapter_fits(runtime.settings.model, files, f"version {number}")
+    files = live.read_version(number)  # NotFound -> 404
+    check_adapter_fits(settings.model, files, f"version {number}")
     previous = registry.live_version()
     record = registry.activate(number)
-    swap = runtime.live.sync()
+    swap = live.sync()
     return ActivateResponse(version=VersionInfo.of(record, record.number),
                             previous_version=previous,
-                            served_version=runtime.engine.live_version,
+                            served_version=engine.live_version,
                             swap_seconds=None if swap is None else swap.seconds)

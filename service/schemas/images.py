@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.schemas.documented import IMAGE_FORMAT
+
 
 class ImageUploadRequest(BaseModel):
     """The JSON form of an image upload (the other form is multipart with a ``file`` part)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image_base64: str = Field(description="The encoded image file (PNG, JPEG, BMP, TIFF or "
-                              "WebP), standard base64.")
+                              "WebP), standard base64.",
+                              json_schema_extra={"format": IMAGE_FORMAT})
 
 
 class ImageUploadResponse(BaseModel):

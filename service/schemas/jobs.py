@@ -1,36 +1,52 @@
 """Schemas of ``/v1/jobs``. Parameters are validated by the workers' own models
-(:mod:`workers.params`) when the job is submitted, so the API and the worker agree on them."""
+(:mod:`workers.params`) when the job is submitted, so the API and the worker agree on them;
+the document states those models (:mod:`service.schemas.documented`)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.jobs import JobRecord
-from workers.params import DEFAULT_MERGE_METHOD
+from infra.registry import ADAPTER_NAME_SCHEMA
+from service.schemas.documented import documented_as
+from workers.params import (
+    DEFAULT_MERGE_METHOD,
+    STATS_SUFFIX,
+    EvaluateParams,
+    MergeJobParams,
+    StatsParams,
+    TrainParams,
+    integer,
+)
+
+Name = Annotated[str, Field(max_length=64, json_schema_extra=ADAPTER_NAME_SCHEMA)]
+"""An adapter or dataset name (the pattern is checked by the registries: ``invalid-name``)."""
 
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TrainJobRequest(_Request):
     """Train a LoRA adapter for ``domain`` on ``dataset``; it is registered as
     ``params.adapter`` (default: the domain)."""
 
-    dataset: str = Field(max_length=64)
-    domain: str = Field(max_length=64)
-    params: dict[str, Any] = Field(default_factory=dict, description="Training parameters "
-                                   "(rank, epochs, lr, ...; see workers.params.TrainParams).")
+    dataset: Name
+    domain: Name = Field(description="The image domain; also the adapter's name unless "
+                         "params.adapter gives one.")
+    params: Annotated[dict[str, Any], documented_as(TrainParams)] = Field(
+        default_factory=dict, description="Training parameters.")
 
 
 class MergeJobRequest(_Request):
     """Fold ``adapters`` (in order) into the latest version's merge state; the result is a new
-    version, made live when ``activate``."""
+    version, made live when ``activate``. Documented as :data:`MERGE_JOB_SCHEMA` (one form
+    per merge method, with that method's parameters)."""
 
     adapters: list[str] = Field(min_length=1, max_length=64)
     method: str = Field(default=DEFAULT_MERGE_METHOD, max_length=64)
@@ -39,23 +55,40 @@ class MergeJobRequest(_Request):
     fresh: bool = Field(default=False, description="Start from an empty merge state.")
 
 
+MERGE_JOB_SCHEMA = documented_as(MergeJobParams, title="MergeJobRequest",
+                                 description=MergeJobRequest.__doc__)
+
+
 class EvaluateJobRequest(_Request):
     """Score a merged ``version``, or an ``adapter``, or (neither) the base model on
     ``datasets``."""
 
-    datasets: list[str] = Field(min_length=1, max_length=16)
-    version: int | None = None
-    adapter: str | None = Field(default=None, max_length=64)
-    params: dict[str, Any] | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
+        {"properties": {"version": {"type": "null"}}},
+        {"properties": {"adapter": {"type": "null"}}}]})  # not both
+
+    datasets: list[Name] = Field(min_length=1, max_length=16,
+                                 json_schema_extra={"uniqueItems": True})
+    version: integer(ge=1) | None = None  # type: ignore[valid-type]
+    adapter: Name | None = None
+    params: Annotated[dict[str, Any] | None, documented_as(EvaluateParams, nullable=True)] \
+        = None
 
 
 class StatsJobRequest(_Request):
     """Compute Gram statistics for ``adapter`` on ``dataset``; the result is a new adapter
-    (``params.output``, default ``<adapter>-stats``)."""
+    (``params.output``, default ``<adapter>-stats``: without an output name, the adapter's name
+    has at most 58 characters)."""
 
-    adapter: str = Field(max_length=64)
-    dataset: str = Field(max_length=64)
-    params: dict[str, Any] | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["params"], "properties": {"params": {
+            "type": "object", "required": ["output"],
+            "properties": {"output": {"type": "string"}}}}},
+        {"properties": {"adapter": {"maxLength": 64 - len(STATS_SUFFIX)}}}]})
+
+    adapter: Name
+    dataset: Name
+    params: Annotated[dict[str, Any] | None, documented_as(StatsParams, nullable=True)] = None
 
 
 class JobErrorInfo(BaseModel):

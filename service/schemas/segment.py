@@ -2,25 +2,94 @@
 
 Coordinates are pixels of the uploaded image: x to the right in [0, W], y down in [0, H].
 Prompt arrays are passed to the engine as sent, so a malformed prompt is answered with the
-engine's own problem type (``prompt-shape``, ``invalid-label``, ``non-finite-value``, ...).
+engine's own problem type (``prompt-shape``, ``invalid-label``, ``non-finite-value``, ...);
+the document states each of those checks (:func:`_prompt_schema`), except the image's bounds,
+which depend on the image (its width and height come back from ``POST /v1/images``).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Self
+import math
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from infra.registry import ADAPTER_NAME_SCHEMA
+from service.prompts import DEFAULT_MAX_POINTS
+from service.schemas.documented import IMAGE_FORMAT, MASK_FORMAT
 
 MaskFormat = Literal["rle", "png"]
 
 
 MAX_BATCH_PROMPTS = 64
+IMAGE_ID_PATTERN = "^[0-9a-f]{64}$"
+
+
+def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}], "description": description}
+
+
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    """What the engine checks of a prompt (``service.prompts.check_prompt``), as JSON Schema:
+    points N x 2 with N ≤ the engine's limit and labels in {0, 1}, one per point; a box of 4
+    numbers; coordinates ≥ 0; and at least one of points, box, mask_input."""
+    coordinate = {"type": "number", "minimum": 0}
+    props = schema["properties"]
+    props["points"] = _nullable(
+        {"type": "array", "maxItems": DEFAULT_MAX_POINTS,
+         "items": {"type": "array", "items": coordinate, "minItems": 2, "maxItems": 2}},
+        "N x 2 point prompts [[x, y], ...], 0 ≤ x ≤ W, 0 ≤ y ≤ H.")
+    props["labels"] = _nullable(
+        {"type": "array", "maxItems": DEFAULT_MAX_POINTS, "items": {"enum": [0, 1]}},
+        "N labels, one per point: 1 foreground, 0 background.")
+    props["box"] = _nullable(
+        {"type": "array", "items": coordinate, "minItems": 4, "maxItems": 4},
+        "Box prompt: two opposite corners [x0, y0, x1, y1] (in either order), within the "
+        "image.")
+    props["mask_input"] = _nullable({"type": "string", "format": MASK_FORMAT},
+                                    props["mask_input"].get("description", ""))
+    one_per_point = [{"properties": {"points": {"type": "null"}, "labels": {"type": "null"}}}]
+    one_per_point += [{"required": ["points", "labels"], "properties": {
+        "points": {"type": "array", "minItems": n, "maxItems": n},
+        "labels": {"type": "array", "minItems": n, "maxItems": n}}}
+        for n in range(DEFAULT_MAX_POINTS + 1)]
+    something = [{"required": ["points"], "properties": {"points": {"type": "array",
+                                                                    "minItems": 1}}},
+                 {"required": ["box"], "properties": {"box": {"type": "array"}}},
+                 {"required": ["mask_input"], "properties": {"mask_input": {"type": "string"}}}]
+    schema.setdefault("allOf", []).extend([{"anyOf": something}, {"anyOf": one_per_point}])
+
+
+def _options_schema(schema: dict[str, Any]) -> None:
+    """The image: exactly one of ``image_id`` (as ``POST /v1/images`` returns it) and
+    ``image_base64``; the adapter: ``live``, ``base`` or an adapter's name."""
+    props = schema["properties"]
+    props["image_id"] = _nullable({"type": "string", "pattern": IMAGE_ID_PATTERN},
+                                  "Id returned by POST /v1/images.")
+    props["image_base64"] = _nullable(
+        {"type": "string", "format": IMAGE_FORMAT},
+        "The image file inline (PNG, JPEG, BMP, TIFF or WebP), standard base64; it is "
+        "stored, and its id returned.")
+    props["adapter"].update(ADAPTER_NAME_SCHEMA)
+    schema.setdefault("allOf", []).append({"oneOf": [
+        {"required": ["image_id"], "properties": {"image_id": {"type": "string"},
+                                                  "image_base64": {"type": "null"}}},
+        {"required": ["image_base64"], "properties": {"image_base64": {"type": "string"},
+                                                      "image_id": {"type": "null"}}}]})
+
+
+def _request_schema(schema: dict[str, Any]) -> None:
+    _options_schema(schema)
+    _prompt_schema(schema)
+
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class PromptFields(BaseModel):
     """One prompt: at least one of points (+ labels), box, mask_input."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_prompt_schema)
 
     points: list[list[float]] | None = Field(
         default=None, max_length=1024, description="N x 2 point prompts [[x, y], ...].")
@@ -33,12 +102,23 @@ class PromptFields(BaseModel):
         "`low_res_logits`): base64 of little-endian float32, side x side values, where side "
         "is 4 x the image-embedding size (256 for SAM, 64 for tiny).")
 
+    @field_validator("box")
+    @classmethod
+    def _corners_in_either_order(cls, box: list[float] | None) -> list[float] | None:
+        """A box is the rectangle between two opposite corners, given in either order (the
+        document cannot state x0 ≤ x1, so the API does not ask for it); other boxes go to the
+        engine's checks as sent."""
+        if box is None or len(box) != 4 or not all(math.isfinite(v) for v in box):
+            return box
+        x0, y0, x1, y1 = box
+        return [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+
 
 class SegmentOptions(BaseModel):
     """The image (``image_id`` from ``POST /v1/images``, or ``image_base64`` inline) and how
     to answer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_options_schema)
 
     image_id: str | None = Field(default=None, max_length=128,
                                  description="Id returned by POST /v1/images.")
@@ -64,6 +144,8 @@ class SegmentOptions(BaseModel):
 class SegmentRequest(SegmentOptions, PromptFields):
     """One prompt on one image: give ``image_id`` (from ``POST /v1/images``) or the image
     inline as ``image_base64``; and at least one of points (+ labels), box, mask_input."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_request_schema)
 
 
 class SegmentBatchRequest(SegmentOptions):

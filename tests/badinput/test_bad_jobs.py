@@ -47,9 +47,9 @@ def test_cancelling_a_finished_job_is_409(admin, store, seeded):
 
 MERGES = {
     # case: (request body, status, code)
-    "without-stats": ({"adapters": ["seed-plain"]}, 422, "invalid-stats"),
+    "without-stats": ({"adapters": ["seed-plain"]}, 409, "missing-stats"),
     "without-stats-paper-method": ({"adapters": ["seed-stats", "seed-plain"],
-                                    "method": "regcl"}, 422, "invalid-stats"),
+                                    "method": "regcl"}, 409, "missing-stats"),
     "other-base-model": ({"adapters": ["foreign"]}, 422, "base-model-mismatch"),
     "mixed-base-models": ({"adapters": ["seed-stats", "foreign"]}, 422,
                           "base-model-mismatch"),

@@ -1,84 +1,108 @@
-"""Fuzz the HTTP API from its own OpenAPI document with schemathesis, against the REAL running
-server (the shared test server, seeded with a dataset, adapters, a finished job and an image):
-once without a key and once with the admin key. Checks: no 5xx, and every answer's status
-code, content type and body conform to the document (so a new undocumented answer fails
-here too). Bounded and deterministic: a fixed number of examples per operation and a fixed
-seed (about a minute in all on 2 CPU cores); the number of requests the server received and
-its 5xx answers are counted from its access log.
+"""Fuzz the HTTP API from its own OpenAPI document with schemathesis and ALL its checks,
+against the REAL running server (the shared test server, seeded with a dataset, adapters, a
+finished job and an image): no 5xx; every answer's status, content type, headers and body as
+documented; schema-valid requests accepted and schema-invalid ones refused; 405 with an
+``Allow`` that lists the documented methods; operations that need a key refuse requests
+without one and the others answer without one; a resource just created can be read (stateful
+links). So a constraint the server enforces but the document does not state fails here, as
+does an answer the document does not list.
 
-Reproduce by hand against any running server::
+Content that no schema generator makes at random (image files, adapter weights that fit the
+model, dataset archives, mask logits, prompts inside the image) is put into schema-valid
+bodies by the hooks of :mod:`tests.badinput.fuzz_hooks`. Bounded and deterministic: a fixed
+number of examples per operation in the fuzzing phase and deterministic generation; the
+admin run adds the coverage phase (boundary values of every keyword); the anonymous run
+checks the same document without a key (fuzzing and stateful phases). The number of requests
+the server received and its 5xx answers are counted from its access log.
 
-    st run http://127.0.0.1:8000/openapi.json -c "$CHECKS" -n 25 --seed 4 \\
+Reproduce by hand against any running server (samples as ``write_samples`` makes them)::
+
+    SCHEMATHESIS_HOOKS=tests.badinput.fuzz_hooks REGCL_FUZZ_SAMPLES=/path/to/samples \\
+    PYTHONPATH=. st run http://127.0.0.1:8000/openapi.json --checks all -n 25 \\
         --generation-deterministic [-H "Authorization: Bearer $KEY"]
-
-with ``CHECKS`` as below.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.service.api_support import ADMIN_KEY, make_image, png_bytes
+from regcl.models.build import SAM_SPECS
+from tests.badinput.fuzz_hooks import SAMPLES_ENV, write_samples
+from tests.service.api_support import (
+    ADMIN_KEY,
+    REPO,
+    folder_entries,
+    make_image,
+    make_zip,
+    png_bytes,
+)
 
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
-          "response_schema_conformance")
-MAX_EXAMPLES = 25
-SEED = 4
-ACCESS = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) [^"]* HTTP/1\.1" (\d{3})')
+MAX_EXAMPLES = 10
+IMAGE = make_image(0)  # 96 x 128 (H x W)
+ACCESS = re.compile(r'"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE) [^"]* HTTP/1\.1" (\d{3})')
+PHASES = {"admin": "examples,coverage,fuzzing,stateful", "anonymous": "fuzzing,stateful"}
 
 
 @pytest.fixture(scope="module")
-def config_file(api, seeded, tmp_path_factory):
-    """Realistic values for path and body parameters, so that part of the generated requests
-    reach existing resources instead of 404s."""
+def fuzz_dir(api, seeded, tmp_path_factory):
+    """The schemathesis config (existing ids for path and body parameters, so that part of
+    the generated requests reach existing resources instead of 404s) and the hooks' samples.
+
+    Names are not pinned: adapters and datasets share ``{name}``, and the stateful phase
+    reads back what it created by following the links."""
     with api.client() as client:
-        image = client.post("/v1/images", files={"file": ("a.png", png_bytes(make_image(0)))})
+        image = client.post("/v1/images", files={"file": ("a.png", png_bytes(IMAGE))})
     assert image.status_code == 201, image.text
-    parameters = {
-        "path.name": seeded.adapter,
-        "path.job_id": seeded.finished_job,
-        "path.number": 1,
-        "body.image_id": image.json()["image_id"],
-        "body.dataset": seeded.dataset,
-    }
-    path = tmp_path_factory.mktemp("fuzz") / "schemathesis.toml"
-    path.write_text("[parameters]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n"
-                                               for k, v in parameters.items()))
-    return path
+    root = tmp_path_factory.mktemp("fuzz")
+    write_samples(root / "samples", image=png_bytes(IMAGE), image_id=image.json()["image_id"],
+                  adapter_dir=seeded.adapter_dir, dataset_zip=make_zip(folder_entries()),
+                  image_size=IMAGE.shape[:2], mask_side=SAM_SPECS["tiny"].mask_input_side)
+    parameters = {"path.job_id": seeded.finished_job, "path.number": 1,
+                  "body.dataset": seeded.dataset}
+    (root / "schemathesis.toml").write_text(
+        "[parameters]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n"
+                                   for k, v in parameters.items()))
+    return root
 
 
-def _fuzz(api, config_file, key: str | None) -> tuple[int, list[str], str]:
-    """Run schemathesis; returns (requests the server received, its 5xx lines, output)."""
+def _fuzz(api, fuzz_dir, identity: str) -> tuple[subprocess.CompletedProcess, int, list[str]]:
+    """Run schemathesis; returns (its result, requests the server received, its 5xx lines)."""
     offset = api.log_file.stat().st_size
-    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config_file),
-               "run", f"{api.url}/openapi.json", "--checks", CHECKS,
-               "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
+    command = [sys.executable, "-m", "schemathesis.cli",
+               "--config-file", str(fuzz_dir / "schemathesis.toml"),
+               "run", f"{api.url}/openapi.json", "--checks", "all",
+               "--phases", PHASES[identity], "--max-examples", str(MAX_EXAMPLES),
                "--generation-deterministic", "--workers", "1", "--continue-on-failure",
                "--request-timeout", "60", "--no-color"]
-    if key:
-        command += ["--header", f"Authorization: Bearer {key}"]
+    if identity == "admin":
+        command += ["--header", f"Authorization: Bearer {ADMIN_KEY}"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.badinput.fuzz_hooks",
+           SAMPLES_ENV: str(fuzz_dir / "samples"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     # run in the config's folder: schemathesis keeps its example database in the cwd
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            cwd=config_file.parent)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            cwd=fuzz_dir, env=env)
     log = api.log_file.read_bytes()[offset:].decode(errors="replace")
     statuses = [(m.group(0), int(m.group(2))) for m in ACCESS.finditer(log)]
-    errors = [line for line, status in statuses if status >= 500]
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 or errors, output[-6000:]
-    return len(statuses), errors, output
+    return result, len(statuses), [line for line, status in statuses if status >= 500]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("identity", ["anonymous", "admin"])
-def test_openapi_fuzz_finds_no_server_error(api, config_file, identity):
-    sent, errors, output = _fuzz(api, config_file, ADMIN_KEY if identity == "admin" else None)
-    summary = re.search(r"(\d+) generated", output)
+@pytest.mark.parametrize("identity", ["admin", "anonymous"])
+def test_openapi_fuzz_with_all_checks(api, fuzz_dir, identity):
+    result, sent, errors = _fuzz(api, fuzz_dir, identity)
+    output = result.stdout + result.stderr
+    summary = re.search(r"(\d+) generated[^\n]*", output)
+    phases = re.findall(r"(Coverage|Fuzzing|Stateful) \(in ([0-9.]+s)\)", output)
     print(f"fuzz {identity}: {sent} requests received by the server, {len(errors)} 5xx; "
-          f"schemathesis: {summary.group(0) if summary else '?'} test cases")
+          f"schemathesis: {summary.group(0) if summary else '?'}; "
+          f"{', '.join(f'{name} {took}' for name, took in phases)}")
+    assert result.returncode == 0, output[-8000:]
     assert sent > 100, output[-3000:]
     assert not errors, errors[:20]

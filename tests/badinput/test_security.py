@@ -156,7 +156,7 @@ def test_the_middleware_answers_before_the_app_starts(root_path):
     client = TestClient(app, root_path=root_path, raise_server_exceptions=False)
     assert_problem(client.post(f"{root_path}/v1/adapters"), 401, "unauthorized")
     assert_problem(client.delete(f"{root_path}/v1/datasets/x"), 401, "unauthorized")
-    assert_problem(client.post(f"{root_path}/v1/jobs/x/cancel"), 401, "unauthorized")
+    assert_problem(client.post(f"{root_path}/v1/jobs/{'0' * 32}/cancel"), 401, "unauthorized")
     assert client.get(f"{root_path}/v1/adapters").status_code == 503  # not gated: app answers
     assert client.post(f"{root_path}/v1/adapters",
                        headers={"X-API-Key": ADMIN_KEY}).status_code == 503
@@ -181,42 +181,62 @@ def test_closed_segmentation_refuses_before_the_body(start_api, redis_server, tm
 
 
 def test_keys_are_compared_in_constant_time(monkeypatch):
-    """Every configured key is compared with hmac.compare_digest, with no early exit."""
+    """Every configured key is compared with hmac.compare_digest, with no early exit, and
+    compare_digest alone decides: no ``==``, ``in`` or length check can admit or refuse a key
+    before it (with compare_digest answering "no" the right key is refused, answering "yes" a
+    wrong key of another length is admitted)."""
     calls = []
     real = hmac.compare_digest
+    answer: list[bool | None] = [None]  # None: the real comparison
 
     def counting(a, b):
         calls.append((a, b))
-        return real(a, b)
+        return real(a, b) if answer[0] is None else answer[0]
 
     monkeypatch.setattr("infra.settings.hmac.compare_digest", counting)
-    settings = Settings(redis_url="redis://127.0.0.1:1/0",
-                        admin_keys=f"{ADMIN_KEY},{'b' * 20},{'c' * 20}")
-    check_admin(settings, ADMIN_KEY)  # the first key matches: still three comparisons
-    assert len(calls) == 3 and all(isinstance(a, bytes) for a, _ in calls)
+    keys = [ADMIN_KEY, "b" * 20, "c" * 20]
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", admin_keys=",".join(keys))
+    for presented in (ADMIN_KEY, "c" * 20, WRONG_KEY):  # first, last, no key matches
+        calls.clear()
+        accepted = settings.is_admin_key(presented)
+        assert accepted == (presented in keys)
+        assert calls == [(presented.encode(), key.encode()) for key in keys], presented
     calls.clear()
+    check_admin(settings, ADMIN_KEY)  # the route check goes through the same comparison
+    assert len(calls) == len(keys)
+    answer[0] = False
     with pytest.raises(ProblemError):
-        check_admin(settings, WRONG_KEY)
-    assert len(calls) == 3
-    source = (REPO / "infra" / "settings.py").read_text()
-    tree = ast.parse(source)
-    is_admin = next(n for n in ast.walk(tree)
-                    if isinstance(n, ast.FunctionDef) and n.name == "is_admin_key")
-    assert "compare_digest" in ast.unparse(is_admin) and "==" not in ast.unparse(is_admin)
+        check_admin(settings, ADMIN_KEY)
+    answer[0] = True
+    check_admin(settings, "x")  # another length: only compare_digest may look at lengths
 
 
 def test_keys_never_reach_the_servers_log(api, anon):
+    """The server's log shows every request sent here (the access log, query strings
+    included: a key-like query parameter is a control that the log does record what was
+    sent), and never a key sent in a header."""
     offset = api.log_file.stat().st_size
+    sent = 0
     for headers in ({"Authorization": f"Bearer {ADMIN_KEY}"}, {"X-API-Key": ADMIN_KEY},
                     {"Authorization": f"Bearer {WRONG_KEY}"}, {"X-API-Key": WRONG_KEY}):
         anon.delete("/v1/adapters/no-such-adapter", headers=headers)
         anon.post("/v1/jobs/merge", headers=headers, json={"adapters": ["ghost"]})
         anon.post("/v1/images", headers=headers, content=b"x",
                   params={"key": WRONG_KEY})  # a key in the query string is not a key
-    time.sleep(0.5)
-    log = api.log_file.read_bytes()[offset:].decode(errors="replace")
-    assert "/v1/jobs/merge" in log or "POST" in log or log == ""  # the requests were served
-    assert ADMIN_KEY not in log and WRONG_KEY not in log.replace(f"key={WRONG_KEY}", "")
+        sent += 3
+    wanted = {"DELETE /v1/adapters/no-such-adapter": 4, "POST /v1/jobs/merge": 4,
+              f"POST /v1/images?key={WRONG_KEY}": 4}
+    deadline = time.monotonic() + 30
+    while True:
+        log = api.log_file.read_bytes()[offset:].decode(errors="replace")
+        seen = {request: log.count(f'"{request} HTTP/1.1"') for request in wanted}
+        if seen == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert seen == wanted, (seen, log[-3000:])  # all {sent} requests are in the log
+    assert sum(seen.values()) == sent
+    assert ADMIN_KEY not in log
+    assert WRONG_KEY not in log.replace(f"key={WRONG_KEY}", "")
 
 
 def test_keys_never_logged_in_process_at_debug(redis_server, tmp_path, caplog):

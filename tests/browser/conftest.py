@@ -24,10 +24,11 @@ import pytest
 from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.settings import Settings
+from tests import databases
 from tests.service.api_support import ADMIN_KEY, ApiServer, server_env
 from tests.workers.worker_support import start_worker, stop_worker
 
-DB = 3  # 0: shared API tests, 1: worker tests, 2: version tests
+DB = databases.BROWSER
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",

@@ -20,11 +20,12 @@ from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.settings import Settings
 from regcl.client import Client
+from tests import databases
 from tests.service.api_support import ADMIN_KEY, ApiServer
 from tests.workers.worker_support import start_worker, stop_worker, worker_settings
 
-PLATFORM_DB = 3
-KEYLESS_DB = 4
+PLATFORM_DB = databases.CLIENT
+KEYLESS_DB = databases.CLIENT_KEYLESS
 
 
 @dataclass(frozen=True)

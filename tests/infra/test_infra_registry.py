@@ -51,14 +51,6 @@ def tree(root: Path) -> dict[str, bytes]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_file_names_match_the_library() -> None:
-    from regcl.adapters import lora
-
-    assert (registry.CONFIG_FILE, registry.WEIGHTS_FILE, registry.STATS_FILE) == \
-        (lora.CONFIG_FILE, lora.WEIGHTS_FILE, lora.STATS_FILE)
-    assert registry.UNSAFE_SUFFIXES == lora.UNSAFE_SUFFIXES
-
-
 def test_add_get_list_delete(reg: Registry, store: ArtifactStore, tmp_path: Path) -> None:
     src = make_adapter(tmp_path / "polyp")
     record = reg.add_adapter("polyp", src, {"domain": "polyp", "dice": 0.8})

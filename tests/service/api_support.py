@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from regcl.adapters import AdapterConfig, attach_lora, save_adapter
+from regcl.adapters.layout import count_key, gram_key
 from regcl.client import ApiConnectionError, Client
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 
@@ -154,8 +155,8 @@ def make_adapter(directory: Path, seed: int, *, stats: bool = True, rank: int = 
         weights = load_file(str(directory / "adapter_model.safetensors"))
         grams = {}
         for key, value in weights.items():
-            grams[f"{key}.gram"] = torch.eye(value.shape[-1])
-            grams[f"{key}.count"] = torch.tensor(16, dtype=torch.int64)
+            grams[gram_key(key)] = torch.eye(value.shape[-1])
+            grams[count_key(key)] = torch.tensor(16, dtype=torch.int64)
         save_file(grams, str(directory / "regcl_stats.safetensors"))
     return directory
 

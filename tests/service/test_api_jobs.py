@@ -87,8 +87,8 @@ def test_merge_evaluate_and_stats_submission(admin, dataset, adapter_without_sta
     plain = adapter_without_stats
     assert_problem(admin.post("/v1/jobs/merge", json={"adapters": ["ghost"]}), 404,
                    "not-found")
-    body = assert_problem(admin.post("/v1/jobs/merge", json={"adapters": [plain]}), 422,
-                          "invalid-stats")
+    body = assert_problem(admin.post("/v1/jobs/merge", json={"adapters": [plain]}), 409,
+                          "missing-stats")
     assert "stats" in body["detail"]
     assert_problem(admin.post("/v1/jobs/merge", json={"adapters": [plain],
                                                       "method": "bogus"}), 422,

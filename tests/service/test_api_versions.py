@@ -22,6 +22,7 @@ from infra.artifacts import ArtifactStore
 from infra.jobs import JobStore
 from infra.redis_client import connect
 from infra.registry import Registry
+from tests import databases
 from tests.service.api_support import (
     ADMIN_KEY,
     ApiServer,
@@ -32,7 +33,7 @@ from tests.service.api_support import (
 )
 
 BOX = [10.0, 8.0, 90.0, 70.0]
-DB = 2
+DB = databases.VERSIONS
 
 
 @pytest.fixture(scope="module")

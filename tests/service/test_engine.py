@@ -18,7 +18,7 @@ from regcl.errors import AdapterError, RegclError
 from regcl.models import build_sam, model_fingerprint
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 from service.cache import ByteLRU, EmbeddingCache, EncodedImage
-from service.engine import SegmentationEngine, ServingOptions
+from service.engine import SegmentationEngine
 from service.errors import (
     AdapterRejectedError,
     EmptyPromptError,
@@ -33,6 +33,7 @@ from service.errors import (
     TooManyPointsError,
     UnknownAdapterError,
 )
+from service.options import ServingOptions
 from tests.service import api_support
 
 EMBEDDING_BYTES = 128 * 16 * 16 * 4  # tiny: 1 x 128 x 16 x 16 float32
@@ -265,7 +266,7 @@ def test_bad_adapter_is_refused_and_live_unchanged(engine, adapters):
     engine.load_live(1, adapters[0])
     image_id = engine.register_image(make_image(5))
     before = engine.segment(image_id, POINTS, LABELS)
-    slots_before = set(engine._model.peft_config)
+    slots_before = set(engine.slots.model.peft_config)
     for kind, bad in _bad_adapters(adapters[1]).items():
         with pytest.raises(AdapterRejectedError) as caught:
             engine.load_live(2, bad)
@@ -273,7 +274,7 @@ def test_bad_adapter_is_refused_and_live_unchanged(engine, adapters):
         with pytest.raises(AdapterRejectedError):
             engine.load_domain("polyp", bad)
         assert engine.live_version == 1, kind
-        assert set(engine._model.peft_config) == slots_before, kind  # no slot left behind
+        assert set(engine.slots.model.peft_config) == slots_before, kind  # no slot left behind
     engine.cache.clear()  # encode again: the served model itself must be unchanged
     after = engine.segment(image_id, POINTS, LABELS)
     assert after.adapter_version == "live:1" and not after.cache_hit
@@ -441,7 +442,6 @@ def test_base_fingerprint_ignores_the_adapters(engine, adapters):
     expected = model_fingerprint(build_sam("tiny"))
     assert engine.base_fingerprint == expected
     engine.load_live(1, adapters[0])
-    engine._fingerprint = None  # recompute with a live adapter in the model
-    assert engine.base_fingerprint == expected
+    assert model_fingerprint(engine.slots.model) == expected  # a live adapter in the model
     with pytest.raises(RegclError):
-        SegmentationEngine(engine._model, cache_bytes=0)
+        SegmentationEngine(engine.slots.model, cache_bytes=0)

@@ -10,11 +10,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from segment_anything import SamPredictor
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from regcl.errors import ConfigError
 from regcl.models import build_sam
 from service.batching import Batcher, WriterFirstLock
-from service.engine import SegmentationEngine, ServingOptions
+from service.decoding import DecodeJob, decode_rows
+from service.engine import SegmentationEngine
+from service.options import ServingOptions
 from tests.service.test_engine import LABELS, POINTS, _randomised_adapter, make_image
 
 EMBEDDING_BYTES = 128 * 16 * 16 * 4
@@ -175,34 +179,56 @@ def test_batcher_settles_every_future_and_closes():
         batcher.submit(1)
 
 
-def test_writer_first_lock_lets_a_writer_in_before_the_next_batch():
-    lock = WriterFirstLock()
-    batches = 0
-    stop = threading.Event()
-
-    def batcher() -> None:  # takes the lock again as soon as it let go, like the encoder
-        nonlocal batches
-        while not stop.is_set():
-            with lock.after_writers():
-                batches += 1
-                time.sleep(0.002)
-
-    thread = threading.Thread(target=batcher)
-    thread.start()
-    while batches < 5:
+def _wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.001)
-    waiting_from = batches
-    with lock:
-        got_at = batches
-    stop.set()
-    thread.join()
-    assert got_at - waiting_from <= 1  # at most the batch already running
+
+
+def test_writer_first_lock_lets_a_writer_in_before_the_next_batch():
+    """The batcher holds the lock for a batch and, like the encoder thread, asks for it again
+    the moment it lets go; a writer (a swap) waits meanwhile. The writer must go before the
+    next batch, every time.
+
+    Each step waits for the state it needs (a batch holding the lock, the writer counted as
+    waiting), so a correct lock gives this order always; a plain mutex hands the lock back to
+    the thread that just released it (it still runs), so the next batch would go first."""
+    lock = WriterFirstLock()
+    for round_ in range(20):
+        order: list[str] = []
+        holding, done = threading.Event(), threading.Event()
+
+        def batcher(order=order, holding=holding, done=done) -> None:
+            with lock.after_writers():
+                order.append("batch 1")
+                holding.set()
+                done.wait(10)
+            with lock.after_writers():
+                order.append("batch 2")
+
+        def writer(order=order) -> None:
+            with lock:
+                order.append("writer")
+
+        threads = [threading.Thread(target=batcher), threading.Thread(target=writer)]
+        threads[0].start()
+        assert holding.wait(10)
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while lock.waiting_writers != 1:
+            assert time.monotonic() < deadline, "the writer never waited"
+            time.sleep(0.001)
+        assert order == ["batch 1"], order  # the writer waits while the batch holds the lock
+        done.set()
+        for thread in threads:
+            thread.join(10)
+        assert order == ["batch 1", "writer", "batch 2"], (round_, order)
+        assert lock.waiting_writers == 0
 
 
 @pytest.mark.parametrize("multimask", [True, False])
 def test_batched_decoding_equals_one_prompt_at_a_time(multimask):
-    from service.engine import _DecodeJob
-
     engine = _engine()
     images = [make_image(50, 120, 200), make_image(51, 90, 70), make_image(52, 200, 150)]
     encoded = [engine.encode(engine.register_image(image), "base")[0] for image in images]
@@ -212,19 +238,47 @@ def test_batched_decoding_equals_one_prompt_at_a_time(multimask):
              dict(box=np.array([5.0, 5.0, 60.0, 50.0])),
              dict(point_coords=POINTS[:1] / 3, point_labels=LABELS[:1],
                   box=np.array([5.0, 5.0, 60.0, 50.0]), mask_input=first.low_res_logits)]
+    sam = engine.slots.sam
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
     for form in forms:
-        jobs = [_DecodeJob(e, engine._check_prompt(form.get("point_coords"),
-                                                   form.get("point_labels"), form.get("box"),
-                                                   form.get("mask_input")), multimask, True)
+        jobs = [DecodeJob(e, engine._check_prompt(form.get("point_coords"),
+                                                  form.get("point_labels"), form.get("box"),
+                                                  form.get("mask_input")), multimask, True)
                 for e in encoded]
-        rows = engine._decode_rows(jobs)
+        rows = decode_rows(sam, transform, jobs)
         for job, got in zip(jobs, rows, strict=True):
-            want = engine._decode_one(job.encoded, job.prompt, multimask, True)
+            want = decode_rows(sam, transform, [job])[0]
             assert got.masks.shape == want.masks.shape and got.masks.dtype == want.masks.dtype
             np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-4)
             np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
             assert (got.masks != want.masks).mean() <= 1e-4
             assert got.image_id == job.encoded.image_id
+    engine.close()
+
+
+def test_one_row_decodes_as_sam_predictor_bit_for_bit():
+    """The one decode path, for a prompt alone, is SamPredictor.predict exactly."""
+    engine = _engine()
+    image = make_image(53, 90, 140)
+    encoded, _ = engine.encode(engine.register_image(image), "base")
+    predictor = SamPredictor(engine.slots.sam)
+    predictor.set_image(image)
+    transform = ResizeLongestSide(engine.slots.sam.image_encoder.img_size)
+    prompts = [dict(point_coords=POINTS / 2, point_labels=LABELS),
+               dict(box=np.array([5.0, 5.0, 60.0, 50.0])),
+               dict(point_coords=POINTS[:1] / 2, point_labels=LABELS[:1],
+                    box=np.array([5.0, 5.0, 60.0, 50.0]))]
+    for multimask in (True, False):
+        for prompt in prompts:
+            job = DecodeJob(encoded, engine._check_prompt(prompt.get("point_coords"),
+                                                          prompt.get("point_labels"),
+                                                          prompt.get("box"), None),
+                            multimask, True)
+            got = decode_rows(engine.slots.sam, transform, [job])[0]
+            masks, scores, logits = predictor.predict(multimask_output=multimask, **prompt)
+            np.testing.assert_array_equal(got.masks, masks)
+            np.testing.assert_array_equal(got.scores, scores)
+            np.testing.assert_array_equal(got.low_res_logits, logits)
     engine.close()
 
 

@@ -23,6 +23,7 @@ from infra.jobs import JobState, JobStore, wait_for
 from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.settings import Settings
+from tests import databases
 from tests.conftest import free_tcp_port
 from tests.workers.worker_support import (
     JOB_TIMEOUT_S,
@@ -41,7 +42,7 @@ LONG = {"epochs": 500, "rank": 4, "batch_size": 4}
 
 def test_a_job_interrupted_by_a_worker_shutdown_is_requeued(redis_server: RedisServer,
                                                             tmp_path: Path) -> None:
-    settings = worker_settings(redis_server, tmp_path / "data", db=2)
+    settings = worker_settings(redis_server, tmp_path / "data", db=databases.LIFECYCLE)
     client = connect(settings.redis_url)
     client.flushdb()
     jobs = JobStore(client)

@@ -15,6 +15,7 @@ from infra.settings import Settings
 from regcl.adapters import AdapterConfig
 from regcl.errors import ConfigError
 from regcl.merging import STREAMING_METHODS, make_params
+from regcl.merging.catalogue import CATALOGUE, Choice, parameter_bounds
 from regcl.training.adapter import TrainConfig
 from workers import params as job_params
 from workers.celery_app import ALL_QUEUES, QUEUE_OF, make_celery
@@ -43,8 +44,6 @@ def api(redis_client: redis.Redis, redis_server):
      "rank"),
     (lambda c, j: submit_train(c, j, dataset="polyp", domain="polyp", params={"epoch": 3}),
      "epoch: Extra inputs"),
-    (lambda c, j: submit_train(c, j, dataset="polyp", domain="polyp",
-                               params={"lr": 1e-3, "min_lr": 1e-2}), "min_lr"),
     (lambda c, j: submit_train(c, j, dataset="polyp", domain="polyp",
                                params={"blocks": [3, 3]}), "distinct"),
     (lambda c, j: submit_train(c, j, dataset="polyp", domain="polyp",
@@ -84,6 +83,13 @@ def test_a_job_records_its_full_arguments_and_can_be_cancelled_while_queued(api)
     assert merge.params == {"adapters": ["polyp"], "method": job_params.DEFAULT_MERGE_METHOD,
                             "params": {"ridge": 1e-4, "alpha": 1.0}, "activate": True,
                             "fresh": False}
+    mean = submit_merge(celery, jobs, adapters=["polyp"], method="mean", params=None)
+    assert mean.params["method"] == "mean" and mean.params["params"] == {}
+    # min_lr above lr is a schedule that rises: allowed (the document cannot state a
+    # comparison between two fields, so the server does not refuse one)
+    rising = submit_train(celery, jobs, dataset="polyp", domain="polyp",
+                          params={"lr": 1e-3, "min_lr": 1e-2})
+    assert rising.params["params"]["min_lr"] == 1e-2
     stats = submit_stats(celery, jobs, adapter="polyp", dataset="polyp")
     assert stats.params["params"]["output"] == "polyp-stats"
 
@@ -96,10 +102,29 @@ def test_a_job_records_its_full_arguments_and_can_be_cancelled_while_queued(api)
 
 
 def test_parameter_models_agree_with_the_library() -> None:
-    assert job_params.STREAMING_METHODS == STREAMING_METHODS
+    assert tuple(job_params.METHOD_PARAMS) == STREAMING_METHODS
     for method in STREAMING_METHODS:
-        ours = job_params.method_params_type(method)().model_dump()
-        assert ours == make_params(method).to_dict(), method
+        ours = job_params.method_params_type(method)
+        assert ours().model_dump() == make_params(method).to_dict(), method
+        # the same bounds: a value just past each finite bound is refused by both
+        for name, (bound, _, _) in parameter_bounds(CATALOGUE[method].params_type).items():
+            if isinstance(bound, Choice):  # a name outside the options is refused by both
+                with pytest.raises(ConfigError):
+                    make_params(method, **{name: "no-such-" + name})
+                with pytest.raises(ConfigError):
+                    job_params.validate(ours, {name: "no-such-" + name}, "params")
+                for option in bound.options:
+                    assert job_params.validate(ours, {name: option}, "params").model_dump() \
+                        == make_params(method, **{name: option}).to_dict()
+                continue
+            for outside in (bound.low - 1e-9 if not bound.low_open else bound.low,
+                            bound.high + 1e-9):
+                if abs(outside) == float("inf"):
+                    continue
+                with pytest.raises(ConfigError):
+                    make_params(method, **{name: outside})
+                with pytest.raises(ConfigError):
+                    job_params.validate(ours, {name: outside}, "params")
     train = job_params.TrainParams()
     config = TrainConfig()
     for field in ("epochs", "batch_size", "lr", "min_lr", "seed", "n_points"):

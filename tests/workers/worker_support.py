@@ -27,8 +27,9 @@ from infra.redis_server import RedisServer
 from infra.registry import Registry
 from infra.settings import Settings
 from regcl.data.domains import domain_split
+from tests import databases
 
-WORKER_DB = 1
+WORKER_DB = databases.WORKERS
 JOB_TIMEOUT_S = 900.0  # generous: the suite may share 2 cores with other work (SCHED_IDLE)
 START_TIMEOUT_S = 300.0
 

@@ -1,0 +1,24 @@
+"""Which database of the session's one redis-server each group of tests owns.
+
+The groups that start a Celery worker keep it for their whole module or session, so two groups
+on one database share a queue: a job submitted by one can be taken by the other's worker, which
+reads a different artifact store ("artifact not found"). Every group takes its number from here;
+tests/test_databases.py checks that no two share one.
+"""
+
+from __future__ import annotations
+
+SHARED_API = 0  # tests/conftest.py's API (service tests without a worker)
+WORKERS = 1  # tests/workers: the session worker
+VERSIONS = 2  # tests/service/test_api_versions.py
+BROWSER = 3  # tests/browser: API + worker
+CLIENT = 4  # tests/client: API + worker
+CLIENT_KEYLESS = 5  # tests/client: an API with no admin keys
+LIFECYCLE = 6  # tests/workers/test_workers_lifecycle.py: a worker per test
+
+REDIS_DATABASES = 16  # redis-server's default `databases`
+
+
+def all_databases() -> dict[str, int]:
+    return {name: value for name, value in globals().items()
+            if name.isupper() and name != "REDIS_DATABASES" and isinstance(value, int)}
