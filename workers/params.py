@@ -139,7 +139,8 @@ class TrainParams(BaseModel):
 
 
 def _method_params_model(info: MethodInfo) -> type[BaseModel]:
-    """The pydantic twin of ``info.params_type``: its fields, defaults and bounds."""
+    """The pydantic twin of ``info.params_type``: its fields, defaults and bounds (a
+    :class:`~regcl.merging.catalogue.Choice` becomes a Literal of its options)."""
     fields: dict[str, Any] = {}
     for name, (bound, default, doc) in parameter_bounds(info.params_type).items():
         if isinstance(bound, Choice):

@@ -6,8 +6,9 @@ A PEFT adapter directory holds :data:`CONFIG_FILE` and :data:`WEIGHTS_FILE`, opt
 :data:`UNSAFE_SUFFIXES` suffix (pickles) are refused. For each linear weight key ``K`` of an
 adapter (PEFT naming, e.g. ``base_model.model.image_encoder.blocks.3.attn.qkv.lora_A.weight``)
 that has statistics: ``K.gram`` (in x in, the Gram ``XᵀX / n`` of that layer's inputs) and
-``K.count`` (0-dim, the token count ``n``), and optionally ``K.mean`` (in, the mean input row;
-added later for the domain router, :mod:`regcl.routing`: statistics without it stay valid).
+``K.count`` (0-dim, the token count ``n``) and, in statistics made since the domain router
+(:mod:`regcl.routing`), ``K.mean`` (in, the mean input row; older statistics lack it and stay
+valid: nothing that merges reads it).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def count_key(weight_key: str) -> str:
 
 
 def mean_key(weight_key: str) -> str:
-    """Stats key of the mean input row (in) behind the Gram of ``weight_key``."""
+    """Stats key of the mean input row (in) of ``weight_key`` (optional, see above)."""
     return weight_key + MEAN_SUFFIX
 
 

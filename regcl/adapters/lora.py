@@ -179,8 +179,8 @@ def check_stats(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
         mean = stats.get(mean_key(key))
         if mean is not None and (tuple(mean.shape) != (n_in,) or not mean.is_floating_point()
                                  or not torch.isfinite(mean).all()):
-            raise StatsError(f"{source}: {mean_key(key)} must be a finite float vector of "
-                             f"size {n_in}")
+            raise StatsError(f"{source}: {mean_key(key)} must be a finite float vector of size "
+                             f"{n_in}")
 
 
 def load_adapter(sam: Sam, directory: str | Path) -> tuple[PeftModel, AdapterFiles]:

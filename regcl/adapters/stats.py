@@ -3,10 +3,9 @@ domain's data.
 
 For a LoRA layer ``y = W0 x + B A x`` the statistics are, per weight key K (PEFT naming):
 ``K.gram`` = XᵀX / n over all n tokens seen (in x in; X the inputs of that linear: x for
-``lora_A``, A x for ``lora_B``), ``K.count`` = n and ``K.mean`` = the mean input row (in) (key
-names: :mod:`regcl.adapters.layout`).
-``K.mean`` was added later (the domain router uses it, :mod:`regcl.routing`); statistics
-without it stay valid, and nothing that merges reads it.
+``lora_A``, A x for ``lora_B``), ``K.count`` = n and ``K.mean`` = the mean input row (in)
+(key names: :mod:`regcl.adapters.layout`). ``K.mean`` was added later (the domain router uses
+it, :mod:`regcl.routing`); statistics without it stay valid, and nothing that merges reads it.
 """
 
 from __future__ import annotations

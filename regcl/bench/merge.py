@@ -37,13 +37,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from regcl.adapters.config import default_blocks
+from regcl.adapters.layout import count_key, gram_key
 from regcl.merging import (
     STREAMING_METHODS,
     ContinualMergeState,
     get_merge_method,
     merge_adapters,
 )
-from regcl.merging.methods import count_key, gram_key
 from regcl.models.build import SAM_SPECS
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ entry, :class:`~regcl.merging.state.ContinualMergeState` folds the streaming one
 parameter dataclasses here, bounds included.
 
 Adding a method: a frozen :class:`MergeParams` dataclass (each number a :func:`bounded`
-field, each named option a :func:`choice` field), an entry in :data:`CATALOGUE`, and its
+field, each named option a :func:`chosen` one), an entry in :data:`CATALOGUE`, and its
 function in :mod:`regcl.merging.methods`.
 """
 
@@ -38,7 +38,7 @@ __all__ = [
     "TaskArithmeticParams",
     "TiesParams",
     "bounded",
-    "choice",
+    "chosen",
     "method_info",
     "parameter_bounds",
 ]
@@ -65,9 +65,17 @@ class Bound:
         return float(value)
 
 
+def bounded(default: float, doc: str, *, low: float = -math.inf, high: float = math.inf,
+            low_open: bool = False) -> Any:
+    """A dataclass field for a number in a :class:`Bound` (stated once, checked by
+    :class:`MergeParams`, published by the job-parameter models)."""
+    return dataclasses.field(default=default, metadata={
+        "bound": Bound(low, high, low_open), "doc": doc})
+
+
 @dataclass(frozen=True)
 class Choice:
-    """A parameter that is one of a few names."""
+    """A parameter that names one of ``options``."""
 
     options: tuple[str, ...]
 
@@ -78,16 +86,8 @@ class Choice:
         return value
 
 
-def bounded(default: float, doc: str, *, low: float = -math.inf, high: float = math.inf,
-            low_open: bool = False) -> Any:
-    """A dataclass field for a number in a :class:`Bound` (stated once, checked by
-    :class:`MergeParams`, published by the job-parameter models)."""
-    return dataclasses.field(default=default, metadata={
-        "bound": Bound(low, high, low_open), "doc": doc})
-
-
-def choice(default: str, doc: str, options: tuple[str, ...]) -> Any:
-    """A dataclass field for one of ``options`` (a :class:`Choice`, checked like a bound)."""
+def chosen(default: str, doc: str, options: tuple[str, ...]) -> Any:
+    """A dataclass field naming one of ``options`` (a :class:`Choice`)."""
     return dataclasses.field(default=default, metadata={"bound": Choice(options), "doc": doc})
 
 
@@ -102,7 +102,7 @@ def parameter_bounds(params_type: type[MergeParams]
 class MergeParams:
     """Base of every method's parameters: each field is a :func:`bounded` number, checked
     (ConfigError) and stored as a float, so parameters round-trip through JSON unchanged, or a
-    :func:`choice` among names."""
+    :func:`chosen` name."""
 
     def __post_init__(self) -> None:
         for name, (bound, _, _) in parameter_bounds(type(self)).items():
@@ -120,7 +120,8 @@ count n (XᵀX: domains with more data count more), ``trace`` divided by its mea
 domain's inputs brought to the same energy)."""
 
 CORE_INNER_METHODS = ("ties", "task_arithmetic", "mean", "iso")
-"""The merges Core Space merging applies to the core matrices."""
+"""The merges Core Space merging applies to the small core matrices (``iso``: Iso-C, the sum
+with its singular values replaced by their mean)."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,8 @@ class RegclParams(MergeParams):
     ridge: float = bounded(1e-4, "relative ridge, pulling towards the plain mean", low=0.0)
     alpha: float = bounded(1.0, "off-diagonal shrink of each Gram; 1 = no shrink",
                            low=0.0, high=1.0)
-    weighting: str = choice("domain", "how domains' Grams weigh against each other: domain "
-                            "(each alike), tokens (by token count), trace (by energy)",
+    weighting: str = chosen("domain", "how domains' Grams weigh against each other: domain "
+                            "(alike), tokens (by token count), trace (by 1 / mean diagonal)",
                             GRAM_WEIGHTINGS)
 
 
@@ -168,9 +169,9 @@ class MagmaxParams(MergeParams):
 
 @dataclass(frozen=True)
 class CoreSpaceParams(MergeParams):
-    """Core Space merging's parameters."""
+    """Core Space merging's parameters (:mod:`regcl.merging.core_space`)."""
 
-    inner: str = choice("ties", "the merge of the core matrices", CORE_INNER_METHODS)
+    inner: str = chosen("ties", "the merge of the core matrices", CORE_INNER_METHODS)
     density: float = bounded(0.2, "fraction of each core's entries TIES keeps", low=0.0,
                              high=1.0, low_open=True)
     scale: float = bounded(1.0, "factor of TIES / task arithmetic / Iso-C")
@@ -209,8 +210,9 @@ CATALOGUE: dict[str, MethodInfo] = {info.name: info for info in (
     MethodInfo("magmax", MagmaxParams, needs_stats=False, streams=True,
                summary="per element, the value of largest magnitude"),
     MethodInfo("core_space", CoreSpaceParams, needs_stats=False, streams=False,
-               summary="Core Space merging (NeurIPS 2025): LoRA pairs merged as small core "
-               "matrices in shared reference bases, re-factored to the adapters' rank",
+               summary="Core Space merging (NeurIPS 2025): each LoRA pair projected on "
+               "reference bases of all the adapters' factors, the small core matrices merged, "
+               "re-factored to the adapters' rank",
                why_not_streaming="its reference bases are SVDs of every adapter's stacked "
                "factors, so it needs all the adapters at once; keep them and call "
                "merge_adapters('core_space', ...) instead"),

@@ -18,6 +18,8 @@ For one adapted linear with T LoRA pairs (A_t: r x in, B_t: out x r):
 Linear merges (task arithmetic, mean) in core space equal the same merge of the full products
 B_t A_t; non-linear ones (TIES, Iso-C) act on a Tr x Tr matrix instead of out x in. The bases
 depend on every adapter, so the method needs all of them at once (no constant-memory state).
+Its parameters are :class:`~regcl.merging.catalogue.CoreSpaceParams`; the whole-adapter merge
+is registered as ``core_space`` in :mod:`regcl.merging.methods`.
 """
 
 from __future__ import annotations
@@ -28,17 +30,10 @@ import torch
 from torch import Tensor
 
 from regcl.errors import ConfigError, MergeError
-from regcl.merging.catalogue import CORE_INNER_METHODS, CoreSpaceParams
-from regcl.merging.merge_utils import mean_merge, product_delta, ties_merge
-from regcl.merging.methods import (
-    Adapter,
-    Stats,
-    check_adapters,
-    lora_b_key,
-    register_merge_method,
-)
+from regcl.merging.catalogue import CORE_INNER_METHODS
+from regcl.merging.merge_utils import product_delta, ties_merge
 
-__all__ = ["CORE_INNER_METHODS", "CoreSpaceParams", "core_bases", "core_space_merge"]
+__all__ = ["CORE_INNER_METHODS", "core_bases", "core_space_merge"]
 
 _SUPPORT_TOL = 1e-10  # singular values below this fraction of the largest are not directions
 
@@ -111,27 +106,3 @@ def core_space_merge(
     a_out[:keep] = root[:, None] * (vh[:keep] @ v_a)
     b_out[:, :keep] = (u_b @ u[:, :keep]) * root[None, :]
     return a_out.to(pairs[0][0].dtype), b_out.to(pairs[0][1].dtype)
-
-
-@register_merge_method("core_space")
-def merge_core_space(
-    adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: CoreSpaceParams
-) -> dict[str, Tensor]:
-    """Core Space merging (NeurIPS 2025): LoRA pairs merged as core matrices, re-factored to rank.
-
-    Keys that are not part of a lora_A / lora_B pair are averaged.
-    """
-    check_adapters(adapters)
-    first = adapters[0]
-    merged: dict[str, Tensor] = {}
-    for key in first:
-        b_key = lora_b_key(key)
-        if b_key is not None and b_key in first:
-            pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
-            merged[key], merged[b_key] = core_space_merge(
-                pairs, rank=first[key].shape[0], inner=params.inner, density=params.density,
-                scale=params.scale)
-    for key in first:
-        if key not in merged:
-            merged[key] = mean_merge([adapter[key] for adapter in adapters])
-    return {key: merged[key] for key in first}

@@ -122,7 +122,7 @@ def regmean_terms(
 def gram_scale(gram: Tensor, count: float, weighting: str) -> float:
     """The factor one domain's Gram (in x in, ``XᵀX/n``) gets under ``weighting``.
 
-    count: that Gram's token count n. See :data:`GRAM_WEIGHTINGS`.
+    count: that Gram's token count n. See :data:`~regcl.merging.catalogue.GRAM_WEIGHTINGS`.
     """
     if weighting == "domain":
         return 1.0

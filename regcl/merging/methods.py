@@ -25,6 +25,7 @@ from torch import Tensor
 from regcl.adapters.layout import count_key, gram_key, weight_key_of_gram
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging.catalogue import (
+    CoreSpaceParams,
     MagmaxParams,
     MeanParams,
     MergeParams,
@@ -35,6 +36,7 @@ from regcl.merging.catalogue import (
     TiesParams,
     method_info,
 )
+from regcl.merging.core_space import core_space_merge
 from regcl.merging.merge_utils import (
     gram_scale,
     magmax_merge,
@@ -371,6 +373,27 @@ def merge_magmax(
     return {key: magmax_merge([a[key] for a in adapters]) for key in adapters[0]}
 
 
+@register_merge_method("core_space")
+def merge_core_space(
+    adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: CoreSpaceParams
+) -> dict[str, Tensor]:
+    """Core Space merging (NeurIPS 2025, :mod:`regcl.merging.core_space`): each lora_A /
+    lora_B pair merged as core matrices and re-factored to its rank; other keys averaged."""
+    first = adapters[0]
+    merged: dict[str, Tensor] = {}
+    for key in first:
+        b_key = lora_b_key(key)
+        if b_key is not None and b_key in first:
+            pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
+            merged[key], merged[b_key] = core_space_merge(
+                pairs, rank=first[key].shape[0], inner=params.inner, density=params.density,
+                scale=params.scale)
+    for key in first:
+        if key not in merged:
+            merged[key] = mean_merge([adapter[key] for adapter in adapters])
+    return {key: merged[key] for key in first}
+
+
 def merge_adapters(
     method: str,
     adapters: Sequence[Adapter],
@@ -396,8 +419,3 @@ def merge_adapters(
             raise StatsError(f"got {len(adapters)} adapters but {len(stats)} statistics dicts")
     logger.info("merging %d adapters with %s %s", len(adapters), method, typed_params)
     return spec.merge(adapters, stats, typed_params)
-
-
-# Methods written in modules of their own register themselves on import (after the names above
-# exist, which they import): importing this module makes every catalogue method available.
-from regcl.merging import core_space as _core_space  # noqa: E402,F401

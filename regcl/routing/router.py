@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from regcl.adapters.layout import count_key, gram_key, mean_key
 from regcl.errors import RoutingError
 from regcl.routing.features import first_layer_key, token_moments
 from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
@@ -160,10 +161,11 @@ class DomainRouter:
         key = key or self._key or first_layer_key(stats)
         if self._key is not None and key != self._key:
             raise RoutingError(f"this router reads {self._key!r}, not {key!r}")
-        gram, count = stats.get(f"{key}.gram"), stats.get(f"{key}.count")
+        gram, count = stats.get(gram_key(key)), stats.get(count_key(key))
         if not isinstance(gram, Tensor) or not isinstance(count, Tensor):
-            raise RoutingError(f"statistics of {domain!r} lack {key}.gram / {key}.count")
-        self.fold_moments(domain, gram, int(count.reshape(())), stats.get(f"{key}.mean"),
+            raise RoutingError(f"statistics of {domain!r} lack {gram_key(key)} / "
+                               f"{count_key(key)}")
+        self.fold_moments(domain, gram, int(count.reshape(())), stats.get(mean_key(key)),
                           key=key)
 
     def fold_moments(self, domain: str, gram: Tensor, count: int, mean: Tensor | None = None,
