@@ -81,7 +81,8 @@ def test_a_job_records_its_full_arguments_and_can_be_cancelled_while_queued(api)
     assert job.params["params"]["epochs"] == 2 and job.params["params"]["rank"] == 10
     merge = submit_merge(celery, jobs, adapters=["polyp"], activate=True)
     assert merge.params == {"adapters": ["polyp"], "method": job_params.DEFAULT_MERGE_METHOD,
-                            "params": {"ridge": 1e-4, "alpha": 1.0}, "activate": True,
+                            "params": {"ridge": 1e-4, "alpha": 1.0, "weighting": "domain"},
+                            "activate": True,
                             "fresh": False}
     mean = submit_merge(celery, jobs, adapters=["polyp"], method="mean", params=None)
     assert mean.params["method"] == "mean" and mean.params["params"] == {}
