@@ -83,6 +83,13 @@ def _cmd_bench_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_auto_memory(args: argparse.Namespace) -> int:
+    from cli.auto_memory import run
+
+    print(run(tuple(args.models.split(","))))
+    return 0
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import signal
@@ -210,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="write the report here")
     m.add_argument("--threads", type=int, default=0)
     m.set_defaults(func=_cmd_bench_merge)
+
+    a = bench.add_parser("auto-memory", help="what adapter auto holds per domain (adapter, "
+                                             "statistics, router) against the merge's one "
+                                             "live adapter, per model shape (no weights)")
+    a.add_argument("--models", default="tiny,vit_b")
+    a.set_defaults(func=_cmd_bench_auto_memory)
 
     s = bench.add_parser("serve", help="the service over HTTP (new images, cached prompts, "
                                        "hot swap, LoRA overhead) against SamPredictor in the "
