@@ -148,9 +148,12 @@ class SegmentationEngine:
 
     # ----------------------------------------------------------------------------- inference
     def encode(self, image_id: str, adapter: str = LIVE) -> tuple[EncodedImage, str]:
-        """The image's embedding under ``adapter`` (``base``, ``live`` or a domain), from the
-        cache or computed as ``SamPredictor.set_image`` does. Returns it and the adapter
-        version label that made it."""
+        """The image's embedding under ``adapter`` (``base``, ``live``, ``auto`` or a domain),
+        from the cache or computed as ``SamPredictor.set_image`` does. Returns it and the
+        adapter version label that made it."""
+        if adapter == AUTO:
+            encoded, _, _ = self._encode_auto(image_id)
+            return encoded, encoded.adapter_version
         with self.slots.use(adapter) as target:
             encoded, _ = self._encoding.encode(image_id, target)
         return encoded, encoded.adapter_version
@@ -208,6 +211,12 @@ class SegmentationEngine:
         checked = self._checked(image_id, prompts)
         if not checked:
             return []
+        encoded, hit, chosen = self._encode_auto(image_id)
+        results = self._decode([DecodeJob(encoded, p, bool(multimask), hit) for p in checked])
+        return [dataclasses.replace(result, route=chosen) for result in results]
+
+    def _encode_auto(self, image_id: str) -> tuple[EncodedImage, bool, AutoRoute]:
+        """The embedding ``auto`` gives the image, whether it was cached, and the route."""
         chosen, tokens, block = self.route(image_id)
         try:
             with self.slots.use(chosen.adapter) as target:
@@ -216,8 +225,7 @@ class SegmentationEngine:
             chosen = AutoRoute(LIVE, chosen.route, None)
             with self.slots.use(LIVE) as target:
                 encoded, hit = self._encoding.encode(image_id, target, tokens, block)
-        results = self._decode([DecodeJob(encoded, p, bool(multimask), hit) for p in checked])
-        return [dataclasses.replace(result, route=chosen) for result in results]
+        return encoded, hit, chosen
 
     def route(self, image_id: str) -> tuple[AutoRoute, torch.Tensor | None, int]:
         """Where ``auto`` sends the image: the choice, the tokens entering the router's block

@@ -73,7 +73,9 @@ def test_auto_masks_equal_a_direct_request_bit_for_bit(engine: SegmentationEngin
     image_id, auto = _auto(engine, domain_image("camo_pattern", 2))
     domain = auto.route.route.domain
     assert domain is not None
-    auto_embedding, _ = engine.encode(image_id, domain)  # the one auto cached
+    auto_embedding, label = engine.encode(image_id, "auto")  # the one auto cached
+    assert label == auto.adapter_version
+    assert engine.encode(image_id, domain)[0] is auto_embedding
     engine.cache.drop_where(lambda key: key[0] == image_id)  # the direct one is computed anew
     direct = engine.segment_many(image_id, [POINT], adapter=domain)[0]
     assert not direct.cache_hit and direct.adapter_version == auto.adapter_version
