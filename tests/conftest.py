@@ -103,3 +103,23 @@ def api(redis_server: RedisServer, start_api: Callable[..., ApiServer]) -> ApiSe
     """The shared server (admin key ADMIN_KEY, uploads up to MAX_UPLOAD_BYTES). Tests that use
     it also take ``redis_client``, which empties its Redis database first."""
     return start_api(redis_server.url)
+
+
+# -- adapter auto --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def domain_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``domain_adapter(domain)``: the directory of that domain's statistics-only tiny-SAM
+    adapter (tests/service/auto_support.py), made once per session."""
+    from tests.service.auto_support import stats_adapter
+
+    root = tmp_path_factory.mktemp("domain-adapters")
+    made: dict[str, Path] = {}
+
+    def get(domain: str) -> Path:
+        if domain not in made:
+            made[domain] = stats_adapter(root / domain, domain)
+        return made[domain]
+
+    return get

@@ -19,7 +19,7 @@ from tests.browser.test_web_page import (
     wait_js,
 )
 from tests.service.api_support import png_bytes
-from tests.service.auto_support import SIZE, domain_image, nowhere, stats_adapter
+from tests.service.auto_support import SIZE, domain_image, nowhere
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,11 @@ DOMAINS = ("polyp", "camo_pattern")
 
 
 @pytest.fixture(scope="module")
-def domains(stack, tmp_path_factory):
+def domains(stack, domain_adapter):
     """Two statistics-only domain adapters in the stack's registry (removed afterwards)."""
-    root = tmp_path_factory.mktemp("page-auto")
     with stack.client() as client:
-        for seed, name in enumerate(DOMAINS, start=1):
-            directory = stats_adapter(root / name, name, seed)
+        for name in DOMAINS:
+            directory = domain_adapter(name)
             files = {field: (file, (directory / file).read_bytes())
                      for field, file in (("adapter_config", "adapter_config.json"),
                                          ("adapter_model", "adapter_model.safetensors"),

@@ -26,7 +26,7 @@ from regcl.routing import DomainRouter
 from service.domain_routing import router_digest
 from tests import databases
 from tests.service.api_support import ADMIN_KEY, ApiServer, assert_problem, make_adapter
-from tests.service.auto_support import domain_image, nowhere, stats_adapter
+from tests.service.auto_support import domain_image, nowhere
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +54,8 @@ def servers(redis_url, start_api, tmp_path_factory) -> tuple[ApiServer, ApiServe
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("auto-adapters")
-    return {name: stats_adapter(root / name, name, seed)
-            for seed, name in enumerate((*DOMAINS, LATE), start=1)}
+def adapter_dirs(domain_adapter) -> dict[str, Path]:
+    return {name: domain_adapter(name) for name in (*DOMAINS, LATE)}
 
 
 @pytest.fixture(scope="module")

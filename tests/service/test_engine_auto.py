@@ -6,8 +6,6 @@ images come from each domain's test split, never from the images behind the stat
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,9 @@ from regcl.models import build_sam
 from regcl.routing import DomainRouter
 from service.domain_routing import DomainRouting, domain_entry, router_digest
 from service.engine import SegmentationEngine
-from tests.service.auto_support import domain_image, nowhere, stats_adapter
+from tests.service.auto_support import domain_image, nowhere
+
+pytestmark = pytest.mark.slow  # about 30 s: statistics of four domains, a dozen encodes
 
 DOMAINS = ("polyp", "shadow", "camo_pattern")
 LATE = "skin"  # registered later
@@ -25,10 +25,8 @@ POINT = {"point_coords": [[100.0, 100.0]], "point_labels": [1]}
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterFiles]:
-    root: Path = tmp_path_factory.mktemp("auto-adapters")
-    return {name: read_adapter(stats_adapter(root / name, name, seed))
-            for seed, name in enumerate((*DOMAINS, LATE), start=1)}
+def adapters(domain_adapter) -> dict[str, AdapterFiles]:
+    return {name: read_adapter(domain_adapter(name)) for name in (*DOMAINS, LATE)}
 
 
 def _entries(adapters: dict[str, AdapterFiles], names: tuple[str, ...]) -> list:
