@@ -36,7 +36,7 @@ def domain_image(domain: str, index: int = 0) -> np.ndarray:
 
 def nowhere(height: int = SIZE, width: int = SIZE) -> np.ndarray:
     """An image of no domain: uniform RGB noise (H x W x 3 uint8). (A uniform mid-grey square
-    is not one: its tokens are all alike and sit close to camo_pattern's mean, novelty 1.4.)"""
+    is not one: its tokens are all alike and sit close to camo_pattern's mean, novelty 1.1.)"""
     return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 

@@ -152,7 +152,7 @@ def test_auto_masks_equal_a_direct_request_with_the_chosen_adapter(stack) -> Non
 def test_new_and_deleted_domains_update_every_router_to_one_built_from_scratch(
         stack, servers, adapter_dirs) -> None:
     a, b, _ = stack
-    image = b.upload_image(domain_image(LATE, 2))
+    image = b.upload_image(domain_image(LATE, 1))
     assert b.segment(image, box=BOX, adapter="auto").route.domain != LATE
     with servers[0].api(ADMIN_KEY) as admin:
         admin.upload_adapter(LATE, adapter_dirs[LATE])

@@ -88,7 +88,7 @@ def test_auto_masks_equal_a_direct_request_bit_for_bit(engine: SegmentationEngin
 
 def test_a_new_domain_updates_the_router_and_its_state_equals_one_built_from_scratch(
         engine: SegmentationEngine, adapters: dict[str, AdapterFiles]) -> None:
-    image = domain_image(LATE, 2)
+    image = domain_image(LATE, 1)
     _, before = _auto(engine, image)
     assert before.route.route.best != LATE
     try:
