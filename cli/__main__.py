@@ -4,4 +4,5 @@ import sys
 
 from cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned worker processes (regcl bench cl --workers) import this
+    sys.exit(main())

@@ -44,34 +44,25 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_cl(args: argparse.Namespace) -> int:
-    import dataclasses
+    from regcl.bench.cl import config_from_options, run_cl_benchmark
+    from regcl.bench.cl_output import write_outputs
 
-    import torch
+    config = config_from_options(
+        quick=args.quick, domains=args.domains, seeds=args.seeds, first_seed=args.first_seed,
+        methods=args.methods, probes=args.probes,
+        sweep=args.sweep, epochs=args.epochs, orders=args.orders,
+        train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
+        checkpoint=args.checkpoint, threads=args.threads, workers=args.workers,
+        default_method=args.default_method, final_only=args.final_only or None,
+        cache_dir=args.cache)
+    if args.route_only:
+        from regcl.bench.cl_route import route_text, run_route_calibration
 
-    from regcl.bench.cl import BenchConfig, markdown_table, run_cl_benchmark
-    from regcl.training.adapter import TrainConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = BenchConfig.quick() if args.quick else BenchConfig()
-    overrides: dict = {}
-    if args.domains:
-        overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
-    for name in ("orders", "train_per_domain", "test_per_domain", "checkpoint"):
-        value = getattr(args, name)
-        if value is not None:
-            overrides[name] = value
-    if args.epochs is not None:
-        overrides["train"] = TrainConfig(epochs=args.epochs)
-    config = dataclasses.replace(config, **overrides)
+        report = run_route_calibration(config)
+        print(write_outputs(report, json_path=args.json, text=route_text))
+        return 0
     report = run_cl_benchmark(config)
-    table = markdown_table(report)
-    print(table)
-    print(f"\n{len(report['orders'])} orders, {len(config.domains)} domains, "
-          f"{report['elapsed_s']:.0f} s on {report['machine']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        logger.info("wrote %s", args.json)
+    print(write_outputs(report, json_path=args.json, figure_path=args.figure))
     return 0
 
 
@@ -90,6 +81,13 @@ def _cmd_bench_merge(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         logger.info("wrote %s", args.json)
+    return 0
+
+
+def _cmd_bench_auto_memory(args: argparse.Namespace) -> int:
+    from cli.auto_memory import run
+
+    print(run(tuple(args.models.split(","))))
     return 0
 
 
@@ -183,15 +181,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     b = bench.add_parser("cl", help="the paper's continual-learning protocol on synthetic domains")
-    b.add_argument("--quick", action="store_true", help="smoke run of about a minute")
-    b.add_argument("--json", help="write the full report (matrices, per-domain scores) here")
-    b.add_argument("--domains", help="comma-separated domain names, in the paper's order")
+    b.add_argument("--quick", action="store_true", help="smoke run of a few minutes")
+    b.add_argument("--json", help="write the full report (every matrix, per-domain scores) here")
+    b.add_argument("--figure", help="write a PNG of AA / FM / gap / routing vs. domains here")
+    b.add_argument("--domains", help="comma-separated domain names in learning order, or 'long' "
+                                     "for the ten-domain sequence")
     b.add_argument("--orders", type=int, help="number of domain orders (default 3)")
+    b.add_argument("--seeds", type=int, help="number of seeds K (default 1)")
+    b.add_argument("--first-seed", type=int, help="seeds are first..first+K-1 (default 0)")
+    b.add_argument("--route-only", action="store_true", help="the router alone (no training): "
+                                                             "accuracy, margins, novelty")
+    b.add_argument("--probes", help="comma-separated domains no adapter learns, routed as "
+                                    "images from nowhere (default: source)")
+    b.add_argument("--methods", nargs="+", help="merge specs, e.g. regcl regcl_product:ridge=1e-6")
+    b.add_argument("--default-method", help="the merge `auto` falls back to (default: "
+                                            "the service's)")
+    b.add_argument("--sweep", action="store_true", help="also score the merge variants "
+                                                        "(ridges, weightings, core space)")
+    b.add_argument("--final-only", action="store_true", help="no orders nor sequential "
+                                                             "fine-tuning: final merges only")
     b.add_argument("--train-per-domain", type=int)
     b.add_argument("--test-per-domain", type=int)
     b.add_argument("--epochs", type=int, help="adapter training epochs (paper: 20)")
     b.add_argument("--checkpoint", help="tiny SAM weights (default: the shipped ones)")
-    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--threads", type=int, help="torch threads per worker (default 1; the "
+                                               "numbers depend on it)")
+    b.add_argument("--workers", type=int, help="worker processes (default 1; the numbers do "
+                                               "not depend on it)")
+    b.add_argument("--cache", help="keep trained adapters in this folder and reuse those of "
+                                   "earlier runs with the same training settings")
     b.set_defaults(func=_cmd_bench_cl)
 
     m = bench.add_parser("merge", help="continual merge time and state size vs. the number of "
@@ -203,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="write the report here")
     m.add_argument("--threads", type=int, default=0)
     m.set_defaults(func=_cmd_bench_merge)
+
+    a = bench.add_parser("auto-memory", help="what adapter auto holds per domain (adapter, "
+                                             "statistics, router) against the merge's one "
+                                             "live adapter, per model shape (no weights)")
+    a.add_argument("--models", default="tiny,vit_b")
+    a.set_defaults(func=_cmd_bench_auto_memory)
 
     s = bench.add_parser("serve", help="the service over HTTP (new images, cached prompts, "
                                        "hot swap, LoRA overhead) against SamPredictor in the "

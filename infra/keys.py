@@ -10,6 +10,7 @@ Layout (types in brackets)::
                                              that worker renews it (a dead worker's job is reaped)
     regcl:lock:reaper              [string]  held by the worker that reaps stale jobs this round
     regcl:adapters                 [hash]    adapter name -> AdapterRecord JSON
+    regcl:adapters:revision        [string]  INCR counter, bumped after each adapter add/delete
     regcl:versions                 [hash]    version number -> VersionRecord JSON
     regcl:versions:counter         [string]  INCR counter; a number is never handed out twice
     regcl:live                     [string]  number of the live (served) version
@@ -27,6 +28,8 @@ Layout (types in brackets)::
     regcl:events:job:<id>          [channel] JSON events of one job (progress, state)
     regcl:events:jobs              [channel] the same events for every job
     regcl:events:live              [channel] {"version": n} each time the live pointer moves
+    regcl:events:adapters          [channel] {"revision": n, "name": ...} after each adapter
+                                             add/delete (the API's domain routers follow it)
     regcl:celery:*                 Celery broker/result keys, if the Celery app passes
                                    CELERY_KEY_PREFIX as ``global_keyprefix`` (see below)
 """
@@ -37,6 +40,7 @@ PREFIX = "regcl:"
 
 JOBS = f"{PREFIX}jobs"
 ADAPTERS = f"{PREFIX}adapters"
+ADAPTERS_REVISION = f"{PREFIX}adapters:revision"
 VERSIONS = f"{PREFIX}versions"
 VERSION_COUNTER = f"{PREFIX}versions:counter"
 LIVE = f"{PREFIX}live"
@@ -49,6 +53,7 @@ SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
 LIVE_CHANNEL = f"{PREFIX}events:live"
+ADAPTERS_CHANNEL = f"{PREFIX}events:adapters"
 
 # For the Celery app: broker_transport_options={"global_keyprefix": CELERY_KEY_PREFIX} (and the
 # same in result_backend_transport_options) keeps kombu's keys inside regcl's namespace too.

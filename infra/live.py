@@ -6,6 +6,10 @@ key is also re-read after every (re)connection and every ``resync_interval_s``, 
 changes published while the connection was down. A version whose callback raised (its files
 could not be fetched, say) is not taken as delivered: the callback runs again at each resync
 until it succeeds.
+
+The same listener follows the adapters' revision counter (``channel`` and ``read`` given:
+``regcl:events:adapters`` and :func:`read_adapters_revision`), so the API's domain routers
+learn of a new or deleted adapter the way they learn of a hot swap.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import redis
 
 from infra import keys
 
-__all__ = ["LiveSubscription", "read_live"]
+__all__ = ["LiveSubscription", "read_adapters_revision", "read_live"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +35,28 @@ def read_live(client: redis.Redis) -> int | None:
     return None if value is None else int(value)
 
 
+def read_adapters_revision(client: redis.Redis) -> int:
+    """The adapters' revision counter (0 before the first adapter was added or deleted)."""
+    value = client.get(keys.ADAPTERS_REVISION)
+    return 0 if value is None else int(value)
+
+
 class LiveSubscription:
     """Calls ``callback(version)`` on a daemon thread each time the live version changes.
 
     ``deliver_current``: also call it once at start with the current live version (if any).
-    Callback errors are logged and do not stop the listener. Call :meth:`stop` to end it.
+    ``channel`` and ``read``: another counter to follow the same way (default: the live
+    pointer). Callback errors are logged and do not stop the listener. Call :meth:`stop` to
+    end it.
     """
 
     def __init__(self, client: redis.Redis, callback: Callable[[int], None], *,
                  deliver_current: bool = True, resync_interval_s: float = 5.0,
-                 reconnect_delay_s: float = 0.5) -> None:
+                 reconnect_delay_s: float = 0.5, channel: str = keys.LIVE_CHANNEL,
+                 read: Callable[[redis.Redis], int | None] = read_live) -> None:
         self._redis = client
+        self._channel = channel
+        self._read = read
         self._callback = callback
         self._deliver_current = deliver_current
         self._resync_interval_s = resync_interval_s
@@ -52,7 +67,7 @@ class LiveSubscription:
         self._last: int | None = None
         self._failed: int | None = None  # a version whose callback failed (retried)
         self._baseline_taken = False
-        self._thread = threading.Thread(target=self._run, name="regcl-live-listener",
+        self._thread = threading.Thread(target=self._run, name=f"regcl-listener-{channel}",
                                         daemon=True)
 
     def start(self) -> LiveSubscription:
@@ -85,7 +100,7 @@ class LiveSubscription:
         self._reconnected.set()
 
     def _resync(self) -> None:
-        version = read_live(self._redis)
+        version = self._read(self._redis)
         if not self._baseline_taken:
             self._baseline_taken = True
             if not self._deliver_current:
@@ -107,7 +122,7 @@ class LiveSubscription:
         while not self._stop.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(keys.LIVE_CHANNEL)
+                pubsub.subscribe(self._channel)
                 # redis-py may reconnect (and resubscribe) inside get_message without telling
                 # us; whatever was published meanwhile is lost, so re-read the key after it.
                 pubsub.connection.register_connect_callback(self._on_reconnect)

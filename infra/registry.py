@@ -37,7 +37,7 @@ from infra import keys
 from infra.artifacts import ArtifactStore, files_of
 from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFound
 from infra.heartbeat import lock_heartbeat
-from infra.live import LiveSubscription, read_live
+from infra.live import LiveSubscription, read_adapters_revision, read_live
 from infra.named_artifacts import NamedArtifacts, fetch_artifact
 from regcl.adapters.layout import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIGHTS_FILE
 
@@ -145,10 +145,12 @@ class Registry:
         validate_adapter_name(name)
         files = _adapter_files(local_dir)
         meta = _json_object(metadata, "adapter metadata")
-        return self._adapters.add(name, files, lambda info: AdapterRecord(
+        record = self._adapters.add(name, files, lambda info: AdapterRecord(
             name=name, artifact_key=info.key, sha256=info.sha256, size_bytes=info.size_bytes,
             files=tuple(sorted(info.files)), has_stats=STATS_FILE in info.files,
             metadata=meta, created_at=datetime.now(UTC)))
+        self._adapters_changed(name)
+        return record
 
     def get_adapter(self, name: str) -> AdapterRecord:
         """The adapter's record; NotFound if there is none."""
@@ -162,11 +164,33 @@ class Registry:
         """Remove the adapter (index first, then files). Versions merged from it keep their
         own copies and are untouched. NotFound if there is none."""
         self._adapters.delete(name)
+        self._adapters_changed(name)
 
     def fetch_adapter(self, name: str, cache_dir: str | os.PathLike[str]) -> Path:
         """A local copy of the adapter directory under ``cache_dir`` (downloaded once per
         content digest, files checked). Treat it as read-only."""
         return self._adapters.fetch(name, cache_dir)
+
+    def _adapters_changed(self, name: str) -> None:
+        """Bump the adapters' revision and tell the followers (after the change, so a follower
+        woken by it lists the new state)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.incr(keys.ADAPTERS_REVISION)
+        pipe.publish(keys.ADAPTERS_CHANNEL, json.dumps({"name": name}))
+        pipe.execute()
+
+    def adapters_revision(self) -> int:
+        """The adapters' revision counter: it grows with every add and delete."""
+        return read_adapters_revision(self._redis)
+
+    def subscribe_adapters(self, callback: Callable[[int], None], *,
+                           resync_interval_s: float = 5.0) -> LiveSubscription:
+        """Start a listener thread calling ``callback(revision)`` once at start and after
+        each adapter add or delete (:class:`~infra.live.LiveSubscription` on the adapters'
+        channel); ``.stop()`` it when done."""
+        return LiveSubscription(self._redis, callback, resync_interval_s=resync_interval_s,
+                                channel=keys.ADAPTERS_CHANNEL,
+                                read=read_adapters_revision).start()
 
     # -- merged versions -----------------------------------------------------------------------
 

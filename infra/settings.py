@@ -21,6 +21,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from infra.http_origin import parse_origin
+from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
 
 __all__ = ["MIB", "ModelName", "Settings", "get_settings"]
 
@@ -129,6 +130,16 @@ class Settings(BaseSettings):
     max_domain_adapters: int = Field(
         default=8, ge=1, le=1024, description="Domain adapters kept loaded for serving; a "
         "request naming another one unloads the least recently used one no request is using.",
+    )
+    route_min_margin: float = Field(
+        default=DEFAULT_MIN_MARGIN, ge=0, allow_inf_nan=False, description="adapter auto: "
+        "the least lead (nats per token and feature) of the best domain over the runner-up "
+        "for its adapter to serve the image; else the live merged adapter serves it.",
+    )
+    route_max_novelty: float = Field(
+        default=DEFAULT_MAX_NOVELTY, gt=0, allow_inf_nan=False, description="adapter auto: "
+        "the largest novelty (mean squared Mahalanobis distance per feature, about 1 in "
+        "domain) under the best domain for its adapter to serve the image.",
     )
     serve_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "

@@ -1,8 +1,8 @@
 """regcl: continual adaptation of Segment Anything with LoRA adapters merged by RegMean.
 
 The library imports nothing heavy at package import; import the submodules you need
-(``regcl.models``, ``regcl.merging``, ``regcl.adapters``, ``regcl.data``, ...), and
-``regcl.client`` for the service's HTTP client.
+(``regcl.models``, ``regcl.merging``, ``regcl.routing``, ``regcl.adapters``, ``regcl.data``,
+...), and ``regcl.client`` for the service's HTTP client.
 """
 
 from regcl.errors import (
@@ -14,6 +14,7 @@ from regcl.errors import (
     DataError,
     MergeError,
     RegclError,
+    RoutingError,
     StatsError,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "DataError",
     "MergeError",
     "RegclError",
+    "RoutingError",
     "StatsError",
     "__version__",
 ]

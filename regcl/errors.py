@@ -41,3 +41,8 @@ class DataError(RegclError, ValueError):
 
 class CancelledError(RegclError):
     """Long work (training, merging) was stopped on request (cooperative cancellation)."""
+
+
+class RoutingError(RegclError, ValueError):
+    """A domain router cannot be built or used: statistics of the wrong size, an unknown
+    domain, tokens that do not fit its feature dimension."""

@@ -1,6 +1,6 @@
 """The regcl service: segmentation serving (engine, caches, masks) under the HTTP layer."""
 
-from service.adapter_table import BASE, LIVE
+from service.adapter_table import AUTO, BASE, LIVE
 from service.cache import ByteLRU, CacheStats, EmbeddingCache, EncodedImage
 from service.decoding import SegmentResult
 from service.engine import SegmentationEngine
@@ -10,6 +10,7 @@ from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle, rle_to
 from service.slots import AdapterSlot
 
 __all__ = [
+    "AUTO",
     "BASE",
     "LIVE",
     "AdapterSlot",

@@ -55,7 +55,7 @@ from service.engine_stats import SwapLog, SwapResult
 from service.errors import AdapterRejectedError, InvalidAdapterNameError, UnknownAdapterError
 from service.slots import AdapterSlot, add_slot, check_adapter_files, remove_slot
 
-__all__ = ["BASE", "DEFAULT_MAX_DOMAINS", "LIVE", "AdapterTable", "DomainSource", "Target",
+__all__ = ["AUTO", "BASE", "DEFAULT_MAX_DOMAINS", "LIVE", "AdapterTable", "DomainSource", "Target",
            "slot_key", "slot_label"]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ BASE = "base"
 """Adapter name (and version label) of the model without any adapter."""
 LIVE = "live"
 """Adapter name of the current merged adapter; its label is ``live:<version>``."""
+AUTO = "auto"
+"""Adapter name of a request that lets the domain router choose (a domain, else ``live``;
+:mod:`service.domain_routing`)."""
 DEFAULT_MAX_DOMAINS = 8
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -293,7 +296,8 @@ class AdapterTable:
         """Serve ``files`` as domain adapter ``name`` (replacing a loaded one of that name),
         pinned once if ``pinned``. Unloads the least recently used unused domains beyond
         ``max_domains``."""
-        if not isinstance(name, str) or name in (BASE, LIVE) or not DOMAIN_NAME.fullmatch(name):
+        if not isinstance(name, str) or name in (BASE, LIVE, AUTO) \
+                or not DOMAIN_NAME.fullmatch(name):
             raise InvalidAdapterNameError(f"invalid domain adapter name {name!r}")
         if self.max_domains == 0:
             raise ConfigError("this engine serves no domain adapters (max_domains=0)")

@@ -33,6 +33,7 @@ from service.routers import (
     images,
     jobs,
     labelstudio,
+    routing,
     segment,
     versions,
 )
@@ -81,6 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await run_in_threadpool(_serve_live_version, runtime)
         runtime.live.start()
+        runtime.router.start(runtime.live)  # its first sync runs on its listener thread
         app.state.runtime = runtime
         logger.info("regcl API ready (model %s)", settings.model)
         yield
@@ -104,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=request_body_limit(settings))
     app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
-    for module in (health, images, segment, adapters, datasets, jobs, versions, labelstudio):
+    for module in (health, images, segment, routing, adapters, datasets, jobs, versions,
+                   labelstudio):
         app.include_router(module.router)
     install_ui(app)  # the web page at / (service/static)
     install_openapi(app, settings)  # the document states what the server does

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from service.batching import Batcher, Pending
 from service.cache import EncodedImage
 from service.prompts import Prompt
 
+if TYPE_CHECKING:
+    from service.domain_routing import AutoRoute
+
 __all__ = ["DecodeJob", "PromptDecoder", "SegmentResult", "decode_rows"]
 
 
@@ -35,7 +39,8 @@ class SegmentResult:
     masks: N x H x W bool at the image's size (N = 3 with multimask, else 1). scores: N float32
     predicted IoU. low_res_logits: N x h x w float32 (h = w = 4 x the embedding size; 256 for
     SAM), to pass back as ``mask_input``. adapter_version: the label of the adapter whose
-    embedding was used (``base``, ``live:3``, ``domain:polyp``).
+    embedding was used (``base``, ``live:3``, ``domain:polyp``). route: for ``adapter:
+    "auto"``, what the domain router decided (:class:`~service.domain_routing.AutoRoute`).
     """
 
     masks: np.ndarray
@@ -44,6 +49,7 @@ class SegmentResult:
     adapter_version: str
     image_id: str
     cache_hit: bool
+    route: AutoRoute | None = None
 
 
 @dataclass(frozen=True)

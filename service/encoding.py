@@ -11,6 +11,12 @@ the encoder), then waits for the batcher thread, which collects up to ``max_batc
 (or ``max_wait_ms``) and runs one encoder forward per adapter among them. Embeddings are
 cached under the adapter slot's unique key, so a hot swap makes the old version's
 embeddings unreachable by construction.
+
+For ``adapter: "auto"`` (:mod:`service.domain_routing`) the encode is split: :meth:`prefix`
+runs the blocks before the first adapted one (no adapter folded there), the router reads those
+tokens, and the request's encode job then carries them, so its batch finishes the encoder from
+them with the chosen adapter instead of starting again from the pixels. That embedding is
+cached under the chosen slot's key like any other (one entry per image and adapter).
 """
 
 from __future__ import annotations
@@ -45,6 +51,22 @@ class _EncodeJob:
     image_id: str
     target: Target  # LIVE is resolved when the batch runs
     prepared: _Prepared
+    tokens: torch.Tensor | None = None  # 1 x h x w x C entering block `block`, or None
+    block: int = 0
+    prefix_only: bool = False  # return the tokens entering `block`, not an embedding
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` (each 1 x ...) joined along dim 0 in the memory layout of the first.
+
+    The encoder's tokens are a permuted view (B x h x w x C over B x C x h x w memory), and
+    the blocks compute (bit for bit) differently on a contiguous copy; joined this way the
+    tail sees the layout a whole forward would have given it.
+    """
+    first = parts[0]
+    order = sorted(range(first.dim()), key=lambda d: (-first.stride(d), d))
+    inverse = [order.index(d) for d in range(first.dim())]
+    return torch.cat([p.permute(order) for p in parts], dim=order.index(0)).permute(inverse)
 
 
 class ImageEncoding:
@@ -75,16 +97,30 @@ class ImageEncoding:
     def _slot(self, target: Target) -> AdapterSlot | None:
         return self._table.resolve(target) if isinstance(target, str) else target
 
-    def encode(self, image_id: str, target: Target) -> tuple[EncodedImage, bool]:
+    def encode(self, image_id: str, target: Target, tokens: torch.Tensor | None = None,
+               block: int = 0) -> tuple[EncodedImage, bool]:
         """Image ``image_id``'s embedding under ``target`` and whether it was cached (or made
-        by another request of the same batch). Raises ImageNotFoundError."""
+        by another request of the same batch). ``tokens``: the image's tokens entering
+        ``block`` (:meth:`prefix`), to finish from when the adapter leaves the blocks before
+        it alone. Raises ImageNotFoundError."""
         if not isinstance(image_id, str):
             raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
         cached = self._cache.get((image_id, slot_key(self._slot(target))))
         if cached is not None:
             return cached, True
         prepared = self._prepare(self._images.get(image_id))  # no lock needed for this
-        return self._batcher.run(_EncodeJob(image_id, target, prepared))
+        return self._batcher.run(_EncodeJob(image_id, target, prepared, tokens, block))
+
+    def prefix(self, image_id: str, block: int) -> torch.Tensor:
+        """The image's tokens entering encoder ``block`` (1 x h x w x C, the encoder's dtype),
+        computed with no adapter folded into the blocks before it. Raises
+        ImageNotFoundError."""
+        if not isinstance(image_id, str):
+            raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
+        prepared = self._prepare(self._images.get(image_id))
+        tokens, _ = self._batcher.run(_EncodeJob(image_id, None, prepared, None, block,
+                                                 prefix_only=True))
+        return tokens
 
     def _prepare(self, image: np.ndarray) -> _Prepared:
         """SamPredictor.set_image up to the encoder: resize the long side, normalise, pad."""
@@ -102,9 +138,12 @@ class ImageEncoding:
         """The batcher thread: one encoder forward per adapter among ``batch`` (each image
         once), under the model lock; settles every future with (embedding, cache_hit)."""
         with self._table.lock.after_writers():
+            self._run_prefixes([p for p in batch if p.item.prefix_only])
             groups: dict[str, tuple[AdapterSlot | None, dict[str, list[Pending]]]] = {}
             for pending in batch:
                 job = pending.item
+                if job.prefix_only:
+                    continue
                 try:  # live is resolved now: a swap may have happened since the request
                     slot = self._slot(job.target)
                 except Exception as exc:
@@ -120,9 +159,7 @@ class ImageEncoding:
             for key, (slot, by_image) in groups.items():
                 try:
                     self._fold(slot)
-                    pixels = torch.cat([waiting[0].item.prepared.pixels
-                                        for waiting in by_image.values()])
-                    features = self.encoder(pixels)
+                    features = self._forward([waiting[0].item for waiting in by_image.values()])
                 except Exception as exc:
                     for waiting in by_image.values():
                         for pending in waiting:
@@ -139,6 +176,36 @@ class ImageEncoding:
                     self.encodes += 1
                     for position, pending in enumerate(waiting):
                         pending.future.set_result((encoded, position > 0))
+
+    def _run_prefixes(self, batch: list[Pending[_EncodeJob]]) -> None:
+        """Tokens entering each job's block, one prefix forward per block among ``batch``;
+        the blocks before it are first restored to base if an adapter is folded there. Caller
+        holds the model lock."""
+        by_block: dict[int, list[Pending[_EncodeJob]]] = {}
+        for pending in batch:
+            by_block.setdefault(pending.item.block, []).append(pending)
+        for block, waiting in by_block.items():
+            try:
+                if self.encoder.folds_before(block):
+                    self._fold(None)
+                tokens = self.encoder.prefix(torch.cat([p.item.prepared.pixels
+                                                        for p in waiting]), block)
+            except Exception as exc:
+                for pending in waiting:
+                    pending.future.set_exception(exc)
+                continue
+            for index, pending in enumerate(waiting):
+                pending.future.set_result((tokens[index : index + 1].clone(), False))
+
+    def _forward(self, jobs: list[_EncodeJob]) -> torch.Tensor:
+        """Embeddings B x C x h x w of ``jobs`` (one per image) with what is folded now: from
+        their tokens when every job carries them for one block and nothing is folded before
+        it, else from the pixels."""
+        blocks = {job.block for job in jobs if job.tokens is not None}
+        if len(blocks) == 1 and all(job.tokens is not None for job in jobs) \
+                and not self.encoder.folds_before(blocks.pop()):
+            return self.encoder.suffix(_join([job.tokens for job in jobs]), jobs[0].block)
+        return self.encoder(torch.cat([job.prepared.pixels for job in jobs]))
 
     def _fold(self, slot: AdapterSlot | None) -> None:
         """Fold ``slot``'s adapter (None: none) into the encoder's weights. Slot keys are

@@ -12,6 +12,15 @@ A thin façade over one room per concern, which the routes and tests call:
 - :mod:`service.decoding`: the one decode path; every prompt of every route goes through
   its decoder thread, in one mask-decoder call per prompt form.
 - :mod:`service.engine_stats`: swap records and the counters' snapshot for metrics.
+- :mod:`service.domain_routing`: ``adapter: "auto"``, the router over the registered domain
+  adapters' statistics (kept in step with the registry by
+  :class:`service.live_swap.RouterFollower`).
+
+``auto``: the encoder runs up to the router's block once (no adapter there), the router picks
+a domain from those tokens (or none: not confident, or unlike every domain), and the encode is
+finished from the same tokens with the chosen domain's adapter, else with ``live``. The
+embedding is cached as that adapter's, so a later request naming it directly gets the same
+one; each image's route is remembered until the router changes.
 
 Hot swap: :meth:`SegmentationEngine.load_live` checks the new adapter, loads it into a new
 slot and moves the live pointer under the model lock, then deletes the old slot. Embeddings
@@ -21,6 +30,7 @@ and reports the version it used; the next encode of ``live`` uses the new one; n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +41,7 @@ from regcl.adapters import AdapterFiles
 from regcl.data.images import DEFAULT_MAX_PIXELS
 from regcl.errors import ConfigError
 from regcl.models.serving import ServingEncoder
+from regcl.routing import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN, first_layer_moments
 from service.adapter_table import (
     BASE,
     DEFAULT_MAX_DOMAINS,
@@ -41,15 +52,17 @@ from service.adapter_table import (
 from service.batching import BatchStats
 from service.cache import EmbeddingCache, EncodedImage
 from service.decoding import DecodeJob, PromptDecoder, SegmentResult
+from service.domain_routing import AUTO, AutoRoute, DomainRouting
 from service.encoding import ImageEncoding
 from service.engine_stats import EngineStats, SwapResult
+from service.errors import UnknownAdapterError
 from service.image_store import DEFAULT_IMAGE_STORE_BYTES, ImageStore, image_id_of
 from service.options import ServingOptions, encoder_buckets
 from service.prompts import DEFAULT_MAX_POINTS, Prompt, check_bounds, check_prompt
 from service.slots import AdapterSlot
 
-__all__ = ["BASE", "LIVE", "EngineStats", "SegmentResult", "SegmentationEngine", "ServingOptions",
-           "SwapResult", "image_id_of"]
+__all__ = ["AUTO", "BASE", "LIVE", "EngineStats", "SegmentResult", "SegmentationEngine",
+           "ServingOptions", "SwapResult", "image_id_of"]
 
 
 class SegmentationEngine:
@@ -69,6 +82,8 @@ class SegmentationEngine:
             batches of 8).
         domain_source: where a domain adapter named by a request but not loaded comes from
             (the server's registry); None: only :meth:`load_domain` loads them.
+        route_min_margin, route_max_novelty: when ``auto`` takes the router's best domain
+            (:class:`~service.domain_routing.DomainRouting`); else it falls back to ``live``.
     """
 
     def __init__(self, sam: Sam, cache_bytes: int, *,
@@ -76,7 +91,9 @@ class SegmentationEngine:
                  max_domains: int = DEFAULT_MAX_DOMAINS,
                  max_points: int = DEFAULT_MAX_POINTS,
                  options: ServingOptions | None = None,
-                 domain_source: DomainSource | None = None) -> None:
+                 domain_source: DomainSource | None = None,
+                 route_min_margin: float = DEFAULT_MIN_MARGIN,
+                 route_max_novelty: float = DEFAULT_MAX_NOVELTY) -> None:
         if not isinstance(sam, Sam):
             raise ConfigError(f"expected an unwrapped segment_anything Sam, got "
                               f"{type(sam).__name__}")
@@ -100,6 +117,9 @@ class SegmentationEngine:
         self._encoding = ImageEncoding(encoder, self.slots, self.cache, self.images,
                                        self.options)
         self._decoder = PromptDecoder(self.slots.sam, self.options.max_decode_batch)
+        self.routing = DomainRouting(encoder.module.blocks[0].attn.qkv.in_features,
+                                     min_margin=route_min_margin,
+                                     max_novelty=route_max_novelty)
         self._mask_input_size = tuple(self.slots.sam.prompt_encoder.mask_input_size)
 
     def close(self) -> None:
@@ -127,13 +147,17 @@ class SegmentationEngine:
     def forget_image(self, image_id: str) -> bool:
         """Drop an image and all its embeddings; returns whether anything was stored."""
         dropped = self.cache.drop_where(lambda key: key[0] == image_id)
+        self.routing.forget_image(image_id)
         return self.images.pop(image_id) or dropped > 0
 
     # ----------------------------------------------------------------------------- inference
     def encode(self, image_id: str, adapter: str = LIVE) -> tuple[EncodedImage, str]:
-        """The image's embedding under ``adapter`` (``base``, ``live`` or a domain), from the
-        cache or computed as ``SamPredictor.set_image`` does. Returns it and the adapter
-        version label that made it."""
+        """The image's embedding under ``adapter`` (``base``, ``live``, ``auto`` or a domain),
+        from the cache or computed as ``SamPredictor.set_image`` does. Returns it and the
+        adapter version label that made it."""
+        if adapter == AUTO:
+            encoded, _, _ = self._encode_auto(image_id)
+            return encoded, encoded.adapter_version
         with self.slots.use(adapter) as target:
             encoded, _ = self._encoding.encode(image_id, target)
         return encoded, encoded.adapter_version
@@ -149,7 +173,8 @@ class SegmentationEngine:
                 an earlier result. At least one of points, box, mask_input.
             multimask: three masks for an ambiguous prompt, else one.
             adapter: ``base``, ``live`` (falls back to base when none is live; the result's
-                ``adapter_version`` then says ``base``) or a domain adapter's name.
+                ``adapter_version`` then says ``base``), ``auto`` (the router chooses; the
+                result's ``route`` says what it chose) or a domain adapter's name.
         Raises:
             UnknownAdapterError, ImageNotFoundError, or a PromptError subclass.
         """
@@ -165,17 +190,61 @@ class SegmentationEngine:
         Each prompt is a mapping with the keywords of :meth:`segment` (``point_coords``,
         ``point_labels``, ``box``, ``mask_input``). Results come back in the prompts' order.
         """
+        if adapter == AUTO:
+            return self._segment_auto(image_id, prompts, multimask)
         with self.slots.use(adapter) as target:  # an unknown adapter fails before any work
-            checked = [self._check_prompt(p.get("point_coords"), p.get("point_labels"),
-                                          p.get("box"), p.get("mask_input")) for p in prompts]
+            checked = self._checked(image_id, prompts)
             if not checked:
                 return []
-            size = self.images.size_of(image_id)
-            if size is not None:  # before paying for an encode
-                for prompt in checked:
-                    check_bounds(prompt, size)
             encoded, hit = self._encoding.encode(image_id, target)
         return self._decode([DecodeJob(encoded, p, bool(multimask), hit) for p in checked])
+
+    def _checked(self, image_id: str, prompts: Sequence[Mapping[str, object]]) -> list[Prompt]:
+        """The prompts checked, and within the image if it is stored (before any encode)."""
+        checked = [self._check_prompt(p.get("point_coords"), p.get("point_labels"),
+                                      p.get("box"), p.get("mask_input")) for p in prompts]
+        size = self.images.size_of(image_id)
+        if size is not None:
+            for prompt in checked:
+                check_bounds(prompt, size)
+        return checked
+
+    def _segment_auto(self, image_id: str, prompts: Sequence[Mapping[str, object]],
+                      multimask: bool) -> list[SegmentResult]:
+        """``adapter: "auto"`` (see the module docstring)."""
+        checked = self._checked(image_id, prompts)
+        if not checked:
+            return []
+        encoded, hit, chosen = self._encode_auto(image_id)
+        results = self._decode([DecodeJob(encoded, p, bool(multimask), hit) for p in checked])
+        return [dataclasses.replace(result, route=chosen) for result in results]
+
+    def _encode_auto(self, image_id: str) -> tuple[EncodedImage, bool, AutoRoute]:
+        """The embedding ``auto`` gives the image, whether it was cached, and the route."""
+        chosen, tokens, block = self.route(image_id)
+        try:
+            with self.slots.use(chosen.adapter) as target:
+                encoded, hit = self._encoding.encode(image_id, target, tokens, block)
+        except UnknownAdapterError:  # deleted since the router was built: the merge serves
+            chosen = AutoRoute(LIVE, chosen.route, None)
+            with self.slots.use(LIVE) as target:
+                encoded, hit = self._encoding.encode(image_id, target, tokens, block)
+        return encoded, hit, chosen
+
+    def route(self, image_id: str) -> tuple[AutoRoute, torch.Tensor | None, int]:
+        """Where ``auto`` sends the image: the choice, the tokens entering the router's block
+        (None when the route was remembered or there is no router) and that block."""
+        state = self.routing.state
+        block = state.block
+        if block is None:
+            return AutoRoute(LIVE, None, None), None, 0
+        known = self.routing.remembered(image_id, state.generation)
+        if known is not None:
+            return known, None, block
+        tokens = self._encoding.prefix(image_id, block)
+        second, first, _ = first_layer_moments(self.serving_encoder.module.blocks[block],
+                                               tokens)
+        return self.routing.decide(image_id, state, second, first), tokens, block
 
     def decode(self, encoded: EncodedImage, point_coords: object = None,
                point_labels: object = None, box: object = None, mask_input: object = None,

@@ -9,6 +9,12 @@ the pointer's current value and a late notification never rolls the engine back.
 
 :class:`DomainAdapters` is where the engine loads a domain adapter from when a request names
 one that is not loaded (never, evicted, or uploaded anew since).
+
+:class:`RouterFollower` keeps the engine's domain router (``adapter: "auto"``) equal to one
+built from scratch over the registry's adapters with statistics: it is triggered by the
+registry's adapters subscription (every replica hears of each add and delete, the way it
+hears of a live swap), by each live notice, and once at startup; each trigger re-lists the
+registry under one lock and rebuilds the router when the set of adapters changed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,15 +32,17 @@ from infra.errors import InvalidName, NotFound
 from infra.live import LiveSubscription
 from infra.registry import Registry
 from regcl.adapters import AdapterFiles, check_weights, read_adapter
-from regcl.errors import AdapterError
+from regcl.adapters.layout import STATS_FILE
+from regcl.errors import AdapterError, RoutingError
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
+from service.domain_routing import DomainEntry, RouterState, read_domain_entry
 from service.engine import SegmentationEngine
 from service.engine_stats import SwapResult
 from service.errors import AdapterRejectedError, UnknownAdapterError
 from service.metrics import Metrics
 from service.slots import check_adapter_files
 
-__all__ = ["DomainAdapters", "LiveFollower", "check_adapter_fits"]
+__all__ = ["DomainAdapters", "LiveFollower", "RouterFollower", "check_adapter_fits"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ class LiveFollower:
         self._lock = threading.Lock()
         self._subscription: LiveSubscription | None = None
         self.last_error: str | None = None
+        self.listeners: list[Callable[[], None]] = []  # called after each live notice
 
     def sync(self) -> SwapResult | None:
         """Load the version the pointer names if it is not served yet; the swap, or None when
@@ -104,8 +114,13 @@ class LiveFollower:
 
     def _on_notice(self, version: int) -> None:
         """Raises when the version could not be served (the previous one stays live); the
-        subscription then tries again at its next resync."""
-        self.sync()
+        subscription then tries again at its next resync. The listeners (the domain router's
+        re-check) run either way."""
+        try:
+            self.sync()
+        finally:
+            for listener in self.listeners:
+                listener()
 
     def start(self) -> None:
         """Follow the pointer from now on (a listener thread that survives Redis restarts)."""
@@ -139,3 +154,61 @@ class DomainAdapters:
     def files(self, name: str) -> AdapterFiles:
         """Adapter ``name``, fetched into the cache and read (the engine checks it)."""
         return read_adapter(self._registry.fetch_adapter(name, self._cache_dir))
+
+
+class RouterFollower:
+    """Keeps the engine's domain router in step with the registry (see the module docstring).
+
+    An adapter whose statistics cannot route (missing, malformed, another layer or width) is
+    listed as skipped with the reason; one that vanished mid-sync is picked up next time. The
+    statistics are read from the local copies of the adapters (fetched once per sha256), only
+    the router's three tensors of each, and kept nowhere but in the router.
+    """
+
+    def __init__(self, engine: SegmentationEngine, registry: Registry, cache_dir: Path) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._signature: object = None  # (name, sha256) of what the served router was built from
+        self._subscription: LiveSubscription | None = None
+
+    def sync(self) -> RouterState:
+        """Re-list the registry and rebuild the router if its adapters changed."""
+        with self._lock:
+            records = sorted((r for r in self._registry.list_adapters() if r.has_stats),
+                             key=lambda r: r.name)
+            signature = [(r.name, r.sha256) for r in records]
+            if signature == self._signature:
+                return self._engine.routing.state
+            entries: list[DomainEntry] = []
+            skipped: dict[str, str] = {}
+            for record in records:
+                try:
+                    path = self._registry.fetch_adapter(record.name, self._cache_dir)
+                    entries.append(read_domain_entry(path / STATS_FILE, record.name,
+                                                     record.sha256))
+                except NotFound:
+                    continue  # deleted meanwhile: its own notice follows
+                except (RoutingError, OSError, ValueError) as exc:
+                    skipped[record.name] = f"its statistics cannot route: {exc}"
+            self._signature = signature
+            return self._engine.routing.replace(entries, skipped)
+
+    def _on_notice(self, _: int = 0) -> None:
+        try:
+            self.sync()
+        except Exception:
+            logger.exception("could not rebuild the domain router; the previous one serves")
+
+    def start(self, live: LiveFollower | None = None) -> None:
+        """Follow the registry's adapters from now on (and each live notice of ``live``)."""
+        if self._subscription is None:
+            self._subscription = self._registry.subscribe_adapters(self._on_notice)
+            if live is not None:
+                live.listeners.append(self._on_notice)
+
+    def stop(self) -> None:
+        if self._subscription is not None:
+            self._subscription.stop()
+            self._subscription = None

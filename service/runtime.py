@@ -32,7 +32,7 @@ from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
 from service.engine import SegmentationEngine
-from service.live_swap import DomainAdapters, LiveFollower
+from service.live_swap import DomainAdapters, LiveFollower, RouterFollower
 from service.metrics import Metrics
 from service.options import ServingOptions
 
@@ -56,6 +56,7 @@ class Runtime:
     celery: Any | None  # celery.Celery; None when the workers package is not installed
     metrics: Metrics
     live: LiveFollower
+    router: RouterFollower
     cache_dir: Path
     upload_dir: Path
 
@@ -86,6 +87,7 @@ class Runtime:
         """Stop following the live pointer and close the sync clients (the async client is
         closed by the lifespan, on the event loop)."""
         self.live.stop()
+        self.router.stop()
         self.engine.close()
         self.redis.close()
 
@@ -136,7 +138,9 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     engine = SegmentationEngine(sam, cache_bytes=settings.embedding_cache_bytes,
                                 max_domains=settings.max_domain_adapters,
                                 options=serving_options(settings),
-                                domain_source=DomainAdapters(platform.registry, cache_dir))
+                                domain_source=DomainAdapters(platform.registry, cache_dir),
+                                route_min_margin=settings.route_min_margin,
+                                route_max_novelty=settings.route_max_novelty)
     fingerprint = engine.base_fingerprint  # hashed now, not while a request waits
     logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
                 settings.device, fingerprint, engine.options)
@@ -147,4 +151,5 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         registry=platform.registry, jobs=platform.jobs, datasets=platform.datasets,
         celery=_make_celery(settings), metrics=metrics,
         live=LiveFollower(engine, platform.registry, cache_dir, metrics),
+        router=RouterFollower(engine, platform.registry, cache_dir),
         cache_dir=cache_dir, upload_dir=settings.data_dir / "tmp" / "uploads")

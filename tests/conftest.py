@@ -143,3 +143,23 @@ def chromium() -> Iterator[object]:
             yield browser
         finally:
             browser.close()
+
+
+# -- adapter auto --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def domain_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``domain_adapter(domain)``: the directory of that domain's statistics-only tiny-SAM
+    adapter (tests/service/auto_support.py), made once per session."""
+    from tests.service.auto_support import stats_adapter
+
+    root = tmp_path_factory.mktemp("domain-adapters")
+    made: dict[str, Path] = {}
+
+    def get(domain: str) -> Path:
+        if domain not in made:
+            made[domain] = stats_adapter(root / domain, domain)
+        return made[domain]
+
+    return get

@@ -111,6 +111,39 @@ def test_gram_statistics_are_the_layer_inputs(images):
     key_b = key.replace("lora_A", "lora_B")
     torch.testing.assert_close(stats[f"{key_b}.gram"].double(), xa.T @ xa / x.shape[0],
                                atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats[f"{key}.mean"].double(), x.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats[f"{key_b}.mean"].double(), xa.mean(0), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_statistics_without_the_mean_still_load(tmp_path, images):
+    """``.mean`` came later: statistics written before it stay valid; a bad one is refused."""
+    model = attach_lora(fresh_tiny(), AdapterConfig(rank=4))
+    stats = collect_gram_stats(model, images=images)
+    old = {k: v for k, v in stats.items() if not k.endswith(".mean")}
+    assert len(old) < len(stats)
+    save_adapter(model, tmp_path / "old", stats=old)
+    assert set(read_adapter(tmp_path / "old").stats) == set(old)
+    mean_key = next(k for k in stats if k.endswith(".mean"))
+    with pytest.raises(StatsError, match="mean"):
+        save_adapter(model, tmp_path / "bad", stats={**stats, mean_key: stats[mean_key][:-1]})
+
+
+def test_seeded_init_is_peft_init_from_a_generator():
+    """Same seed, same weights in any process state; lora_B zero; lora_A PEFT's Kaiming bound."""
+    torch.manual_seed(123)
+    first = adapter_weights(attach_lora(fresh_tiny(), AdapterConfig(rank=4), seed=7))
+    torch.manual_seed(456)
+    again = adapter_weights(attach_lora(fresh_tiny(), AdapterConfig(rank=4), seed=7))
+    other = adapter_weights(attach_lora(fresh_tiny(), AdapterConfig(rank=4), seed=8))
+    for key, value in first.items():
+        assert torch.equal(value, again[key])
+        if ".lora_B." in key:
+            assert not value.any()
+        else:
+            bound = 1 / value.shape[1] ** 0.5  # kaiming_uniform_ with a=sqrt(5): 1/sqrt(fan_in)
+            assert value.abs().max() <= bound and value.std() > bound / 3
+            assert not torch.equal(value, other[key])
 
 
 def test_stats_saved_and_checked(tmp_path, images):

@@ -50,3 +50,13 @@ def test_cli_prints_the_table(capsys):
                  "--domains", "1,2"]) == 0
     out = capsys.readouterr().out
     assert out.count("| tiny | regcl |") == 2
+
+
+def test_methods_without_a_state_keep_every_adapter():
+    """core_space has no streaming state: what it keeps grows linearly with the domains."""
+    report = run_merge_benchmark(models=("tiny",), domains=(1, 2, 4), methods=("core_space",))
+    rows = report["rows"]
+    assert [r["domains"] for r in rows] == [1, 2, 4]
+    assert rows[1]["state_bytes"] == 2 * rows[0]["state_bytes"]
+    assert rows[2]["state_bytes"] == 4 * rows[0]["state_bytes"]
+    assert all(r["solve_ms"] > 0 and r["fold_ms"] == 0 for r in rows)

@@ -62,3 +62,26 @@ def test_the_job_parameters_offer_exactly_the_streaming_methods() -> None:
         else:
             with pytest.raises(ConfigError, match="method"):
                 job_params.validate(job_params.MergeJobParams, body, "merge job")
+
+
+def test_named_options_are_checked_by_the_library_and_the_job_parameters() -> None:
+    """A :func:`chosen` parameter (RegMean's Gram weighting, Core Space's inner merge) takes
+    exactly its options, in the library and in the published job parameters alike."""
+    from regcl.merging import GRAM_WEIGHTINGS, make_params
+
+    schema = job_params.METHOD_PARAMS["regcl_product"].model_json_schema()
+    assert schema["properties"]["weighting"]["enum"] == list(GRAM_WEIGHTINGS)
+    for weighting in GRAM_WEIGHTINGS:
+        assert make_params("regcl", weighting=weighting).weighting == weighting
+        job = job_params.validate(job_params.MergeJobParams, {
+            "adapters": ["a"], "method": "regcl", "params": {"weighting": weighting}}, "job")
+        assert job.method_params()["weighting"] == weighting
+    for bad in ("Domain", "", 1.0, None):
+        with pytest.raises(ConfigError, match="weighting"):
+            make_params("regcl", weighting=bad)
+        with pytest.raises(ConfigError, match="weighting"):
+            job_params.validate(job_params.MergeJobParams, {
+                "adapters": ["a"], "method": "regcl", "params": {"weighting": bad}}, "job")
+    assert make_params("core_space", inner="iso").inner == "iso"
+    with pytest.raises(ConfigError, match="inner"):
+        make_params("core_space", inner="regcl")

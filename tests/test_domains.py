@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regcl.data import domains
+from regcl.data import domains, shifts
 from regcl.data.domains import (
     DOMAINS,
+    LONG_ORDER,
     PAPER_ORDER,
+    SHIFTED_ORDER,
     SOURCE,
     SyntheticDataset,
     domain_split,
@@ -41,7 +43,7 @@ def _local_contrast(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry() -> None:
-    assert tuple(DOMAINS) == PAPER_ORDER
+    assert tuple(DOMAINS) == LONG_ORDER == PAPER_ORDER + SHIFTED_ORDER
     assert "source" not in DOMAINS
     assert get_domain("source") is SOURCE
     for name, spec in DOMAINS.items():
@@ -149,3 +151,40 @@ def test_preview_grid_draws_outlines() -> None:
 def test_every_generator_is_importable_by_name() -> None:
     for name in PAPER_ORDER:
         assert getattr(domains, name) is DOMAINS[name].generate
+
+
+@pytest.mark.parametrize(("family", "look"), [
+    ("polyp", shifts.nbi), ("camo", shifts.night), ("shadow", shifts.aerial),
+    ("skin", shifts.uv), ("camo_pattern", shifts.thermal)])
+def test_a_shifted_twin_is_its_family_seen_through_a_look(family: str, look) -> None:
+    """Same generator seed: the twin's masks are the family's, its images the family's images
+    through the look (drawn after the scene), rounded integers in [0, 255]."""
+    twin = shifts.shifted(DOMAINS[family].generate, look)
+    images, masks = DOMAINS[family].generate(torch.Generator().manual_seed(3), 4, SIZE)
+    gen = torch.Generator().manual_seed(3)
+    twin_images, twin_masks = twin(gen, 4, SIZE)
+    assert torch.equal(twin_masks, masks)
+    assert torch.equal(twin_images, twin_images.round())
+    assert twin_images.min() >= 0 and twin_images.max() <= 255
+    assert (twin_images - images).abs().mean() > 20  # a real shift, not a tweak
+
+
+def test_shifted_twins_break_their_familys_cue() -> None:
+    """Lesions turn bright (uv), polyps lose their redness (nbi), shadows their blue tint
+    (aerial), night scenes are dark, thermal images are grey."""
+    def chunk(name):
+        return domain_split(name, "train", 32, SIZE)
+
+    def redness(images, masks):
+        m = masks.unsqueeze(1).float()
+        inside = (images * m).sum((2, 3)) / m.sum((2, 3))
+        return inside[:, 0] - inside[:, 1:].mean(1)
+
+    assert (_local_contrast(*chunk("skin")).mean(1) < 0).float().mean() > 0.9
+    assert (_local_contrast(*chunk("skin_uv")).mean(1) > 10).float().mean() > 0.9
+    assert redness(*chunk("polyp")).median() > 30 > redness(*chunk("polyp_nbi")).median()
+    aerial, _ = chunk("shadow_aerial")
+    assert (aerial[:, 2] - aerial[:, 0]).abs().mean() < 15
+    assert chunk("camo_night")[0].mean() < 0.5 * chunk("camo")[0].mean()
+    thermal, _ = chunk("camo_pattern_thermal")
+    assert (thermal[:, 0] - thermal[:, 1]).abs().mean() < 5  # one grey channel, noise aside

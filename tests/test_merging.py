@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging import (
     ContinualMergeState,
     available_methods,
+    gram_scale,
     magmax_merge,
     mean_merge,
     merge_adapters,
@@ -185,8 +188,8 @@ def test_regcl_method_hand_computed() -> None:
 
 
 def test_registry_lists_methods_and_rejects_unknown_names_and_params() -> None:
-    assert set(available_methods()) == {*STREAMING, "ties"}
-    with pytest.raises(ConfigError, match="known methods: magmax, mean, regcl"):
+    assert set(available_methods()) == {*STREAMING, "ties", "core_space"}
+    with pytest.raises(ConfigError, match="known methods: core_space, magmax, mean, regcl"):
         merge_adapters("fisher", [{"w": t([1])}])
     with pytest.raises(ConfigError, match="alpha"):
         merge_adapters("regcl", [{"w": t([1])}], [{}], alpha=1.5)
@@ -296,3 +299,60 @@ def test_failed_fold_leaves_the_state_unchanged() -> None:
         assert after_meta == before_meta
         assert all(torch.equal(after_tensors[k], v) for k, v in before_tensors.items())
     assert state.domains == ("polyp",)
+
+
+# -- Gram weighting and small ridges ----------------------------------------------------------
+
+
+def test_gram_weighting_hand_computed() -> None:
+    # G1 = diag(2, 1) over 10 tokens, G2 = diag(1, 1) over 30; W1 = [[1, 1]], W2 = [[3, 5]].
+    g1, g2 = torch.diag(t([2, 1])), torch.diag(t([1, 1]))
+    w1, w2 = t([[1, 1]]), t([[3, 5]])
+    # domain: column weights 2:1 and 1:1 -> [(2 + 3)/3, (1 + 5)/2]
+    torch.testing.assert_close(regmean_merge([w1, w2], [g1, g2], ridge=0.0), t([[5 / 3, 3]]))
+    # tokens: ×10 and ×30 -> column 0: (20·1 + 30·3)/50, column 1: (10 + 150)/40
+    scales = [gram_scale(g1, 10, "tokens"), gram_scale(g2, 30, "tokens")]
+    assert scales == [10.0, 30.0]
+    torch.testing.assert_close(regmean_merge([w1, w2], [g1, g2], ridge=0.0, scales=scales),
+                               t([[110 / 50, 160 / 40]]))
+    # trace: G1 / 1.5, G2 / 1 -> column 0: (4/3 + 3)/(7/3), column 1: (2/3 + 5)/(5/3)
+    scales = [gram_scale(g1, 10, "trace"), gram_scale(g2, 30, "trace")]
+    torch.testing.assert_close(regmean_merge([w1, w2], [g1, g2], ridge=0.0, scales=scales),
+                               t([[(4 / 3 + 3) / (7 / 3), (2 / 3 + 5) / (5 / 3)]]))
+    with pytest.raises(MergeError, match="weighting"):
+        gram_scale(g1, 10, "nope")
+    with pytest.raises(ConfigError, match="weighting"):
+        merge_adapters("regcl", *zip(random_domain(0)), weighting="nope")
+
+
+@pytest.mark.parametrize("method", ["regcl", "regcl_product"])
+@pytest.mark.parametrize("weighting", ["tokens", "trace"])
+def test_weighted_state_equals_scratch_and_equal_counts_match_domain(method, weighting) -> None:
+    domains = [random_domain(seed) for seed in range(3)]
+    adapters, stats = [a for a, _ in domains], [s for _, s in domains]
+    state = ContinualMergeState(method, weighting=weighting)
+    for i, (adapter, stat) in enumerate(domains):
+        state.fold(adapter, stat, domain=f"d{i}")
+    scratch = merge_adapters(method, adapters, stats, weighting=weighting)
+    assert_adapters_close(state.merged(), scratch)
+    plain = merge_adapters(method, adapters, stats)
+    if weighting == "tokens":  # every domain saw 12 tokens: weighting by count changes nothing
+        assert_adapters_close(scratch, plain, atol=1e-4)
+    else:
+        assert any(not torch.allclose(scratch[k], plain[k]) for k in plain)
+    # A domain with 4x the tokens pulls the token-weighted merge towards itself.
+    heavy = [{k: (v * 4 if k.endswith(".count") else v) for k, v in s.items()} for s in stats]
+    tilted = merge_adapters(method, adapters, [heavy[0], *stats[1:]], weighting="tokens")
+    assert any(not torch.allclose(tilted[k], plain[k], atol=1e-4) for k in plain)
+
+
+def test_small_ridges_approach_the_exact_solve() -> None:
+    """Ridges below 1e-4 move the merge towards the ridge-free RegMean solution."""
+    domains = [random_domain(seed, in_dim=5) for seed in range(3)]
+    adapters, stats = [a for a, _ in domains], [s for _, s in domains]
+    exact = merge_adapters("regcl", adapters, stats, ridge=0.0)
+    gaps = []
+    for ridge in (1e-2, 1e-4, 1e-6, 1e-8, 1e-10):
+        merged = merge_adapters("regcl", adapters, stats, ridge=ridge)
+        gaps.append(max(float((merged[k] - exact[k]).abs().max()) for k in exact))
+    assert all(b <= a for a, b in itertools.pairwise(gaps)) and gaps[-1] < 1e-6 < gaps[0]

@@ -12,6 +12,7 @@ from regcl.training.adapter import (
     TrainConfig,
     encoder_prefix_cache,
     evaluate_prefix,
+    evaluate_prefix_per_image,
     gram_stats_from_prefix,
     train_adapter,
 )
@@ -93,3 +94,25 @@ def test_cached_prefix_paths_equal_the_full_encoder(source_batch):
     sam = m.base_model.model
     assert evaluate_prefix(m, prefix, masks) == pytest.approx(
         evaluate_points(sam, images, masks), abs=1e-4)
+
+
+def test_training_from_the_cached_prefix_alone_is_bit_identical(source_batch):
+    """The benchmark trains from cached prefixes without the images: the same weights, bit for
+    bit, as training from the images; per-image scores average to evaluate_prefix's."""
+    images, masks = source_batch
+    config = TrainConfig(epochs=1, batch_size=4, seed=2)
+    slow = model()
+    train_adapter(slow, images, masks, config)
+    fast = model()
+    prefix = encoder_prefix_cache(fast, images)
+    train_adapter(fast, None, masks, config, prefix=prefix)
+    ws, wf = adapter_weights(slow), adapter_weights(fast)
+    assert all(torch.equal(ws[k], wf[k]) for k in ws)
+    per_image = evaluate_prefix_per_image(fast, prefix, masks, seed=1)
+    assert per_image["iou"].shape == (images.shape[0],)
+    assert {k: float(v.mean()) for k, v in per_image.items()} == evaluate_prefix(
+        fast, prefix, masks, seed=1)
+    with pytest.raises(DataError, match="prefix"):
+        train_adapter(fast, None, masks, config)
+    with pytest.raises(DataError, match="masks must be"):
+        train_adapter(fast, None, masks[:2], config, prefix=prefix)

@@ -31,7 +31,13 @@ from pydantic import (
 from infra.datasets import validate_dataset_name
 from infra.registry import ADAPTER_NAME_SCHEMA, validate_adapter_name
 from regcl.errors import ConfigError
-from regcl.merging.catalogue import CATALOGUE, STREAMING_METHODS, MethodInfo, parameter_bounds
+from regcl.merging.catalogue import (
+    CATALOGUE,
+    STREAMING_METHODS,
+    Choice,
+    MethodInfo,
+    parameter_bounds,
+)
 
 __all__ = [
     "METHOD_PARAMS",
@@ -134,9 +140,13 @@ class TrainParams(BaseModel):
 
 
 def _method_params_model(info: MethodInfo) -> type[BaseModel]:
-    """The pydantic twin of ``info.params_type``: its fields, defaults and bounds."""
+    """The pydantic twin of ``info.params_type``: its fields, defaults and bounds (a
+    :class:`~regcl.merging.catalogue.Choice` becomes a Literal of its options)."""
     fields: dict[str, Any] = {}
     for name, (bound, default, doc) in parameter_bounds(info.params_type).items():
+        if isinstance(bound, Choice):
+            fields[name] = (Literal[bound.options], Field(default, description=doc))
+            continue
         limits: dict[str, float] = {}
         if math.isfinite(bound.low):
             limits["gt" if bound.low_open else "ge"] = bound.low

@@ -8,9 +8,9 @@ _EXPORTS = {
     **dict.fromkeys(("AdapterConfig", "default_blocks"), "config"),
     **dict.fromkeys(("AdapterFiles", "adapter_weights", "attach_lora", "check_stats",
                      "check_weights", "load_adapter", "load_weights_into", "read_adapter",
-                     "save_adapter", "unwrap"), "lora"),
+                     "save_adapter", "seeded_lora_init", "unwrap"), "lora"),
     **dict.fromkeys(("collect_gram_stats", "lora_linears"), "stats"),
-    **dict.fromkeys(("count_key", "gram_key"), "layout"),
+    **dict.fromkeys(("count_key", "gram_key", "mean_key"), "layout"),
 }
 
 __all__ = sorted(_EXPORTS)

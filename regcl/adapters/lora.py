@@ -32,20 +32,44 @@ from regcl.adapters.layout import (
     WEIGHTS_FILE,
     count_key,
     gram_key,
+    mean_key,
 )
 from regcl.errors import AdapterError, CheckpointNotFoundError, StatsError
 
 logger = logging.getLogger(__name__)
 
 
-def attach_lora(sam: Sam, config: AdapterConfig | LoraConfig = AdapterConfig()) -> PeftModel:
+def attach_lora(sam: Sam, config: AdapterConfig | LoraConfig = AdapterConfig(),
+                seed: int | None = None) -> PeftModel:
     """Wrap ``sam`` (in place, as PEFT does) with a fresh, trainable LoRA adapter.
 
-    Only the LoRA weights require grad; the base model stays frozen. Returns the PeftModel.
+    Only the LoRA weights require grad; the base model stays frozen. ``seed``: draw the
+    initial LoRA weights with :func:`seeded_lora_init` (without it PEFT draws them from torch's
+    global generator, whose start differs from process to process). Returns the PeftModel.
     """
     depth = len(sam.image_encoder.blocks)
     peft_config = config.to_peft(depth) if isinstance(config, AdapterConfig) else config
-    return get_peft_model(sam, peft_config)
+    model = get_peft_model(sam, peft_config)
+    if seed is not None:
+        load_weights_into(model, seeded_lora_init(model, seed), f"seeded init {seed}")
+    return model
+
+
+def seeded_lora_init(model: PeftModel, seed: int) -> dict[str, torch.Tensor]:
+    """PEFT's default LoRA initialisation drawn from a generator seeded with ``seed``.
+
+    lora_A: Kaiming-uniform with a = √5 (as PEFT), drawn in sorted key order; lora_B: zeros,
+    so the adapter starts as a no-op. Returns the weights in PEFT's saved naming (CPU, fp32);
+    the same seed gives the same weights in every process.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weights: dict[str, torch.Tensor] = {}
+    for key, value in sorted(get_peft_model_state_dict(model).items()):
+        fresh = torch.zeros(value.shape, dtype=value.dtype)
+        if ".lora_A." in key:
+            torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+        weights[key] = fresh
+    return weights
 
 
 def unwrap(model: PeftModel | Sam) -> Sam:
@@ -137,7 +161,9 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def check_stats(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
                 source: str) -> None:
-    """Statistics must cover every LoRA weight with a finite, square Gram of its input size."""
+    """Statistics must cover every LoRA weight with a finite, square Gram of its input size;
+    an optional ``.mean`` (statistics made before it was added lack it) must be a finite
+    vector of that size."""
     for key, value in weights.items():
         gram, count = stats.get(gram_key(key)), stats.get(count_key(key))
         if gram is None or count is None:
@@ -150,6 +176,11 @@ def check_stats(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
             raise StatsError(f"{source}: {count_key(key)} must be one integer token count")
         if not torch.isfinite(gram).all() or int(count) <= 0:
             raise StatsError(f"{source}: {key} statistics are non-finite or empty")
+        mean = stats.get(mean_key(key))
+        if mean is not None and (tuple(mean.shape) != (n_in,) or not mean.is_floating_point()
+                                 or not torch.isfinite(mean).all()):
+            raise StatsError(f"{source}: {mean_key(key)} must be a finite float vector of size "
+                             f"{n_in}")
 
 
 def load_adapter(sam: Sam, directory: str | Path) -> tuple[PeftModel, AdapterFiles]:

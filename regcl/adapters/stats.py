@@ -3,7 +3,9 @@ domain's data.
 
 For a LoRA layer ``y = W0 x + B A x`` the statistics are, per weight key K (PEFT naming):
 ``K.gram`` = XᵀX / n over all n tokens seen (in x in; X the inputs of that linear: x for
-``lora_A``, A x for ``lora_B``) and ``K.count`` = n (key names: :mod:`regcl.adapters.layout`).
+``lora_A``, A x for ``lora_B``), ``K.count`` = n and ``K.mean`` = the mean input row (in)
+(key names: :mod:`regcl.adapters.layout`). ``K.mean`` was added later (the domain router uses
+it, :mod:`regcl.routing`); statistics without it stay valid, and nothing that merges reads it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from peft import PeftModel
 
-from regcl.adapters.layout import count_key, gram_key
+from regcl.adapters.layout import count_key, gram_key, mean_key
 from regcl.errors import StatsError
 
 
@@ -40,13 +42,15 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
     Either pass ``images`` (N x 3 x S x S float in [0, 255]; the image encoder is run on them
     in batches), or ``run_batches``: a callable that runs the forward passes itself (e.g. on
     cached encoder prefixes) and yields once per batch.
-    Returns the statistics dict (``K.gram`` float32 in x in, ``K.count`` int64 scalar).
+    Returns the statistics dict (``K.gram`` float32 in x in, ``K.count`` int64 scalar,
+    ``K.mean`` float32 in).
     """
     from regcl.models.decoding import preprocess
 
     linears = lora_linears(model)
     sums = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
             for k, m in linears.items()}
+    firsts = {k: torch.zeros(m.in_features, dtype=torch.float64) for k, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
 
     def hook_for(key: str):
@@ -54,7 +58,9 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
             x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
             if sums[key].device != x.device:  # accumulate where the model runs (e.g. CUDA)
                 sums[key] = sums[key].to(x.device)
+                firsts[key] = firsts[key].to(x.device)
             sums[key] += x.T @ x
+            firsts[key] += x.sum(0)
             counts[key] += x.shape[0]
         return hook
 
@@ -81,4 +87,5 @@ def collect_gram_stats(model: PeftModel, run_batches: Callable[[], Iterable[None
             raise StatsError(f"no inputs reached {key}: nothing to compute its Gram from")
         stats[gram_key(key)] = (total / counts[key]).to(device="cpu", dtype=torch.float32)
         stats[count_key(key)] = torch.tensor(counts[key], dtype=torch.int64)
+        stats[mean_key(key)] = (firsts[key] / counts[key]).to(device="cpu", dtype=torch.float32)
     return stats

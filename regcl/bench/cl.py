@@ -1,61 +1,125 @@
-"""``regcl bench cl``: the RegCL paper's continual-learning protocol on the synthetic domains.
+"""``regcl bench cl``: the RegCL paper's continual-learning protocol on the synthetic domains,
+over several seeds, with intervals.
 
-For each domain order: zero-shot base, the individual adapters (upper bound), sequential
-fine-tuning of one adapter, and every merge method folding the per-domain adapters in order.
-Each run yields a continual matrix ``M[i][j]`` (IoU on domain j of the model after step i), from
-which AA, FM and FT follow. Individual adapters do not depend on the order, and every merge
-method is symmetric in its domains, so both are computed once per domain / domain set and reused.
+For each seed and domain order: zero-shot base, the individual adapters (upper bound),
+sequential fine-tuning of one adapter, every merge method folding the per-domain adapters in
+order, and ``auto`` (each test image routed by the data-free router to its domain's individual
+adapter, or to the default merge when the router is not confident). Each run yields a continual
+matrix ``M[i][j]`` (IoU on domain j of the model after step i), from which AA, FM and FT follow.
+Individual adapters do not depend on the order, and every merge method is symmetric in its
+domains, so both are computed once per seed / domain set and reused. A *sweep* scores more merge
+variants on the final step only (all domains merged: no order, so one merge per seed).
+
+The work runs as jobs (:mod:`regcl.bench.cl_worker`) in ``workers`` processes of ``threads``
+torch threads each; a job's result does not depend on the process that ran it, so the numbers
+do not depend on ``workers``. They do depend on ``threads`` (floating-point reductions split
+differently), which the report records.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import multiprocessing
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
-from peft import PeftModel
 
 from regcl.adapters.config import AdapterConfig
-from regcl.adapters.lora import adapter_weights, attach_lora, load_weights_into
-from regcl.data.domains import PAPER_ORDER, domain_split
-from regcl.evaluation.metrics import average_accuracy, forgetting, forward_transfer
-from regcl.merging import STREAMING_METHODS, ContinualMergeState, merge_adapters
-from regcl.models.build import build_sam
-from regcl.training.adapter import (
-    TrainConfig,
-    encoder_prefix_cache,
-    evaluate_prefix,
-    gram_stats_from_prefix,
-    train_adapter,
-)
+from regcl.bench.cl_assemble import assemble_report
+from regcl.bench.cl_report import markdown_table
+from regcl.bench.cl_worker import BenchWorker, execute, init_worker, run_indexed
+from regcl.data.domains import PAPER_ORDER
+from regcl.errors import ConfigError
+from regcl.merging import STREAMING_METHODS, ContinualMergeState, get_merge_method, merge_adapters
+from regcl.routing import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN, DomainRouter
+from regcl.training.adapter import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-MERGE_METHODS_BENCHED = ("regcl", "regcl_product", "mean", "task_arithmetic", "ties", "magmax")
+MERGE_METHODS_BENCHED = ("regcl", "regcl_product", "mean", "task_arithmetic", "ties", "magmax",
+                         "core_space")
+DEFAULT_BENCH_MERGE = "regcl_product"
+"""The service's default merge (workers/params.py), which ``auto`` falls back to."""
+MERGE_SWEEP = (
+    "regcl", "regcl:ridge=1e-06", "regcl:ridge=1e-08", "regcl:ridge=0", "regcl:weighting=trace",
+    "regcl_product", "regcl_product:ridge=1e-05", "regcl_product:ridge=1e-06",
+    "regcl_product:ridge=1e-07", "regcl_product:ridge=1e-08", "regcl_product:ridge=1e-10",
+    "regcl_product:ridge=1e-12", "regcl_product:ridge=0", "regcl_product:weighting=tokens",
+    "regcl_product:weighting=trace", "core_space", "core_space:inner=mean",
+    "core_space:inner=task_arithmetic", "core_space:inner=iso",
+)
+"""Merge variants scored on the final step (``--sweep``): ridges down to the solver's limit,
+Gram weightings, Core Space merging with its inner methods."""
 Weights = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """One benchmark run. Merge methods are *specs*: ``name`` or ``name:key=value,...``
+    (``regcl_product:ridge=1e-06``), each the row ``merge: <spec>``."""
+
     domains: tuple[str, ...] = PAPER_ORDER
     orders: int = 3
+    seeds: tuple[int, ...] = (0,)
     train_per_domain: int = 128
     test_per_domain: int = 64
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: tuple[str, ...] = MERGE_METHODS_BENCHED
-    eval_seed: int = 0
+    default_method: str = DEFAULT_BENCH_MERGE
+    sweep: tuple[str, ...] = ()
+    route_ridge: float = 1e-4
+    route_min_margin: float = DEFAULT_MIN_MARGIN
+    route_max_novelty: float = DEFAULT_MAX_NOVELTY
+    route_probes: tuple[str, ...] = ("source",)
+    final_only: bool = False
+    threads: int = 1
+    workers: int = 1
     checkpoint: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"domains must be distinct and non-empty, got {self.domains}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ConfigError(f"seeds must be distinct and >= 0, got {self.seeds}")
+        if self.threads < 1 or self.workers < 1 or self.orders < 1:
+            raise ConfigError("threads, workers and orders must be >= 1")
+        for spec in (*self.methods, self.default_method, *self.sweep):
+            parse_spec(spec)
+        if self.default_method not in self.methods:
+            raise ConfigError(f"the default merge {self.default_method!r} must be one of the "
+                              f"methods benched ({', '.join(self.methods)})")
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        """A smoke run of about a minute: 3 domains, few images, one epoch."""
+        """A smoke run of a few minutes: 3 domains, few images, two epochs."""
         return cls(domains=PAPER_ORDER[:3], train_per_domain=16, test_per_domain=16,
                    train=TrainConfig(epochs=2))
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> (name, params), numbers as floats (ConfigError)."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"merge spec {spec!r}: expected key=value, got {item!r}")
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            params[key.strip()] = value.strip()
+    get_merge_method(name)  # ConfigError for unknown names
+    from regcl.merging import make_params
+
+    make_params(name, **params)  # ConfigError for bad parameters
+    return name, params
 
 
 def domain_orders(domains: Sequence[str], count: int) -> list[tuple[str, ...]]:
@@ -73,171 +137,212 @@ def domain_orders(domains: Sequence[str], count: int) -> list[tuple[str, ...]]:
     return orders
 
 
-@dataclass
-class DomainData:
-    train_masks: torch.Tensor
-    train_prefix: torch.Tensor
-    test_masks: torch.Tensor
-    test_prefix: torch.Tensor
-    train_images: torch.Tensor
+class JobRunner:
+    """Runs bench jobs in this process (``workers == 1``) or a pool of spawned processes."""
+
+    def __init__(self, config: BenchConfig, say: Callable[[str], None]) -> None:
+        self.config, self.say = config, say
+        self._pool = None
+        self._local: BenchWorker | None = None
+
+    def __enter__(self) -> JobRunner:
+        if self.config.workers > 1:
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(self.config.workers, initializer=init_worker,
+                                      initargs=(self.config,))
+        else:
+            self._local = BenchWorker(self.config)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.join()
+
+    def map(self, jobs: Sequence[tuple], what: str) -> list[Any]:
+        """Results of ``jobs`` in their order; the pool takes them longest-first as given."""
+        t0, results = time.monotonic(), [None] * len(jobs)
+        if self._local is not None:
+            for i, job in enumerate(jobs):
+                results[i] = execute(self._local, job)
+        else:
+            assert self._pool is not None
+            for i, blob in self._pool.imap_unordered(run_indexed, list(enumerate(jobs))):
+                results[i] = torch.load(io.BytesIO(blob), weights_only=True)
+        self.say(f"{what}: {len(jobs)} jobs in {time.monotonic() - t0:.0f} s")
+        return results
 
 
-class ContinualBench:
-    """Holds one PEFT-wrapped tiny SAM and swaps adapter weights in and out of it."""
-
-    def __init__(self, config: BenchConfig, progress: Callable[[str], None] | None = None):
-        self.config = config
-        self.say = progress or (lambda msg: logger.info("%s", msg))
-        self.model: PeftModel = attach_lora(build_sam("tiny", config.checkpoint), config.adapter)
-        self.fresh: Weights = adapter_weights(self.model)
-        self.zero: Weights = {k: torch.zeros_like(v) for k, v in self.fresh.items()}
-        self.data: dict[str, DomainData] = {}
-        self.scores: dict[tuple, dict[str, dict[str, float]]] = {}
-        self.adapters: dict[str, Weights] = {}
-        self.stats: dict[str, Weights] = {}
-
-    def prepare(self) -> None:
-        for name in self.config.domains:
-            tr_img, tr_mask = domain_split(name, "train", self.config.train_per_domain)
-            te_img, te_mask = domain_split(name, "test", self.config.test_per_domain)
-            self.data[name] = DomainData(
-                tr_mask, encoder_prefix_cache(self.model, tr_img), te_mask,
-                encoder_prefix_cache(self.model, te_img), tr_img)
-        self.say(f"prepared {len(self.data)} domains")
-
-    def evaluate(self, key: tuple, weights: Weights) -> dict[str, dict[str, float]]:
-        """Scores of ``weights`` on every domain's test split, cached under ``key``."""
-        if key not in self.scores:
-            load_weights_into(self.model, weights)
-            self.scores[key] = {
-                name: evaluate_prefix(self.model, d.test_prefix, d.test_masks,
-                                      seed=self.config.eval_seed)
-                for name, d in self.data.items()
-            }
-        return self.scores[key]
-
-    def train(self, name: str, start: Weights) -> Weights:
-        load_weights_into(self.model, start)
-        d = self.data[name]
-        t0 = time.monotonic()
-        train_adapter(self.model, d.train_images, d.train_masks, self.config.train,
-                      prefix=d.train_prefix)
-        self.say(f"trained on {name} in {time.monotonic() - t0:.1f}s")
-        return adapter_weights(self.model)
-
-    def individual(self, name: str) -> Weights:
-        if name not in self.adapters:
-            self.adapters[name] = self.train(name, self.fresh)
-            self.stats[name] = gram_stats_from_prefix(self.model, self.data[name].train_prefix)
-        return self.adapters[name]
-
-    def matrix(self, rows: Sequence[dict[str, dict[str, float]]], order: Sequence[str],
-               metric: str = "iou") -> list[list[float]]:
-        return [[row[name][metric] for name in order] for row in rows]
-
-    def sequential_rows(self, order: Sequence[str]) -> list[dict]:
-        rows, weights = [], self.fresh
-        for step, name in enumerate(order):
-            weights = self.individual(name) if step == 0 else self.train(name, weights)
-            rows.append(self.evaluate(("sequential", tuple(order[: step + 1])), weights))
-        return rows
-
-    def merge_rows(self, method: str, order: Sequence[str]) -> list[dict]:
-        rows = []
-        state = ContinualMergeState(method) if method in STREAMING_METHODS else None
-        for step, name in enumerate(order):
-            seen = tuple(order[: step + 1])
-            key = (method, frozenset(seen))
-            if state is not None:
-                # The continual path: fold the new domain's adapter and statistics only.
-                state.fold(self.individual(name), self.stats[name], domain=name)
-                merged = state.merged() if key not in self.scores else None
-            else:
-                merged = merge_adapters(method, [self.individual(n) for n in seen],
-                                        [self.stats[n] for n in seen])
-            rows.append(self.evaluate(key, merged))
-        return rows
-
-
-def summarise(matrices: Sequence[list[list[float]]]) -> dict[str, float]:
-    """Mean and standard deviation over orders of AA, FM and FT."""
-    out: dict[str, float] = {}
-    for label, fn in (("AA", average_accuracy), ("FM", forgetting), ("FT", forward_transfer)):
-        values = [fn(m) for m in matrices]
-        out[label] = statistics.fmean(values)
-        out[f"{label}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return out
+def merge_steps(spec: str, adapters: Sequence[Weights], stats: Sequence[Weights],
+                names: Sequence[str]) -> list[Weights]:
+    """The merge of the first 1..T adapters under ``spec``: folded step by step into a
+    :class:`ContinualMergeState` when the method has one, else merged from scratch each step."""
+    method, params = parse_spec(spec)
+    if method in STREAMING_METHODS:
+        state, out = ContinualMergeState(method, **params), []
+        for adapter, stat, name in zip(adapters, stats, names):
+            state.fold(adapter, stat, domain=name)
+            out.append(state.merged())
+        return out
+    return [merge_adapters(method, adapters[: t + 1], stats[: t + 1], **params)
+            for t in range(len(adapters))]
 
 
 def run_cl_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None
                      ) -> dict:
-    """Run the protocol; returns a JSON-ready dict (config, per-method summary, matrices)."""
+    """Run the protocol; returns a JSON-ready dict (config, summaries, every matrix)."""
+    say = progress or (lambda msg: logger.info("%s", msg))
     start = time.monotonic()
-    bench = ContinualBench(config, progress)
-    bench.prepare()
-    orders = domain_orders(config.domains, config.orders)
-    base = bench.evaluate(("base",), bench.zero)
-    base_iou = [base[n]["iou"] for n in config.domains]
-    results: dict[str, dict] = {
-        "zero-shot base": {"AA": statistics.fmean(base_iou), "FM": 0.0, "FT": None,
-                           "per_domain": {n: base[n] for n in config.domains}},
-    }
-    own = {n: bench.evaluate(("individual", n), bench.individual(n))[n] for n in config.domains}
-    results["individual adapters"] = {
-        "AA": statistics.fmean(s["iou"] for s in own.values()), "FM": 0.0, "FT": None,
-        "per_domain": own}
-    runs: dict[str, list] = {"sequential": []}
-    runs.update({m: [] for m in config.methods})
-    for i, order in enumerate(orders):
-        bench.say(f"order {i + 1}/{len(orders)}: {' → '.join(order)}")
-        runs["sequential"].append((order, bench.sequential_rows(order)))
-        for method in config.methods:
-            runs[method].append((order, bench.merge_rows(method, order)))
-    for label, per_order in runs.items():
-        matrices = [bench.matrix(rows, order) for order, rows in per_order]
-        name = "sequential fine-tuning" if label == "sequential" else f"merge: {label}"
-        final = [rows[-1] for _, rows in per_order]
-        results[name] = {
-            **summarise(matrices),
-            "final_dice": statistics.fmean(r[n]["dice"] for r in final for n in config.domains),
-            "final_mae": statistics.fmean(r[n]["mae"] for r in final for n in config.domains),
-            "matrices": [{"order": list(o), "iou": m} for (o, _), m in zip(per_order, matrices)],
-        }
-    return {
-        "config": _config_json(config),
-        "orders": [list(o) for o in orders],
-        "results": results,
-        "elapsed_s": round(time.monotonic() - start, 1),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}, {platform.python_version()}",
-    }
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # the merges run here
+    seeds, domains = config.seeds, config.domains
+    orders = [] if config.final_only else domain_orders(domains, config.orders)
+    cached_before = _count_cached(config, orders)
+    try:
+        with JobRunner(config, say) as runner:
+            # 1. Individual adapters (with their statistics) and the base model.
+            jobs = [("individual", s, d) for s in seeds for d in domains]
+            out = runner.map(jobs + [("evaluate", s, None) for s in seeds], "individual adapters")
+            individual = {(s, d): out[i] for i, (_, s, d) in enumerate(jobs)}
+            base = dict(zip(seeds, out[len(jobs):]))
+            # 2. Sequential fine-tuning chains, individual adapters scored, routing.
+            chains = [("chain", s, o, individual[s, o[0]][0]) for s in seeds for o in orders]
+            pairs = [(s, d) for s in seeds for d in domains]
+            evals = [("evaluate", s, individual[s, d][0]) for s, d in pairs]
+            routes = [("route", s, {d: individual[s, d][1] for d in domains}) for s in seeds]
+            out = runner.map(chains + evals + routes, "sequential fine-tuning, routing")
+            sequential = {(s, o): [individual[s, o[0]][0], *out[i]]
+                          for i, (_, s, o, _) in enumerate(chains)}
+            individual_scores = {pair: out[len(chains) + i] for i, pair in enumerate(pairs)}
+            routing = dict(zip(seeds, out[len(chains) + len(evals):]))
+            # 3. Merges (here: cheap and deterministic), each distinct one scored once.
+            merged = _plan_merges(config, orders, individual)
+            keys = list(merged)
+            todo = [("evaluate", key[0], merged[key]) for key in keys]
+            todo += [("evaluate", s, w) for (s, _), steps in sequential.items() for w in steps[1:]]
+            out = runner.map(todo, "merges and sequential steps scored")
+            merge_scores = dict(zip(keys, out))
+            seq_scores = iter(out[len(keys):])
+            sequential_scores = {key: [individual_scores[key[0], key[1][0]]]
+                                 + [next(seq_scores) for _ in steps[1:]]
+                                 for key, steps in sequential.items()}
+    finally:
+        torch.set_num_threads(threads_before)
+    report = assemble_report(config, orders, base, individual_scores, sequential_scores,
+                             merge_scores, routing)
+    report["memory"] = memory_by_domains(config, individual)
+    report["trained_from_cache"] = cached_before
+    report["elapsed_s"] = round(time.monotonic() - start, 1)
+    report["machine"] = (f"{platform.machine()}, {config.workers} worker process(es) x "
+                         f"{config.threads} torch thread(s), torch {torch.__version__}, "
+                         f"Python {platform.python_version()}")
+    return report
 
 
-def _config_json(config: BenchConfig) -> dict:
+def memory_by_domains(config: BenchConfig, individual: dict) -> list[dict[str, int]]:
+    """Bytes held after each step of the first sequence (first seed): the streaming merge
+    states (constant), and what ``auto`` holds (every individual adapter plus the router)."""
+    seed, order = config.seeds[0], config.domains
+    states = {spec: ContinualMergeState(parse_spec(spec)[0], **parse_spec(spec)[1])
+              for spec in dict.fromkeys(("regcl", config.default_method))
+              if parse_spec(spec)[0] in STREAMING_METHODS}
+    router = DomainRouter(config.route_ridge)
+    rows, adapters = [], 0
+    for t, domain in enumerate(order, start=1):
+        weights, stats = individual[seed, domain]
+        for state in states.values():
+            state.fold(weights, stats, domain=domain)
+        router.fold(domain, stats)
+        adapters += sum(v.numel() * v.element_size() for v in weights.values())
+        rows.append({"domains": t, **{f"state_bytes {spec}": state.nbytes()
+                                      for spec, state in states.items()},
+                     "auto_adapters_bytes": adapters, "auto_router_bytes": router.nbytes()})
+    return rows
+
+
+def _count_cached(config: BenchConfig, orders: Sequence[tuple[str, ...]]) -> int:
+    """How many of this run's trainings the cache holds already (0 without a cache)."""
+    if not config.cache_dir:
+        return 0
+    from regcl.bench.cl_worker import TrainedCache
+
+    cache = TrainedCache(config)
+    identities = [("individual", s, d) for s in config.seeds for d in config.domains]
+    identities += [("sequential", s, o[:step]) for s in config.seeds for o in orders
+                   for step in range(2, len(o) + 1)]
+    return sum(cache.has(identity) for identity in identities)
+
+
+def _plan_merges(config: BenchConfig, orders: Sequence[tuple[str, ...]],
+                 individual: dict) -> dict[tuple, Weights]:
+    """Every distinct merge to score: ``(seed, spec, frozenset(domains)) -> weights``."""
+    merged: dict[tuple, Weights] = {}
+    everything = tuple(config.domains)
+    for s in config.seeds:
+        for spec in dict.fromkeys((*config.methods, *config.sweep)):
+            sequences = orders if spec in config.methods else []
+            if spec in config.sweep or config.final_only:
+                sequences = [*sequences, everything]
+            for order in sequences:
+                todo = [t for t in range(len(order))
+                        if (s, spec, frozenset(order[: t + 1])) not in merged]
+                if not todo:
+                    continue
+                adapters = [individual[s, d][0] for d in order[: todo[-1] + 1]]
+                stats = [individual[s, d][1] for d in order[: todo[-1] + 1]]
+                try:
+                    steps = merge_steps(spec, adapters, stats, order[: todo[-1] + 1])
+                except (ValueError, RuntimeError) as error:  # e.g. ridge 0: singular Gram sum
+                    logger.warning("seed %d: %s failed: %s", s, spec, error)
+                    continue
+                for t in todo:
+                    merged[s, spec, frozenset(order[: t + 1])] = steps[t]
+    return merged
+
+
+def config_from_options(*, quick: bool = False, domains: str | None = None,
+                        seeds: int | None = None, first_seed: int | None = None,
+                        methods: Sequence[str] | None = None, probes: str | None = None,
+                        sweep: bool = False, epochs: int | None = None,
+                        **options: Any) -> BenchConfig:
+    """A config from command-line style options (None: keep the default).
+
+    domains: comma-separated names, or ``long`` for :data:`~regcl.data.domains.LONG_ORDER`;
+    seeds: K, meaning seeds first_seed..first_seed+K−1; methods: merge specs; probes:
+    comma-separated domains; sweep: add :data:`MERGE_SWEEP`; epochs: training epochs; other
+    options (orders, workers, threads, ...) set as given.
+    """
+    import dataclasses
+
+    from regcl.data.domains import LONG_ORDER
+
+    config = BenchConfig.quick() if quick else BenchConfig()
+    changes: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    if domains:
+        names = LONG_ORDER if domains == "long" else tuple(
+            d.strip() for d in domains.split(",") if d.strip())
+        changes["domains"] = names
+    if seeds is not None or first_seed is not None:
+        first = first_seed or 0
+        changes["seeds"] = tuple(range(first, first + (1 if seeds is None else seeds)))
+    if probes:
+        changes["route_probes"] = tuple(d.strip() for d in probes.split(",") if d.strip())
+    if methods:
+        changes["methods"] = tuple(methods)
+    if sweep:
+        changes["sweep"] = MERGE_SWEEP
+    if epochs is not None:
+        changes["train"] = dataclasses.replace(config.train, epochs=epochs)
+    return dataclasses.replace(config, **changes)
+
+
+def config_json(config: BenchConfig) -> dict:
+    """The config as JSON-ready data."""
     data = asdict(config)
     data["adapter"] = asdict(config.adapter)
     data["train"] = asdict(config.train)
     return data
 
 
-def markdown_table(report: dict) -> str:
-    """The summary table: one row per method, AA/FM/FT (IoU) as mean ± std over orders."""
-
-    def cell(row: dict, key: str) -> str:
-        value = row.get(key)
-        if value is None:
-            return "–"
-        std = row.get(f"{key}_std")
-        return f"{value:.3f} ± {std:.3f}" if std is not None else f"{value:.3f}"
-
-    lines = ["| method | AA (IoU) ↑ | FM ↓ | FT ↑ | final Dice | final MAE ↓ |",
-             "|---|---|---|---|---|---|"]
-    for name, row in report["results"].items():
-        dice = f"{row['final_dice']:.3f}" if "final_dice" in row else "–"
-        mae = f"{row['final_mae']:.3f}" if "final_mae" in row else "–"
-        lines.append(f"| {name} | {cell(row, 'AA')} | {cell(row, 'FM')} | {cell(row, 'FT')} "
-                     f"| {dice} | {mae} |")
-    return "\n".join(lines)
-
-
-__all__ = ["BenchConfig", "domain_orders", "markdown_table", "run_cl_benchmark"]
+__all__ = ["BenchConfig", "config_from_options", "domain_orders", "markdown_table", "parse_spec",
+           "run_cl_benchmark"]

@@ -20,6 +20,10 @@ Memory: ``state_bytes`` is :meth:`ContinualMergeState.nbytes` (the running sums,
 (tracemalloc does not see torch's allocator): the state, plus one domain's float64 fold terms
 (same shapes as the sums, so equal to ``state_bytes``), plus the merged adapter returned by the
 solve (measured). Solver workspace (LAPACK, the SVD of ``regcl_product``) is not included.
+
+Methods without a streaming state (``core_space``, ``ties``) keep every adapter: for them
+``state_bytes`` is the T adapters kept (no statistics: neither reads them), and *solve* merges
+all T at once.
 """
 
 from __future__ import annotations
@@ -33,8 +37,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from regcl.adapters.config import default_blocks
-from regcl.merging import ContinualMergeState
-from regcl.merging.methods import count_key, gram_key
+from regcl.adapters.layout import count_key, gram_key
+from regcl.merging import (
+    STREAMING_METHODS,
+    ContinualMergeState,
+    get_merge_method,
+    merge_adapters,
+)
 from regcl.models.build import SAM_SPECS
 
 logger = logging.getLogger(__name__)
@@ -89,6 +98,8 @@ def bench_one(model: str, method: str, domains: Sequence[int], rank: int = 10, s
     say = progress or (lambda msg: logger.info("%s", msg))
     old = synthetic_adapter(model, rank, seed)
     new = synthetic_adapter(model, rank, seed + 1)
+    if method not in STREAMING_METHODS:
+        return _bench_kept(model, method, domains, old, new, say)
     base = ContinualMergeState(method)
     base.fold(*old, domain="domain-0")
     rows = []
@@ -119,6 +130,33 @@ def bench_one(model: str, method: str, domains: Sequence[int], rank: int = 10, s
         say(f"{model} {method} T={count}: fold {row['fold_ms']:.1f} ms, "
             f"solve {row['solve_ms']:.1f} ms, state {state_bytes / 2**20:.1f} MB")
         del state, merged
+    return rows
+
+
+def _bench_kept(model: str, method: str, domains: Sequence[int], old: tuple[Weights, Weights],
+                new: tuple[Weights, Weights], say: Callable[[str], None]) -> list[dict]:
+    """A method without a streaming state (e.g. ``core_space``, ``ties``): it keeps every
+    adapter (``state_bytes`` = T adapters, and their statistics if the method reads them,
+    growing with T) and merges
+    them all at each new domain (``solve_ms``); there is no fold (``fold_ms`` 0)."""
+    rows = []
+    for count in domains:
+        if count < 1:
+            raise ValueError(f"domain counts must be >= 1, got {count}")
+        adapters = [old[0]] * (count - 1) + [new[0]]
+        stats = [old[1]] * (count - 1) + [new[1]]
+        t0 = time.perf_counter()
+        merged = merge_adapters(method, adapters, stats)
+        solve = time.perf_counter() - t0
+        needs = get_merge_method(method).needs_stats
+        kept = count * (_tensor_bytes(new[0]) + (_tensor_bytes(new[1]) if needs else 0))
+        row = {"model": model, "method": method, "domains": count, "fold_ms": 0.0,
+               "solve_ms": solve * 1e3, "state_bytes": kept, "merged_bytes": _tensor_bytes(merged),
+               "peak_bytes": kept + _tensor_bytes(merged), "adapter_bytes": _tensor_bytes(new[0]),
+               "stats_bytes": _tensor_bytes(new[1])}
+        rows.append(row)
+        say(f"{model} {method} T={count}: solve {row['solve_ms']:.1f} ms, "
+            f"kept {kept / 2**20:.1f} MB")
     return rows
 
 

@@ -41,6 +41,8 @@ from regcl.client.models import (
     Mask,
     Matrix,
     Readiness,
+    Route,
+    RouterInfo,
     Segmentation,
     VersionInfo,
 )
@@ -71,6 +73,8 @@ __all__ = [
     "PayloadTooLargeError",
     "ProtocolError",
     "Readiness",
+    "Route",
+    "RouterInfo",
     "Segmentation",
     "ServiceUnavailableError",
     "UnauthorizedError",

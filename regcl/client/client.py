@@ -50,6 +50,7 @@ from regcl.client.models import (
     LiveVersion,
     Matrix,
     Readiness,
+    RouterInfo,
     Segmentation,
     VersionInfo,
 )
@@ -190,8 +191,10 @@ class Client:
         points: N x 2 ``[[x, y], ...]`` pixels; labels: N (1 foreground, 0 background;
         default all 1); box: ``[x0, y0, x1, y1]``; mask_input: side x side logits of an
         earlier :class:`~regcl.client.models.Mask` (or the Mask); adapter: ``live``,
-        ``base`` or an uploaded adapter's name. ``mask_format`` is how masks travel (``rle``
-        or ``png``); either way they come back decoded."""
+        ``base``, an uploaded adapter's name, or ``auto`` (the server's domain router picks
+        one from the image, else ``live`` serves; the result's ``route`` says which).
+        ``mask_format`` is how masks travel (``rle`` or ``png``); either way they come back
+        decoded."""
         body = {**self._image_fields(image, image_id),
                 **_prompt(points, labels, box, mask_input), "multimask": multimask,
                 "adapter": adapter, "return_logits": return_logits, "format": mask_format}
@@ -208,6 +211,10 @@ class Client:
                 "prompts": [_prompt(**dict(p)) for p in prompts], "multimask": multimask,
                 "adapter": adapter, "return_logits": return_logits, "format": mask_format}
         return BatchSegmentation.from_json(self._segment_call("/v1/segment/batch", body))
+
+    def router(self) -> RouterInfo:
+        """The domain router behind ``adapter="auto"`` in the API process that answers."""
+        return RouterInfo.from_json(self._json("GET", "/v1/router"))
 
     # -- adapters ---------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ __all__ = [
     "MatrixCell",
     "MatrixRow",
     "Readiness",
+    "Route",
+    "RouterInfo",
     "Segmentation",
     "VersionInfo",
 ]
@@ -74,15 +76,66 @@ def _masks(items: list[dict[str, Any]]) -> list[Mask]:
 
 
 @dataclass(frozen=True)
+class Route:
+    """What ``adapter="auto"`` chose: ``domain`` (None: it fell back to the live adapter,
+    ``adapter_version`` says which), whether the route was ``confident`` (``margin`` over
+    the runner-up ≥ ``min_margin`` and ``novelty`` ≤ ``max_novelty``), the best domain and
+    every domain's score."""
+
+    adapter_version: str
+    domain: str | None
+    revision: str | None
+    confident: bool
+    best: str | None
+    margin: float | None
+    novelty: float | None
+    min_margin: float
+    max_novelty: float
+    scores: dict[str, float]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any] | None) -> Route | None:
+        if body is None:
+            return None
+        return cls(**{f: body[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class RouterInfo:
+    """The domain router behind ``adapter="auto"`` in one API process: ``domains`` (name →
+    adapter sha256), ``skipped`` (name → why it is left out), the layer and block it reads,
+    its state's size and digest, and its thresholds."""
+
+    generation: int
+    domains: dict[str, str]
+    skipped: dict[str, str]
+    layer: str | None
+    block: int | None
+    dim: int
+    state_bytes: int
+    state_sha256: str
+    min_margin: float
+    max_novelty: float
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> RouterInfo:
+        fields = {f: body[f] for f in cls.__dataclass_fields__}
+        fields["domains"] = {d["name"]: d["revision"] for d in body["domains"]}
+        fields["skipped"] = {d["name"]: d["reason"] for d in body["skipped"]}
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
 class Segmentation:
     """Masks for one prompt, in SAM's order, and which adapter version made them (``base``,
     ``live:<n>`` or ``domain:<name>``; the body and the ``X-Regcl-Adapter-Version`` header
-    agree, or the client raises)."""
+    agree, or the client raises); with ``adapter="auto"``, the :class:`Route` taken."""
 
     masks: list[Mask]
     adapter_version: str
     image_id: str
     cache_hit: bool
+    route: Route | None = None
 
     @property
     def arrays(self) -> np.ndarray:
@@ -102,7 +155,7 @@ class Segmentation:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Segmentation:
         return cls(_masks(body["masks"]), body["adapter_version"], body["image_id"],
-                   bool(body["cache_hit"]))
+                   bool(body["cache_hit"]), Route.from_json(body.get("route")))
 
 
 @dataclass(frozen=True)
@@ -114,12 +167,14 @@ class BatchSegmentation:
     adapter_version: str
     image_id: str
     cache_hit: bool
+    route: Route | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> BatchSegmentation:
         version, image_id, hit = body["adapter_version"], body["image_id"], body["cache_hit"]
-        return cls([Segmentation(_masks(r["masks"]), version, image_id, bool(hit))
-                    for r in body["results"]], version, image_id, bool(hit))
+        route = Route.from_json(body.get("route"))
+        return cls([Segmentation(_masks(r["masks"]), version, image_id, bool(hit), route)
+                    for r in body["results"]], version, image_id, bool(hit), route)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Synthetic *target* domains: five deterministic stand-ins for the paper's domain sequence.
+"""Synthetic *target* domains: five deterministic stand-ins for the paper's domain sequence,
+and a shifted twin of each (:data:`SHIFTED_ORDER`: the same scenes through another imaging
+device, :mod:`regcl.data.shifts`) for sequences of ten (:data:`LONG_ORDER`).
 
 The tiny SAM is pretrained on :func:`regcl.data.synthetic.source_scenes` (flat shapes in
 contrasting colours). Each target domain breaks that prior a different way, so zero-shot SAM does
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from regcl.data import shifts
+from regcl.data.shifts import shifted
 from regcl.data.synthetic import (
     chunked,
     contrasting_colours,
@@ -394,6 +398,23 @@ DOMAINS: dict[str, DomainSpec] = {spec.name: spec for spec in (
                camo_pattern, "COD10K"),
 )}
 PAPER_ORDER = ("polyp", "camo", "shadow", "skin", "camo_pattern")
+# A second parameterisation of each family: the same scenes through another imaging device
+# (regcl.data.shifts), for sequences of ten domains.
+DOMAINS.update({spec.name: spec for spec in (
+    DomainSpec("polyp_nbi", "polyp scenes in narrow-band-imaging colours (teal and brown)",
+               shifted(polyp, shifts.nbi), "Kvasir-SEG, NBI"),
+    DomainSpec("camo_night", "camouflage scenes in low light: dark, blue cast, noisy",
+               shifted(camo, shifts.night), "CAMO, at night"),
+    DomainSpec("shadow_aerial", "shadow scenes as grey, hazy aerial photographs",
+               shifted(shadow, shifts.aerial), "ISTD, aerial grey"),
+    DomainSpec("skin_uv", "skin lesions under a Wood's lamp: bright lesion, dark violet skin",
+               shifted(skin, shifts.uv), "ISIC, Wood's lamp"),
+    DomainSpec("camo_pattern_thermal", "patterned camouflage as inverted, blurred thermal images",
+               shifted(camo_pattern, shifts.thermal), "COD10K, thermal"),
+)})
+SHIFTED_ORDER = ("polyp_nbi", "camo_night", "shadow_aerial", "skin_uv", "camo_pattern_thermal")
+LONG_ORDER = PAPER_ORDER + SHIFTED_ORDER
+"""Ten domains: the paper's five, then their shifted twins in the same family order."""
 
 
 def get_domain(name: str) -> DomainSpec:

@@ -5,6 +5,7 @@ continual RegCL state.
   (no torch: importing it, or this package, loads nothing heavy).
 - :mod:`regcl.merging.merge_utils`: functions over tensors (RegMean, TIES, MagMax, ...).
 - :mod:`regcl.merging.methods`: whole-adapter merges by name (:func:`merge_adapters`).
+- :mod:`regcl.merging.core_space`: Core Space merging (NeurIPS 2025), registered as ``core_space``.
 - :mod:`regcl.merging.state`: :class:`ContinualMergeState`, constant-memory domain folding.
 
 The names below are imported from their submodule on first use.
@@ -13,11 +14,12 @@ The names below are imported from their submodule on first use.
 from regcl._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(("CATALOGUE", "STATS_METHODS", "STREAMING_METHODS", "MagmaxParams",
-                     "MeanParams", "MergeParams", "MethodInfo", "RegclParams",
-                     "RegclProductParams", "TaskArithmeticParams", "TiesParams",
-                     "method_info"), "catalogue"),
-    **dict.fromkeys(("magmax_merge", "mean_merge", "product_regmean_merge",
+    **dict.fromkeys(("CATALOGUE", "CORE_INNER_METHODS", "GRAM_WEIGHTINGS", "STATS_METHODS",
+                     "STREAMING_METHODS", "CoreSpaceParams", "MagmaxParams", "MeanParams",
+                     "MergeParams", "MethodInfo", "RegclParams", "RegclProductParams",
+                     "TaskArithmeticParams", "TiesParams", "method_info"), "catalogue"),
+    **dict.fromkeys(("core_bases", "core_space_merge"), "core_space"),
+    **dict.fromkeys(("gram_scale", "magmax_merge", "mean_merge", "product_regmean_merge",
                      "refactor_low_rank", "regmean_merge", "regmean_solve", "shrink_gram",
                      "task_arithmetic_merge", "ties_merge"), "merge_utils"),
     **dict.fromkeys(("MERGE_METHODS", "MergeMethod", "available_methods", "get_merge_method",

@@ -7,7 +7,8 @@ entry, :class:`~regcl.merging.state.ContinualMergeState` folds the streaming one
 parameter dataclasses here, bounds included.
 
 Adding a method: a frozen :class:`MergeParams` dataclass (each number a :func:`bounded`
-field), an entry in :data:`CATALOGUE`, and its function in :mod:`regcl.merging.methods`.
+field, each named option a :func:`chosen` one), an entry in :data:`CATALOGUE`, and its
+function in :mod:`regcl.merging.methods`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from regcl.errors import ConfigError
 
 __all__ = [
     "CATALOGUE",
+    "CORE_INNER_METHODS",
+    "GRAM_WEIGHTINGS",
     "STATS_METHODS",
     "STREAMING_METHODS",
     "Bound",
+    "Choice",
+    "CoreSpaceParams",
     "MagmaxParams",
     "MeanParams",
     "MergeParams",
@@ -33,6 +38,7 @@ __all__ = [
     "TaskArithmeticParams",
     "TiesParams",
     "bounded",
+    "chosen",
     "method_info",
     "parameter_bounds",
 ]
@@ -67,9 +73,27 @@ def bounded(default: float, doc: str, *, low: float = -math.inf, high: float = m
         "bound": Bound(low, high, low_open), "doc": doc})
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A parameter that names one of ``options``."""
+
+    options: tuple[str, ...]
+
+    def check(self, name: str, value: object) -> str:
+        """``value`` if it is one of the options, ConfigError naming ``name`` otherwise."""
+        if not isinstance(value, str) or value not in self.options:
+            raise ConfigError(f"{name} must be one of {', '.join(self.options)}, got {value!r}")
+        return value
+
+
+def chosen(default: str, doc: str, options: tuple[str, ...]) -> Any:
+    """A dataclass field naming one of ``options`` (a :class:`Choice`)."""
+    return dataclasses.field(default=default, metadata={"bound": Choice(options), "doc": doc})
+
+
 def parameter_bounds(params_type: type[MergeParams]
-                     ) -> dict[str, tuple[Bound, float, str]]:
-    """name → (bound, default, description) of each parameter of ``params_type``."""
+                     ) -> dict[str, tuple[Bound | Choice, float | str, str]]:
+    """name → (bound or choice, default, description) of each parameter of ``params_type``."""
     return {f.name: (f.metadata["bound"], f.default, f.metadata["doc"])
             for f in dataclasses.fields(params_type)}
 
@@ -77,7 +101,8 @@ def parameter_bounds(params_type: type[MergeParams]
 @dataclass(frozen=True)
 class MergeParams:
     """Base of every method's parameters: each field is a :func:`bounded` number, checked
-    (ConfigError) and stored as a float, so parameters round-trip through JSON unchanged."""
+    (ConfigError) and stored as a float, so parameters round-trip through JSON unchanged, or a
+    :func:`chosen` name."""
 
     def __post_init__(self) -> None:
         for name, (bound, _, _) in parameter_bounds(type(self)).items():
@@ -88,6 +113,17 @@ class MergeParams:
         return dataclasses.asdict(self)
 
 
+GRAM_WEIGHTINGS = ("domain", "tokens", "trace")
+"""How RegMean weighs one domain's Gram G = XᵀX/n against the others': ``domain`` as it is
+(every domain counts the same, whatever its token count: the default), ``tokens`` by its token
+count n (XᵀX: domains with more data count more), ``trace`` divided by its mean diagonal (every
+domain's inputs brought to the same energy)."""
+
+CORE_INNER_METHODS = ("ties", "task_arithmetic", "mean", "iso")
+"""The merges Core Space merging applies to the small core matrices (``iso``: Iso-C, the sum
+with its singular values replaced by their mean)."""
+
+
 @dataclass(frozen=True)
 class RegclParams(MergeParams):
     """RegMean parameters (λ = ridge · mean diagonal of the Gram sum)."""
@@ -95,6 +131,9 @@ class RegclParams(MergeParams):
     ridge: float = bounded(1e-4, "relative ridge, pulling towards the plain mean", low=0.0)
     alpha: float = bounded(1.0, "off-diagonal shrink of each Gram; 1 = no shrink",
                            low=0.0, high=1.0)
+    weighting: str = chosen("domain", "how domains' Grams weigh against each other: domain "
+                            "(alike), tokens (by token count), trace (by 1 / mean diagonal)",
+                            GRAM_WEIGHTINGS)
 
 
 @dataclass(frozen=True)
@@ -129,6 +168,16 @@ class MagmaxParams(MergeParams):
 
 
 @dataclass(frozen=True)
+class CoreSpaceParams(MergeParams):
+    """Core Space merging's parameters (:mod:`regcl.merging.core_space`)."""
+
+    inner: str = chosen("ties", "the merge of the core matrices", CORE_INNER_METHODS)
+    density: float = bounded(0.2, "fraction of each core's entries TIES keeps", low=0.0,
+                             high=1.0, low_open=True)
+    scale: float = bounded(1.0, "factor of TIES / task arithmetic / Iso-C")
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     """One merge method. needs_stats: it needs every adapter's Gram statistics; streams: it
     can be folded in domain by domain from running sums (constant memory), so the service
@@ -160,6 +209,13 @@ CATALOGUE: dict[str, MethodInfo] = {info.name: info for info in (
                "instead"),
     MethodInfo("magmax", MagmaxParams, needs_stats=False, streams=True,
                summary="per element, the value of largest magnitude"),
+    MethodInfo("core_space", CoreSpaceParams, needs_stats=False, streams=False,
+               summary="Core Space merging (NeurIPS 2025): each LoRA pair projected on "
+               "reference bases of all the adapters' factors, the small core matrices merged, "
+               "re-factored to the adapters' rank",
+               why_not_streaming="its reference bases are SVDs of every adapter's stacked "
+               "factors, so it needs all the adapters at once; keep them and call "
+               "merge_adapters('core_space', ...) instead"),
 )}
 
 STREAMING_METHODS: tuple[str, ...] = tuple(n for n, m in CATALOGUE.items() if m.streams)

@@ -19,8 +19,11 @@ import torch
 from torch import Tensor
 
 from regcl.errors import MergeError
+from regcl.merging.catalogue import GRAM_WEIGHTINGS
 
 __all__ = [
+    "GRAM_WEIGHTINGS",
+    "gram_scale",
     "magmax_merge",
     "mean_merge",
     "product_delta",
@@ -97,15 +100,40 @@ def shrink_gram(gram: Tensor, alpha: float) -> Tensor:
     return alpha * gram + (1.0 - alpha) * torch.diag_embed(torch.diagonal(gram))
 
 
-def regmean_terms(weight: Tensor, gram: Tensor, *, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+def regmean_terms(
+    weight: Tensor, gram: Tensor, *, alpha: float = 1.0, scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """One task's contribution to the RegMean sums, in float64.
 
-    weight: out x in.  gram: in x in.
-    Returns ``(G̃, G̃ Wᵀ)``: in x in and in x out, where ``G̃ = shrink_gram(gram, alpha)``.
+    weight: out x in.  gram: in x in.  scale: > 0, this task's weight in the sums
+    (:func:`gram_scale`).
+    Returns ``(G̃, G̃ Wᵀ)``: in x in and in x out, where ``G̃ = scale · shrink_gram(gram, alpha)``.
     The from-scratch merge and the continual state both add exactly these terms, so they agree.
     """
+    scale = _check_number(scale, "scale", low=0.0)
+    if scale == 0.0:
+        raise MergeError("a Gram's scale must be > 0")
     gram64 = shrink_gram(gram.to(torch.float64), alpha)
+    if scale != 1.0:
+        gram64 = scale * gram64
     return gram64, gram64 @ weight.to(torch.float64).T
+
+
+def gram_scale(gram: Tensor, count: float, weighting: str) -> float:
+    """The factor one domain's Gram (in x in, ``XᵀX/n``) gets under ``weighting``.
+
+    count: that Gram's token count n. See :data:`~regcl.merging.catalogue.GRAM_WEIGHTINGS`.
+    """
+    if weighting == "domain":
+        return 1.0
+    if weighting == "tokens":
+        if not float(count) > 0:
+            raise MergeError(f"token weighting needs a token count > 0, got {count}")
+        return _check_number(float(count), "token count", low=0.0)
+    if weighting == "trace":
+        energy = float(torch.diagonal(gram.to(torch.float64)).mean())
+        return 1.0 / energy if energy > 0 else 1.0
+    raise MergeError(f"unknown Gram weighting {weighting!r}; known: {', '.join(GRAM_WEIGHTINGS)}")
 
 
 def regmean_solve(
@@ -173,23 +201,28 @@ def regmean_merge(
     *,
     ridge: float = 1e-4,
     alpha: float = 1.0,
+    scales: Sequence[float] | None = None,
 ) -> Tensor:
     """RegMean merge of one linear weight across tasks.
 
     weights: T tensors, each out x in.  grams: T tensors, each in x in (task t's input Gram).
     ridge:   relative ridge ≥ 0 pulling towards the plain mean (see :func:`regmean_solve`).
     alpha:   off-diagonal shrink in [0, 1] applied to every Gram (see :func:`shrink_gram`).
+    scales:  T factors > 0 on the Grams (:func:`gram_scale`); default all 1.
     Returns out x in, in the dtype of ``weights[0]``.
     """
     shape = _check_weights(weights, matrix=True)
     if len(grams) != len(weights):
         raise MergeError(f"got {len(weights)} weights but {len(grams)} Grams")
+    scales = [1.0] * len(weights) if scales is None else list(scales)
+    if len(scales) != len(weights):
+        raise MergeError(f"got {len(weights)} weights but {len(scales)} Gram scales")
     for index, gram in enumerate(grams):
         _check_gram(gram, shape[1], f"Gram {index}")
     gram_sum = torch.zeros(shape[1], shape[1], dtype=torch.float64, device=weights[0].device)
     gram_weight_sum = torch.zeros(shape[1], shape[0], dtype=torch.float64, device=gram_sum.device)
-    for weight, gram in zip(weights, grams):
-        gram_t, gram_weight_t = regmean_terms(weight, gram, alpha=alpha)
+    for weight, gram, scale in zip(weights, grams, scales):
+        gram_t, gram_weight_t = regmean_terms(weight, gram, alpha=alpha, scale=scale)
         gram_sum += gram_t
         gram_weight_sum += gram_weight_t
     weight_mean = _sum64(weights) / len(weights)
@@ -305,11 +338,13 @@ def product_regmean_merge(
     rank: int,
     ridge: float = 1e-4,
     alpha: float = 1.0,
+    scales: Sequence[float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RegMean on the LoRA product ``ΔW_t = B_t @ A_t``, then re-factored to rank ``rank``.
 
     pairs:    T pairs ``(A_t, B_t)``, A: r x in, B: out x r.
     grams_in: T Grams of the module input x, each in x in (the lora_A Grams).
+    scales:   T factors > 0 on the Grams (:func:`gram_scale`); default all 1.
     Merging the product avoids the cross terms ``B_i A_j`` that merging A and B separately
     produces. Returns ``(A, B)``: rank x in and out x rank, in the dtype of the first A.
     """
@@ -318,6 +353,6 @@ def product_regmean_merge(
     _check_weights([a for a, _ in pairs], matrix=True)
     _check_weights([b for _, b in pairs], matrix=True)
     deltas = [product_delta(a, b) for a, b in pairs]
-    merged = regmean_merge(deltas, grams_in, ridge=ridge, alpha=alpha)
+    merged = regmean_merge(deltas, grams_in, ridge=ridge, alpha=alpha, scales=scales)
     a, b = refactor_low_rank(merged, rank)
     return a.to(pairs[0][0].dtype), b.to(pairs[0][1].dtype)

@@ -25,6 +25,7 @@ from torch import Tensor
 from regcl.adapters.layout import count_key, gram_key, weight_key_of_gram
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging.catalogue import (
+    CoreSpaceParams,
     MagmaxParams,
     MeanParams,
     MergeParams,
@@ -35,7 +36,9 @@ from regcl.merging.catalogue import (
     TiesParams,
     method_info,
 )
+from regcl.merging.core_space import core_space_merge
 from regcl.merging.merge_utils import (
+    gram_scale,
     magmax_merge,
     mean_merge,
     product_regmean_merge,
@@ -284,10 +287,16 @@ def merge_regcl(
         weights = [adapter[key] for adapter in adapters]
         if unit == UNIT_REGMEAN:
             grams = [s[gram_key(key)] for s in stats]
-            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha)
+            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha,
+                                        scales=gram_scales(stats, key, params.weighting))
         else:
             merged[key] = mean_merge(weights)
     return merged
+
+
+def gram_scales(stats: Sequence[Stats], key: str, weighting: str) -> list[float]:
+    """Each domain's factor on its Gram of ``key`` under ``weighting`` (:func:`gram_scale`)."""
+    return [gram_scale(s[gram_key(key)], float(s[count_key(key)]), weighting) for s in stats]
 
 
 @register_merge_method("regcl_product")
@@ -310,11 +319,13 @@ def merge_regcl_product(
             pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
             grams = [s[gram_key(key)] for s in stats]
             merged[key], merged[b_key] = product_regmean_merge(
-                pairs, grams, rank=weights[0].shape[0], ridge=params.ridge, alpha=params.alpha
+                pairs, grams, rank=weights[0].shape[0], ridge=params.ridge, alpha=params.alpha,
+                scales=gram_scales(stats, key, params.weighting),
             )
         elif unit == UNIT_REGMEAN:
             grams = [s[gram_key(key)] for s in stats]
-            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha)
+            merged[key] = regmean_merge(weights, grams, ridge=params.ridge, alpha=params.alpha,
+                                        scales=gram_scales(stats, key, params.weighting))
         elif unit == UNIT_MEAN:
             merged[key] = mean_merge(weights)
     return {key: merged[key] for key in plan}
@@ -360,6 +371,27 @@ def merge_magmax(
 ) -> dict[str, Tensor]:
     """MagMax: per element, the value of largest magnitude across adapters."""
     return {key: magmax_merge([a[key] for a in adapters]) for key in adapters[0]}
+
+
+@register_merge_method("core_space")
+def merge_core_space(
+    adapters: Sequence[Adapter], stats: Sequence[Stats] | None, params: CoreSpaceParams
+) -> dict[str, Tensor]:
+    """Core Space merging (NeurIPS 2025, :mod:`regcl.merging.core_space`): each lora_A /
+    lora_B pair merged as core matrices and re-factored to its rank; other keys averaged."""
+    first = adapters[0]
+    merged: dict[str, Tensor] = {}
+    for key in first:
+        b_key = lora_b_key(key)
+        if b_key is not None and b_key in first:
+            pairs = [(adapter[key], adapter[b_key]) for adapter in adapters]
+            merged[key], merged[b_key] = core_space_merge(
+                pairs, rank=first[key].shape[0], inner=params.inner, density=params.density,
+                scale=params.scale)
+    for key in first:
+        if key not in merged:
+            merged[key] = mean_merge([adapter[key] for adapter in adapters])
+    return {key: merged[key] for key in first}
 
 
 def merge_adapters(

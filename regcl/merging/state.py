@@ -25,6 +25,7 @@ from regcl.adapters.layout import count_key, gram_key
 from regcl.errors import ConfigError, MergeError, StatsError
 from regcl.merging.catalogue import STREAMING_METHODS, method_info
 from regcl.merging.merge_utils import (
+    gram_scale,
     product_delta,
     refactor_low_rank,
     regmean_solve,
@@ -128,6 +129,7 @@ class ContinualMergeState:
     ) -> dict[str, Tensor]:
         """One adapter's terms for every running sum (float64; magmax: the new running max)."""
         alpha = getattr(self._params, "alpha", 1.0)
+        weighting = getattr(self._params, "weighting", "domain")
         terms: dict[str, Tensor] = {}
         for key, unit in plan.items():
             weight = adapter[key]
@@ -144,7 +146,9 @@ class ContinualMergeState:
                 assert stats is not None
                 if unit == UNIT_PRODUCT_A:
                     weight = product_delta(weight, adapter[lora_b_key(key)])  # out x in
-                gram_t, gram_weight_t = regmean_terms(weight, stats[gram_key(key)], alpha=alpha)
+                gram = stats[gram_key(key)]
+                scale = gram_scale(gram, float(stats[count_key(key)]), weighting)
+                gram_t, gram_weight_t = regmean_terms(weight, gram, alpha=alpha, scale=scale)
                 terms[f"{key}{_SEP}gram_sum"] = gram_t
                 terms[f"{key}{_SEP}gram_weight_sum"] = gram_weight_t
                 terms[f"{key}{_SEP}count_sum"] = (

@@ -15,6 +15,11 @@ returned in float32) and with :mod:`regcl.models.fast_attention`'s SDPA attentio
 
 The encoder is a private copy: its base weights of every folded layer are kept (in float32)
 to restore or re-fold from, so folding never accumulates rounding.
+
+:meth:`ServingEncoder.prefix` and :meth:`ServingEncoder.suffix` run the encoder split at a
+block (:mod:`regcl.models.encoder`), eagerly even when compiled: the domain router reads the
+tokens between them, and the tail can then be finished with the adapter the router chose.
+Uncompiled, ``suffix(prefix(x, k), k)`` is the same computation as the whole forward.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 
 from regcl.errors import ConfigError
+from regcl.models.encoder import encode_prefix, encode_suffix
 from regcl.models.fast_attention import use_sdpa_attention
 
 __all__ = ["ServingEncoder", "lora_deltas"]
@@ -133,7 +139,26 @@ class ServingEncoder:
                 self._linears[name].weight.copy_(self._base[name])
         self._folded = frozenset(deltas)
 
+    def folds_before(self, block: int) -> bool:
+        """Whether any layer of blocks ``0..block-1`` holds a folded delta now."""
+        return any(name.startswith("blocks.") and int(name.split(".")[1]) < block
+                   for name in self._folded)
+
     # ------------------------------------------------------------------------------- running
+    @torch.no_grad()
+    def prefix(self, pixels: torch.Tensor, block: int) -> torch.Tensor:
+        """Normalised, padded pixels B x 3 x S x S → tokens B x h x w x C entering ``block``
+        (in the encoder's dtype), with whatever is folded into the blocks before it."""
+        if not 0 <= block <= len(self.module.blocks):
+            raise ConfigError(f"block must be in [0, {len(self.module.blocks)}], got {block}")
+        return encode_prefix(self.module, pixels.to(device=self.device, dtype=self.dtype), block)
+
+    @torch.no_grad()
+    def suffix(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
+        """Tokens B x h x w x C from :meth:`prefix` → embeddings B x C' x h' x w' (float32)."""
+        tokens = tokens.to(device=self.device, dtype=self.dtype)
+        return encode_suffix(self.module, tokens, block).float()
+
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised, padded pixels B x 3 x S x S → embeddings B x C x h x w (float32)."""

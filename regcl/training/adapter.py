@@ -87,16 +87,20 @@ def encoder_prefix_cache(model: PeftModel, images: torch.Tensor, batch_size: int
 def _check_data(images: torch.Tensor, masks: torch.Tensor, size: int) -> None:
     if images.ndim != 4 or images.shape[1:] != (3, size, size):
         raise DataError(f"images must be N x 3 x {size} x {size}, got {tuple(images.shape)}")
-    if masks.shape != (images.shape[0], size, size):
+    _check_masks(masks, images.shape[0], size)
+
+
+def _check_masks(masks: torch.Tensor, count: int, size: int) -> None:
+    if masks.shape != (count, size, size):
         raise DataError(f"masks must be N x {size} x {size}, got {tuple(masks.shape)}")
-    if images.shape[0] == 0:
+    if count == 0:
         raise DataError("no training images")
     empty = (~masks.flatten(1).any(1)).nonzero().flatten().tolist()
     if empty:
         raise DataError(f"{len(empty)} training masks are empty (e.g. index {empty[:3]})")
 
 
-def train_adapter(model: PeftModel, images: torch.Tensor, masks: torch.Tensor,
+def train_adapter(model: PeftModel, images: torch.Tensor | None, masks: torch.Tensor,
                   config: TrainConfig = TrainConfig(), progress: Progress | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   prefix: torch.Tensor | None = None) -> list[dict]:
@@ -104,7 +108,8 @@ def train_adapter(model: PeftModel, images: torch.Tensor, masks: torch.Tensor,
 
     Args:
         model: a PeftModel around a Sam (only its LoRA weights are trained).
-        images: N x 3 x S x S float in [0, 255]; masks: N x S x S bool (non-empty).
+        images: N x 3 x S x S float in [0, 255] (may be None when ``prefix`` is given);
+            masks: N x S x S bool (non-empty).
         progress: called after every step with ``{step, total_steps, epoch, loss, iou, lr}``.
         should_stop: polled every step; returning True raises :class:`CancelledError`.
         prefix: cached encoder prefix (:func:`encoder_prefix_cache`), computed if None.
@@ -113,17 +118,24 @@ def train_adapter(model: PeftModel, images: torch.Tensor, masks: torch.Tensor,
     """
     sam = model.base_model.model
     size = sam.image_encoder.img_size
-    _check_data(images, masks, size)
+    if images is None:
+        if prefix is None:
+            raise DataError("train_adapter needs the images or their encoder prefix")
+        _check_masks(masks, prefix.shape[0], size)
+    else:
+        _check_data(images, masks, size)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     first = first_adapted_block(model)
     device = model_device(model)
     if prefix is None:
         prefix = encoder_prefix_cache(model, images)
+    if prefix.shape[0] != masks.shape[0]:
+        raise DataError(f"{prefix.shape[0]} cached prefixes for {masks.shape[0]} masks")
     masks_cpu = masks.cpu()  # prompts are sampled here (see the module docstring)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    n = images.shape[0]
+    n = masks.shape[0]
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, config.min_lr)
@@ -179,11 +191,19 @@ def gram_stats_from_prefix(model: PeftModel, prefix: torch.Tensor, batch_size: i
     return collect_gram_stats(model, run_batches=run)
 
 
-@torch.no_grad()
 def evaluate_prefix(model: PeftModel, prefix: torch.Tensor, masks: torch.Tensor,
                     seed: int = 0, n_points: int = 3, batch_size: int = 32) -> dict[str, float]:
     """Mean IoU / Dice / MAE on a domain from its cached encoder prefix, with the evaluation
     protocol's fixed prompts (same as :func:`regcl.evaluation.evaluate.evaluate_points`)."""
+    per_image = evaluate_prefix_per_image(model, prefix, masks, seed, n_points, batch_size)
+    return {k: float(v.mean()) for k, v in per_image.items()}
+
+
+@torch.no_grad()
+def evaluate_prefix_per_image(model: PeftModel, prefix: torch.Tensor, masks: torch.Tensor,
+                              seed: int = 0, n_points: int = 3, batch_size: int = 32
+                              ) -> dict[str, torch.Tensor]:
+    """:func:`evaluate_prefix` image by image: IoU / Dice / MAE, each N float32 on the CPU."""
     sam = model.base_model.model
     first = first_adapted_block(model)
     size = sam.image_encoder.img_size
@@ -198,8 +218,8 @@ def evaluate_prefix(model: PeftModel, prefix: torch.Tensor, masks: torch.Tensor,
         low, _ = predict_masks_batched(sam, emb, coords[part], labels[part])
         prob = upscale_logits(low, size)[:, 0].sigmoid()
         for key, value in mask_metrics(prob, masks[part].to(device)).items():
-            scores[key].append(value)  # computed on the device; only the means come back
-    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}
+            scores[key].append(value.float().cpu())  # computed on the device, N floats back
+    return {k: torch.cat(v) for k, v in scores.items()}
 
 
 def config_dict(config: TrainConfig) -> dict:

@@ -32,7 +32,7 @@ from regcl.adapters.layout import (
     WEIGHTS_FILE,
 )
 from regcl.errors import AdapterError, RegclError
-from service.adapter_table import BASE, LIVE
+from service.adapter_table import AUTO, BASE, LIVE
 from service.deps import AdminKey, EngineDep, RegistryDep, RuntimeDep
 from service.live_swap import check_adapter_fits
 from service.problems import ProblemError, problem_responses
@@ -108,7 +108,7 @@ def upload_adapter(
     _: AdminKey,
     runtime: RuntimeDep,
     name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}, other "
-                              "than base and live.", json_schema_extra=NEW_NAME_SCHEMA)],
+                              "than base, live and auto.", json_schema_extra=NEW_NAME_SCHEMA)],
     adapter_config: Annotated[UploadFile, File(
         description="PEFT adapter_config.json of a LoRA on the served model's image encoder.")],
     adapter_model: Annotated[UploadFile, File(
@@ -126,7 +126,7 @@ def upload_adapter(
     """Upload a PEFT LoRA adapter for the serving model. Without ``regcl_stats`` it can be
     served (``adapter=<name>`` in /v1/segment) but not merged (``has_stats: false``)."""
     check_name(name)
-    if name in (BASE, LIVE):
+    if name in (BASE, LIVE, AUTO):
         raise ProblemError("reserved-name", f"{name!r} is reserved for the model's own "
                            "adapters; pick another name")
     domain = check_name(domain) if domain is not None else name

@@ -1,6 +1,8 @@
 """``POST /v1/segment``: masks for a prompt on an image, with the adapter version that made
 them (in the body and the ``X-Regcl-Adapter-Version`` header); ``POST /v1/segment/batch``:
-several prompts on one image in one request and one decoder call per prompt form."""
+several prompts on one image in one request and one decoder call per prompt form. With
+``adapter: "auto"`` the body's ``route`` (and the ``X-Regcl-Route`` header) says what the
+domain router chose and how confidently."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import logging
 import numpy as np
 from fastapi import APIRouter, Depends, Response
 
-from service.adapter_table import BASE, LIVE
+from service.adapter_table import AUTO, BASE, LIVE
 from service.decoding import SegmentResult
 from service.deps import RuntimeDep, require_segment_access
 from service.errors import PromptShapeError
@@ -18,6 +20,7 @@ from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle
 from service.problems import ProblemError, problem_responses
 from service.routers.images import store_image
 from service.runtime import Runtime
+from service.schemas.routing import RouteInfo
 from service.schemas.segment import (
     RLE,
     MaskResult,
@@ -34,6 +37,12 @@ router = APIRouter(prefix="/v1/segment", tags=["segment"],
                    dependencies=[Depends(require_segment_access)])
 
 VERSION_HEADER = "X-Regcl-Adapter-Version"
+ROUTE_HEADER = "X-Regcl-Route"
+_HEADERS = {200: {"headers": {
+    VERSION_HEADER: {"description": "The adapter version that made the masks.",
+                     "required": True, "schema": {"type": "string"}},
+    ROUTE_HEADER: {"description": "adapter auto only: 'chosen=<domain or live>; best=<domain>; "
+                   "margin=<number>; novelty=<number>'.", "schema": {"type": "string"}}}}}
 logger = logging.getLogger(__name__)
 
 
@@ -59,16 +68,23 @@ def _image_id(runtime: Runtime, body: SegmentOptions) -> str:
 
 
 def _answered(runtime: Runtime, body: SegmentOptions, results: list[SegmentResult],
-              response: Response) -> None:
-    """Refuse non-finite scores, count the segmentations, name the version in the header."""
+              response: Response) -> RouteInfo | None:
+    """Refuse non-finite scores, count the segmentations, name the version (and for auto
+    the route) in the headers; returns the route of an auto request."""
     for result in results:
         if not np.isfinite(result.scores).all():  # never answer NaN scores as null
             logger.error("non-finite scores from %s", result.adapter_version)
             raise ProblemError("internal-error")
-    kind = body.adapter if body.adapter in (BASE, LIVE) else "domain"
+    kind = body.adapter if body.adapter in (BASE, LIVE, AUTO) else "domain"
     for result in results:
         runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
     response.headers[VERSION_HEADER] = results[0].adapter_version
+    chosen = results[0].route
+    if chosen is None:
+        return None
+    route = RouteInfo.of(chosen, results[0].adapter_version, runtime.engine.routing)
+    response.headers[ROUTE_HEADER] = route.header()
+    return route
 
 
 def _masks(result: SegmentResult, body: SegmentOptions) -> list[MaskResult]:
@@ -90,22 +106,23 @@ def _mask_result(result: SegmentResult, index: int, body: SegmentOptions) -> Mas
 
 
 @router.post("", response_model=SegmentResponse,
-             responses=problem_responses(400, 401, 404, 413, 422, 503))
+             responses={**problem_responses(400, 401, 404, 413, 422, 503), **_HEADERS})
 def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> SegmentResponse:
     """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
     a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
-    model or an uploaded adapter by name."""
+    model, an uploaded adapter by name, or ``auto`` (the domain router picks an uploaded
+    adapter from the image, else ``live`` serves; ``route`` says which and how sure)."""
     image_id = _image_id(runtime, body)
     mask_input = _mask_input(runtime, body.mask_input)
     result = runtime.engine.segment(image_id, body.points, body.labels, body.box, mask_input,
                                     body.multimask, body.adapter)
-    _answered(runtime, body, [result], response)
+    route = _answered(runtime, body, [result], response)
     return SegmentResponse(masks=_masks(result, body), adapter_version=result.adapter_version,
-                           image_id=result.image_id, cache_hit=result.cache_hit)
+                           image_id=result.image_id, cache_hit=result.cache_hit, route=route)
 
 
 @router.post("/batch", response_model=SegmentBatchResponse,
-             responses=problem_responses(400, 401, 404, 413, 422, 503))
+             responses={**problem_responses(400, 401, 404, 413, 422, 503), **_HEADERS})
 def segment_batch(body: SegmentBatchRequest, runtime: RuntimeDep,
                   response: Response) -> SegmentBatchResponse:
     """Several prompts (up to 64) on one image: one encode (or cache hit), and one
@@ -116,8 +133,8 @@ def segment_batch(body: SegmentBatchRequest, runtime: RuntimeDep,
     prompts = [{"point_coords": p.points, "point_labels": p.labels, "box": p.box,
                 "mask_input": _mask_input(runtime, p.mask_input)} for p in body.prompts]
     results = runtime.engine.segment_many(image_id, prompts, body.multimask, body.adapter)
-    _answered(runtime, body, results, response)
+    route = _answered(runtime, body, results, response)
     first = results[0]
     return SegmentBatchResponse(results=[PromptMasks(masks=_masks(r, body)) for r in results],
                                 adapter_version=first.adapter_version, image_id=first.image_id,
-                                cache_hit=first.cache_hit)
+                                cache_hit=first.cache_hit, route=route)

@@ -26,8 +26,9 @@ JSON_OBJECT_FIELD: dict[str, Any] = {"contentMediaType": "application/json",
                                      "contentSchema": {"type": "object"}}
 """A form field holding a JSON object (anything else is 422 ``invalid-argument``)."""
 NEW_NAME_SCHEMA: dict[str, Any] = {**ADAPTER_NAME_SCHEMA,
-                                   "pattern": f"^(?!(base|live)$){ADAPTER_NAME_PATTERN}$"}
-"""The name of a new adapter: a registry name other than the reserved ``base`` and ``live``."""
+                                   "pattern": f"^(?!(base|live|auto)$){ADAPTER_NAME_PATTERN}$"}
+"""The name of a new adapter: a registry name other than the reserved ``base``, ``live`` and
+``auto``."""
 
 
 NamePath = Annotated[str, Path(description="An adapter or dataset name.",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from infra.registry import ADAPTER_NAME_SCHEMA
 from service.prompts import DEFAULT_MAX_POINTS
 from service.schemas.documented import IMAGE_FORMAT, MASK_FORMAT
+from service.schemas.routing import RouteInfo
 
 MaskFormat = Literal["rle", "png"]
 
@@ -128,7 +129,9 @@ class SegmentOptions(BaseModel):
                             "(else one).")
     adapter: str = Field(default="live", max_length=64,
                          description="'live' (the merged adapter; the base model until one is "
-                         "activated), 'base', or an uploaded adapter's name.")
+                         "activated), 'base', an uploaded adapter's name, or 'auto' (the "
+                         "domain router picks the uploaded adapter of the image's domain from "
+                         "the adapters' statistics, else 'live' serves; see `route`).")
     format: MaskFormat = Field(default="rle", description="'rle' (COCO compressed RLE) or "
                                "'png' (base64 8-bit PNG, 255 on the object).")
     return_logits: bool = Field(default=False, description="Also return each mask's low-res "
@@ -183,6 +186,8 @@ class SegmentResponse(BaseModel):
     adapter_version: str = Field(description="'base', 'live:<n>' or 'domain:<name>'.")
     image_id: str
     cache_hit: bool = Field(description="Whether the image embedding came from the cache.")
+    route: RouteInfo | None = Field(default=None, description="adapter 'auto' only: what the "
+                                    "domain router chose (also the X-Regcl-Route header).")
 
 
 class PromptMasks(BaseModel):
@@ -199,3 +204,5 @@ class SegmentBatchResponse(BaseModel):
     adapter_version: str = Field(description="'base', 'live:<n>' or 'domain:<name>'.")
     image_id: str
     cache_hit: bool = Field(description="Whether the image embedding came from the cache.")
+    route: RouteInfo | None = Field(default=None, description="adapter 'auto' only: what the "
+                                    "domain router chose (also the X-Regcl-Route header).")

@@ -66,13 +66,13 @@ def page_prompt(page) -> tuple[dict, int]:
         "data-mask-index"))
 
 
-def assert_overlay_is_api_mask(page, client) -> dict:
+def assert_overlay_is_api_mask(page, client, size: tuple[int, int] = (HEIGHT, WIDTH)) -> dict:
     """The page's overlay equals the mask the API gives for the request the page sent (the
-    mask the page chose); returns that request."""
+    mask the page chose; the image is ``size`` H x W); returns that request."""
     request, index = page_prompt(page)
     masks, scores, _ = api_masks(client, request)
     overlay = canvas_mask(page, "#mask-canvas")
-    assert overlay.shape == masks[index].shape == (HEIGHT, WIDTH)
+    assert overlay.shape == masks[index].shape == size
     assert overlay.any(), "the overlay is empty"
     assert np.array_equal(overlay, masks[index]), (
         f"overlay differs from the API's mask {index} in {(overlay != masks[index]).sum()} px")

@@ -10,7 +10,7 @@ import pytest
 
 from regcl.client import models
 from service.schemas import adapters as adapter_schemas
-from service.schemas import datasets, health, images, jobs, segment, versions
+from service.schemas import datasets, health, images, jobs, routing, segment, versions
 
 # client type, server schema, {client field: the server fields it stands for}
 PAIRS = [
@@ -28,6 +28,8 @@ PAIRS = [
     (models.MatrixRow, versions.MatrixRow, {}),
     (models.Matrix, versions.ContinualMatrixResponse, {"domains": {"columns"}}),
     (models.Readiness, health.ReadinessResponse, {"ready": {"status"}}),
+    (models.Route, routing.RouteInfo, {}),
+    (models.RouterInfo, routing.RouterInfo, {}),
 ]
 
 

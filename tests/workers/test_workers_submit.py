@@ -15,7 +15,7 @@ from infra.settings import Settings
 from regcl.adapters import AdapterConfig
 from regcl.errors import ConfigError
 from regcl.merging import STREAMING_METHODS, make_params
-from regcl.merging.catalogue import CATALOGUE, parameter_bounds
+from regcl.merging.catalogue import CATALOGUE, Choice, parameter_bounds
 from regcl.training.adapter import TrainConfig
 from workers import params as job_params
 from workers.celery_app import ALL_QUEUES, QUEUE_OF, make_celery
@@ -81,7 +81,8 @@ def test_a_job_records_its_full_arguments_and_can_be_cancelled_while_queued(api)
     assert job.params["params"]["epochs"] == 2 and job.params["params"]["rank"] == 10
     merge = submit_merge(celery, jobs, adapters=["polyp"], activate=True)
     assert merge.params == {"adapters": ["polyp"], "method": job_params.DEFAULT_MERGE_METHOD,
-                            "params": {"ridge": 1e-4, "alpha": 1.0}, "activate": True,
+                            "params": {"ridge": 1e-4, "alpha": 1.0, "weighting": "domain"},
+                            "activate": True,
                             "fresh": False}
     mean = submit_merge(celery, jobs, adapters=["polyp"], method="mean", params=None)
     assert mean.params["method"] == "mean" and mean.params["params"] == {}
@@ -108,6 +109,15 @@ def test_parameter_models_agree_with_the_library() -> None:
         assert ours().model_dump() == make_params(method).to_dict(), method
         # the same bounds: a value just past each finite bound is refused by both
         for name, (bound, _, _) in parameter_bounds(CATALOGUE[method].params_type).items():
+            if isinstance(bound, Choice):  # a name outside the options is refused by both
+                with pytest.raises(ConfigError):
+                    make_params(method, **{name: "no-such-" + name})
+                with pytest.raises(ConfigError):
+                    job_params.validate(ours, {name: "no-such-" + name}, "params")
+                for option in bound.options:
+                    assert job_params.validate(ours, {name: option}, "params").model_dump() \
+                        == make_params(method, **{name: option}).to_dict()
+                continue
             for outside in (bound.low - 1e-9 if not bound.low_open else bound.low,
                             bound.high + 1e-9):
                 if abs(outside) == float("inf"):

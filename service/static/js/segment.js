@@ -383,6 +383,19 @@ function caption(asked, served) {
   return asked === served ? asked : `${asked} (${served})`;
 }
 
+/** What adapter "auto" chose, in words: the domain adapter and its margin over the runner-up,
+ * or the fallback to the live adapter and why (not confident, or unlike every domain). */
+function describeRoute(route) {
+  const number = (v) => (v === null ? "–" : fmt(v));
+  const figures = `margin ${number(route.margin)} (≥ ${fmt(route.min_margin)} to take it), ` +
+                  `novelty ${number(route.novelty)} (≤ ${fmt(route.max_novelty)})`;
+  if (route.confident) return `auto → ${route.adapter_version}: confident; ${figures}`;
+  if (route.best === null) {
+    return `auto → ${route.adapter_version}: no domain adapter has statistics`;
+  }
+  return `auto → ${route.adapter_version}: not confident (best: ${route.best}); ${figures}`;
+}
+
 function describe(result, index) {
   const m = result.masks[index];
   return `${result.adapter_version} · mask ${index + 1} of ${result.masks.length} · ` +
@@ -398,6 +411,11 @@ function render() {
   stage.dataset.score = String(result.masks[index].score);
   stage.dataset.adapterVersion = result.adapter_version;
   $("main-caption").textContent = caption(adapterName(), result.adapter_version);
+  const routeInfo = $("route-info");
+  routeInfo.hidden = !result.route;
+  routeInfo.textContent = result.route ? describeRoute(result.route) : "";
+  if (result.route) stage.dataset.route = result.route.domain ?? "live";
+  else delete stage.dataset.route;
   say($("mask-info"), describe(result, index));
   $("download-png").disabled = false;
   $("download-rle").disabled = false;
@@ -485,6 +503,7 @@ export async function refreshAdapters() {
   try {
     const { adapters } = await api("/v1/adapters");
     const options = [el("option", { value: "live" }, "live (merged)"),
+                     el("option", { value: "auto" }, "auto (the image's domain adapter)"),
                      el("option", { value: "base" }, "base (no adapter)"),
                      ...adapters.map((a) => el("option", { value: a.name },
                                                `adapter: ${a.name}` +
@@ -497,8 +516,10 @@ export async function refreshAdapters() {
 }
 
 export function liveChanged() {
-  // A new live version: masks from 'live' are stale, ask again.
-  if (state.result && (adapterName() === "live" || $("compare-toggle").checked)) segment();
+  // A new live version: masks from 'live' (and from 'auto', which falls back to it) are
+  // stale, ask again.
+  const followsLive = ["live", "auto"].includes(adapterName());
+  if (state.result && (followsLive || $("compare-toggle").checked)) segment();
 }
 
 export function initSegment() {
