@@ -31,6 +31,7 @@ from infra.settings import Settings
 from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
+from service.decoder_export import DecoderOnnx
 from service.engine import SegmentationEngine
 from service.live_swap import DomainAdapters, LiveFollower
 from service.metrics import Metrics
@@ -56,6 +57,7 @@ class Runtime:
     celery: Any | None  # celery.Celery; None when the workers package is not installed
     metrics: Metrics
     live: LiveFollower
+    decoder: DecoderOnnx  # decoder.onnx for browsers, exported on first request
     cache_dir: Path
     upload_dir: Path
 
@@ -147,4 +149,5 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         registry=platform.registry, jobs=platform.jobs, datasets=platform.datasets,
         celery=_make_celery(settings), metrics=metrics,
         live=LiveFollower(engine, platform.registry, cache_dir, metrics),
+        decoder=DecoderOnnx(engine, cache_dir),
         cache_dir=cache_dir, upload_dir=settings.data_dir / "tmp" / "uploads")
