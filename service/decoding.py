@@ -3,10 +3,12 @@
 LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` refuses
 anything else before the model is touched), so the prompt encoder and mask decoder are the
 same for every adapter and decoding needs no lock. It runs on one batcher thread
-(``regcl-decoder``): the requests queued meanwhile - one prompt from ``/v1/segment``, up to
-64 from ``/v1/segment/batch`` - are grouped by prompt form (point count, box, mask input,
-multimask), and each group decodes in one mask-decoder call (:func:`decode_rows`), each row
-with its own cached :class:`~service.cache.EncodedImage`. A row alone gives exactly what
+(``regcl-decoder``), or on the request's own thread when that thread finds the decoder idle
+(a lone prompt then pays no hand-over; :mod:`service.batching`). The requests queued while a
+batch runs - one prompt from ``/v1/segment``, up to 64 from ``/v1/segment/batch`` - are
+grouped by prompt form (point count, box, mask input, multimask), and each group decodes in
+one mask-decoder call (:func:`decode_rows`), each row with its own cached
+:class:`~service.cache.EncodedImage`. A row alone gives exactly what
 ``SamPredictor.predict`` gives, bit for bit (the same operations in the same order).
 """
 
@@ -126,9 +128,11 @@ class PromptDecoder:
         self.max_rows = max_rows
         self._sam = sam
         self._transform = ResizeLongestSide(sam.image_encoder.img_size)
-        # Decodes never wait for company: whatever queued while one batch ran is the next.
+        # Decodes never wait for company: whatever queued while one batch ran is the next;
+        # a request that finds nothing queued and nothing running decodes on its own thread.
         self._batcher: Batcher[tuple[DecodeJob, ...]] = Batcher(
-            self._run_batch, max_batch=max_rows, max_wait_s=0.0, name="regcl-decoder")
+            self._run_batch, max_batch=max_rows, max_wait_s=0.0, name="regcl-decoder",
+            inline=True)
 
     def close(self) -> None:
         self._batcher.close()
