@@ -95,16 +95,24 @@ class Batcher(Generic[T]):
     def run(self, item: T) -> object:
         """Submit ``item`` and wait for its result (re-raises its exception); with ``inline``
         and an idle batcher, run it here."""
-        if self._inline and self._queue.empty() and self._running.acquire(blocking=False):
-            try:
-                if self._queue.empty() and not self._closed.is_set():
-                    pending = Pending(item)
-                    self.inline_runs += 1
-                    self._settle([pending])
-                    return pending.future.result()
-            finally:
-                self._running.release()
-        return self.submit(item).result()
+        ran, result = self.run_if_idle(item)
+        return result if ran else self.submit(item).result()
+
+    def run_if_idle(self, item: T) -> tuple[bool, object]:
+        """With ``inline``: if nothing is queued or running, run ``item`` on this thread and
+        return ``(True, its result)`` (re-raising its exception); else ``(False, None)``
+        without running it."""
+        if not (self._inline and self._queue.empty() and self._running.acquire(blocking=False)):
+            return False, None
+        try:
+            if not self._queue.empty() or self._closed.is_set():
+                return False, None
+            pending = Pending(item)
+            self.inline_runs += 1
+            self._settle([pending])
+        finally:
+            self._running.release()
+        return True, pending.future.result()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread after the items already queued have run."""

@@ -14,6 +14,7 @@ one mask-decoder call (:func:`decode_rows`), each row with its own cached
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,6 +143,20 @@ class PromptDecoder:
         if not jobs:
             return []
         return self._batcher.run(tuple(jobs))
+
+    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool
+                           ) -> list[SegmentResult]:
+        """:meth:`decode` for the event loop: ``alone`` (no other request in flight) and an
+        idle decoder decode right here, blocking the loop for one decode, with nothing else
+        to serve; otherwise the decoder thread runs them (batched with whatever else is
+        queued) and the loop awaits them without blocking."""
+        if not jobs:
+            return []
+        if alone:
+            ran, results = self._batcher.run_if_idle(tuple(jobs))
+            if ran:
+                return results
+        return await asyncio.wrap_future(self._batcher.submit(tuple(jobs)))
 
     def _run_batch(self, batch: list[Pending[tuple[DecodeJob, ...]]]) -> None:
         """Every prompt of every queued request, grouped by form, at most ``max_rows`` per

@@ -8,12 +8,14 @@ from the load process while ``py-spy record`` samples every thread of the API pr
 runs right before and after each phase, as in ``regcl bench serve``, so each phase also gives
 its same-run ratio.
 
-Each sampled stack is put in one bucket (the first rule, in :data:`BUCKETS` order, that names a
-frame of the stack), and a bucket's samples divided by the sample rate and the requests served
-give its milliseconds of thread time per request. Idle threads are not sampled, so the buckets
-add up to the CPU time the API spent per request (over every thread; under the GIL only one
-runs Python at a time). Writes ``profile-c<N>.txt`` (py-spy's collapsed stacks) and
-``profile.json`` under ``--out``, and prints the table.
+Each sampled stack is put in one bucket: the first rule, in :data:`BUCKETS` order, that
+names a frame of the stack (the model's work first, the HTTP layers last, so a thread hop or
+a socket write made from inside a middleware counts as the hop or the write). A bucket's
+samples divided by the sample rate and the requests served give its milliseconds of thread
+time per request. Idle threads are not sampled, so the buckets add up to the CPU time the API
+spent per request over every thread (a thread waiting for the GIL counts as running; under
+the GIL only one runs Python at a time). Writes ``profile-c<N>.txt`` (py-spy's collapsed
+stacks) and ``profile.json`` under ``--out``, and prints the table.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ __all__ = ["BUCKETS", "bucket_of", "main", "summarise_collapsed"]
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("mask decoder + prompt encoder (the model)", ("predict_masks_batched",)),
     ("upscale + threshold to image size (postprocess_masks)", ("postprocess_masks",)),
-    ("prompt prep on the decoder thread (coords, tensors)", ("decode_rows",)),
+    ("prompt prep for the decoder (coords, tensors)", ("decode_rows",)),
     ("decoder thread: queue and futures", ("regcl-decoder", "_run_batch", "batching.py")),
     ("RLE encode", ("mask_to_rle", "_mask.pyx", "pycocotools")),
     ("bbox + area", ("mask_bbox", "mask_area")),
@@ -53,11 +55,12 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
                                      "orjson")),
     ("request body read + JSON parse", ("_get_body", "json/decoder", "json.loads",
                                         "loads (json", "body (starlette")),
+    ("thread hop to the route's worker thread (anyio)", ("run_in_threadpool", "to_thread",
+                                                         "anyio", "run_sync", "wrap_future",
+                                                         "_chain_future", "_copy_future")),
+    ("HTTP parsing + writing (h11 / httptools)", ("h11", "httptools", "uvicorn/protocols")),
     ("metrics + auth + body-limit middleware", ("metrics.py", "auth.py", "uploads.py",
                                                 "prometheus_client")),
-    ("thread hop to the route's worker thread (anyio)", ("run_in_threadpool", "to_thread",
-                                                         "anyio", "run_sync")),
-    ("HTTP parsing + writing (h11 / httptools)", ("h11", "httptools", "uvicorn/protocols")),
     ("routing + FastAPI/Starlette dispatch", ("routing.py", "starlette", "fastapi")),
     ("asyncio event loop", ("asyncio", "uvloop", "selectors")),
 ]
