@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    parser.add_argument("--baseline-requests", type=int, default=128,
+                        help="SamPredictor.predict calls in each block around a phase")
     parser.add_argument("--out", default=None, help="folder for the stacks and profile.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from regcl.client import Client
 
     torch.set_num_threads(args.threads)
-    config = ServeBenchConfig(threads=args.threads)
+    config = ServeBenchConfig(threads=args.threads, cached_requests=args.baseline_requests)
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="regcl-profile-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     sam = build_sam(config, None)
