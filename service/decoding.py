@@ -144,18 +144,12 @@ class PromptDecoder:
             return []
         return self._batcher.run(tuple(jobs))
 
-    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool
-                           ) -> list[SegmentResult]:
-        """:meth:`decode` for the event loop: ``alone`` (no other request in flight) and an
-        idle decoder decode right here, blocking the loop for one decode, with nothing else
-        to serve; otherwise the decoder thread runs them (batched with whatever else is
-        queued) and the loop awaits them without blocking."""
+    async def decode_async(self, jobs: Sequence[DecodeJob]) -> list[SegmentResult]:
+        """:meth:`decode` for the event loop: the decoder thread runs ``jobs`` (batched with
+        whatever else is queued) while the loop awaits them without blocking. (Decoding on
+        the loop itself would serialise every request: each would find the decoder idle.)"""
         if not jobs:
             return []
-        if alone:
-            ran, results = self._batcher.run_if_idle(tuple(jobs))
-            if ran:
-                return results
         return await asyncio.wrap_future(self._batcher.submit(tuple(jobs)))
 
     def _run_batch(self, batch: list[Pending[tuple[DecodeJob, ...]]]) -> None:

@@ -199,11 +199,10 @@ class SegmentationEngine:
             check_bounds(job.prompt, encoded.original_size)
         return jobs
 
-    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool
-                           ) -> list[SegmentResult]:
+    async def decode_async(self, jobs: Sequence[DecodeJob]) -> list[SegmentResult]:
         """Results of :meth:`cached_jobs`' jobs, awaited on the event loop
         (:meth:`service.decoding.PromptDecoder.decode_async`)."""
-        return await self._decoder.decode_async(jobs, alone=alone)
+        return await self._decoder.decode_async(jobs)
 
     def decode(self, encoded: EncodedImage, point_coords: object = None,
                point_labels: object = None, box: object = None, mask_input: object = None,

@@ -97,21 +97,16 @@ async def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response
     """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
     a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
     model or an uploaded adapter by name."""
-    # A prompt on a cached embedding stays on the event loop (decoded there when it is the
-    # only request in flight, else awaited from the decoder thread); anything that may block
-    # (an encode, an inline image, a domain adapter's lookup) runs in the thread pool.
-    runtime.segments_in_flight += 1
-    try:
-        if body.image_base64 is None:
-            jobs = runtime.engine.cached_jobs(body.image_id or "", [_prompt(runtime, body)],
-                                              body.multimask, body.adapter)
-            if jobs is not None:
-                results = await runtime.engine.decode_async(
-                    jobs, alone=runtime.segments_in_flight == 1)
-                return _segment_response(runtime, body, results[0], response)
-        return await run_in_threadpool(_segment_blocking, body, runtime, response)
-    finally:
-        runtime.segments_in_flight -= 1
+    # A prompt on a cached embedding stays on the event loop, which awaits the decoder
+    # thread (one hand-over each way); anything that may block (an encode, an inline image,
+    # a domain adapter's lookup) runs in the thread pool.
+    if body.image_base64 is None:
+        jobs = runtime.engine.cached_jobs(body.image_id or "", [_prompt(runtime, body)],
+                                          body.multimask, body.adapter)
+        if jobs is not None:
+            results = await runtime.engine.decode_async(jobs)
+            return _segment_response(runtime, body, results[0], response)
+    return await run_in_threadpool(_segment_blocking, body, runtime, response)
 
 
 def _prompt(runtime: Runtime, body: SegmentRequest) -> dict[str, object]:

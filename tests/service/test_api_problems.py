@@ -4,6 +4,9 @@ the key checks answer 401 / 403 as documented."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
 import redis
 from fastapi import FastAPI
@@ -105,7 +108,9 @@ def _settings(**values) -> Settings:
 
 def _code(call) -> str | None:
     try:
-        call()
+        result = call()
+        if inspect.iscoroutine(result):  # the dependencies are async (no thread hop each)
+            asyncio.run(result)
     except ProblemError as exc:
         return exc.kind.code
     return None
