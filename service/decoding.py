@@ -144,12 +144,20 @@ class PromptDecoder:
             return []
         return self._batcher.run(tuple(jobs))
 
-    async def decode_async(self, jobs: Sequence[DecodeJob]) -> list[SegmentResult]:
-        """:meth:`decode` for the event loop: the decoder thread runs ``jobs`` (batched with
-        whatever else is queued) while the loop awaits them without blocking. (Decoding on
-        the loop itself would serialise every request: each would find the decoder idle.)"""
+    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool = False
+                           ) -> list[SegmentResult]:
+        """:meth:`decode` for the event loop. ``alone`` (the caller saw no other request in
+        flight) and an idle decoder: decode right here, on the loop, with no hand-over to
+        another thread and no fight for the GIL. Otherwise the decoder thread runs ``jobs``
+        (batched with whatever else is queued) while the loop awaits them without blocking.
+        Never decode on the loop under load: every request would find the decoder idle, and
+        nothing would batch."""
         if not jobs:
             return []
+        if alone:
+            ran, results = self._batcher.run_if_idle(tuple(jobs))
+            if ran:
+                return results
         return await asyncio.wrap_future(self._batcher.submit(tuple(jobs)))
 
     def _run_batch(self, batch: list[Pending[tuple[DecodeJob, ...]]]) -> None:

@@ -199,10 +199,11 @@ class SegmentationEngine:
             check_bounds(job.prompt, encoded.original_size)
         return jobs
 
-    async def decode_async(self, jobs: Sequence[DecodeJob]) -> list[SegmentResult]:
+    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool = False
+                           ) -> list[SegmentResult]:
         """Results of :meth:`cached_jobs`' jobs, awaited on the event loop
         (:meth:`service.decoding.PromptDecoder.decode_async`)."""
-        return await self._decoder.decode_async(jobs)
+        return await self._decoder.decode_async(jobs, alone=alone)
 
     def decode(self, encoded: EncodedImage, point_coords: object = None,
                point_labels: object = None, box: object = None, mask_input: object = None,

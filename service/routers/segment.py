@@ -4,6 +4,7 @@ several prompts on one image in one request and one decoder call per prompt form
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 
@@ -35,6 +36,7 @@ router = APIRouter(prefix="/v1/segment", tags=["segment"],
                    dependencies=[Depends(require_segment_access)])
 
 VERSION_HEADER = "X-Regcl-Adapter-Version"
+LOOK_AROUND_TURNS = 3  # event-loop turns a cached prompt waits to see other requests arrive
 logger = logging.getLogger(__name__)
 
 
@@ -97,16 +99,29 @@ async def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response
     """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
     a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
     model or an uploaded adapter by name."""
-    # A prompt on a cached embedding stays on the event loop, which awaits the decoder
-    # thread (one hand-over each way); anything that may block (an encode, an inline image,
-    # a domain adapter's lookup) runs in the thread pool.
-    if body.image_base64 is None:
-        jobs = runtime.engine.cached_jobs(body.image_id or "", [_prompt(runtime, body)],
-                                          body.multimask, body.adapter)
-        if jobs is not None:
-            results = await runtime.engine.decode_async(jobs)
-            return _segment_response(runtime, body, results[0], response)
-    return await run_in_threadpool(_segment_blocking, body, runtime, response)
+    # A prompt on a cached embedding stays on the event loop: alone, it decodes there; with
+    # company, the loop awaits the decoder thread, which batches. Anything that may block (an
+    # encode, an inline image, a domain adapter's lookup) runs in the thread pool.
+    runtime.segments_in_flight += 1
+    try:
+        if body.image_base64 is None:
+            jobs = runtime.engine.cached_jobs(body.image_id or "", [_prompt(runtime, body)],
+                                              body.multimask, body.adapter)
+            if jobs is not None:
+                results = await runtime.engine.decode_async(jobs, alone=await _alone(runtime))
+                return _segment_response(runtime, body, results[0], response)
+        return await run_in_threadpool(_segment_blocking, body, runtime, response)
+    finally:
+        runtime.segments_in_flight -= 1
+
+
+async def _alone(runtime: Runtime) -> bool:
+    """Whether this is the only segmentation in flight, after letting the loop read what
+    has arrived: requests already received reach the route (and count) within a few loop
+    turns, so a burst of clients is seen as company and batched."""
+    for _ in range(LOOK_AROUND_TURNS):
+        await asyncio.sleep(0)
+    return runtime.segments_in_flight == 1
 
 
 def _prompt(runtime: Runtime, body: SegmentRequest) -> dict[str, object]:
