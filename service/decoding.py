@@ -123,10 +123,12 @@ class PromptDecoder:
     Args:
         sam: the model whose prompt encoder and mask decoder run (adapters never touch them).
         max_rows: most prompts in one mask-decoder call (and most requests taken at once).
+        threads: torch intra-op threads of every decode, on whichever thread it runs.
     """
 
-    def __init__(self, sam: Sam, max_rows: int) -> None:
+    def __init__(self, sam: Sam, max_rows: int, threads: int = 1) -> None:
         self.max_rows = max_rows
+        self._threads = threads
         self._sam = sam
         self._transform = ResizeLongestSide(sam.image_encoder.img_size)
         # Decodes never wait for company: whatever queued while one batch ran is the next;
@@ -163,6 +165,11 @@ class PromptDecoder:
     def _run_batch(self, batch: list[Pending[tuple[DecodeJob, ...]]]) -> None:
         """Every prompt of every queued request, grouped by form, at most ``max_rows`` per
         decoder call; a failed call fails the requests that had a prompt in it."""
+        if torch.get_num_threads() != self._threads:
+            # OpenMP's thread count is per thread: the engine set it on the thread that built
+            # it, and threads that existed then (the event loop's) keep the default, whose
+            # spinning second OpenMP thread doubled a decode's time on a busy machine.
+            torch.set_num_threads(self._threads)
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for request, pending in enumerate(batch):
             for row, job in enumerate(pending.item):

@@ -100,7 +100,8 @@ class SegmentationEngine:
                                   source=domain_source)
         self._encoding = ImageEncoding(encoder, self.slots, self.cache, self.images,
                                        self.options)
-        self._decoder = PromptDecoder(self.slots.sam, self.options.max_decode_batch)
+        self._decoder = PromptDecoder(self.slots.sam, self.options.max_decode_batch,
+                                      threads=self.options.threads or torch.get_num_threads())
         self._mask_input_size = tuple(self.slots.sam.prompt_encoder.mask_input_size)
         # Part of every embedding ETag: slot keys are unique within this process only.
         self._instance = secrets.token_hex(4)
