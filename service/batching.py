@@ -5,12 +5,6 @@ takes the first waiting item, then keeps collecting until it holds ``max_batch``
 ``max_wait_s`` has passed since that first item, and hands the batch to ``run_batch``, which
 must settle every item's future (result or exception). Under load the queue fills while a
 batch runs, so batches form without waiting; an idle engine pays at most ``max_wait_s``.
-
-With ``inline=True`` a submitter that finds the batcher idle (nothing queued, no batch
-running) runs its item as a batch of one on its own thread instead: no hand-over to the
-batcher thread and back, which is most of a lone request's overhead when the work is a few
-milliseconds (a prompt's decode). Batches still run one at a time, and whatever queues
-meanwhile is batched by the thread as before.
 """
 
 from __future__ import annotations
@@ -62,11 +56,10 @@ class Batcher(Generic[T]):
             unsettled gets that exception.
         max_batch: most items in a batch. max_wait_s: longest wait for more items after the
             first one.
-        inline: run a lone item on its submitter's thread when the batcher is idle.
     """
 
     def __init__(self, run_batch: Callable[[list[Pending[T]]], None], *, max_batch: int,
-                 max_wait_s: float, name: str = "batcher", inline: bool = False) -> None:
+                 max_wait_s: float, name: str = "batcher") -> None:
         if max_batch < 1 or max_wait_s < 0:
             raise ConfigError(f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, "
                               f"{max_wait_s}")
@@ -77,9 +70,6 @@ class Batcher(Generic[T]):
         self._queue: queue.SimpleQueue[Pending[T] | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._inline = inline
-        self._running = threading.Lock()  # held while a batch runs (thread or inline)
-        self.inline_runs = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -93,26 +83,8 @@ class Batcher(Generic[T]):
         return pending.future
 
     def run(self, item: T) -> object:
-        """Submit ``item`` and wait for its result (re-raises its exception); with ``inline``
-        and an idle batcher, run it here."""
-        ran, result = self.run_if_idle(item)
-        return result if ran else self.submit(item).result()
-
-    def run_if_idle(self, item: T) -> tuple[bool, object]:
-        """With ``inline``: if nothing is queued or running, run ``item`` on this thread and
-        return ``(True, its result)`` (re-raising its exception); else ``(False, None)``
-        without running it."""
-        if not (self._inline and self._queue.empty() and self._running.acquire(blocking=False)):
-            return False, None
-        try:
-            if not self._queue.empty() or self._closed.is_set():
-                return False, None
-            pending = Pending(item)
-            self.inline_runs += 1
-            self._settle([pending])
-        finally:
-            self._running.release()
-        return True, pending.future.result()
+        """Submit ``item`` and wait for its result (re-raises its exception)."""
+        return self.submit(item).result()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread after the items already queued have run."""
@@ -148,25 +120,20 @@ class Batcher(Generic[T]):
             first = self._queue.get()
             if first is None:
                 break
-            with self._running:  # after an inline run: collect what queued meanwhile
-                batch, stop = self._collect(first)
-                self._settle(batch)
-
-    def _settle(self, batch: list[Pending[T]]) -> None:
-        """Run one batch (caller holds ``_running``); every future ends settled."""
-        self.stats.batches += 1
-        self.stats.items += len(batch)
-        self.stats.largest = max(self.stats.largest, len(batch))
-        try:
-            self._run_batch(batch)
-        except BaseException as exc:  # settle everyone; the thread lives on
-            logger.exception("batch of %d failed", len(batch))
-            for pending in batch:
+            batch, stop = self._collect(first)
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.largest = max(self.stats.largest, len(batch))
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # settle everyone; the thread lives on
+                logger.exception("batch of %d failed", len(batch))
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+            for pending in batch:  # a run_batch that forgot one must not hang its caller
                 if not pending.future.done():
-                    pending.future.set_exception(exc)
-        for pending in batch:  # a run_batch that forgot one must not hang its caller
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("batch item left unsettled"))
+                    pending.future.set_exception(RuntimeError("batch item left unsettled"))
 
 
 class WriterFirstLock:

@@ -3,10 +3,8 @@
 LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` refuses
 anything else before the model is touched), so the prompt encoder and mask decoder are the
 same for every adapter and decoding needs no lock. It runs on one batcher thread
-(``regcl-decoder``), or on the request's own thread when that thread finds the decoder idle
-(a lone prompt then pays no hand-over; :mod:`service.batching`). The requests queued while a
-batch runs - one prompt from ``/v1/segment``, up to 64 from ``/v1/segment/batch`` - are
-grouped by prompt form (point count, box, mask input, multimask), and each group decodes in
+(``regcl-decoder``). The requests queued while a batch runs - one prompt from
+``/v1/segment``, up to 64 from ``/v1/segment/batch`` - are grouped by prompt form (point count, box, mask input, multimask), and each group decodes in
 one mask-decoder call (:func:`decode_rows`), each row with its own cached
 :class:`~service.cache.EncodedImage`. A row alone gives exactly what
 ``SamPredictor.predict`` gives, bit for bit (the same operations in the same order).
@@ -14,7 +12,6 @@ one mask-decoder call (:func:`decode_rows`), each row with its own cached
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,11 +128,9 @@ class PromptDecoder:
         self._threads = threads
         self._sam = sam
         self._transform = ResizeLongestSide(sam.image_encoder.img_size)
-        # Decodes never wait for company: whatever queued while one batch ran is the next;
-        # a request that finds nothing queued and nothing running decodes on its own thread.
+        # Decodes never wait for company: whatever queued while one batch ran is the next.
         self._batcher: Batcher[tuple[DecodeJob, ...]] = Batcher(
-            self._run_batch, max_batch=max_rows, max_wait_s=0.0, name="regcl-decoder",
-            inline=True)
+            self._run_batch, max_batch=max_rows, max_wait_s=0.0, name="regcl-decoder")
 
     def close(self) -> None:
         self._batcher.close()
@@ -145,22 +140,6 @@ class PromptDecoder:
         if not jobs:
             return []
         return self._batcher.run(tuple(jobs))
-
-    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool = False
-                           ) -> list[SegmentResult]:
-        """:meth:`decode` for the event loop. ``alone`` (the caller saw no other request in
-        flight) and an idle decoder: decode right here, on the loop, with no hand-over to
-        another thread and no fight for the GIL. Otherwise the decoder thread runs ``jobs``
-        (batched with whatever else is queued) while the loop awaits them without blocking.
-        Never decode on the loop under load: every request would find the decoder idle, and
-        nothing would batch."""
-        if not jobs:
-            return []
-        if alone:
-            ran, results = self._batcher.run_if_idle(tuple(jobs))
-            if ran:
-                return results
-        return await asyncio.wrap_future(self._batcher.submit(tuple(jobs)))
 
     def _run_batch(self, batch: list[Pending[tuple[DecodeJob, ...]]]) -> None:
         """Every prompt of every queued request, grouped by form, at most ``max_rows`` per

@@ -75,12 +75,6 @@ class ImageEncoding:
     def _slot(self, target: Target) -> AdapterSlot | None:
         return self._table.resolve(target) if isinstance(target, str) else target
 
-    def cached(self, image_id: str, target: Target) -> EncodedImage | None:
-        """Image ``image_id``'s embedding under ``target`` if it is cached (never blocks)."""
-        if not isinstance(image_id, str):
-            return None
-        return self._cache.get((image_id, slot_key(self._slot(target))))
-
     def encode(self, image_id: str, target: Target) -> tuple[EncodedImage, bool]:
         """Image ``image_id``'s embedding under ``target`` and whether it was cached (or made
         by another request of the same batch). Raises ImageNotFoundError."""

@@ -181,31 +181,6 @@ class SegmentationEngine:
             encoded, hit = self._encoding.encode(image_id, target)
         return self._decode([DecodeJob(encoded, p, bool(multimask), hit) for p in checked])
 
-    def cached_jobs(self, image_id: str, prompts: Sequence[Mapping[str, object]],
-                    multimask: bool = True, adapter: str = LIVE) -> list[DecodeJob] | None:
-        """The checked decode jobs of :meth:`segment_many`'s arguments when they can start at
-        once: ``base`` or ``live`` with the image's embedding cached; None otherwise (a
-        domain adapter's lookup may reach the registry, a miss needs an encode: use
-        :meth:`segment_many`). Never blocks; raises the prompt errors of :meth:`segment`.
-        Decode them with :meth:`decode_async`."""
-        if adapter not in (BASE, LIVE):
-            return None
-        checked = [self._check_prompt(p.get("point_coords"), p.get("point_labels"),
-                                      p.get("box"), p.get("mask_input")) for p in prompts]
-        encoded = self._encoding.cached(image_id, None if adapter == BASE else LIVE)
-        if encoded is None or not checked:
-            return None
-        jobs = [DecodeJob(encoded, p, bool(multimask), True) for p in checked]
-        for job in jobs:
-            check_bounds(job.prompt, encoded.original_size)
-        return jobs
-
-    async def decode_async(self, jobs: Sequence[DecodeJob], *, alone: bool = False
-                           ) -> list[SegmentResult]:
-        """Results of :meth:`cached_jobs`' jobs, awaited on the event loop
-        (:meth:`service.decoding.PromptDecoder.decode_async`)."""
-        return await self._decoder.decode_async(jobs, alone=alone)
-
     def decode(self, encoded: EncodedImage, point_coords: object = None,
                point_labels: object = None, box: object = None, mask_input: object = None,
                multimask: bool = True) -> SegmentResult:

@@ -60,7 +60,6 @@ class Runtime:
     decoder: DecoderOnnx  # decoder.onnx for browsers, exported on first request
     cache_dir: Path
     upload_dir: Path
-    segments_in_flight: int = 0  # POST /v1/segment requests being answered (event loop only)
 
     @property
     def mask_input_side(self) -> int:

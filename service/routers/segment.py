@@ -4,13 +4,11 @@ several prompts on one image in one request and one decoder call per prompt form
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 
 import numpy as np
 from fastapi import APIRouter, Depends, Response
-from fastapi.concurrency import run_in_threadpool
 
 from service.adapter_table import BASE, LIVE
 from service.decoding import SegmentResult
@@ -36,7 +34,6 @@ router = APIRouter(prefix="/v1/segment", tags=["segment"],
                    dependencies=[Depends(require_segment_access)])
 
 VERSION_HEADER = "X-Regcl-Adapter-Version"
-LOOK_AROUND_TURNS = 3  # event-loop turns a cached prompt waits to see other requests arrive
 logger = logging.getLogger(__name__)
 
 
@@ -94,51 +91,14 @@ def _mask_result(result: SegmentResult, index: int, body: SegmentOptions) -> Mas
 
 @router.post("", response_model=SegmentResponse,
              responses=problem_responses(400, 401, 404, 413, 422, 503))
-async def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response
-                  ) -> SegmentResponse:
+def segment(body: SegmentRequest, runtime: RuntimeDep, response: Response) -> SegmentResponse:
     """Segment an uploaded (``image_id``) or inline (``image_base64``) image with points,
     a box and/or an earlier mask's logits, using the ``live`` adapter (default), the ``base``
     model or an uploaded adapter by name."""
-    # A prompt on a cached embedding stays on the event loop: alone, it decodes there; with
-    # company, the loop awaits the decoder thread, which batches. Anything that may block (an
-    # encode, an inline image, a domain adapter's lookup) runs in the thread pool.
-    runtime.segments_in_flight += 1
-    try:
-        if body.image_base64 is None:
-            jobs = runtime.engine.cached_jobs(body.image_id or "", [_prompt(runtime, body)],
-                                              body.multimask, body.adapter)
-            if jobs is not None:
-                results = await runtime.engine.decode_async(jobs, alone=await _alone(runtime))
-                return _segment_response(runtime, body, results[0], response)
-        return await run_in_threadpool(_segment_blocking, body, runtime, response)
-    finally:
-        runtime.segments_in_flight -= 1
-
-
-async def _alone(runtime: Runtime) -> bool:
-    """Whether this is the only segmentation in flight, after letting the loop read what
-    has arrived: requests already received reach the route (and count) within a few loop
-    turns, so a burst of clients is seen as company and batched."""
-    for _ in range(LOOK_AROUND_TURNS):
-        await asyncio.sleep(0)
-    return runtime.segments_in_flight == 1
-
-
-def _prompt(runtime: Runtime, body: SegmentRequest) -> dict[str, object]:
-    return {"point_coords": body.points, "point_labels": body.labels, "box": body.box,
-            "mask_input": _mask_input(runtime, body.mask_input)}
-
-
-def _segment_blocking(body: SegmentRequest, runtime: Runtime, response: Response
-                      ) -> SegmentResponse:
     image_id = _image_id(runtime, body)
-    (result,) = runtime.engine.segment_many(image_id, [_prompt(runtime, body)], body.multimask,
-                                            body.adapter)
-    return _segment_response(runtime, body, result, response)
-
-
-def _segment_response(runtime: Runtime, body: SegmentRequest, result: SegmentResult,
-                      response: Response) -> SegmentResponse:
+    mask_input = _mask_input(runtime, body.mask_input)
+    result = runtime.engine.segment(image_id, body.points, body.labels, body.box, mask_input,
+                                    body.multimask, body.adapter)
     _answered(runtime, body, [result], response)
     return SegmentResponse(masks=_masks(result, body), adapter_version=result.adapter_version,
                            image_id=result.image_id, cache_hit=result.cache_hit)

@@ -179,43 +179,6 @@ def test_batcher_settles_every_future_and_closes():
         batcher.submit(1)
 
 
-def test_inline_batcher_runs_a_lone_item_on_its_caller_and_batches_the_rest():
-    """``inline``: an idle batcher runs a lone item on the caller's thread; items that arrive
-    while a batch runs queue and run together on the batcher thread, one batch at a time."""
-    release = threading.Event()
-    runs: list[tuple[str, list[int]]] = []
-
-    def run(batch):
-        runs.append((threading.current_thread().name, [p.item for p in batch]))
-        if batch[0].item == 0:
-            release.wait(10)
-        for pending in batch:
-            pending.future.set_result(pending.item)
-
-    batcher = Batcher(run, max_batch=8, max_wait_s=0.0, name="the-batcher", inline=True)
-    assert batcher.run(5) == 5
-    assert runs == [(threading.current_thread().name, [5])]
-    blocker = threading.Thread(target=batcher.run, args=(0,), name="first-caller")
-    blocker.start()
-    _wait_for(lambda: len(runs) == 2, "the first caller's inline batch")
-    assert runs[1] == ("first-caller", [0])
-    futures = [batcher.submit(i) for i in (1, 2, 3)]  # queued while 0 runs
-    late = threading.Thread(target=batcher.run, args=(4,))
-    late.start()  # finds the batcher busy: queues too
-    _wait_for(lambda: batcher._queue.qsize() >= 3, "the late caller to queue")
-    time.sleep(0.3)  # margin for the late caller (it queues: the batcher is busy until then)
-    release.set()
-    assert [f.result(5) for f in futures] == [1, 2, 3]
-    blocker.join(5)
-    late.join(5)
-    queued = runs[2:]
-    assert all(name == "the-batcher" for name, _ in queued)
-    assert sorted(i for _, items in queued for i in items) == [1, 2, 3, 4]
-    assert max(len(items) for _, items in queued) > 1  # they ran together
-    assert batcher.inline_runs == 2
-    batcher.close()
-
-
 def _wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
