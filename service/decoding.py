@@ -4,8 +4,9 @@ LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` r
 anything else before the model is touched), so the prompt encoder and mask decoder are the
 same for every adapter and decoding needs no lock. It runs on one batcher thread
 (``regcl-decoder``). The requests queued while a batch runs - one prompt from
-``/v1/segment``, up to 64 from ``/v1/segment/batch`` - are grouped by prompt form (point count, box, mask input, multimask), and each group decodes in
-one mask-decoder call (:func:`decode_rows`), each row with its own cached
+``/v1/segment``, up to 64 from ``/v1/segment/batch`` - are grouped by prompt form (point
+count, box, mask input, multimask), and each group decodes in one mask-decoder call
+(:func:`decode_rows`), each row with its own cached
 :class:`~service.cache.EncodedImage`. A row alone gives exactly what
 ``SamPredictor.predict`` gives, bit for bit (the same operations in the same order).
 """
