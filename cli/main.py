@@ -33,7 +33,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, eval_every=args.eval_every)
+                            seed=args.seed, eval_every=args.eval_every,
+                            autocast_bf16=args.bf16)
     summary = pretrain_tiny(config, args.out, init=args.init)
     text = json.dumps(summary, indent=2)
     if args.json:
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(TINY_CHECKPOINT), help="where to write the weights")
     p.add_argument("--init", help="continue from these weights (use a new --seed)")
     p.add_argument("--json", help="write the run summary (recipe, history, score) here")
+    p.add_argument("--bf16", action="store_true",
+                   help="mixed precision: forward under CPU bfloat16 autocast (weights, loss and "
+                        "evaluation stay float32); ~1.5x less CPU a step")
     p.set_defaults(func=_cmd_pretrain)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

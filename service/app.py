@@ -33,6 +33,7 @@ from service.routers import (
     health,
     images,
     jobs,
+    labelstudio,
     models,
     segment,
     versions,
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     for module in (health, images, embeddings, segment, models, adapters, datasets, jobs,
-                   versions):
+                   versions, labelstudio):
         app.include_router(module.router)
     install_ui(app)  # the web page at / (service/static)
     install_openapi(app, settings)  # the document states what the server does

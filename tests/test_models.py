@@ -111,13 +111,16 @@ def test_errors_share_a_base_class():
 
 
 def test_tiny_checkpoint_segments_source_images_well():
-    """The shipped tiny SAM is a competent promptable segmenter on held-out source scenes."""
+    """The shipped tiny SAM is a competent promptable segmenter on held-out source scenes.
+
+    On these 64 scenes the shipped (stage-4) weights score 0.841, the previous ones 0.820
+    (docs/pretraining.md): the floor keeps the stronger base from silently regressing."""
     from regcl.data import synthetic
 
     sam = build_sam("tiny")
     images, masks = synthetic.chunked(synthetic.source_scenes, SOURCE_TEST_SEED, 0, 64, 256)
     scores = evaluate_points(sam, images, masks, seed=SOURCE_TEST_SEED)
-    assert scores["iou"] >= 0.8, scores
+    assert scores["iou"] >= 0.83, scores
 
 
 def test_tiny_matches_sam_predictor(source_batch):
