@@ -8,7 +8,27 @@ STAMP := $(VENV)/.installed
 LS_VENV := .venv-labelstudio
 LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: run test test-vit-b lint bench-quick browser labelstudio
+.PHONY: run test test-vit-b lint bench-quick browser labelstudio vendor
+
+# The web page decodes masks in the browser with onnxruntime-web when it finds it under
+# service/static/vendor/ (git-ignored), fetched here from the npm registry (never a CDN at run
+# time); without it the page asks the server (POST /v1/segment). Three files of its dist/: the
+# wasm-only ES module, its emscripten glue and the wasm binary.
+ORT_WEB_VERSION := 1.31.1
+ORT_WEB_DIR := service/static/vendor/onnxruntime-web
+ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+ORT_WEB_STAMP := $(ORT_WEB_DIR)/.version-$(ORT_WEB_VERSION)
+vendor: $(ORT_WEB_STAMP)
+$(ORT_WEB_STAMP):
+	@if command -v npm >/dev/null 2>&1; then \
+		tmp=$$(mktemp -d) && \
+		npm pack --silent --pack-destination "$$tmp" onnxruntime-web@$(ORT_WEB_VERSION) >/dev/null && \
+		tar -xzf "$$tmp/onnxruntime-web-$(ORT_WEB_VERSION).tgz" -C "$$tmp" && \
+		rm -rf $(ORT_WEB_DIR) && mkdir -p $(ORT_WEB_DIR) && \
+		cp $(addprefix "$$tmp"/package/dist/,$(ORT_WEB_FILES)) "$$tmp/package/package.json" \
+			$(ORT_WEB_DIR)/ && \
+		rm -rf "$$tmp" && touch $@; \
+	else echo "npm not found: the web page will decode masks on the server"; fi
 
 # The browser tests (#6) drive Debian's chromium; install it from the distribution when missing
 # (Playwright's own browser download cannot reach its host from here).
@@ -30,7 +50,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) vendor
 	$(VENV)/bin/regcl up
 
 bench-quick: $(STAMP)
@@ -39,7 +59,7 @@ bench-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint browser labelstudio
+test: $(STAMP) lint browser labelstudio vendor
 	$(VENV)/bin/python -m pytest
 
 # Real SAM (vit_b, random weights written like the official checkpoint) through the whole

@@ -29,10 +29,12 @@ from service.problems import install_problem_handlers
 from service.routers import (
     adapters,
     datasets,
+    embeddings,
     health,
     images,
     jobs,
     labelstudio,
+    models,
     routing,
     segment,
     versions,
@@ -106,8 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=request_body_limit(settings))
     app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
-    for module in (health, images, segment, routing, adapters, datasets, jobs, versions,
-                   labelstudio):
+    for module in (health, images, embeddings, segment, routing, models, adapters, datasets,
+                   jobs, versions, labelstudio):
         app.include_router(module.router)
     install_ui(app)  # the web page at / (service/static)
     install_openapi(app, settings)  # the document states what the server does

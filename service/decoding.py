@@ -3,10 +3,11 @@
 LoRA sits only in the image encoder (:func:`service.slots.check_adapter_files` refuses
 anything else before the model is touched), so the prompt encoder and mask decoder are the
 same for every adapter and decoding needs no lock. It runs on one batcher thread
-(``regcl-decoder``): the requests queued meanwhile - one prompt from ``/v1/segment``, up to
-64 from ``/v1/segment/batch`` - are grouped by prompt form (point count, box, mask input,
-multimask), and each group decodes in one mask-decoder call (:func:`decode_rows`), each row
-with its own cached :class:`~service.cache.EncodedImage`. A row alone gives exactly what
+(``regcl-decoder``). The requests queued while a batch runs - one prompt from
+``/v1/segment``, up to 64 from ``/v1/segment/batch`` - are grouped by prompt form (point
+count, box, mask input, multimask), and each group decodes in one mask-decoder call
+(:func:`decode_rows`), each row with its own cached
+:class:`~service.cache.EncodedImage`. A row alone gives exactly what
 ``SamPredictor.predict`` gives, bit for bit (the same operations in the same order).
 """
 
@@ -126,10 +127,12 @@ class PromptDecoder:
     Args:
         sam: the model whose prompt encoder and mask decoder run (adapters never touch them).
         max_rows: most prompts in one mask-decoder call (and most requests taken at once).
+        threads: torch intra-op threads of every decode, on whichever thread it runs.
     """
 
-    def __init__(self, sam: Sam, max_rows: int) -> None:
+    def __init__(self, sam: Sam, max_rows: int, threads: int = 1) -> None:
         self.max_rows = max_rows
+        self._threads = threads
         self._sam = sam
         self._transform = ResizeLongestSide(sam.image_encoder.img_size)
         # Decodes never wait for company: whatever queued while one batch ran is the next.
@@ -148,6 +151,11 @@ class PromptDecoder:
     def _run_batch(self, batch: list[Pending[tuple[DecodeJob, ...]]]) -> None:
         """Every prompt of every queued request, grouped by form, at most ``max_rows`` per
         decoder call; a failed call fails the requests that had a prompt in it."""
+        if torch.get_num_threads() != self._threads:
+            # OpenMP's thread count is per thread: the engine set it on the thread that built
+            # it, and threads that existed then (the event loop's) keep the default, whose
+            # spinning second OpenMP thread doubled a decode's time on a busy machine.
+            torch.set_num_threads(self._threads)
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for request, pending in enumerate(batch):
             for row, job in enumerate(pending.item):

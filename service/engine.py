@@ -31,6 +31,7 @@ and reports the version it used; the next encode of ``live`` uses the new one; n
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -59,7 +60,7 @@ from service.errors import UnknownAdapterError
 from service.image_store import DEFAULT_IMAGE_STORE_BYTES, ImageStore, image_id_of
 from service.options import ServingOptions, encoder_buckets
 from service.prompts import DEFAULT_MAX_POINTS, Prompt, check_bounds, check_prompt
-from service.slots import AdapterSlot
+from service.slots import AdapterSlot, adapted_outside_encoder
 
 __all__ = ["AUTO", "BASE", "LIVE", "EngineStats", "SegmentResult", "SegmentationEngine",
            "ServingOptions", "SwapResult", "image_id_of"]
@@ -116,11 +117,14 @@ class SegmentationEngine:
                                   source=domain_source)
         self._encoding = ImageEncoding(encoder, self.slots, self.cache, self.images,
                                        self.options)
-        self._decoder = PromptDecoder(self.slots.sam, self.options.max_decode_batch)
+        self._decoder = PromptDecoder(self.slots.sam, self.options.max_decode_batch,
+                                      threads=self.options.threads or torch.get_num_threads())
         self.routing = DomainRouting(encoder.module.blocks[0].attn.qkv.in_features,
                                      min_margin=route_min_margin,
                                      max_novelty=route_max_novelty)
         self._mask_input_size = tuple(self.slots.sam.prompt_encoder.mask_input_size)
+        # Part of every embedding ETag: slot keys are unique within this process only.
+        self._instance = secrets.token_hex(4)
 
     def close(self) -> None:
         """Stop the batching threads (after the work already queued)."""
@@ -161,6 +165,10 @@ class SegmentationEngine:
         with self.slots.use(adapter) as target:
             encoded, _ = self._encoding.encode(image_id, target)
         return encoded, encoded.adapter_version
+
+    def embedding_etag(self, encoded: EncodedImage) -> str:
+        """The HTTP ETag (quoted) of an embedding: its image and adapter weights."""
+        return f'"{encoded.image_id}.{encoded.adapter_key}.{self._instance}"'
 
     def segment(self, image_id: str, point_coords: object = None, point_labels: object = None,
                 box: object = None, mask_input: object = None, multimask: bool = True,
@@ -311,6 +319,16 @@ class SegmentationEngine:
     def live_label(self) -> str:
         """What a ``live`` request reports now: ``live:<version>`` or ``base``."""
         return self.slots.live_label
+
+    @property
+    def decoder_model(self) -> Sam:
+        """The SAM whose prompt encoder and mask decoder decode for every adapter (read it,
+        never change it)."""
+        return self.slots.sam
+
+    def decoder_adaptations(self) -> list[str]:
+        """LoRA layers outside the image encoder (empty while the decoder is shared)."""
+        return adapted_outside_encoder(self.slots.sam)
 
     @property
     def base_fingerprint(self) -> str:

@@ -109,6 +109,13 @@ class TooManyPointsError(PromptError):
     code = "too-many-points"
 
 
+class DecoderNotSharedError(ServiceError):
+    """An adapter being served changes the prompt encoder or mask decoder, so one exported
+    decoder cannot serve every version (never the case while adapters are checked on load)."""
+
+    code = "decoder-not-shared"
+
+
 class AdapterRejectedError(AdapterError):
     """An adapter was refused before serving it (wrong targets or shapes, non-finite values,
     LoRA outside the image encoder); the adapters being served are unchanged."""

@@ -116,6 +116,8 @@ KINDS: dict[type[BaseException], ProblemKind] = {
     service_errors.TooManyPointsError: _service(service_errors.TooManyPointsError, 422,
                                                 "Too many points"),
     service_errors.PromptError: _service(service_errors.PromptError, 422, "Invalid prompt"),
+    service_errors.DecoderNotSharedError: _service(service_errors.DecoderNotSharedError, 409,
+                                                   "The decoder differs between adapters"),
     service_errors.AdapterRejectedError: _service(service_errors.AdapterRejectedError, 422,
                                                   "Adapter rejected"),
     service_errors.ServiceError: _service(service_errors.ServiceError, 400, "Bad request"),

@@ -31,6 +31,7 @@ from infra.settings import Settings
 from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
+from service.decoder_export import DecoderOnnx
 from service.engine import SegmentationEngine
 from service.live_swap import DomainAdapters, LiveFollower, RouterFollower
 from service.metrics import Metrics
@@ -57,6 +58,7 @@ class Runtime:
     metrics: Metrics
     live: LiveFollower
     router: RouterFollower
+    decoder: DecoderOnnx  # decoder.onnx for browsers, exported on first request
     cache_dir: Path
     upload_dir: Path
 
@@ -152,4 +154,5 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         celery=_make_celery(settings), metrics=metrics,
         live=LiveFollower(engine, platform.registry, cache_dir, metrics),
         router=RouterFollower(engine, platform.registry, cache_dir),
+        decoder=DecoderOnnx(engine, cache_dir),
         cache_dir=cache_dir, upload_dir=settings.data_dir / "tmp" / "uploads")

@@ -104,6 +104,15 @@ def check_adapter_files(sam: Sam, files: AdapterFiles, source: str) -> LoraConfi
     return config
 
 
+def adapted_outside_encoder(sam: Sam) -> list[str]:
+    """LoRA layers of ``sam`` outside its image encoder (in the prompt encoder or the mask
+    decoder); :func:`check_adapter_files` keeps this empty, so one decoder serves every
+    adapter version (the browser's ``decoder.onnx`` relies on it)."""
+    return [f"{part}.{key}" for part in ("prompt_encoder", "mask_decoder")
+            for key, module in getattr(sam, part).named_modules()
+            if isinstance(module, BaseTunerLayer)]
+
+
 def _matched_modules(sam: Sam, config: LoraConfig) -> list[str]:
     """Module names PEFT would wrap for ``config`` (its own matching rule, same skip of the
     internals of layers that already carry adapters)."""

@@ -13,6 +13,7 @@ with the problem's ``type``; an unreachable service raises
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ from regcl.client.models import (
     AdapterInfo,
     BatchSegmentation,
     DatasetInfo,
+    Embedding,
     ImageInfo,
     Job,
     JobEvent,
@@ -199,6 +201,32 @@ class Client:
                 **_prompt(points, labels, box, mask_input), "multimask": multimask,
                 "adapter": adapter, "return_logits": return_logits, "format": mask_format}
         return Segmentation.from_json(self._segment_call("/v1/segment", body))
+
+    def embedding(self, image: ImageInfo | str, adapter: str = "live", *,
+                  etag: str | None = None) -> Embedding | None:
+        """The embedding of an uploaded image (its :class:`ImageInfo` or id) under
+        ``adapter``, to decode with :meth:`decoder_onnx`; None if ``etag`` (an earlier
+        :attr:`Embedding.etag`) is still current."""
+        image_id = image.image_id if isinstance(image, ImageInfo) else image
+        headers = {"If-None-Match": etag} if etag else {}
+        response = self._request("GET", f"/v1/images/{image_id}/embedding",
+                                 params={"adapter": adapter}, headers=headers, accept=(304,))
+        if response.status_code == 304:
+            return None
+
+        def size(name: str) -> tuple[int, int]:
+            h, w = response.headers[name].split(",")
+            return int(h), int(w)
+
+        features = np.load(io.BytesIO(response.content), allow_pickle=False)
+        return Embedding(features, response.headers[VERSION_HEADER],
+                         size("X-Regcl-Original-Size"), size("X-Regcl-Input-Size"),
+                         response.headers["ETag"])
+
+    def decoder_onnx(self) -> bytes:
+        """The served model's prompt encoder + mask decoder as an ONNX file (segment-anything's
+        ``SamOnnxModel``; inputs and outputs in the API's description of the route)."""
+        return self._request("GET", "/v1/models/decoder.onnx").content
 
     def segment_batch(self, image: ImageLike | ImageInfo | None = None,
                       prompts: Sequence[Mapping[str, Any]] = (), *, image_id: str | None = None,

@@ -56,6 +56,22 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class Embedding:
+    """An image's embedding under one adapter version (``GET /v1/images/{id}/embedding``).
+
+    features: 1 x C x h x w float32; adapter_version: ``base``, ``live:<n>`` or
+    ``domain:<name>``; original_size: (H, W) of the image; input_size: (H', W') after
+    resizing its long side to the model's input size; etag: send it back (``etag=``) to be
+    told whether it is still current."""
+
+    features: np.ndarray
+    adapter_version: str
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    etag: str
+
+
+@dataclass(frozen=True)
 class Mask:
     """One mask. mask: H x W bool (the image's size); score: SAM's predicted IoU; area in
     pixels; bbox: COCO [x, y, w, h]; low_res_logits: side x side float32 (asked for with

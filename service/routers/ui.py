@@ -1,7 +1,9 @@
 """The web page at ``/``: segment by clicking, manage domains, jobs and versions.
 
 Plain HTML, CSS and ES modules from ``service/static`` (no build step, nothing fetched from
-elsewhere at run time: the page's Content-Security-Policy allows this origin only). The page
+elsewhere at run time: the page's Content-Security-Policy allows this origin only; it also
+allows compiling WebAssembly, ``'wasm-unsafe-eval'``, for onnxruntime-web, which the page uses
+from ``static/vendor/`` when ``make vendor`` has put it there). The page
 talks to the public API like any client; the admin key it is given stays in the browser tab's
 sessionStorage.
 """
@@ -19,7 +21,8 @@ __all__ = ["STATIC_DIR", "UI_PREFIX", "install_ui", "router"]
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 UI_PREFIX = "/ui"
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; "
-                           "connect-src 'self'; style-src 'self'; script-src 'self'; "
+                           "connect-src 'self'; style-src 'self'; "
+                           "script-src 'self' 'wasm-unsafe-eval'; "
                            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 router = APIRouter(include_in_schema=False)

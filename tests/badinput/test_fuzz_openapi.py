@@ -64,6 +64,7 @@ def fuzz_dir(api, seeded, tmp_path_factory):
                   adapter_dir=seeded.adapter_dir, dataset_zip=make_zip(folder_entries()),
                   image_size=IMAGE.shape[:2], mask_side=SAM_SPECS["tiny"].mask_input_side)
     parameters = {"path.job_id": seeded.finished_job, "path.number": 1,
+                  "path.image_id": image.json()["image_id"],
                   "body.dataset": seeded.dataset}
     (root / "schemathesis.toml").write_text(
         "[parameters]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n"

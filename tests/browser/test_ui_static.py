@@ -1,6 +1,8 @@
 """The page's files without a browser (these run even where chromium is missing): ``/`` and
 ``/ui/`` serve them with the right types and a same-origin-only Content-Security-Policy,
-every file the page or a module imports exists, and nothing points outside the server."""
+every file the page or a module imports exists, and nothing points outside the server.
+``static/vendor/`` (onnxruntime-web, from npm by ``make vendor``, git-ignored) is not ours:
+its files are only checked to be served with the types a browser needs."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def test_the_page_and_its_modules_are_served(client):
     assert page.headers["content-type"].startswith("text/html")
     policy = page.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "connect-src 'self'" in policy
+    assert "script-src 'self' 'wasm-unsafe-eval';" in policy  # onnxruntime-web compiles wasm
     html = page.text
     referenced = re.findall(r'(?:src|href)="(/ui/[^"]+)"', html)
     assert f"{UI_PREFIX}/js/app.js" in referenced and f"{UI_PREFIX}/style.css" in referenced
@@ -41,8 +44,24 @@ def test_the_page_and_its_modules_are_served(client):
         route, "include_in_schema", False)}
 
 
+VENDOR = STATIC_DIR / "vendor"
+
+
+def test_vendored_onnxruntime_web_is_served_with_browser_types(client):
+    files = {p.suffix: p for p in (VENDOR / "onnxruntime-web").glob("ort*")}
+    if not files:
+        pytest.skip("onnxruntime-web is not vendored (`make vendor`)")
+    types = {".mjs": ("text/javascript", "application/javascript"), ".wasm": ("application/wasm",)}
+    for suffix, allowed in types.items():
+        path = files[suffix].relative_to(STATIC_DIR).as_posix()
+        response = client.get(f"{UI_PREFIX}/{path}")
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].split(";")[0] in allowed, path
+
+
 def test_every_import_resolves_and_nothing_is_fetched_from_elsewhere():
-    files = sorted(p for p in STATIC_DIR.rglob("*") if p.is_file())
+    files = sorted(p for p in STATIC_DIR.rglob("*") if p.is_file()
+                   and VENDOR not in p.parents)
     assert {p.suffix for p in files} <= {".html", ".css", ".js"}
     for path in files:
         text = path.read_text()

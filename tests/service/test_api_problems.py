@@ -13,7 +13,7 @@ from infra import errors as infra_errors
 from infra.settings import Settings
 from regcl import errors as regcl_errors
 from service import errors as service_errors
-from service.deps import require_admin, require_segment_access
+from service.deps import check_admin, check_segment_access
 from service.problems import (
     HTTP_KINDS,
     KINDS,
@@ -113,15 +113,15 @@ def _code(call) -> str | None:
 
 def test_admin_key_checks():
     with_keys = _settings(admin_keys=KEY)
-    assert _code(lambda: require_admin(with_keys, KEY)) is None
-    assert _code(lambda: require_admin(with_keys, None)) == "unauthorized"
-    assert _code(lambda: require_admin(with_keys, KEY + "x")) == "unauthorized"
+    assert _code(lambda: check_admin(with_keys, KEY)) is None
+    assert _code(lambda: check_admin(with_keys, None)) == "unauthorized"
+    assert _code(lambda: check_admin(with_keys, KEY + "x")) == "unauthorized"
     no_keys = _settings()
-    assert _code(lambda: require_admin(no_keys, KEY)) == "mutations-disabled"
+    assert _code(lambda: check_admin(no_keys, KEY)) == "mutations-disabled"
 
 
 def test_segmentation_is_open_unless_configured():
-    assert _code(lambda: require_segment_access(_settings(admin_keys=KEY), None)) is None
+    assert _code(lambda: check_segment_access(_settings(admin_keys=KEY), None)) is None
     closed = _settings(admin_keys=KEY, segment_requires_key=True)
-    assert _code(lambda: require_segment_access(closed, None)) == "unauthorized"
-    assert _code(lambda: require_segment_access(closed, KEY)) is None
+    assert _code(lambda: check_segment_access(closed, None)) == "unauthorized"
+    assert _code(lambda: check_segment_access(closed, KEY)) is None

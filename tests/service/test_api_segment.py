@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -177,3 +178,24 @@ def test_a_batch_answers_each_prompt_as_segment_does(anon, image_id):
         np.testing.assert_allclose([m["score"] for m in got["masks"]],
                                    [m["score"] for m in single["masks"]], atol=1e-4)
         assert [m["bbox"] for m in got["masks"]] == [m["bbox"] for m in single["masks"]]
+
+
+def test_concurrent_cached_prompts_equal_sam_predictor(api, image_id, predictor):
+    """16 clients at once on a cached embedding: the prompts the event loop hands to the
+    decoder thread together (batched) answer what SamPredictor answers for each alone."""
+    points = [[[8.0 * (i % 8) + 20, 10.0 * (i // 8) + 30]] for i in range(16)]
+
+    def ask(point):
+        with api.client() as client:
+            return client.post("/v1/segment", json={"image_id": image_id, "adapter": "base",
+                                                    "points": point, "labels": [1],
+                                                    "multimask": False})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, points))
+    for point, response in zip(points, answers):
+        assert response.status_code == 200, response.text
+        masks, scores, _ = _reference(predictor, {"points": point, "labels": [1],
+                                                  "multimask": False})
+        np.testing.assert_array_equal(_rle_masks(response.json()), masks)
+        np.testing.assert_allclose(response.json()["masks"][0]["score"], scores[0], atol=1e-4)

@@ -41,3 +41,42 @@ export function rleToMask(rle) {
   }
   return mask;
 }
+
+// pycocotools' rleToString: each count (from the third on, as the difference to the count two
+// before) in 5-bit groups, least significant first, 0x20 meaning "more follows", + 48.
+export function encodeCounts(counts) {
+  let text = "";
+  counts.forEach((count, i) => {
+    let x = i > 2 ? count - counts[i - 2] : count;
+    let more = true;
+    while (more) {
+      let c = x & 0x1f;
+      x >>= 5;
+      more = (c & 0x10) ? x !== -1 : x !== 0;
+      if (more) c |= 0x20;
+      text += String.fromCharCode(c + 48);
+    }
+  });
+  return text;
+}
+
+// A row-major mask (height * width, nonzero on the object) -> {size, counts} as
+// pycocotools.mask.encode gives for the same pixels.
+export function maskToRle(mask, height, width) {
+  const counts = [];
+  let value = 0;
+  let run = 0;
+  for (let x = 0; x < width; x += 1) {
+    for (let y = 0; y < height; y += 1) {
+      const v = mask[y * width + x] ? 1 : 0;
+      if (v !== value) {
+        counts.push(run);
+        run = 0;
+        value = v;
+      }
+      run += 1;
+    }
+  }
+  counts.push(run);
+  return { size: [height, width], counts: encodeCounts(counts) };
+}

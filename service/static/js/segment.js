@@ -1,9 +1,11 @@
 // The segment view: open an image (uploaded once: POST /v1/images), add prompts with the
-// mouse or the keyboard, and after each prompt POST /v1/segment by image id (the embedding is
-// cached server side); show the chosen mask over the image with its predicted IoU, the
+// mouse or the keyboard, and after each prompt get masks by image id: decoded in this browser
+// from the server's embedding when onnxruntime-web is installed (local_decoder.js), else
+// POST /v1/segment (the embedding is cached server side); show the chosen mask over the image with its predicted IoU, the
 // multimask choices, an optional side-by-side with the base model, and downloads.
 
 import { api, el, fmt, say } from "./api.js";
+import { initLocalDecoding, segmentRequest } from "./local_decoder.js";
 import { rleToMask } from "./rle.js";
 
 const $ = (id) => document.getElementById(id);
@@ -328,13 +330,13 @@ async function segment() {
   }
   const main = request(adapterName());
   const comparing = $("compare-toggle").checked;
+  const started = performance.now();
   setState("busy");
   status("Segmenting…");
   try {
     const [result, compare] = await Promise.all([
-      api("/v1/segment", { method: "POST", json: main }),
-      comparing ? api("/v1/segment", { method: "POST", json: request(compareAdapter()) })
-        : Promise.resolve(null),
+      segmentRequest(main),
+      comparing ? segmentRequest(request(compareAdapter())) : Promise.resolve(null),
     ]);
     if (seq !== state.seq) return; // a newer prompt is on its way
     state.result = result;
@@ -342,9 +344,14 @@ async function segment() {
     state.selected = best(result);
     $("stage").dataset.request = JSON.stringify(main);
     render();
+    $("stage").dataset.decoded = result.decoded;
+    $("stage").dataset.ms = (performance.now() - started).toFixed(1);  // click to mask
+    $("stage").dataset.decodeMs = result.decode_ms === undefined ? ""
+      : result.decode_ms.toFixed(1);  // of which decoding in this browser
     setState("done");
-    status(`${result.adapter_version}: ${result.masks.length} mask(s); embedding ` +
-           `${result.cache_hit ? "from the cache" : "computed"}.`);
+    status(`${result.adapter_version}: ${result.masks.length} mask(s), decoded ` +
+           (result.decoded === "browser" ? "in this browser."
+             : `on the server; embedding ${result.cache_hit ? "from the cache" : "computed"}.`));
   } catch (error) {
     if (seq !== state.seq) return;
     setState("error");
@@ -550,4 +557,5 @@ export function initSegment() {
   installChoices();
   window.addEventListener("resize", () => drawPrompts());
   refreshAdapters();
+  initLocalDecoding().then((local) => { $("stage").dataset.decoder = local ? "browser" : "server"; });
 }
