@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LS_VENV := .venv-labelstudio
 LS_STAMP := $(LS_VENV)/.installed
 
-.PHONY: run test test-vit-b lint bench-quick browser labelstudio vendor
+.PHONY: run test test-vit-b lint bench-quick browser labelstudio npm vendor
 
 # The web page decodes masks in the browser with onnxruntime-web when it finds it under
 # service/static/vendor/ (git-ignored), fetched here from the npm registry (never a CDN at run
@@ -29,6 +29,13 @@ $(ORT_WEB_STAMP):
 			$(ORT_WEB_DIR)/ && \
 		rm -rf "$$tmp" && touch $@; \
 	else echo "npm not found: the web page will decode masks on the server"; fi
+
+# `make test` must test the page's local decoding, so it installs Debian's npm when missing
+# (`make run` does without: the page then asks the server).
+npm:
+	@command -v npm >/dev/null 2>&1 || { \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q npm \
+		|| { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q npm; }; }
 
 # The browser tests (#6) drive Debian's chromium; install it from the distribution when missing
 # (Playwright's own browser download cannot reach its host from here).
@@ -59,7 +66,7 @@ bench-quick: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint browser labelstudio vendor
+test: $(STAMP) lint browser labelstudio npm vendor
 	$(VENV)/bin/python -m pytest
 
 # Real SAM (vit_b, random weights written like the official checkpoint) through the whole
