@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from infra.platform import connect_platform
-from infra.settings import Settings
+from regcl.client import Client
 from tests.browser.test_web_page import (
     WAIT_MS,
     assert_overlay_is_api_mask,
@@ -29,10 +28,11 @@ from tests.browser.test_web_page import (
     click_image,
     png_bytes,
     scene,
+    upload_adapter,
     wait_done,
     wait_js,
 )
-from tests.service.api_support import make_adapter
+from tests.service.api_support import ADMIN_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -134,14 +134,14 @@ def test_without_onnxruntime_web_the_page_asks_the_server(stack, page):
 
 
 def _new_version(stack, tmp_path: Path, seed: int) -> int:
-    env = stack.api.env
-    settings = Settings(redis_url=env["REGCL_REDIS_URL"], data_dir=Path(env["REGCL_DATA_DIR"]),
-                        artifact_url=env["REGCL_ARTIFACT_URL"], model="tiny")
-    registry = connect_platform(settings).registry
-    state = tmp_path / f"state{seed}.safetensors"
-    state.write_bytes(b"{}")  # never read: nothing merges into these versions
-    adapter = make_adapter(tmp_path / f"adapter{seed}", seed=seed, stats=False, scale=0.5)
-    return registry.create_version(adapter, state, lineage={"test": "local decoding"}).number
+    """A new version made the service's way (upload a domain adapter, merge it in), so later
+    modules on this session's stack can merge on top of it."""
+    name = f"local-{seed}"
+    with stack.client() as client:
+        upload_adapter(client, tmp_path, name, seed)
+    with Client(stack.url, ADMIN_KEY) as client:
+        job = client.wait(client.submit_merge([name]), 300, check=True)
+    return job.result["version"]
 
 
 def _activate(stack, number: int) -> None:

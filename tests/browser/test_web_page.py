@@ -319,14 +319,17 @@ def test_merge_evaluate_and_activate_versions_from_the_page(stack, page, tmp_pat
         page.click("#merge-button")
         page.wait_for_function(f"""() => {{
             const rows = document.querySelectorAll("#jobs-table tr[data-kind='merge']");
-            return rows.length > {count} && rows[0].dataset.state === 'succeeded';
+            return rows.length > {count} &&
+                ['succeeded', 'failed', 'cancelled'].includes(rows[0].dataset.state);
         }}""", timeout=WAIT_MS)
         for name in names:
             page.uncheck(f"#adapters-table input[value='{name}']")
         with stack.client() as client:
             job_id = page.locator("#jobs-table tr[data-kind='merge']").first.get_attribute(
                 "data-job-id")
-            return client.get(f"/v1/jobs/{job_id}").json()["result"]["version"]
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["state"] == "succeeded", (job["error"], stack.logs())
+            return job["result"]["version"]
 
     page.wait_for_selector("#adapters-table input[value='skin-b']")
     first = merge(["shadow-a"])

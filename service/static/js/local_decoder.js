@@ -178,10 +178,12 @@ async function decodeHere(local, body) {
 }
 
 /** Masks for a POST /v1/segment body (image_id, adapter, multimask, points/labels, box):
- * decoded here when onnxruntime-web is loaded, else by the server. */
+ * decoded here when onnxruntime-web is loaded, else by the server. `auto` always asks the
+ * server: its answer carries the route (chosen adapter, margin) the page shows. */
 export async function segmentRequest(body) {
   const local = decoder === null ? null : await decoder;
-  if (local === null || body.mask_input !== undefined || body.image_id === undefined) {
+  if (local === null || body.mask_input !== undefined || body.image_id === undefined
+      || body.adapter === "auto") {
     const result = await api("/v1/segment", { method: "POST", json: body });
     return { ...result, decoded: "server" };
   }
