@@ -66,6 +66,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, tuple):  # admin_keys
             value = ",".join(v.get_secret_value() if isinstance(v, SecretStr) else str(v)
                              for v in value)
+        elif isinstance(value, SecretStr):  # label_studio_api_key: the secret, not "****"
+            value = value.get_secret_value()
         elif isinstance(value, bool):
             value = "true" if value else "false"
         env[f"REGCL_{name.upper()}"] = str(value)

@@ -8,12 +8,23 @@ at its key:
 
 - local store: files are copied (and fsynced) into ``<root>/.tmp/<uuid>``, then the whole
   directory is renamed onto the key with ``os.replace`` - one atomic step;
-- other filesystems (s3://, memory://, ...): files are uploaded under the key and a manifest
-  ``.regcl-manifest.json`` is written *last*; the artifact exists only once its manifest does
-  (object stores have no atomic directory rename).
+- object stores (``s3://``, ``memory://``, ...), which have no rename: files are uploaded into
+  ``<root>/.tmp/<uuid>`` (a writer killed while uploading leaves files there only), then
+  copied server-side under the key, and the manifest ``.regcl-manifest.json`` is written
+  *last*, with a create-only PUT (``If-None-Match: *`` on S3). The manifest is the commit
+  point: readers (:meth:`~ArtifactStore.info`, :meth:`~ArtifactStore.get_dir`,
+  :meth:`~ArtifactStore.exists`, :meth:`~ArtifactStore.iter_keys`) see an artifact only once it
+  exists, and files under a key without one (a writer killed between the copies and the
+  manifest) are removed by the next put of that key. One writer per key at a time is the
+  registry's job (per-name locks, unique version numbers); a second one loses at the manifest.
 
 Either way the manifest records each file's SHA-256, and :meth:`ArtifactStore.get_dir` checks them.
 Directory artifacts are never overwritten (a second put raises :class:`~infra.errors.Conflict`).
+
+``s3://`` needs s3fs (``pip install 'regcl[s3]'``); credentials, endpoint and region come from
+the usual variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` or
+``AWS_ENDPOINT_URL_S3`` for MinIO and other S3-compatible stores, ``AWS_DEFAULT_REGION``),
+read by botocore itself. Listings are never cached, so every process sees the others' puts.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import BinaryIO
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.errors import Conflict, CorruptArtifact, InvalidName, NotFound
+from infra.errors import ConfigError, Conflict, CorruptArtifact, InvalidName, NotFound
 
 __all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "validate_key"]
 
@@ -133,7 +144,12 @@ class ArtifactStore:
 
     def __init__(self, url: str | os.PathLike[str]) -> None:
         self.url = str(url)
-        self.fs, root = url_to_fs(self.url)
+        try:
+            # Other processes write to the same store: a cached listing would hide their puts.
+            self.fs, root = url_to_fs(self.url, use_listings_cache=False)
+        except ImportError as exc:
+            raise ConfigError(f"artifact store {self.url!r}: {exc} (for s3:// install "
+                              "s3fs: pip install 'regcl[s3]')") from exc
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._root = root.rstrip("/") or "/"
 
@@ -201,20 +217,38 @@ class ArtifactStore:
 
     def _put_files_remote(self, sources: dict[str, Path], key: str) -> ArtifactInfo:
         dest = self._path(key)
-        if self.fs.exists(f"{dest}/{MANIFEST}") or self.fs.isfile(dest):
+        manifest = f"{dest}/{MANIFEST}"
+        if self.fs.exists(manifest) or self.fs.isfile(dest):
+            raise Conflict(f"artifact {key!r} already exists")
+        staging = f"{self._root}/{_TMP}/{uuid.uuid4().hex}"
+        try:
+            digests, total = {}, 0
+            for rel, src in sources.items():  # the slow part: nothing at the key yet
+                with open(src, "rb") as fin, self.fs.open(f"{staging}/{rel}", "wb") as fout:
+                    digests[rel], size = _copy_stream(fin, fout)
+                total += size
+            info = ArtifactInfo(key, digests, total, ArtifactInfo.digest_of(digests))
+            self._publish_remote(staging, dest, key, info)
+            return info
+        finally:
+            with contextlib.suppress(Exception):
+                self.fs.rm(staging, recursive=True)
+
+    def _publish_remote(self, staging: str, dest: str, key: str, info: ArtifactInfo) -> None:
+        """Server-side copies of the staged files under ``dest``, then the manifest."""
+        if self.fs.exists(f"{dest}/{MANIFEST}"):
             raise Conflict(f"artifact {key!r} already exists")
         if self.fs.exists(dest):
             logger.warning("removing incomplete artifact %s (no manifest) before upload", key)
             self.fs.rm(dest, recursive=True)
         try:
-            digests, total = {}, 0
-            for rel, src in sources.items():
-                with open(src, "rb") as fin, self.fs.open(f"{dest}/{rel}", "wb") as fout:
-                    digests[rel], size = _copy_stream(fin, fout)
-                total += size
-            info = ArtifactInfo(key, digests, total, ArtifactInfo.digest_of(digests))
-            self.fs.pipe_file(f"{dest}/{MANIFEST}", info.to_json().encode())  # commit point
-            return info
+            for rel in info.files:
+                self.fs.copy(f"{staging}/{rel}", f"{dest}/{rel}")
+            # Commit point; create-only, so of two writers of one key exactly one commits.
+            self.fs.pipe_file(f"{dest}/{MANIFEST}", info.to_json().encode(), mode="create")
+        except FileExistsError as exc:
+            logger.error("artifact %s was committed by another writer meanwhile", key)
+            raise Conflict(f"artifact {key!r} already exists") from exc
         except BaseException:
             with contextlib.suppress(Exception):
                 self.fs.rm(dest, recursive=True)
@@ -270,13 +304,10 @@ class ArtifactStore:
             return
         if self.fs.isdir(dest) or (not overwrite and self.fs.exists(dest)):
             raise Conflict(f"artifact {key!r} already exists")
-        tmp = f"{self._root}/{_TMP}/{uuid.uuid4().hex}"
-        self.fs.pipe_file(tmp, data)
-        try:
-            self.fs.mv(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(tmp)
+        try:  # one PUT: readers see the old or the new object, never a part
+            self.fs.pipe_file(dest, data, mode="overwrite" if overwrite else "create")
+        except FileExistsError as exc:
+            raise Conflict(f"artifact {key!r} already exists") from exc
 
     def _put_bytes_local(self, dest: Path, key: str, data: bytes, overwrite: bool) -> None:
         tmp = self._tmp_dir() / uuid.uuid4().hex
@@ -362,9 +393,10 @@ class ArtifactStore:
                 yield f"{prefix}/{name}"
 
     def cleanup_temp(self, older_than_s: float = 24 * 3600) -> int:
-        """Remove staging leftovers of crashed puts (local stores); how many were removed."""
+        """Remove staging leftovers of crashed puts older than ``older_than_s`` (an object
+        store's by their newest file); how many staging entries were removed."""
         if not self.is_local:
-            return 0
+            return self._cleanup_temp_remote(older_than_s)
         tmp = Path(self._root) / _TMP
         if not tmp.is_dir():
             return 0
@@ -377,3 +409,17 @@ class ArtifactStore:
                     entry.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def _cleanup_temp_remote(self, older_than_s: float) -> int:
+        tmp = f"{self._root}/{_TMP}"
+        if not self.fs.isdir(tmp):
+            return 0
+        newest: dict[str, float] = {}
+        for path in self.fs.find(tmp):
+            entry = path.rstrip("/")[len(tmp) + 1:].split("/", 1)[0]
+            newest[entry] = max(newest.get(entry, 0.0), self.fs.modified(path).timestamp())
+        cutoff = time.time() - older_than_s
+        stale = [entry for entry, mtime in newest.items() if mtime < cutoff]
+        for entry in stale:
+            self.fs.rm(f"{tmp}/{entry}", recursive=True)
+        return len(stale)

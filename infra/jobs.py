@@ -110,7 +110,8 @@ class JobError(BaseModel):
 
 class JobRecord(BaseModel):
     """One job as stored. ``progress`` is in [0, 1]; ``detail`` is small free-form JSON
-    (``{"step": 40, "total": 200, "loss": 0.31}``)."""
+    (``{"step": 40, "total": 200, "loss": 0.31}``); ``worker``: the worker (Celery node
+    name) that started the latest attempt."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -124,6 +125,7 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     cancel_requested: bool = False
     attempts: int = 0
+    worker: str | None = None
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -162,6 +164,7 @@ def _encode(record: JobRecord) -> dict[str, str]:
         "error_message": record.error.message if record.error else "",
         "cancel_requested": "1" if record.cancel_requested else "0",
         "attempts": str(record.attempts),
+        "worker": record.worker or "",
         "created_at": record.created_at.isoformat(),
         "started_at": record.started_at.isoformat() if record.started_at else "",
         "finished_at": record.finished_at.isoformat() if record.finished_at else "",
@@ -181,6 +184,7 @@ def _decode(raw: Mapping[str | bytes, str | bytes]) -> JobRecord:
         error=error,
         cancel_requested=f.get("cancel_requested") == "1",
         attempts=int(f.get("attempts") or 0),
+        worker=f.get("worker") or None,
         created_at=datetime.fromisoformat(f["created_at"]),
         started_at=datetime.fromisoformat(f["started_at"]) if f.get("started_at") else None,
         finished_at=datetime.fromisoformat(f["finished_at"]) if f.get("finished_at") else None,
@@ -262,14 +266,15 @@ class JobStore:
         return records[:limit]
 
     def mark_running(self, job_id: str, *, lease_s: float | None = None,
-                     token: str | None = None) -> JobRecord:
+                     token: str | None = None, worker: str | None = None) -> JobRecord:
         """A worker starts (or, after a redelivery, restarts) the job.
 
         Raises InvalidTransition if the job is finished - e.g. cancelled while it waited in the
         queue: the worker should then skip it - or if it is running under a live lease (another
         worker holds it: this delivery is a duplicate). With ``lease_s`` the caller takes the
         job's lease under ``token`` in the same transaction and must renew it
-        (:meth:`renew_lease`) more often than every ``lease_s`` seconds.
+        (:meth:`renew_lease`) more often than every ``lease_s`` seconds. ``worker`` names the
+        worker that starts it (recorded on the job).
         """
         if (lease_s is None) != (token is None):
             raise ConfigError("mark_running needs both lease_s and token, or neither")
@@ -287,7 +292,7 @@ class JobStore:
 
         def change(job: JobRecord) -> dict[str, Any]:
             return {"state": JobState.RUNNING, "attempts": job.attempts + 1,
-                    "started_at": _now()}
+                    "started_at": _now(), "worker": worker}
         return self._change(job_id, _ACTIVE, change, "running", watch=(lease_key,),
                             check=check, extra=take)
 

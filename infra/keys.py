@@ -17,6 +17,13 @@ Layout (types in brackets)::
     regcl:lock:adapter:<name>      [string]  redis-py Lock held while an adapter is uploaded
     regcl:datasets                 [hash]    dataset name -> DatasetRecord JSON (infra.datasets)
     regcl:lock:dataset:<name>      [string]  redis-py Lock held while a dataset is added/deleted
+    regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "step"} JSON
+    regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
+    regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
+    regcl:samples:<domain>:seen    [string]  log length at the latest snapshot
+    regcl:samples:<domain>:seq     [string]  INCR counter of the domain's snapshots
+    regcl:samples:<domain>:job     [string]  id of the domain's latest continual-step job
+    regcl:lock:samples:<domain>    [string]  redis-py Lock held while a step is submitted
     regcl:events:job:<id>          [channel] JSON events of one job (progress, state)
     regcl:events:jobs              [channel] the same events for every job
     regcl:events:live              [channel] {"version": n} each time the live pointer moves
@@ -37,6 +44,8 @@ MERGE_LOCK = f"{PREFIX}lock:merge"
 REAPER_LOCK = f"{PREFIX}lock:reaper"
 ACTIVE_JOBS = f"{PREFIX}jobs:active"
 DATASETS = f"{PREFIX}datasets"
+LS_PROJECTS = f"{PREFIX}ls:projects"
+SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
 LIVE_CHANNEL = f"{PREFIX}events:live"
@@ -74,3 +83,13 @@ def adapter_lock(name: str) -> str:
 def dataset_lock(name: str) -> str:
     """Lock held while dataset ``name`` is added or deleted, so two uploads cannot race."""
     return f"{PREFIX}lock:dataset:{name}"
+
+
+def samples(domain: str, part: str) -> str:
+    """One of a domain's sample-set keys: ``log``, ``seen``, ``seq`` or ``job``."""
+    return f"{PREFIX}samples:{domain}:{part}"
+
+
+def samples_lock(domain: str) -> str:
+    """Lock held while a continual step of ``domain`` is submitted (one at a time)."""
+    return f"{PREFIX}lock:samples:{domain}"

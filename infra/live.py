@@ -3,7 +3,9 @@
 Published messages only wake the listener; the version delivered is always read back from the
 ``regcl:live`` key, so a late or duplicated message can never move a follower backwards. The
 key is also re-read after every (re)connection and every ``resync_interval_s``, which catches
-changes published while the connection was down.
+changes published while the connection was down. A version whose callback raised (its files
+could not be fetched, say) is not taken as delivered: the callback runs again at each resync
+until it succeeds.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class LiveSubscription:
         self._ready = threading.Event()
         self._reconnected = threading.Event()
         self._last: int | None = None
+        self._failed: int | None = None  # a version whose callback failed (retried)
         self._baseline_taken = False
         self._thread = threading.Thread(target=self._run, name="regcl-live-listener",
                                         daemon=True)
@@ -89,11 +92,15 @@ class LiveSubscription:
                 self._last = version
                 return
         if version is not None and version != self._last:
-            self._last = version
             try:
                 self._callback(version)
-            except Exception:
-                logger.exception("live-version callback failed for version %d", version)
+            except Exception:  # e.g. the artifact store unreachable: try again at the resync
+                first = version != self._failed
+                self._failed = version
+                logger.warning("live-version callback failed for version %d; retrying every "
+                               "%.0f s", version, self._resync_interval_s, exc_info=first)
+                return
+            self._last, self._failed = version, None
 
     def _run(self) -> None:
         failures = 0

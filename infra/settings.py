@@ -20,6 +20,8 @@ from fsspec.registry import known_implementations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from infra.http_origin import parse_origin
+
 __all__ = ["MIB", "ModelName", "Settings", "get_settings"]
 
 MIB = 1024 * 1024
@@ -132,6 +134,31 @@ class Settings(BaseSettings):
         default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "
         "default).",
     )
+    label_studio_url: str = Field(
+        default="", description="The Label Studio whose ML backend this service is "
+        "(http(s)://host[:port][/base]); task images are fetched from this origin only. "
+        "Empty: /labelstudio cannot fetch images.",
+    )
+    label_studio_api_key: SecretStr = Field(
+        default=SecretStr(""), description="Label Studio API token used to fetch task images "
+        "(a legacy token, sent as 'Token <key>', or a personal access token, a JWT exchanged "
+        "for an access token).",
+    )
+    label_studio_max_image_bytes: int = Field(
+        default=32 * MIB, gt=0, description="Largest image fetched from Label Studio.",
+    )
+    label_studio_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Longest time one image fetch from Label "
+        "Studio may take (connect, redirects and body together).",
+    )
+    label_studio_train_every: int = Field(
+        default=0, ge=0, description="Start a continual step after this many new annotations "
+        "of a project (0: only on Label Studio's Start Training).",
+    )
+    gate_tolerance: float = Field(
+        default=0.02, ge=0, le=1, description="Guarded activation: the largest IoU a candidate "
+        "may lose on another domain's held-out set and still go live.",
+    )
 
     @field_validator("admin_keys", mode="before")
     @classmethod
@@ -161,6 +188,12 @@ class Settings(BaseSettings):
                 or (kind == "cpu" and index):
             raise ValueError(f"device must be cpu, cuda or cuda:<n>, got {value!r}")
         return value
+
+    @field_validator("label_studio_url")
+    @classmethod
+    def _check_label_studio_url(cls, value: str) -> str:
+        value = value.strip()
+        return parse_origin(value).url if value else ""
 
     @field_validator("data_dir")
     @classmethod

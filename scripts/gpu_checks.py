@@ -23,7 +23,7 @@ import torch
 
 from regcl.adapters import AdapterConfig, attach_lora
 from regcl.data import synthetic
-from regcl.evaluation.evaluate import evaluation_prompts
+from regcl.evaluation.evaluate import evaluate_points, evaluation_prompts
 from regcl.models import build_sam, predict_masks_batched, preprocess, upscale_logits
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
 from regcl.models.serving import ServingEncoder, lora_deltas
@@ -158,10 +158,14 @@ def training_check(device: str) -> dict:
                             TrainConfig(epochs=2, batch_size=8), prefix=prefix)
     stats = gram_stats_from_prefix(model, prefix)
     scores = evaluate_prefix(model, prefix, masks.to(device))
+    # The evaluation job's path (whole encoder, inputs on the device; it once sent CPU prompts).
+    full = evaluate_points(model.base_model.model, images.to(device), masks.to(device))
     return {"loss": [h["loss"] for h in history], "iou": scores["iou"],
+            "iou_full_encoder": full["iou"],
             "stats_on_cpu": all(v.device.type == "cpu" for v in stats.values()),
             "ok": all(v.device.type == "cpu" for v in stats.values())
-            and history[-1]["loss"] == history[-1]["loss"]}
+            and history[-1]["loss"] == history[-1]["loss"]
+            and abs(full["iou"] - scores["iou"]) < 1e-3}
 
 
 def main() -> int:

@@ -26,7 +26,16 @@ from service.auth import AdminAuthMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import install_openapi
 from service.problems import install_problem_handlers
-from service.routers import adapters, datasets, health, images, jobs, segment, versions
+from service.routers import (
+    adapters,
+    datasets,
+    health,
+    images,
+    jobs,
+    labelstudio,
+    segment,
+    versions,
+)
 from service.routers.ui import install_ui
 from service.runtime import Runtime, build_runtime
 from service.uploads import BodyLimitMiddleware
@@ -95,7 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=request_body_limit(settings))
     app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
-    for module in (health, images, segment, adapters, datasets, jobs, versions):
+    for module in (health, images, segment, adapters, datasets, jobs, versions, labelstudio):
         app.include_router(module.router)
     install_ui(app)  # the web page at / (service/static)
     install_openapi(app, settings)  # the document states what the server does

@@ -10,6 +10,8 @@ stays as the second check (and documents the route's security in OpenAPI).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable
 from typing import Any
@@ -33,11 +35,20 @@ __all__ = ["AdminAuthMiddleware", "guarded_routes", "key_check", "key_from_heade
 
 
 def key_from_headers(headers: Headers) -> str | None:
-    """The key a request presents, read as :func:`presented_key` reads it (Bearer first)."""
+    """The key a request presents, read as :func:`presented_key` reads it (Bearer first, then
+    X-API-Key, then the password of basic auth)."""
     scheme, _, credentials = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    return headers.get("x-api-key") or None
+    if headers.get("x-api-key"):
+        return headers["x-api-key"]
+    if scheme.lower() == "basic" and credentials.strip():
+        try:
+            decoded = base64.b64decode(credentials.strip()).decode("ascii")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None
+    return None
 
 
 Check = Callable[[Settings, str | None], None]

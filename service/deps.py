@@ -1,7 +1,8 @@
 """Dependencies of the routes, as ``Annotated`` aliases (``def route(rt: RuntimeDep)``).
 
 Auth: mutating endpoints take :data:`AdminKey`, segmentation takes :data:`SegmentAccess`. A key
-comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and is compared with
+comes as ``Authorization: Bearer <key>``, ``X-API-Key: <key>`` or as the password of HTTP basic
+auth (any user name: what Label Studio's ML backend connection sends) and is compared with
 ``Settings.is_admin_key`` (constant time). Keys are never logged or echoed. With no admin key
 configured every mutating endpoint answers 403 ``mutations-disabled``; a missing or wrong key
 is 401 ``unauthorized``.
@@ -18,8 +19,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import (
+    APIKeyHeader,
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
 
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
@@ -48,6 +55,22 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="AdminKeyBearer",
                      description="An admin key as `Authorization: Bearer <key>`.")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="AdminKeyHeader",
                         description="An admin key as `X-API-Key: <key>`.")
+
+
+class _BasicPassword(HTTPBasic):
+    """HTTP basic auth carrying a key as its password; a malformed header is no key (the
+    check then refuses it, or lets an open route through) rather than an error of its own."""
+
+    async def __call__(self, request: Request) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        try:
+            return await super().__call__(request)
+        except HTTPException:
+            return None
+
+
+_basic = _BasicPassword(auto_error=False, scheme_name="AdminKeyBasic",
+                        description="An admin key as the password of HTTP basic auth (any "
+                        "user name), as Label Studio's ML backend connection sends it.")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -108,11 +131,14 @@ LiveDep = Annotated[LiveFollower, Depends(get_live)]
 def presented_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key)],
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
 ) -> str | None:
-    """The key the client sent (Bearer first), or None."""
+    """The key the client sent (Bearer first, then X-API-Key, then basic auth), or None."""
     if bearer is not None and bearer.credentials:
         return bearer.credentials
-    return api_key or None
+    if api_key:
+        return api_key
+    return basic.password if basic is not None and basic.password else None
 
 
 PresentedKey = Annotated[str | None, Depends(presented_key)]

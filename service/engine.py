@@ -120,6 +120,10 @@ class SegmentationEngine:
     def has_image(self, image_id: str) -> bool:
         return image_id in self.images
 
+    def image(self, image_id: str) -> np.ndarray | None:
+        """The stored H x W x 3 uint8 image (read-only), or None if it is not (any more)."""
+        return self.images.peek(image_id)
+
     def forget_image(self, image_id: str) -> bool:
         """Drop an image and all its embeddings; returns whether anything was stored."""
         dropped = self.cache.drop_where(lambda key: key[0] == image_id)

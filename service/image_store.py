@@ -66,6 +66,10 @@ class ImageStore:
                                      "evicted: upload it again)")
         return image
 
+    def peek(self, image_id: str) -> np.ndarray | None:
+        """The image (read-only) or None, without changing its recency."""
+        return self._images.peek(image_id) if isinstance(image_id, str) else None
+
     def size_of(self, image_id: str) -> tuple[int, int] | None:
         """(H, W) of a stored image, or None; counts nothing and keeps recency."""
         image = self._images.peek(image_id) if isinstance(image_id, str) else None

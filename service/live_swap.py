@@ -103,11 +103,9 @@ class LiveFollower:
         return read_adapter(path / record.adapter_dir)
 
     def _on_notice(self, version: int) -> None:
-        try:
-            self.sync()
-        except Exception:
-            logger.exception("could not serve live version %d; the previous one stays live",
-                             version)
+        """Raises when the version could not be served (the previous one stays live); the
+        subscription then tries again at its next resync."""
+        self.sync()
 
     def start(self) -> None:
         """Follow the pointer from now on (a listener thread that survives Redis restarts)."""

@@ -26,7 +26,7 @@ from fastapi.openapi.utils import get_openapi
 from infra.settings import Settings
 from regcl.models.build import SAM_SPECS
 from service.auth import key_check
-from service.deps import check_segment_access
+from service.deps import check_segment_access, presented_key
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.routes import api_routes
 from service.schemas.documented import IMAGE_FORMAT, MASK_FORMAT
@@ -81,15 +81,22 @@ def _problems(document: dict[str, Any]) -> None:
 
 def _segmentation_security(document: dict[str, Any], app: FastAPI, settings: Settings
                            ) -> None:
-    """Open segmentation (the default) takes no key: no security, no 401."""
+    """Open segmentation (the default) takes no key: no security, no 401 (except on a route
+    that reads the key itself, for a part that needs the admin key: Label Studio's setup with
+    extra params)."""
     if settings.segment_requires_key:
         return
     for path, route in api_routes(app):
         if key_check(route.dependant) is not check_segment_access:
             continue
+        key_optional = any(dep.call is presented_key for dep in route.dependant.dependencies)
         for method in route.methods or ():
             operation = document["paths"].get(path, {}).get(method.lower())
-            if operation is not None:
+            if operation is None:
+                continue
+            if key_optional:  # {}: the key may also be left out
+                operation["security"] = [{}, *operation.get("security", [])]
+            else:
                 operation.pop("security", None)
                 operation["responses"].pop("401", None)
 

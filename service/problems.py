@@ -23,7 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infra import errors as infra_errors
 from regcl import errors as regcl_errors
+from regcl.data.brush_rle import BrushRleError
 from service import errors as service_errors
+from service.labelstudio import errors as ls_errors
 from service.routes import allowed_methods, route_path
 
 __all__ = [
@@ -142,6 +144,11 @@ KINDS: dict[type[BaseException], ProblemKind] = {
     redis.exceptions.TimeoutError: BACKEND_UNAVAILABLE,
     redis.exceptions.BusyLoadingError: BACKEND_UNAVAILABLE,
 }
+
+# The Label Studio backend's (service.labelstudio.errors), and its brush masks
+KINDS.update({cls: _kind(cls.code, status, title)
+              for cls, (status, title) in ls_errors.KINDS.items()})
+KINDS[BrushRleError] = _kind("invalid-brush-rle", 422, "Invalid brush RLE")
 
 # Raised by the HTTP layer itself (ProblemError codes) or by Starlette (HTTPException status).
 HTTP_KINDS: dict[str, ProblemKind] = {k.code: k for k in (

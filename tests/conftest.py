@@ -20,6 +20,7 @@ from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from regcl.data import synthetic
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
+from tests.s3_support import MotoS3
 from tests.service.api_support import ApiServer, server_env
 
 
@@ -78,6 +79,24 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
+# -- S3 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """One S3 endpoint (moto's server) for the session; this process reaches it through the
+    ``AWS_*`` variables, set while the session lasts. Tests make their own buckets."""
+    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env().items():
+            patch.setenv(name, value)
+        patch.delenv("AWS_ENDPOINT_URL", raising=False)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
 # -- the HTTP API ------------------------------------------------------------------------------
 
 
@@ -103,3 +122,24 @@ def api(redis_server: RedisServer, start_api: Callable[..., ApiServer]) -> ApiSe
     """The shared server (admin key ADMIN_KEY, uploads up to MAX_UPLOAD_BYTES). Tests that use
     it also take ``redis_client``, which empties its Redis database first."""
     return start_api(redis_server.url)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[object]:
+    """Debian's chromium, launched once per session through Playwright's sync API (which
+    allows one Playwright at a time in a thread: the browser tests and Label Studio's
+    screenshot share this one). Skips without chromium or Playwright, fails when ``CI`` is
+    set (see tests/browser/conftest.py)."""
+    from tests.browser.conftest import CHROMIUM_ARGS, chromium_path, unavailable
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("Playwright for Python is not installed (pip install -e '.[dev]')")
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -15,6 +15,9 @@ BROWSER = 3  # tests/browser: API + worker
 CLIENT = 4  # tests/client: API + worker
 CLIENT_KEYLESS = 5  # tests/client: an API with no admin keys
 LIFECYCLE = 6  # tests/workers/test_workers_lifecycle.py: a worker per test
+LABELSTUDIO = 7  # tests/labelstudio: the backend's API
+LABELSTUDIO_E2E = 8  # tests/labelstudio/test_labelstudio_e2e.py: API + worker + Label Studio
+LABELSTUDIO_GATE = 9  # tests/labelstudio/test_gate_job.py: a worker
 
 REDIS_DATABASES = 16  # redis-server's default `databases`
 

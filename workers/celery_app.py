@@ -53,6 +53,7 @@ from infra.settings import Settings
 
 __all__ = [
     "ALL_QUEUES",
+    "CONTINUAL",
     "EVALUATE",
     "GPU_QUEUE",
     "MAX_ATTEMPTS",
@@ -68,11 +69,13 @@ TRAIN = "regcl.train"
 MERGE = "regcl.merge"
 EVALUATE = "regcl.evaluate"
 STATS = "regcl.stats"
+CONTINUAL = "regcl.continual"
 
 GPU_QUEUE = "regcl.gpu"
 MERGE_QUEUE = "regcl.merge"
 ALL_QUEUES = (GPU_QUEUE, MERGE_QUEUE)
-QUEUE_OF = {TRAIN: GPU_QUEUE, EVALUATE: GPU_QUEUE, STATS: GPU_QUEUE, MERGE: MERGE_QUEUE}
+QUEUE_OF = {TRAIN: GPU_QUEUE, EVALUATE: GPU_QUEUE, STATS: GPU_QUEUE, MERGE: MERGE_QUEUE,
+            CONTINUAL: GPU_QUEUE}
 
 MAX_ATTEMPTS = 2
 """Starts allowed per job: the first run plus one rerun after a worker died under it."""
@@ -86,7 +89,8 @@ def make_celery(settings: Settings) -> Celery:
     (the worker does that at start: ``include``).
     """
     app = Celery("regcl", broker=settings.redis_url, backend=settings.redis_url,
-                 include=["workers.tasks", "workers.reaper"], set_as_current=False)
+                 include=["workers.tasks", "workers.continual", "workers.reaper"],
+                 set_as_current=False)
     prefix = {"global_keyprefix": keys.CELERY_KEY_PREFIX}
     app.conf.update(
         broker_transport_options={"visibility_timeout": settings.job_visibility_timeout_s,

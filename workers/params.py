@@ -42,6 +42,7 @@ from regcl.merging.catalogue import (
 __all__ = [
     "METHOD_PARAMS",
     "STATS_SUFFIX",
+    "ContinualParams",
     "EvaluateParams",
     "Integer",
     "MergeJob",
@@ -298,3 +299,38 @@ def _name(check: Any, value: Any) -> str:
         return check(value)
     except ValueError as exc:  # InvalidName is a ValueError: pydantic reports it as a problem
         raise ValueError(str(exc)) from None
+
+
+MergeMethodName = Literal[STREAMING_METHODS]  # type: ignore[valid-type]
+"""The name of a merge method that can be merged continually (the catalogue's streaming ones)."""
+
+
+class ContinualParams(BaseModel):
+    """A continual step of one domain's sample set (a Label Studio project): snapshot it,
+    train the domain's adapter, merge it into the live version as a candidate, and activate
+    that candidate only if it passes the gate (:mod:`regcl.evaluation.gate`).
+
+    train: the adapter's training (its ``adapter`` name is chosen by the step, its
+    ``holdout`` unused: the snapshot's held-out split is). holdout: fraction of the tasks held
+    out (split by a seeded hash of the task id). tolerance: the most IoU the candidate may
+    lose on another domain. method: the merge (default: the live version's, else
+    DEFAULT_MERGE_METHOD). eval_samples: held-out samples scored per domain at most.
+    """
+
+    model_config = _FROZEN
+
+    train: TrainParams = TrainParams()
+    holdout: Finite = Field(0.25, gt=0, lt=1)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    tolerance: Finite = Field(0.02, ge=0, le=1)
+    method: MergeMethodName | None = None
+    n_points: Integer = Field(3, ge=1, le=64)
+    eval_samples: Integer = Field(256, ge=1, le=100_000)
+
+    @field_validator("train")
+    @classmethod
+    def _no_adapter_name(cls, value: TrainParams) -> TrainParams:
+        if value.adapter is not None:
+            raise ValueError("the step names its adapter (<domain>-s<n>); leave train.adapter "
+                             "unset")
+        return value

@@ -25,6 +25,8 @@ makes :meth:`JobHandle.phase` sleep that long right after reporting ``<phase>``,
 kill the worker at a known point of a job (e.g. ``store:30``: a merge about to store its
 version, merge lock held).
 
+Every phase's time and peak memory are logged when it ends (:mod:`workers.resources`).
+
 One exception: when the worker is asked to shut down (SIGTERM: a warm shutdown, which would
 otherwise wait for a job that may take hours), :meth:`JobHandle.should_stop` says stop too; the
 job then stays ``running`` and its message is put back in the queue at once (Celery ``Reject``
@@ -41,7 +43,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import redis
-from celery import shared_task
+from celery import current_task, shared_task
 from celery.exceptions import Reject
 
 from infra.errors import InvalidTransition, NotFound
@@ -49,6 +51,7 @@ from infra.heartbeat import Heartbeat
 from infra.jobs import JobRecord, JobStore
 from regcl.errors import CancelledError, RegclError
 from workers.celery_app import MAX_ATTEMPTS
+from workers.resources import PhaseMeter
 from workers.runtime import get_runtime
 
 __all__ = ["JobHandle", "job_task", "run_job"]
@@ -84,6 +87,7 @@ class JobHandle:
         self.superseded = False  # set when should_stop said stop because the lease was lost
         self._last_report = float("-inf")
         self._last_poll = time.monotonic()
+        self.meter = PhaseMeter(record.id)  # time and peak memory per phase, in the log
 
     def progress(self, fraction: float, detail: Mapping[str, Any] | None = None, *,
                  force: bool = False) -> None:
@@ -105,6 +109,7 @@ class JobHandle:
     def phase(self, fraction: float, name: str, **detail: Any) -> None:
         """Report the start of a phase (``prepare``, ``train``, ``stats``...) and stop here if
         the job was cancelled."""
+        self.meter.start(name)
         self.progress(fraction, {"phase": name, **detail}, force=True)
         _fault_pause(name)
         self.check_cancelled()
@@ -164,13 +169,14 @@ def _rounded(value: Any) -> Any:
     return round(float(value), 5) if isinstance(value, int | float) else None
 
 
-def run_job(job_id: str, body: Callable[[JobHandle], Any]) -> None:
-    """Run ``body`` as job ``job_id`` under the protocol above (see the module doc)."""
+def run_job(job_id: str, body: Callable[[JobHandle], Any], worker: str | None = None) -> None:
+    """Run ``body`` as job ``job_id`` under the protocol above (see the module doc);
+    ``worker``: this worker's name, recorded on the job."""
     runtime = get_runtime()
     jobs, lease_s = runtime.jobs, runtime.settings.job_lease_s
     token = uuid.uuid4().hex
     try:
-        record = jobs.mark_running(job_id, lease_s=lease_s, token=token)
+        record = jobs.mark_running(job_id, lease_s=lease_s, token=token, worker=worker)
     except InvalidTransition as exc:
         logger.info("skipping job %s: %s", job_id, exc)
         return
@@ -198,7 +204,10 @@ def _run_body(jobs: JobStore, job: JobHandle, body: Callable[[JobHandle], Any],
               token: str) -> None:
     job_id = job.id
     try:
-        result = body(job)
+        try:
+            result = body(job)
+        finally:
+            job.meter.finish()
     except CancelledError:
         if job.superseded:
             logger.warning("job %s lost its lease (a later attempt owns it); stopped without "
@@ -251,7 +260,7 @@ def job_task(name: str) -> Callable[[F], Any]:
     with ``job_id=...`` and ``kwargs``, run under :func:`run_job`."""
     def decorate(fn: F) -> Any:
         def task(job_id: str, **kwargs: Any) -> None:
-            run_job(job_id, lambda job: fn(job, **kwargs))
+            run_job(job_id, lambda job: fn(job, **kwargs), worker=current_task.request.hostname)
 
         task.__name__, task.__qualname__ = fn.__name__, fn.__qualname__
         task.__module__, task.__doc__ = fn.__module__, fn.__doc__

@@ -8,8 +8,8 @@ Every adapter and version they load is checked against the workers' base model
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -34,10 +34,22 @@ from regcl.data.types import SampleDataset
 from regcl.errors import MergeError, StatsError
 from regcl.evaluation.evaluate import evaluate_points
 from regcl.merging import ContinualMergeState, make_params
+from regcl.merging.catalogue import STATS_METHODS
 from regcl.models.decoding import preprocess
-from regcl.training.adapter import TrainConfig, encoder_prefix_cache, evaluate_prefix
+from regcl.training.adapter import (
+    TrainConfig,
+    encoder_prefix_cache,
+    evaluate_prefix,
+    gram_stats_from_prefix,
+    train_adapter,
+)
 from workers.params import EvaluateParams, StatsParams, TrainParams
-from workers.prepare import DomainTensors, iter_model_input, load_domain, sample_indices
+from workers.prepare import (
+    DomainTensors,
+    iter_model_input,
+    load_domain,
+    sample_indices,
+)
 from workers.runtime import WorkerRuntime
 
 __all__ = [
@@ -45,11 +57,15 @@ __all__ = [
     "base_metadata",
     "check_base",
     "check_unchanged",
+    "chunk_gram_stats",
     "dataset_chunks",
     "dataset_gram_stats",
     "dataset_tensors",
     "ensure_new_adapter",
+    "evaluate_chunks",
     "evaluate_dataset",
+    "fit_adapter",
+    "fold_adapters",
     "holdout_metrics",
     "load_adapter_model",
     "load_version_model",
@@ -99,23 +115,20 @@ def _input_frame(sam: Sam) -> tuple[int, list[float]]:
 
 def dataset_tensors(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int | None,
                     seed: int) -> tuple[DatasetRecord, DomainTensors]:
-    """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, on the worker's device,
-    all in memory (training needs it so)."""
+    """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, all in host memory
+    (training needs it all; each batch goes to the worker's device as it is used, so device
+    memory does not grow with the dataset)."""
     record, dataset = open_registered_dataset(rt, name)
-    data = load_domain(dataset, *_input_frame(sam), max_samples=max_samples, seed=seed)
-    return record, DomainTensors(data.images.to(rt.device), data.masks.to(rt.device),
-                                 data.names, data.dropped)
+    return record, load_domain(dataset, *_input_frame(sam), max_samples=max_samples, seed=seed)
 
 
 def dataset_chunks(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int | None,
                    seed: int) -> tuple[DatasetRecord, Iterator[DomainTensors]]:
     """Dataset ``name`` (or a seeded subset) at ``sam``'s input size, :data:`CHUNK` samples
-    at a time on the worker's device (memory stays bounded)."""
+    at a time in host memory (memory stays bounded; batches go to the device as used)."""
     record, dataset = open_registered_dataset(rt, name)
     indices = sample_indices(len(dataset), max_samples, seed)
-    chunks = (DomainTensors(c.images.to(rt.device), c.masks.to(rt.device), c.names, c.dropped)
-              for c in iter_model_input(dataset, indices, *_input_frame(sam), CHUNK))
-    return record, chunks
+    return record, iter_model_input(dataset, indices, *_input_frame(sam), CHUNK)
 
 
 def evaluate_dataset(rt: WorkerRuntime, name: str, sam: Sam, params: EvaluateParams,
@@ -124,6 +137,12 @@ def evaluate_dataset(rt: WorkerRuntime, name: str, sam: Sam, params: EvaluatePar
     ``name``, with the evaluation protocol's fixed random point prompts; plus ``count``.
     ``check`` is called before each chunk (it raises to stop, e.g. on cancellation)."""
     _, chunks = dataset_chunks(rt, name, sam, max_samples=params.max_samples, seed=params.seed)
+    return evaluate_chunks(sam, chunks, params, check)
+
+
+def evaluate_chunks(sam: Sam, chunks: Iterable[DomainTensors], params: EvaluateParams,
+                    check: Callable[[], None]) -> dict[str, float]:
+    """The compute of an evaluation job, on ``sam``'s device: mean scores over ``chunks``."""
     sums, count = {"iou": 0.0, "dice": 0.0, "mae": 0.0}, 0
     for chunk in chunks:
         check()
@@ -141,21 +160,60 @@ def dataset_gram_stats(rt: WorkerRuntime, model: PeftModel, name: str, params: S
     """Gram statistics of every LoRA input of ``model`` on dataset ``name`` (streamed in
     batches; ``check`` is called before each); returns the dataset's record, the statistics
     and the number of samples."""
-    sam = unwrap(model)
-    record, chunks = dataset_chunks(rt, name, sam, max_samples=params.max_samples,
+    record, chunks = dataset_chunks(rt, name, unwrap(model), max_samples=params.max_samples,
                                     seed=params.seed)
-    seen = 0
+    return (record, *chunk_gram_stats(model, chunks, params.batch_size, check))
+
+
+def chunk_gram_stats(model: PeftModel, chunks: Iterable[DomainTensors], batch_size: int,
+                     check: Callable[[], None]) -> tuple[dict[str, torch.Tensor], int]:
+    """The compute of a statistics job, on the model's device: the Gram statistics of every
+    LoRA input over ``chunks`` (whole encoder passes), and the number of samples seen."""
+    sam, seen = unwrap(model), 0
 
     def run() -> Iterator[None]:
         nonlocal seen
         for chunk in chunks:
-            for i in range(0, len(chunk), params.batch_size):
+            for i in range(0, len(chunk), batch_size):
                 check()
-                sam.image_encoder(preprocess(sam, chunk.images[i : i + params.batch_size]))
+                images = chunk.images[i : i + batch_size].to(sam.device)
+                sam.image_encoder(preprocess(sam, images))
                 yield None
             seen += len(chunk)
 
-    return record, collect_gram_stats(model, run_batches=run), seen
+    return collect_gram_stats(model, run_batches=run), seen
+
+
+class JobLike(Protocol):
+    """What :func:`fit_adapter` reports to (a :class:`~workers.protocol.JobHandle`)."""
+
+    def phase(self, fraction: float, name: str, **detail: Any) -> None: ...
+
+    def step_reporter(self, start: float, end: float, phase: str
+                      ) -> Callable[[Mapping[str, Any]], None]: ...
+
+    def should_stop(self) -> bool: ...
+
+
+def fit_adapter(model: PeftModel, train_set: DomainTensors, holdout: DomainTensors,
+                params: TrainParams, job: JobLike, span: tuple[float, float] = (0.05, 0.95)
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The compute of training one adapter, on the model's device: train the model's LoRA on
+    ``train_set`` (frozen encoder prefix cached once), collect the Gram statistics of its
+    inputs and score it on ``holdout``. Progress runs over ``span`` of the job (train, then
+    stats). Returns (statistics, metrics)."""
+    start, end = span
+    prefix = encoder_prefix_cache(model, train_set.images)
+    job.phase(start, "train", samples=len(train_set))
+    train_end = start + (end - start) * 8 / 9  # train: 0.05 -> 0.85 of a train job
+    history = train_adapter(model, train_set.images, train_set.masks, train_config(params),
+                            progress=job.step_reporter(start, train_end, "train"),
+                            should_stop=job.should_stop, prefix=prefix)
+    job.phase(train_end, "stats")
+    stats = gram_stats_from_prefix(model, prefix)
+    metrics = {**holdout_metrics(model, holdout, params.seed, params.n_points),
+               "train": history}
+    return stats, metrics
 
 
 def train_config(params: TrainParams) -> TrainConfig:
@@ -233,6 +291,24 @@ def store_version(rt: WorkerRuntime, state: ContinualMergeState, config: LoraCon
         state.save(tmp / "merge_state.safetensors")
         return rt.registry.create_version(tmp / "adapter", tmp / "merge_state.safetensors",
                                           {**lineage, **base_metadata(rt)}, fence=fence)
+
+
+def fold_adapters(rt: WorkerRuntime, state: ContinualMergeState, names: list[str],
+                  on_fold: Callable[[int, str], None]
+                  ) -> tuple[LoraConfig | None, dict[str, str], dict[str, Any]]:
+    """Fold adapters ``names`` into ``state`` in order (``on_fold(i, name)`` before each).
+    Returns the LoRA config they share (None if ``names`` is empty), name → sha256 and
+    name → the adapter's held-out scores."""
+    config: LoraConfig | None = None
+    shas: dict[str, str] = {}
+    scores: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        on_fold(i, name)
+        record, files = adapter_files(rt, name, need_stats=state.method in STATS_METHODS)
+        state.fold(files.weights, files.stats, domain=name)
+        shas[name], config = record.sha256, files.config
+        scores[name] = record.metadata.get("metrics", {}).get("holdout")
+    return config, shas, scores
 
 
 def load_adapter_model(rt: WorkerRuntime, name: str) -> tuple[AdapterRecord, PeftModel]:

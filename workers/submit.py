@@ -19,6 +19,10 @@ Results (``JobRecord.result`` once succeeded):
 - evaluate: ``{"target": "base" | "version:3" | "adapter:polyp", "metrics": {dataset:
   {iou, dice, mae, count}}}``
 - stats: ``{"adapter": new name, "source": adapter, "sha256", "samples": n}``
+- continual: ``{"domain", "project", "snapshot": {"seq", "train", "heldout", "samples"},
+  "adapter", "version": candidate n, "live_before": n | None, "activated": bool,
+  "gate": {"passed", "tolerance", "reason", "failed": [...], "checks": [{"check":
+  "improves" | "keeps", "domain", "live", "candidate", "change", "samples", "passed"}]}}``
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from celery import Celery
 from infra.jobs import JobRecord, JobState, JobStore
 from infra.registry import validate_adapter_name
 from regcl.errors import ConfigError, RegclError
-from workers.celery_app import EVALUATE, MERGE, QUEUE_OF, STATS, TRAIN
+from workers.celery_app import CONTINUAL, EVALUATE, MERGE, QUEUE_OF, STATS, TRAIN
 from workers.params import (
     DEFAULT_MERGE_METHOD,
+    ContinualParams,
     EvaluateParams,
     MergeJob,
     MergeJobParams,
@@ -47,6 +52,7 @@ from workers.params import (
 __all__ = [
     "EnqueueError",
     "cancel_job",
+    "submit_continual",
     "submit_evaluate",
     "submit_merge",
     "submit_stats",
@@ -124,6 +130,16 @@ def submit_stats(celery: Celery, jobs: JobStore, *, adapter: str, dataset: str,
     return _enqueue(celery, jobs, "stats", STATS, {
         "adapter": adapter, "dataset": dataset,
         "params": stats.model_copy(update={"output": output}).model_dump()})
+
+
+def submit_continual(celery: Celery, jobs: JobStore, *, domain: str, project: int | None,
+                     params: dict[str, Any] | None = None) -> JobRecord:
+    """A continual step of ``domain``'s sample set (:class:`ContinualParams`): snapshot →
+    train → merge into live as a candidate → guarded activation."""
+    domain = _adapter_name(domain, "domain")
+    step = validate(ContinualParams, params, "continual params")
+    return _enqueue(celery, jobs, "continual", CONTINUAL, {
+        "domain": domain, "project": project, "params": step.model_dump()})
 
 
 def cancel_job(celery: Celery, jobs: JobStore, job_id: str) -> JobRecord:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import LoraConfig
-
-from regcl.adapters import AdapterConfig, attach_lora, unwrap
-from regcl.merging.catalogue import STATS_METHODS
-from regcl.training.adapter import encoder_prefix_cache, gram_stats_from_prefix, train_adapter
+from regcl.adapters import unwrap
 from workers import steps
 from workers.celery_app import EVALUATE, MERGE, STATS, TRAIN
 from workers.params import EvaluateParams, StatsParams, TrainParams, stats_output_name, validate
 from workers.prepare import split_holdout
 from workers.protocol import JobHandle, job_task
 from workers.runtime import get_runtime
+from workers.train_step import new_adapter_model, train_and_register
 
 MERGE_LOCK_WAIT_S = 3600.0
 """How long a merge waits for the merge lock (another merge holds it) before it fails."""
@@ -34,25 +31,14 @@ def train(job: JobHandle, dataset: str, domain: str, params: dict[str, Any]) -> 
     name = p.adapter or domain
     steps.ensure_new_adapter(rt, name)
     job.phase(0.0, "prepare")
-    model = attach_lora(rt.fresh_model(), AdapterConfig(
-        rank=p.rank, alpha=p.alpha, blocks=None if p.blocks is None else tuple(p.blocks)))
+    model = new_adapter_model(rt, p)
     record, data = steps.dataset_tensors(rt, dataset, unwrap(model),
                                          max_samples=p.max_samples, seed=p.seed)
     train_set, holdout = split_holdout(data, p.holdout, p.seed)
-    prefix = encoder_prefix_cache(model, train_set.images)
-    job.phase(0.05, "train", samples=len(train_set))
-    history = train_adapter(model, train_set.images, train_set.masks, steps.train_config(p),
-                            progress=job.step_reporter(0.05, 0.85, "train"),
-                            should_stop=job.should_stop, prefix=prefix)
-    job.phase(0.85, "stats")
-    stats = gram_stats_from_prefix(model, prefix)
-    metrics = {**steps.holdout_metrics(model, holdout, p.seed, p.n_points), "train": history}
-    job.phase(0.95, "register")
     samples = {"train": len(train_set), "holdout": len(holdout), "dropped": data.dropped}
-    adapter = steps.register_adapter(rt, model, name, stats=stats, metadata={
-        "domain": domain, **steps.base_metadata(rt), "metrics": metrics, "train": p.model_dump(),
-        "dataset": {"name": dataset, "sha256": record.sha256, "samples": samples},
-        "job_id": job.id})
+    adapter, metrics = train_and_register(job, rt, model, p, name, train_set, holdout, metadata={
+        "domain": domain, "dataset": {"name": dataset, "sha256": record.sha256,
+                                      "samples": samples}})
     return {"adapter": name, "sha256": adapter.sha256, "metrics": metrics, "samples": samples}
 
 
@@ -72,13 +58,10 @@ def merge(job: JobHandle, adapters: list[str], method: str, params: dict[str, An
         todo = [name for name in adapters if name not in state.domains]
         steps.check_unchanged(rt, known, [name for name in adapters if name not in todo])
         scores = dict(parent.lineage.get("scores", {})) if parent else {}
-        config: LoraConfig | None = None
-        for i, name in enumerate(todo):
-            job.phase(0.05 + 0.75 * i / len(todo), "fold", adapter=name)
-            record, files = steps.adapter_files(rt, name, need_stats=method in STATS_METHODS)
-            state.fold(files.weights, files.stats, domain=name)
-            known[name], config = record.sha256, files.config
-            scores[name] = record.metadata.get("metrics", {}).get("holdout")
+        config, shas, new_scores = steps.fold_adapters(rt, state, todo, lambda i, name: job.phase(
+            0.05 + 0.75 * i / len(todo), "fold", adapter=name))
+        known.update(shas)
+        scores.update(new_scores)
         if config is None:  # nothing new: the latest version already holds every adapter
             number = parent.number if parent else None
         else:

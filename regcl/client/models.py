@@ -167,7 +167,8 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 @dataclass(frozen=True)
 class Job:
     """A job record: state, progress in [0, 1] with a small ``detail`` (phase, step, loss...),
-    and once finished its ``result`` or ``error`` (``{"type", "message"}``)."""
+    and once finished its ``result`` or ``error`` (``{"type", "message"}``); ``worker``: the
+    worker (Celery node name) that started its latest attempt."""
 
     id: str
     kind: str
@@ -182,6 +183,7 @@ class Job:
     created_at: datetime | None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    worker: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -193,7 +195,8 @@ class Job:
                    dict(body.get("detail") or {}), dict(body.get("params") or {}),
                    body.get("result"), body.get("error"), bool(body["cancel_requested"]),
                    int(body["attempts"]), _time(body.get("created_at")),
-                   _time(body.get("started_at")), _time(body.get("finished_at")))
+                   _time(body.get("started_at")), _time(body.get("finished_at")),
+                   body.get("worker"))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,19 @@ def evaluation_prompts(masks: torch.Tensor, seed: int, n_points: int = 3
 
 def evaluate_points(sam: Sam, images: torch.Tensor, masks: torch.Tensor, seed: int = 0,
                     n_points: int = 3, batch_size: int = 32) -> dict[str, float]:
-    """Mean IoU, Dice and MAE with ``n_points`` positive points per object."""
-    coords, labels = evaluation_prompts(masks, seed, n_points)
-    prob = predict_with_points(sam, images, coords, labels, batch_size)
-    return {k: float(v.mean()) for k, v in mask_metrics(prob, masks).items()}
+    """Mean IoU, Dice and MAE with ``n_points`` positive points per object.
+
+    Runs on the model's device wherever ``images`` and ``masks`` (N x S x S bool) live: the
+    prompts are drawn on the CPU (so a seed gives the same prompts on every device) and moved,
+    and the metrics are computed batch by batch on the device; only the means come back.
+    """
+    device = sam.device
+    coords, labels = evaluation_prompts(masks.cpu(), seed, n_points)
+    scores: dict[str, list[torch.Tensor]] = {"iou": [], "dice": [], "mae": []}
+    for i in range(0, images.shape[0], batch_size):
+        part = slice(i, i + batch_size)
+        prob = predict_with_points(sam, images[part].to(device), coords[part].to(device),
+                                   labels[part].to(device), batch_size)
+        for key, value in mask_metrics(prob, masks[part].to(device)).items():
+            scores[key].append(value)
+    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}

@@ -7,7 +7,9 @@ Recipe (paper): frozen SAM, LoRA on the image encoder's last blocks; loss focal 
 The frozen blocks before the first adapted one are run once per image and cached (exact: no
 augmentation, nothing before the adapter changes), so a step costs only the adapted tail.
 
-Devices: everything runs on the model's device (images and masks may live anywhere). Prompts
+Devices: everything is computed on the model's device. Images, masks and the prefix cache
+stay where the caller keeps them (the worker keeps them in host memory, so a GPU's memory does
+not grow with the dataset) and each batch is moved to the model's device as it is used. Prompts
 are drawn on the CPU from a seeded generator and then moved, so a seed gives the same prompts
 on every device.
 """
@@ -71,13 +73,14 @@ def first_adapted_block(model: PeftModel) -> int:
 @torch.no_grad()
 def encoder_prefix_cache(model: PeftModel, images: torch.Tensor, batch_size: int = 32
                          ) -> torch.Tensor:
-    """Tokens after the frozen blocks for every image: N x h x w x C (see module doc)."""
+    """Tokens after the frozen blocks for every image: N x h x w x C (see module doc),
+    computed on the model's device and kept on ``images``' device."""
     sam = model.base_model.model
     first = first_adapted_block(model)
     device = model_device(model)
     parts = [encode_prefix(sam.image_encoder,
                            preprocess(sam, images[i : i + batch_size].to(device)), first)
-             for i in range(0, images.shape[0], batch_size)]
+             .to(images.device) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(parts)
 
 
@@ -129,9 +132,7 @@ def train_adapter(model: PeftModel, images: torch.Tensor | None, masks: torch.Te
         prefix = encoder_prefix_cache(model, images)
     if prefix.shape[0] != masks.shape[0]:
         raise DataError(f"{prefix.shape[0]} cached prefixes for {masks.shape[0]} masks")
-    prefix = prefix.to(device)
     masks_cpu = masks.cpu()  # prompts are sampled here (see the module docstring)
-    masks = masks.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     n = masks.shape[0]
@@ -151,11 +152,11 @@ def train_adapter(model: PeftModel, images: torch.Tensor | None, masks: torch.Te
             idx = order[i : i + config.batch_size]
             coords = sample_points(masks_cpu[idx], config.n_points, gen).to(device)
             labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=device)
-            on_device = idx.to(device)
-            emb = encode_suffix(sam.image_encoder, prefix[on_device], first)
+            emb = encode_suffix(sam.image_encoder, prefix[idx.to(prefix.device)].to(device),
+                                first)
             low, iou_pred = predict_masks_batched(sam, emb, coords, labels)
             loss, stats = segmentation_loss(upscale_logits(low, size), iou_pred,
-                                            masks[on_device], config.loss)
+                                            masks[idx.to(masks.device)].to(device), config.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,17 +208,18 @@ def evaluate_prefix_per_image(model: PeftModel, prefix: torch.Tensor, masks: tor
     first = first_adapted_block(model)
     size = sam.image_encoder.img_size
     device = model_device(model)
-    masks = masks.cpu()
-    coords, labels = evaluation_prompts(masks, seed, n_points)
+    coords, labels = evaluation_prompts(masks.cpu(), seed, n_points)
     coords, labels = coords.to(device), labels.to(device)
     model.eval()
-    probs = []
+    scores: dict[str, list[torch.Tensor]] = {"iou": [], "dice": [], "mae": []}
     for i in range(0, prefix.shape[0], batch_size):
-        emb = encode_suffix(sam.image_encoder, prefix[i : i + batch_size].to(device), first)
-        low, _ = predict_masks_batched(sam, emb, coords[i : i + batch_size],
-                                       labels[i : i + batch_size])
-        probs.append(upscale_logits(low, size)[:, 0].sigmoid().cpu())
-    return {k: v.float() for k, v in mask_metrics(torch.cat(probs), masks).items()}
+        part = slice(i, i + batch_size)
+        emb = encode_suffix(sam.image_encoder, prefix[part].to(device), first)
+        low, _ = predict_masks_batched(sam, emb, coords[part], labels[part])
+        prob = upscale_logits(low, size)[:, 0].sigmoid()
+        for key, value in mask_metrics(prob, masks[part].to(device)).items():
+            scores[key].append(value.float().cpu())  # computed on the device, per image
+    return {k: torch.cat(v) for k, v in scores.items()}
 
 
 def config_dict(config: TrainConfig) -> dict:

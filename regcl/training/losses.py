@@ -62,7 +62,7 @@ def segmentation_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torc
     per_mask = weights.focal * focal_loss(logits, tgt, weights.focal_alpha, weights.focal_gamma)
     per_mask = per_mask + weights.dice * dice_loss(logits, tgt)
     best = per_mask.argmin(1)
-    rows = torch.arange(logits.shape[0])
+    rows = torch.arange(logits.shape[0], device=logits.device)
     with torch.no_grad():
         true_iou = mask_iou(logits, tgt)
     iou_term = F.mse_loss(iou_pred[rows, best], true_iou[rows, best])

@@ -110,6 +110,8 @@ class JobInfo(BaseModel):
     error: JobErrorInfo | None = None
     cancel_requested: bool
     attempts: int
+    worker: str | None = Field(default=None, description="The worker (Celery node name) "
+                               "that started the latest attempt.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

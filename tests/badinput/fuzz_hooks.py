@@ -5,7 +5,9 @@ The document states what JSON Schema can state; some of what the server checks i
 that no schema generator makes at random: an image file that decodes, an adapter whose
 weights fit the served model, a dataset archive whose samples read, mask logits of the
 model's size, a form field holding a JSON object, and prompts inside the image they name (its
-size comes back from ``POST /v1/images``). For cases the fuzzer generated as schema-valid, this
+size comes back from ``POST /v1/images``), a Label Studio labeling config and extra params
+(and no interactive prompt: its task image would have to come from a Label Studio). For
+cases the fuzzer generated as schema-valid, this
 hook puts such content in those fields (real files, made once by the test) and the stored
 image's id in ``image_id``, as the config's ``[parameters]`` put existing ids into paths;
 every other field stays as generated, and schema-invalid bodies are left alone.
@@ -23,6 +25,9 @@ import schemathesis
 from schemathesis.core.parameters import ParameterLocation
 
 SAMPLES_ENV = "REGCL_FUZZ_SAMPLES"
+# A Label Studio labeling config regcl serves (a BrushLabels tag on an Image)
+LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" '
+                'toName="image"><Label value="object"/></BrushLabels></View>')
 FILES = ("image.png", "adapter_config.json", "adapter_model.safetensors",
          "regcl_stats.safetensors", "dataset.zip", "mask_input.f32")
 
@@ -99,6 +104,15 @@ def _fill(path: str, body: dict[str, Any], files: dict[str, bytes], image_id: st
                 body[part] = files[sample]
     if path == "/v1/datasets" and "file" in body:
         body["file"] = files["dataset.zip"]
+    if path == "/labelstudio/predict":
+        body["label_config"] = LABEL_CONFIG  # no prompt: a task image would need Label Studio
+        if isinstance(body.get("params"), dict):
+            body["params"]["context"] = {"result": []}
+    if path == "/labelstudio/setup":
+        if "schema" in body:
+            body["schema"] = LABEL_CONFIG
+        if "extra_params" in body:
+            body["extra_params"] = {"domain": "fuzz-ls"}
     if path in ("/v1/adapters", "/v1/datasets") and "metadata" in body:
         body["metadata"] = json.dumps({"note": str(body["metadata"])[:32]})
 

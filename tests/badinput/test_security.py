@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -45,9 +46,11 @@ REPO = Path(__file__).resolve().parents[2]
 WRONG_KEY = "wrong-key-wrong-key-wrong"
 MUTATING = ("post", "put", "patch", "delete")
 PUBLIC_MUTATING = {("post", "/v1/images"), ("post", "/v1/segment"),
-                   ("post", "/v1/segment/batch")}
+                   ("post", "/v1/segment/batch"), ("post", "/labelstudio/predict"),
+                   ("post", "/labelstudio/setup")}
 """Mutating operations open to anyone by design (they store nothing durable: images live in
-the process's bounded image store). Every other mutating operation must need an admin key."""
+the process's bounded image store; Label Studio's /setup stores its extra params only with the
+admin key, tests/labelstudio). Every other mutating operation must need an admin key."""
 
 
 def _admin_operations(client) -> list[tuple[str, str]]:
@@ -169,14 +172,24 @@ def test_closed_segmentation_refuses_before_the_body(start_api, redis_server, tm
     server = start_api(redis_server.url, tmp_path / "closed", REGCL_SEGMENT_REQUIRES_KEY="true")
     image = {"file": ("a.png", png_bytes(make_image(0)))}
     with server.client() as anon, server.client(ADMIN_KEY) as admin:
-        for path in ("/v1/images", "/v1/segment"):
+        for path in ("/v1/images", "/v1/segment", "/labelstudio/predict"):
             status, answer = _raw_request(server.url, "post", path, 1_500_000, PART_START)
             assert status == 401, answer
         assert_problem(anon.post("/v1/images", files=image), 401, "unauthorized")
         assert_problem(anon.post("/v1/segment", json={"image_id": "0" * 64, "box": [1, 1, 5, 5]}),
                        401, "unauthorized")
+        assert_problem(anon.post("/labelstudio/predict", json={"tasks": [{"id": 1}]}), 401,
+                       "unauthorized")
         assert anon.get("/v1/adapters").status_code == 200  # reading stays open
+        assert anon.get("/labelstudio/health").status_code == 200
         assert admin.post("/v1/images", files=image).status_code == 201
+        with httpx.Client(base_url=server.url, auth=("labelstudio", ADMIN_KEY)) as basic:
+            # Label Studio sends the key as basic auth; no prompt: an empty prediction
+            answer = basic.post("/labelstudio/predict", json={
+                "tasks": [{"id": 1}], "label_config": "<View><Image name='i' value='$i'/>"
+                "<BrushLabels name='m' toName='i'/></View>"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["results"][0]["result"] == []
     server.stop()
 
 

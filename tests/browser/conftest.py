@@ -39,7 +39,7 @@ VIEWPORT = {"width": 1280, "height": 800}
 SCRATCH_SCREENSHOTS = Path(tempfile.gettempdir()) / "regcl-screenshots"
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set: the browser tests must run; `make browser` "
                     "installs Debian's chromium)")
@@ -51,7 +51,7 @@ def chromium_path() -> str:
     explicit = os.environ.get("REGCL_TEST_CHROMIUM")
     if explicit:
         if not os.path.isfile(explicit):
-            _unavailable(f"REGCL_TEST_CHROMIUM={explicit} does not exist")
+            unavailable(f"REGCL_TEST_CHROMIUM={explicit} does not exist")
         return explicit
     for name in CHROMIUM_CANDIDATES:
         found = shutil.which(name)
@@ -59,7 +59,7 @@ def chromium_path() -> str:
             return found
     if os.path.exists("/usr/bin/chromium"):
         return "/usr/bin/chromium"
-    _unavailable("chromium is not installed (apt-get install chromium, or `make browser`)")
+    unavailable("chromium is not installed (apt-get install chromium, or `make browser`)")
     raise AssertionError("unreachable")
 
 
@@ -122,18 +122,9 @@ def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def browser(stack: Stack) -> Iterator[object]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Playwright for Python is not installed (pip install -e '.[dev]')")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(),
-                                             args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+def browser(stack: Stack, chromium: object) -> object:
+    """The session's chromium (tests/conftest.py), once the stack is up."""
+    return chromium
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""ArtifactStore: round trips, atomicity, immutability, key validation (local and memory://)."""
+"""ArtifactStore: round trips, atomicity, immutability, key validation (local, memory:// and
+s3:// on a real S3 endpoint, moto's server)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import pytest
 
 from infra.artifacts import MANIFEST, ArtifactStore, validate_key
 from infra.errors import Conflict, CorruptArtifact, InvalidName, NotFound
+from tests.s3_support import MotoS3
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
-    """A local store, and an fsspec memory:// one standing in for object stores (s3://)."""
+    """A local store, an fsspec memory:// one, and s3:// on moto's S3 server (a new bucket)."""
     if request.param == "local":
         return ArtifactStore(tmp_path / "artifacts")
+    if request.param == "s3":
+        moto_s3: MotoS3 = request.getfixturevalue("moto_s3")
+        return ArtifactStore(f"{moto_s3.create_bucket(f'b-{uuid.uuid4().hex[:20]}')}/artifacts")
     return ArtifactStore(f"memory://regcl-test-{uuid.uuid4().hex}/artifacts")
 
 

@@ -28,9 +28,11 @@ def test_lifecycle_success(jobs: JobStore) -> None:
     assert job.params == {"domain": "polyp", "epochs": 2}
     assert job.started_at is None and job.finished_at is None and not job.finished
 
-    running = jobs.mark_running(job_id)
+    assert job.worker is None
+    running = jobs.mark_running(job_id, worker="gpu-1@host-a")
     assert running.state is JobState.RUNNING and running.attempts == 1
     assert running.started_at is not None and running.started_at >= job.created_at
+    assert running.worker == jobs.get(job_id).worker == "gpu-1@host-a"
 
     jobs.update_progress(job_id, 0.5, {"step": 10, "total": 20, "loss": 0.25})
     job = jobs.get(job_id)

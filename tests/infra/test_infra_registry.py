@@ -239,6 +239,34 @@ def test_activate_and_live_notifications(reg: Registry, tmp_path: Path) -> None:
         sub.stop()
 
 
+def test_a_failed_live_callback_is_retried_until_it_succeeds(reg: Registry,
+                                                             tmp_path: Path) -> None:
+    """A follower that could not load the new version (its artifact store was unreachable,
+    say) is called again at each resync, not left on the old version until the next change."""
+    reg.create_version(make_adapter(tmp_path / "m"), make_state(tmp_path / "s"))
+    reg.activate(1)
+    calls: queue.Queue[int] = queue.Queue()
+    failures = [2]
+
+    def flaky(version: int) -> None:
+        calls.put(version)
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("artifact store unreachable")
+
+    sub = reg.subscribe_live(flaky, resync_interval_s=0.2)
+    try:
+        assert [calls.get(timeout=10) for _ in range(3)] == [1, 1, 1]
+        poll_until = time.monotonic() + 10
+        while sub.last_version != 1 and time.monotonic() < poll_until:
+            time.sleep(0.05)
+        assert sub.last_version == 1
+        time.sleep(0.6)  # delivered now: not called again for the same version
+        assert calls.empty()
+    finally:
+        sub.stop()
+
+
 @pytest.mark.parametrize("downtime_s", [0.0, 1.0])
 def test_live_listener_survives_a_redis_restart(tmp_path: Path, free_port: int,
                                                 downtime_s: float) -> None:

@@ -65,6 +65,7 @@ def test_train_job_registers_an_adapter_with_stats(cluster: Cluster, trained) ->
     job = records["polyp"]
     assert job.state is JobState.SUCCEEDED, job.error
     assert job.attempts == 1 and job.progress == 1.0
+    assert job.worker == cluster.hostname
     assert job.result["adapter"] == "polyp"
     assert job.result["samples"] == {"train": 7, "holdout": 1, "dropped": 0}
     for split in ("holdout", "holdout_base"):

@@ -1,0 +1,119 @@
+"""An annotation from a Label Studio webhook → its task, image URL and object masks.
+
+Every ``brushlabels`` region is one object mask (Label Studio's brush RLE, decoded by
+:mod:`regcl.data.brush_rle` and checked against the region's ``original_width`` x
+``original_height``; the caller checks that size against the fetched image). Smart
+``keypointlabels`` and ``rectanglelabels`` regions are the prompts that made the masks and
+are skipped; any other region type is refused (UnsupportedResultTypeError). A cancelled
+(skipped) annotation has no masks. Empty masks are dropped. Everything is checked before
+anything is fetched or stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from regcl.data.brush_rle import BrushRleError, decode_brush_rle
+from service.labelstudio.config import LabelConfig
+from service.labelstudio.errors import (
+    InvalidRegionError,
+    MalformedPayloadError,
+    UnsupportedResultTypeError,
+)
+from service.labelstudio.prompts import PROMPT_TYPES
+
+__all__ = ["MASK_TYPES", "MAX_REGIONS", "AnnotatedMasks", "annotated_masks", "check_id"]
+
+logger = logging.getLogger(__name__)
+
+MASK_TYPES = ("brushlabels",)
+MAX_REGIONS = 256
+
+
+@dataclass(frozen=True)
+class AnnotatedMasks:
+    """annotation / task: Label Studio ids; image_url: the task's image; size: (width,
+    height) the masks were drawn at (None without masks); masks: H x W bool, non-empty."""
+
+    annotation: int
+    task: int
+    image_url: object
+    size: tuple[int, int] | None
+    masks: tuple[np.ndarray, ...]
+
+
+def check_id(value: object, what: str) -> int:
+    """A Label Studio object id: a non-negative int (MalformedPayloadError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise MalformedPayloadError(f"{what} must be a non-negative integer id, got "
+                                    f"{value!r}")
+    return value
+
+
+def _size(region: dict, where: str, max_pixels: int) -> tuple[int, int]:
+    width, height = region.get("original_width"), region.get("original_height")
+    for name, value in (("original_width", width), ("original_height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRegionError(f"{where}.{name} must be a positive integer, got "
+                                     f"{value!r}")
+    assert isinstance(width, int) and isinstance(height, int)
+    if width * height > max_pixels:
+        raise BrushRleError(f"{where}: a {width} x {height} mask is larger than the "
+                            f"{max_pixels} pixels accepted")
+    return width, height
+
+
+def annotated_masks(annotation: object, task: object, config: LabelConfig,
+                    max_pixels: int) -> AnnotatedMasks:
+    """The masks of ``annotation`` (a webhook's ``annotation`` object) on ``task`` (its
+    ``task`` object), for the BrushLabels tag of ``config``."""
+    if not isinstance(annotation, dict) or not isinstance(task, dict):
+        raise MalformedPayloadError("the webhook needs 'annotation' and 'task' objects")
+    annotation_id = check_id(annotation.get("id"), "annotation.id")
+    task_id = check_id(task.get("id"), "task.id")
+    if annotation.get("task", task_id) != task_id:
+        raise MalformedPayloadError(f"annotation {annotation_id} belongs to task "
+                                 f"{annotation.get('task')!r}, not to task {task_id}")
+    data = task.get("data")
+    image_url = data.get(config.image_key) if isinstance(data, dict) else None
+    regions = annotation.get("result", [])
+    if not isinstance(regions, list) or len(regions) > MAX_REGIONS:
+        raise InvalidRegionError(f"annotation.result must be a list of at most {MAX_REGIONS} "
+                                 "regions")
+    if annotation.get("was_cancelled") is True:
+        regions = []
+    masks: list[np.ndarray] = []
+    size: tuple[int, int] | None = None
+    for i, region in enumerate(regions):
+        where = f"annotation.result[{i}]"
+        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
+            raise InvalidRegionError(f"{where} must be an object with a 'value' object")
+        kind = region.get("type")
+        if kind in PROMPT_TYPES:
+            continue
+        if kind not in MASK_TYPES:
+            raise UnsupportedResultTypeError(
+                f"{where}: type {kind!r} is not supported (regcl learns from brushlabels "
+                f"masks; {', '.join(PROMPT_TYPES)} prompts are skipped)")
+        value = region["value"]
+        if value.get("format", "rle") != "rle":
+            raise InvalidRegionError(f"{where}: brush format {value.get('format')!r} is not "
+                                     "supported (only 'rle')")
+        here = _size(region, where, max_pixels)
+        if size is not None and here != size:
+            raise BrushRleError(f"{where} is {here[0]} x {here[1]} but an earlier mask is "
+                                f"{size[0]} x {size[1]}")
+        size = here
+        try:
+            mask = decode_brush_rle(value.get("rle"), here[1], here[0])
+        except BrushRleError as exc:
+            raise BrushRleError(f"{where}: {exc}") from None
+        if mask.any():
+            masks.append(mask)
+        else:
+            logger.info("annotation %d: %s is an empty mask; skipped", annotation_id, where)
+    return AnnotatedMasks(annotation_id, task_id, image_url, size if masks else None,
+                          tuple(masks))

@@ -1,0 +1,154 @@
+"""The continual step of one domain (a Label Studio project), with guarded activation.
+
+snapshot the domain's sample set (train / held-out datasets) → train the domain's adapter
+(``<domain>-s<n>``) with its Gram statistics → fold it into the **live** version's merge state
+(a domain trained before is replaced: the state is rebuilt from the live adapters without its
+old one) → store the result as a candidate version → score live and candidate on this
+domain's held-out set and on every other live domain's → activate the candidate only if
+:func:`regcl.evaluation.gate.guarded_activation` says so. Worker side only (imports torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infra.errors import NotFound
+from infra.registry import AdapterRecord, VersionRecord
+from infra.sample_sets import SampleSets
+from regcl.adapters import unwrap
+from regcl.errors import MergeError
+from regcl.evaluation.gate import guarded_activation
+from regcl.merging import ContinualMergeState
+from workers import steps
+from workers.celery_app import CONTINUAL
+from workers.heldout import domain_of, heldout_tensors, iou_on
+from workers.params import DEFAULT_MERGE_METHOD, ContinualParams, method_params_type, validate
+from workers.protocol import JobHandle, job_task
+from workers.runtime import WorkerRuntime, get_runtime
+from workers.tasks import MERGE_LOCK_WAIT_S
+from workers.train_step import new_adapter_model, train_and_register
+
+__all__ = ["continual"]
+
+
+@job_task(CONTINUAL)
+def continual(job: JobHandle, domain: str, project: int | None, params: dict[str, Any]
+              ) -> dict[str, Any]:
+    """One continual step of ``domain`` (see the module doc); the result says whether the
+    candidate went live and, check by check, why."""
+    p, rt = validate(ContinualParams, params, "continual params"), get_runtime()
+    job.phase(0.0, "snapshot")
+    with rt.scratch_dir() as tmp:
+        snap = SampleSets(rt.redis, rt.store, rt.datasets).snapshot(
+            domain, seed=p.seed, holdout=p.holdout, work_dir=tmp,
+            metadata={"project": project, "job_id": job.id})
+    name = f"{domain}-s{snap.seq}"
+    steps.ensure_new_adapter(rt, name)
+    model = new_adapter_model(rt, p.train)
+    _, train_set = steps.dataset_tensors(rt, snap.train.name, unwrap(model),
+                                         max_samples=p.train.max_samples, seed=p.train.seed)
+    _, holdout = steps.dataset_tensors(rt, snap.heldout.name, unwrap(model),
+                                       max_samples=p.eval_samples, seed=0)
+    samples = {"train": len(train_set), "heldout": len(holdout)}
+    _, metrics = train_and_register(job, rt, model, p.train, name, train_set, holdout, metadata={
+        "domain": domain, "project": project, "heldout_dataset": snap.heldout.name,
+        "dataset": {"name": snap.train.name, "sha256": snap.train.sha256, "samples": samples}},
+        span=(0.05, 0.6))
+    live = rt.registry.live_version()
+    candidate, replaced = _merge_candidate(job, rt, live, domain, name, p)
+    job.phase(0.8, "gate", version=candidate.number)
+    live_sam = (unwrap(steps.load_version_model(rt, live)) if live is not None
+                else rt.fresh_model())
+    cand_sam = unwrap(steps.load_version_model(rt, candidate.number))
+    own = (iou_on(live_sam, holdout, p.seed, p.n_points),
+           iou_on(cand_sam, holdout, p.seed, p.n_points), len(holdout))
+    others, unchecked = {}, []
+    for adapter in candidate.lineage["domains"]:
+        record = _adapter_record(rt, adapter)
+        other = adapter if record is None else domain_of(record)
+        if other == domain:
+            continue
+        data = None if record is None else heldout_tensors(rt, record, cand_sam,
+                                                             p.eval_samples)
+        if data is None:  # an uploaded adapter, a deleted dataset: nothing to score on
+            unchecked.append(other)
+            continue
+        job.check_cancelled()
+        others[other] = (iou_on(live_sam, data, p.seed, p.n_points),
+                         iou_on(cand_sam, data, p.seed, p.n_points), len(data))
+    gate = guarded_activation(domain, own, others, p.tolerance).to_dict()
+    activated = gate["passed"] and rt.registry.live_version() == live
+    if activated:
+        rt.registry.activate(candidate.number)
+    elif gate["passed"]:
+        gate["reason"] = (f"not activated: version {rt.registry.live_version()} went live "
+                          f"while this step ran (the candidate was built on {live})")
+    return {"domain": domain, "project": project, "adapter": name,
+            "snapshot": {"seq": snap.seq, "train": snap.train.name,
+                         "heldout": snap.heldout.name, "annotations": snap.annotations,
+                         "samples": samples},
+            "metrics": {k: metrics[k] for k in ("holdout", "holdout_base")},
+            "version": candidate.number, "live_before": live, "replaced": replaced,
+            "activated": activated, "gate": gate, "unchecked_domains": unchecked}
+
+
+def _live_state(rt: WorkerRuntime, live: int | None, method: str | None
+                ) -> tuple[ContinualMergeState, dict[str, Any]]:
+    """The live version's merge state and lineage, or an empty state (``method``, else the
+    default) when nothing is live."""
+    if live is None:
+        method = method or DEFAULT_MERGE_METHOD
+        defaults = validate(method_params_type(method), {}, f"{method} parameters")
+        return ContinualMergeState(method, **defaults.model_dump()), {}
+    record = rt.registry.get_version(live)
+    steps.check_base(rt, record.lineage, f"version {live}")
+    local = rt.registry.fetch_version(live, rt.cache_dir / "versions")
+    return ContinualMergeState.load(local / record.state_file), dict(record.lineage)
+
+
+def _merge_candidate(job: JobHandle, rt: WorkerRuntime, live: int | None, domain: str,
+                     adapter: str, p: ContinualParams) -> tuple[VersionRecord, list[str]]:
+    """Store live + ``adapter`` as a new version (not activated). Returns it and the older
+    adapters of ``domain`` it replaced."""
+    with rt.registry.merge_lock(rt.settings.merge_lock_lease_s,
+                                blocking_timeout_s=MERGE_LOCK_WAIT_S) as lock:
+        job.phase(0.6, "merge")
+        state, lineage = _live_state(rt, live, p.method)
+        folded = list(state.domains)
+        replaced = [a for a in folded if _adapter_domain(rt, a) == domain]
+        known = dict(lineage.get("adapters", {}))
+        scores = dict(lineage.get("scores", {}))
+        if replaced or (p.method is not None and p.method != state.method):
+            # A fold cannot be undone: rebuild from the live adapters, without the old one.
+            method = p.method or state.method
+            params = state.params.to_dict() if method == state.method else validate(
+                method_params_type(method), {}, f"{method} parameters").model_dump()
+            state = ContinualMergeState(method, **params)
+            todo = [a for a in folded if a not in replaced] + [adapter]
+            known, scores = {}, {}
+        else:
+            todo = [adapter]
+        config, shas, new_scores = steps.fold_adapters(rt, state, todo, lambda i, name: job.phase(
+            0.6 + 0.15 * i / len(todo), "fold", adapter=name))
+        if config is None:  # pragma: no cover - todo always holds the new adapter
+            raise MergeError("nothing to merge")
+        known.update(shas)
+        scores.update(new_scores)
+        job.phase(0.75, "store")
+        version = steps.store_version(rt, state, config, {
+            "parent": live, "domains": list(state.domains), "adapters": known,
+            "method": state.method, "params": state.params.to_dict(), "job_id": job.id,
+            "scores": scores, "candidate_for": domain, "replaced": replaced}, fence=lock)
+    return version, replaced
+
+
+def _adapter_record(rt: WorkerRuntime, name: str) -> AdapterRecord | None:
+    try:
+        return rt.registry.get_adapter(name)
+    except NotFound:  # deleted since it was folded: it keeps its place in the state
+        return None
+
+
+def _adapter_domain(rt: WorkerRuntime, name: str) -> str:
+    record = _adapter_record(rt, name)
+    return name if record is None else domain_of(record)
