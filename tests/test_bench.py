@@ -114,7 +114,12 @@ def test_one_domain_merge_and_auto_are_that_domains_adapter(report):
 
 def test_sweep_scores_final_merges_and_records_solver_failures(report):
     sweep = report["sweep"]
-    assert sweep["regcl_product:ridge=0"]["failed_seeds"] in ([0, 1], [])
+    # ridge 0 may or may not factor, seed by seed (it depends on the data): a seed that
+    # failed has no run, every other seed has one
+    unridged = sweep["regcl_product:ridge=0"]
+    assert set(unridged["failed_seeds"]) <= {0, 1}
+    assert sorted(r["seed"] for r in unridged["runs"]) == sorted(
+        {0, 1} - set(unridged["failed_seeds"]))
     final = {r["seed"]: r["AA"] for r in report["results"]["merge: regcl_product"]["runs"]}
     for r in sweep["regcl_product"]["runs"]:  # the same merge as the last step of the rows
         assert r["AA"] == pytest.approx(final[r["seed"]], abs=1e-12)
