@@ -58,9 +58,10 @@ __all__ = [
 M = TypeVar("M", bound=BaseModel)
 
 # The default merge (of the catalogue's streaming methods: only those can be merged
-# continually). `regcl bench cl` (README; docs/bench-cl.json) scored the product variant
-# above the paper's per-factor RegMean: AA 0.563 vs 0.532, forgetting 0.028 vs 0.043, over 3
-# domain orders of the 5 synthetic domains with the tiny SAM. Re-check when the models change.
+# continually). `regcl bench cl` (README; docs/bench-cl.json, 3 seeds, stage-4 tiny SAM) scores
+# the product variant above the paper's per-factor RegMean by mean (AA 0.563 vs 0.550), but the
+# paired interval (+0.014 ± 0.035) is not clear of zero, and no swept variant (ridge, Gram
+# weighting, core_space) beats it clearly. Re-check when the models change.
 DEFAULT_MERGE_METHOD = "regcl_product"
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
