@@ -8,6 +8,9 @@ tests/test_databases.py checks that no two share one.
 
 from __future__ import annotations
 
+from infra.redis_client import connect
+from infra.redis_server import RedisServer
+
 SHARED_API = 0  # tests/conftest.py's API (service tests without a worker)
 WORKERS = 1  # tests/workers: the session worker
 VERSIONS = 2  # tests/service/test_api_versions.py
@@ -26,3 +29,20 @@ REDIS_DATABASES = 16  # redis-server's default `databases`
 def all_databases() -> dict[str, int]:
     return {name: value for name, value in globals().items()
             if name.isupper() and name != "REDIS_DATABASES" and isinstance(value, int)}
+
+
+def database_url(server: RedisServer, db: int) -> str:
+    """The URL of database ``db`` of the session's redis-server."""
+    return f"redis://{server.host}:{server.port}/{db}"
+
+
+def emptied(server: RedisServer, db: int) -> str:
+    """The URL of database ``db``, emptied first: a group starts from nothing, whatever an
+    earlier group or run left there."""
+    url = database_url(server, db)
+    client = connect(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url

@@ -15,6 +15,7 @@ import redis
 
 from infra.redis_client import connect
 from infra.redis_server import RedisServer
+from tests import databases
 from tests.badinput.bad_support import Store
 from tests.service.api_support import (
     ADMIN_KEY,
@@ -56,9 +57,7 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def seeded(api: ApiServer, redis_server: RedisServer,
            adapter_dirs: dict[str, Path]) -> Seed:
-    client = connect(redis_server.url)
-    client.flushdb()
-    client.close()
+    databases.emptied(redis_server, databases.SHARED_API)
     with api.client(ADMIN_KEY) as admin:
         response = admin.post("/v1/datasets", data={"name": "seed-data"},
                               files={"file": ("d.zip", make_zip(folder_entries()),

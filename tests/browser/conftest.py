@@ -21,7 +21,6 @@ from subprocess import Popen
 import httpx
 import pytest
 
-from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.settings import Settings
 from tests import databases
@@ -87,10 +86,7 @@ class Stack:
 def stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Stack]:
     chromium_path()  # skip (or fail on CI) before starting anything
-    redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    client = connect(redis_url)
-    client.flushdb()
-    client.close()
+    redis_url = databases.emptied(redis_server, DB)
     data_dir = tmp_path_factory.mktemp("browser")
     api = ApiServer(server_env(redis_url, data_dir), data_dir / "api.log")
     settings = Settings(redis_url=redis_url, data_dir=data_dir, model="tiny")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.settings import Settings
 from regcl.client import Client
@@ -44,18 +43,11 @@ class Platform:
         return "--- worker ---\n" + "\n".join(worker) + "\n--- api ---\n" + self.api.log_tail()
 
 
-def _database(server: RedisServer, db: int) -> str:
-    client = connect(f"redis://127.0.0.1:{server.port}/{db}")
-    client.flushdb()
-    client.close()
-    return f"redis://127.0.0.1:{server.port}/{db}"
-
-
 @pytest.fixture(scope="session")
 def platform(redis_server: RedisServer, start_api, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("client")
-    _database(redis_server, PLATFORM_DB)
+    databases.emptied(redis_server, PLATFORM_DB)
     settings = worker_settings(redis_server, tmp / "worker", PLATFORM_DB)
     log = tmp / "worker.log"
     worker = start_worker(settings, log, f"client-{os.getpid()}@localhost")
@@ -82,4 +74,4 @@ def anon(platform: Platform) -> Iterator[Client]:
 
 @pytest.fixture(scope="session")
 def keyless_api(redis_server: RedisServer, start_api) -> ApiServer:
-    return start_api(_database(redis_server, KEYLESS_DB), REGCL_ADMIN_KEYS="")
+    return start_api(databases.emptied(redis_server, KEYLESS_DB), REGCL_ADMIN_KEYS="")

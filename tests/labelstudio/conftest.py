@@ -33,10 +33,7 @@ def ls_api(redis_server: RedisServer, origin: FileOrigin,
            start_api: Callable[..., ApiServer]) -> ApiServer:
     """The API with REGCL_LABEL_STUDIO_URL = the file origin (2 s fetch limit, small images,
     a continual step every TRAIN_EVERY annotation changes; no worker: jobs stay queued)."""
-    redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    client = connect(redis_url)
-    client.flushdb()
-    client.close()
+    redis_url = databases.emptied(redis_server, DB)
     return start_api(redis_url, REGCL_LABEL_STUDIO_URL=origin.url,
                      REGCL_LABEL_STUDIO_API_KEY=TOKEN,
                      REGCL_LABEL_STUDIO_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),

@@ -66,10 +66,9 @@ class Worker:
 def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Worker]:
     tmp = tmp_path_factory.mktemp("gate")
-    settings = Settings(redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{DB}",
+    settings = Settings(redis_url=databases.emptied(redis_server, DB),
                         data_dir=tmp / "data", model="tiny")
     client = connect(settings.redis_url)
-    client.flushdb()
     store = ArtifactStore(settings.artifact_url)
     datasets = DatasetRegistry(client, store)
     log = tmp / "worker.log"

@@ -72,10 +72,7 @@ class E2E:
 @pytest.fixture(scope="module")
 def e2e(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     """Label Studio, the regcl API and a worker, started side by side."""
-    redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    client = connect(redis_url)
-    client.flushdb()
-    client.close()
+    redis_url = databases.emptied(redis_server, DB)
     data_dir = tmp_path_factory.mktemp("ls-e2e")
     ls = LabelStudio(tmp_path_factory.mktemp("labelstudio"))
     api = ApiServer(server_env(redis_url, data_dir, REGCL_LABEL_STUDIO_URL=ls.url,

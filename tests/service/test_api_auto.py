@@ -38,11 +38,7 @@ SYNC_TIMEOUT_S = 60.0
 
 @pytest.fixture(scope="module")
 def redis_url(redis_server) -> str:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{databases.AUTO_ROUTING}"
-    client = connect(url)
-    client.flushdb()
-    client.close()
-    return url
+    return databases.emptied(redis_server, databases.AUTO_ROUTING)
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,7 @@ DB = databases.VERSIONS
 
 @pytest.fixture(scope="module")
 def redis_url(redis_server) -> str:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    client = connect(url)
-    client.flushdb()
-    client.close()
-    return url
+    return databases.emptied(redis_server, DB)
 
 
 @pytest.fixture(scope="module")

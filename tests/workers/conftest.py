@@ -19,6 +19,7 @@ from infra.jobs import JobStore
 from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.registry import Registry
+from tests import databases
 from tests.workers.worker_support import (
     WORKER_DB,
     Cluster,
@@ -35,8 +36,8 @@ def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     """One worker for the session (database 1, its own data directory)."""
     tmp = tmp_path_factory.mktemp("cluster")
     settings = worker_settings(redis_server, tmp / "data", WORKER_DB)
+    databases.emptied(redis_server, WORKER_DB)
     client = connect(settings.redis_url)
-    client.flushdb()
     store = ArtifactStore(settings.artifact_url)
     log = tmp / "worker.log"
     hostname = f"test-{os.getpid()}@localhost"

@@ -43,8 +43,8 @@ LONG = {"epochs": 500, "rank": 4, "batch_size": 4}
 def test_a_job_interrupted_by_a_worker_shutdown_is_requeued(redis_server: RedisServer,
                                                             tmp_path: Path) -> None:
     settings = worker_settings(redis_server, tmp_path / "data", db=databases.LIFECYCLE)
+    databases.emptied(redis_server, databases.LIFECYCLE)
     client = connect(settings.redis_url)
-    client.flushdb()
     jobs = JobStore(client)
     DatasetRegistry(client, ArtifactStore(settings.artifact_url)).add_dataset(
         "polyp", write_domain_dataset(tmp_path / "polyp", "polyp"))

@@ -135,5 +135,5 @@ def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> in
 
 
 def worker_settings(redis_server: RedisServer, data_dir: Path, db: int) -> Settings:
-    return Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{db}", data_dir=data_dir,
+    return Settings(redis_url=databases.database_url(redis_server, db), data_dir=data_dir,
                     model="tiny")
