@@ -44,11 +44,14 @@ from regcl.adapters.layout import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIG
 __all__ = [
     "ADAPTER_NAME",
     "ADAPTER_NAME_SCHEMA",
+    "NEW_ADAPTER_NAME_SCHEMA",
+    "RESERVED_ADAPTER_NAMES",
     "AdapterRecord",
     "MergeLockLost",
     "Registry",
     "VersionRecord",
     "validate_adapter_name",
+    "validate_new_adapter_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,13 @@ ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
 ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 ADAPTER_NAME_SCHEMA = {"pattern": f"^{ADAPTER_NAME_PATTERN}$", "minLength": 1, "maxLength": 64}
 """The rule of adapter (and dataset) names as JSON Schema keywords, for the API's document."""
+BASE_ADAPTER, LIVE_ADAPTER, AUTO_ADAPTER = RESERVED_ADAPTER_NAMES = ("base", "live", "auto")
+"""What a request's ``adapter`` means besides a stored adapter: the model with no adapter, the
+live merged version, the domain router's choice. No stored adapter may take these names."""
+NEW_ADAPTER_NAME_SCHEMA = {
+    **ADAPTER_NAME_SCHEMA,
+    "pattern": f"^(?!({'|'.join(RESERVED_ADAPTER_NAMES)})$){ADAPTER_NAME_PATTERN}$"}
+"""The rule of a new adapter's name (and of a domain, the default name of its adapter)."""
 VERSION_ADAPTER_DIR = "adapter"
 VERSION_STATE_FILE = "merge_state.safetensors"
 _MAX_SKIPPED_NUMBERS = 1000
@@ -70,6 +80,17 @@ def validate_adapter_name(name: str) -> str:
     """Return ``name`` if it matches ``[a-z0-9][a-z0-9_-]{0,63}``, else raise InvalidName."""
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise InvalidName(f"invalid adapter name {name!r}: use [a-z0-9][a-z0-9_-]{{0,63}}")
+    return name
+
+
+def validate_new_adapter_name(name: str) -> str:
+    """Return ``name`` if it can name a new adapter: a valid name other than the reserved
+    ``base``, ``live`` and ``auto``; else raise InvalidName."""
+    validate_adapter_name(name)
+    if name in RESERVED_ADAPTER_NAMES:
+        raise InvalidName(f"adapter name {name!r} is reserved (a request's adapter "
+                          f"{', '.join(RESERVED_ADAPTER_NAMES)} means the model's own); "
+                          "pick another name")
     return name
 
 
@@ -142,7 +163,7 @@ class Registry:
     def add_adapter(self, name: str, local_dir: str | os.PathLike[str],
                     metadata: Mapping[str, Any] | None = None) -> AdapterRecord:
         """Upload adapter directory ``local_dir`` as ``name`` (Conflict if the name is taken)."""
-        validate_adapter_name(name)
+        validate_new_adapter_name(name)
         files = _adapter_files(local_dir)
         meta = _json_object(metadata, "adapter metadata")
         record = self._adapters.add(name, files, lambda info: AdapterRecord(

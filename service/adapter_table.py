@@ -45,6 +45,7 @@ from typing import Protocol
 from peft import LoraConfig
 from segment_anything.modeling import Sam
 
+from infra.registry import AUTO_ADAPTER, BASE_ADAPTER, LIVE_ADAPTER
 from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, unwrap
 from regcl.errors import ConfigError
 from regcl.models import model_fingerprint
@@ -60,11 +61,11 @@ __all__ = ["AUTO", "BASE", "DEFAULT_MAX_DOMAINS", "LIVE", "AdapterTable", "Domai
 
 logger = logging.getLogger(__name__)
 
-BASE = "base"
+BASE = BASE_ADAPTER
 """Adapter name (and version label) of the model without any adapter."""
-LIVE = "live"
+LIVE = LIVE_ADAPTER
 """Adapter name of the current merged adapter; its label is ``live:<version>``."""
-AUTO = "auto"
+AUTO = AUTO_ADAPTER
 """Adapter name of a request that lets the domain router choose (a domain, else ``live``;
 :mod:`service.domain_routing`)."""
 DEFAULT_MAX_DOMAINS = 8

@@ -29,7 +29,12 @@ from pydantic import (
 )
 
 from infra.datasets import validate_dataset_name
-from infra.registry import ADAPTER_NAME_SCHEMA, validate_adapter_name
+from infra.registry import (
+    ADAPTER_NAME_SCHEMA,
+    NEW_ADAPTER_NAME_SCHEMA,
+    validate_adapter_name,
+    validate_new_adapter_name,
+)
 from regcl.errors import ConfigError
 from regcl.merging.catalogue import (
     CATALOGUE,
@@ -110,7 +115,7 @@ class TrainParams(BaseModel):
 
     model_config = _FROZEN
 
-    adapter: str | None = Field(None, json_schema_extra=ADAPTER_NAME_SCHEMA)
+    adapter: str | None = Field(None, json_schema_extra=NEW_ADAPTER_NAME_SCHEMA)
     rank: Integer = Field(10, ge=1, le=256)
     alpha: Finite | None = Field(None, gt=0)
     blocks: list[integer(ge=0)] | None = Field(  # type: ignore[valid-type]
@@ -128,7 +133,7 @@ class TrainParams(BaseModel):
     @field_validator("adapter")
     @classmethod
     def _adapter_name(cls, value: str | None) -> str | None:
-        return None if value is None else _name(validate_adapter_name, value)
+        return None if value is None else _name(validate_new_adapter_name, value)
 
     @field_validator("blocks")
     @classmethod
@@ -253,7 +258,7 @@ class StatsParams(BaseModel):
 
     model_config = _FROZEN
 
-    output: str | None = Field(None, json_schema_extra=ADAPTER_NAME_SCHEMA)
+    output: str | None = Field(None, json_schema_extra=NEW_ADAPTER_NAME_SCHEMA)
     max_samples: Integer = Field(64, ge=1, le=10_000)
     batch_size: Integer = Field(16, ge=1, le=256)
     seed: Integer = Field(0, ge=0, le=2**31 - 1)
@@ -261,7 +266,7 @@ class StatsParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_name(cls, value: str | None) -> str | None:
-        return None if value is None else _name(validate_adapter_name, value)
+        return None if value is None else _name(validate_new_adapter_name, value)
 
 
 STATS_SUFFIX = "-stats"
@@ -272,7 +277,7 @@ def stats_output_name(adapter: str, params: StatsParams) -> str:
     """Where the stats job stores its result: ``params.output`` or ``<adapter>-stats``."""
     name = params.output or adapter + STATS_SUFFIX
     try:
-        validate_adapter_name(name)
+        validate_new_adapter_name(name)
     except ValueError as exc:
         raise ConfigError(f"{exc}; pass an explicit output name") from None
     if name == adapter:

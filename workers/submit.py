@@ -33,7 +33,7 @@ from typing import Any
 from celery import Celery
 
 from infra.jobs import JobRecord, JobState, JobStore
-from infra.registry import validate_adapter_name
+from infra.registry import validate_adapter_name, validate_new_adapter_name
 from regcl.errors import ConfigError, RegclError
 from workers.celery_app import CONTINUAL, EVALUATE, MERGE, QUEUE_OF, STATS, TRAIN
 from workers.params import (
@@ -66,9 +66,9 @@ class EnqueueError(RegclError, RuntimeError):
     """The job was recorded but the broker did not take it (Redis down?); the job is failed."""
 
 
-def _adapter_name(name: Any, what: str) -> str:
+def _adapter_name(name: Any, what: str, *, new: bool = False) -> str:
     try:
-        return validate_adapter_name(name)
+        return (validate_new_adapter_name if new else validate_adapter_name)(name)
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
 
@@ -78,7 +78,7 @@ def submit_train(celery: Celery, jobs: JobStore, *, dataset: str, domain: str,
     """Train a LoRA adapter for ``domain`` on dataset ``dataset`` (:class:`TrainParams`);
     it is registered as ``params["adapter"]`` (default: the domain name)."""
     (dataset,) = check_dataset_names([dataset])
-    domain = _adapter_name(domain, "domain")
+    domain = _adapter_name(domain, "domain", new=True)  # by default, also the adapter's name
     train = validate(TrainParams, params, "train params")
     return _enqueue(celery, jobs, "train", TRAIN, {
         "dataset": dataset, "domain": domain, "params": train.model_dump()})

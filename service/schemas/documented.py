@@ -13,7 +13,7 @@ from fastapi import Path
 from pydantic import TypeAdapter, WithJsonSchema
 
 from infra.jobs import JOB_ID_PATTERN
-from infra.registry import ADAPTER_NAME_PATTERN, ADAPTER_NAME_SCHEMA
+from infra.registry import ADAPTER_NAME_SCHEMA, NEW_ADAPTER_NAME_SCHEMA
 
 __all__ = ["IMAGE_FORMAT", "JSON_OBJECT_FIELD", "MASK_FORMAT", "NEW_NAME_SCHEMA", "JobIdPath",
            "NamePath", "VersionPath", "documented_as", "inline_schema", "upload_parts"]
@@ -25,8 +25,7 @@ MASK_FORMAT = "base64-float32"
 JSON_OBJECT_FIELD: dict[str, Any] = {"contentMediaType": "application/json",
                                      "contentSchema": {"type": "object"}}
 """A form field holding a JSON object (anything else is 422 ``invalid-argument``)."""
-NEW_NAME_SCHEMA: dict[str, Any] = {**ADAPTER_NAME_SCHEMA,
-                                   "pattern": f"^(?!(base|live|auto)$){ADAPTER_NAME_PATTERN}$"}
+NEW_NAME_SCHEMA: dict[str, Any] = NEW_ADAPTER_NAME_SCHEMA
 """The name of a new adapter: a registry name other than the reserved ``base``, ``live`` and
 ``auto``."""
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.jobs import JobRecord
-from infra.registry import ADAPTER_NAME_SCHEMA
+from infra.registry import ADAPTER_NAME_SCHEMA, NEW_ADAPTER_NAME_SCHEMA
 from service.schemas.documented import documented_as
 from workers.params import (
     DEFAULT_MERGE_METHOD,
@@ -37,8 +37,9 @@ class TrainJobRequest(_Request):
     ``params.adapter`` (default: the domain)."""
 
     dataset: Name
-    domain: Name = Field(description="The image domain; also the adapter's name unless "
-                         "params.adapter gives one.")
+    domain: Annotated[str, Field(max_length=64, json_schema_extra=NEW_ADAPTER_NAME_SCHEMA)] = \
+        Field(description="The image domain; also the adapter's name unless params.adapter "
+              "gives one (so not base, live or auto).")
     params: Annotated[dict[str, Any], documented_as(TrainParams)] = Field(
         default_factory=dict, description="Training parameters.")
 

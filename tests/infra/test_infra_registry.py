@@ -81,6 +81,15 @@ def test_bad_adapter_names(reg: Registry, name: str, tmp_path: Path) -> None:
         reg.add_adapter(name, make_adapter(tmp_path / "a"))
 
 
+@pytest.mark.parametrize("name", ["base", "live", "auto"])
+def test_reserved_adapter_names(reg: Registry, name: str, tmp_path: Path) -> None:
+    """What a request's adapter means besides a stored one never names a stored adapter."""
+    with pytest.raises(InvalidName, match="reserved"):
+        reg.add_adapter(name, make_adapter(tmp_path / "a"))
+    assert reg.list_adapters() == []
+    reg.add_adapter(f"{name}-1", make_adapter(tmp_path / "b"))  # as a prefix: fine
+
+
 def test_not_an_adapter_directory(reg: Registry, tmp_path: Path) -> None:
     src = make_adapter(tmp_path / "a")
     (src / "adapter_model.safetensors").unlink()
