@@ -13,7 +13,7 @@ import pytest
 from cli.main import main
 from regcl.bench.cl import BenchConfig, config_from_options, domain_orders, run_cl_benchmark
 from regcl.bench.cl_output import report_text, write_outputs
-from regcl.bench.cl_report import markdown_table, mean_ci, paired, t_quantile
+from regcl.bench.cl_report import markdown_table, mean_ci, paired, summarise_runs, t_quantile
 from regcl.data.domains import LONG_ORDER
 from regcl.errors import ConfigError
 from regcl.training.adapter import TrainConfig
@@ -52,6 +52,27 @@ def test_paired_differences_pair_by_seed_and_order():
     assert paired(flat, ref)["AA"]["mean"] == pytest.approx(0.05)
 
 
+def test_intervals_are_over_seeds_not_runs():
+    """Three orders of one seed are not three samples: a merge of all domains scores the same in
+    every order, and repeating it must not narrow the interval."""
+    one = [{"seed": s, "order": ["a", "b"], "AA": aa} for s, aa in ((0, 0.5), (1, 0.6), (2, 0.8))]
+    three = [{**r, "order": order} for r in one for order in (["a", "b"], ["b", "a"], ["a"])]
+    single, repeated = summarise_runs(one)["AA"], summarise_runs(three)["AA"]
+    assert repeated["mean"] == pytest.approx(single["mean"]) == pytest.approx(1.9 / 3)
+    assert repeated["ci95"] == pytest.approx(single["ci95"])  # 4.3027 * sd / sqrt(3)
+    assert single["ci95"] == pytest.approx(4.3027 * statistics.stdev([0.5, 0.6, 0.8]) / 3 ** 0.5,
+                                           abs=1e-4)
+    assert (repeated["n"], repeated["runs"]) == (3, 9)
+    # paired: per-run differences, averaged per seed, then the interval over seeds
+    ref = [{**r, "AA": 0.5} for r in three]
+    runs = [{**r, "AA": r["AA"] + (0.01 if r["order"] == ["a"] else 0.0)} for r in three]
+    out = paired(runs, ref)["AA"]
+    assert out["n"] == 3 and out["runs"] == 9
+    seed_diffs = [aa - 0.5 + 0.01 / 3 for aa in (0.5, 0.6, 0.8)]
+    assert out["mean"] == pytest.approx(statistics.fmean(seed_diffs))
+    assert out["ci95"] == pytest.approx(mean_ci(seed_diffs)["ci95"])
+
+
 def test_config_validation_and_options():
     with pytest.raises(ConfigError, match="default merge"):
         BenchConfig(methods=("regcl",), default_method="regcl_product")
@@ -87,7 +108,8 @@ def test_report_has_every_row_matrix_and_interval(report):
             assert all(0.0 <= v <= 1.0 for row in r["iou"] for v in row)
         aa = [r["AA"] for r in runs]
         assert results[name]["AA"]["mean"] == pytest.approx(statistics.fmean(aa))
-        assert results[name]["AA"]["n"] == 4 and results[name]["AA"]["ci95"] is not None
+        assert results[name]["AA"]["n"] == 2 and results[name]["AA"]["runs"] == 4  # 2 seeds
+        assert results[name]["AA"]["ci95"] is not None
     assert results["zero-shot base"]["AA"]["n"] == 2  # one run per seed
     # Paired differences against regcl, recomputed by hand.
     ties = {(r["seed"], tuple(r["order"])): r["AA"] for r in results["merge: ties"]["runs"]}

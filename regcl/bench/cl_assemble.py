@@ -119,8 +119,8 @@ def assemble_report(config: BenchConfig, orders: Sequence[tuple[str, ...]], base
     report: dict[str, Any] = {
         "config": config_json(config),
         "orders": [list(o) for o in orders],
-        "interval": "95 % Student-t interval of the mean over runs (seed x order; rows that do "
-                    "not depend on the order: over seeds); paired differences per run",
+        "interval": "95 % Student-t interval of the mean over seeds (each seed's runs, one per "
+                    "order, averaged first); paired differences per run, averaged per seed",
         "results": results,
         "routing": _routing_summary(config, individual_scores, merge_scores, routing,
                                     routing_steps),

@@ -1,11 +1,13 @@
 """Summaries with intervals and the markdown tables of ``regcl bench cl``.
 
 Interval: the 95 % Student-t interval of a mean, ``mean ± t(0.975, n−1) · sd / √n`` over the
-runs of a row (one run per seed and domain order; rows that do not depend on the order, such as
-the base model, have one run per seed). Runs of different orders share a seed's data and
-adapters, so they are not independent: the interval describes the spread over seeds × orders,
-not a sampling guarantee. Paired differences subtract the reference row's run of the same seed
-and order (same data, same adapters) before averaging.
+seeds, n the number of seeds. A seed (its data, adapters and prompts) is the independent unit:
+a row's runs of one seed (one per domain order; one in all for rows that do not depend on the
+order, such as the base model) are averaged first. Runs of different orders share a seed's
+data and adapters, and a merge of all the domains does not depend on their order at all, so
+counting them as separate samples would narrow the interval without new evidence. Paired
+differences subtract the reference row's run of the same seed and order (same data, same
+adapters), then average per seed the same way.
 """
 
 from __future__ import annotations
@@ -74,10 +76,24 @@ def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
     return {"mean": mean, "ci95": t_quantile(0.975, n - 1) * sd / math.sqrt(n), "sd": sd, "n": n}
 
 
+def seed_means(values: Sequence[tuple[int, float]]) -> list[float]:
+    """The mean of each seed's values (``(seed, value)`` pairs), in seed order."""
+    by_seed: dict[int, list[float]] = {}
+    for seed, value in values:
+        by_seed.setdefault(seed, []).append(value)
+    return [statistics.fmean(v) for _, v in sorted(by_seed.items())]
+
+
 def summarise_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Every summary metric of a row as :func:`mean_ci` over its runs."""
-    return {metric: mean_ci([r[metric] for r in runs if r.get(metric) is not None])
-            for metric in SUMMARY_METRICS if any(r.get(metric) is not None for r in runs)}
+    """Every summary metric of a row as :func:`mean_ci` over its seeds (each seed's runs
+    averaged first), with ``runs`` the number of runs behind it."""
+    out = {}
+    for metric in SUMMARY_METRICS:
+        values = [(r["seed"], r[metric]) for r in runs
+                  if r.get(metric) is not None and math.isfinite(r[metric])]
+        if values:
+            out[metric] = {**mean_ci(seed_means(values)), "runs": len(values)}
+    return out
 
 
 def _run_key(run: Mapping[str, Any]) -> tuple:
@@ -116,7 +132,8 @@ def paired(runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, A
             diffs.append(run[metric] - value)
             per_seed.setdefault(run["seed"], []).append(run[metric] - value)
         if diffs:
-            out[metric] = {**mean_ci(diffs),
+            out[metric] = {**mean_ci([statistics.fmean(v) for _, v in sorted(per_seed.items())]),
+                           "runs": len(diffs),
                            "per_seed": {str(s): statistics.fmean(v) for s, v in per_seed.items()}}
     return out
 
