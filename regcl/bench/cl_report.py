@@ -115,7 +115,7 @@ def paired(runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, A
         by_seed.setdefault(r["seed"], []).append(r)
     out: dict[str, Any] = {}
     for metric in ("AA", "FM", "FT", "final_dice"):
-        diffs, per_seed = [], {}
+        diffs: list[tuple[int, float]] = []  # (seed, run - reference)
         for run in runs:
             if run.get(metric) is None:
                 continue
@@ -129,12 +129,11 @@ def paired(runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, A
                 value = statistics.fmean(values)
             else:
                 continue
-            diffs.append(run[metric] - value)
-            per_seed.setdefault(run["seed"], []).append(run[metric] - value)
+            diffs.append((run["seed"], run[metric] - value))
         if diffs:
-            out[metric] = {**mean_ci([statistics.fmean(v) for _, v in sorted(per_seed.items())]),
-                           "runs": len(diffs),
-                           "per_seed": {str(s): statistics.fmean(v) for s, v in per_seed.items()}}
+            per_seed = dict(zip(sorted({seed for seed, _ in diffs}), seed_means(diffs)))
+            out[metric] = {**mean_ci(list(per_seed.values())), "runs": len(diffs),
+                           "per_seed": {str(s): mean for s, mean in per_seed.items()}}
     return out
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from infra.base_model import base_metadata, check_base_model
 from infra.errors import Conflict
-from infra.registry import ADAPTER_NAME_SCHEMA
+from infra.registry import ADAPTER_NAME_SCHEMA, NEW_ADAPTER_NAME_SCHEMA, RESERVED_ADAPTER_NAMES
 from infra.registry import validate_adapter_name as check_name
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.adapters.layout import (
@@ -32,7 +32,6 @@ from regcl.adapters.layout import (
     WEIGHTS_FILE,
 )
 from regcl.errors import AdapterError, RegclError
-from service.adapter_table import AUTO, BASE, LIVE
 from service.deps import AdminKey, EngineDep, RegistryDep, RuntimeDep
 from service.live_swap import check_adapter_fits
 from service.problems import ProblemError, problem_responses
@@ -45,7 +44,6 @@ from service.schemas.adapters import (
 )
 from service.schemas.documented import (
     JSON_OBJECT_FIELD,
-    NEW_NAME_SCHEMA,
     NamePath,
     upload_parts,
 )
@@ -108,7 +106,8 @@ def upload_adapter(
     _: AdminKey,
     runtime: RuntimeDep,
     name: Annotated[str, Form(description="Registry name, [a-z0-9][a-z0-9_-]{0,63}, other "
-                              "than base, live and auto.", json_schema_extra=NEW_NAME_SCHEMA)],
+                              "than base, live and auto.",
+                              json_schema_extra=NEW_ADAPTER_NAME_SCHEMA)],
     adapter_config: Annotated[UploadFile, File(
         description="PEFT adapter_config.json of a LoRA on the served model's image encoder.")],
     adapter_model: Annotated[UploadFile, File(
@@ -126,7 +125,7 @@ def upload_adapter(
     """Upload a PEFT LoRA adapter for the serving model. Without ``regcl_stats`` it can be
     served (``adapter=<name>`` in /v1/segment) but not merged (``has_stats: false``)."""
     check_name(name)
-    if name in (BASE, LIVE, AUTO):
+    if name in RESERVED_ADAPTER_NAMES:
         raise ProblemError("reserved-name", f"{name!r} is reserved for the model's own "
                            "adapters; pick another name")
     domain = check_name(domain) if domain is not None else name

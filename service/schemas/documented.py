@@ -13,9 +13,9 @@ from fastapi import Path
 from pydantic import TypeAdapter, WithJsonSchema
 
 from infra.jobs import JOB_ID_PATTERN
-from infra.registry import ADAPTER_NAME_SCHEMA, NEW_ADAPTER_NAME_SCHEMA
+from infra.registry import ADAPTER_NAME_SCHEMA
 
-__all__ = ["IMAGE_FORMAT", "JSON_OBJECT_FIELD", "MASK_FORMAT", "NEW_NAME_SCHEMA", "JobIdPath",
+__all__ = ["IMAGE_FORMAT", "JSON_OBJECT_FIELD", "MASK_FORMAT", "JobIdPath",
            "NamePath", "VersionPath", "documented_as", "inline_schema", "upload_parts"]
 
 IMAGE_FORMAT = "base64-image"
@@ -25,9 +25,6 @@ MASK_FORMAT = "base64-float32"
 JSON_OBJECT_FIELD: dict[str, Any] = {"contentMediaType": "application/json",
                                      "contentSchema": {"type": "object"}}
 """A form field holding a JSON object (anything else is 422 ``invalid-argument``)."""
-NEW_NAME_SCHEMA: dict[str, Any] = NEW_ADAPTER_NAME_SCHEMA
-"""The name of a new adapter: a registry name other than the reserved ``base``, ``live`` and
-``auto``."""
 
 
 NamePath = Annotated[str, Path(description="An adapter or dataset name.",
