@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +50,25 @@ class Store:
                     hashlib.sha256(path.read_bytes()).hexdigest()
         return out
 
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until the API's domain router holds exactly the registered adapters with
+        statistics. It copies each new one into the API's cache on its listener thread, through
+        a staging directory a walk of the data directory could otherwise meet half made."""
+        deadline = time.monotonic() + timeout
+        with self.api.client() as client:
+            while True:
+                wanted = {a["name"]: a["sha256"] for a in client.get("/v1/adapters").json()[
+                    "adapters"] if a["has_stats"]}
+                info = client.get("/v1/router").json()
+                held = {d["name"]: d["revision"] for d in info["domains"]}
+                held.update({s["name"]: wanted.get(s["name"]) for s in info["skipped"]})
+                if held == wanted:
+                    return
+                assert time.monotonic() < deadline, (wanted, info)
+                time.sleep(0.05)
+
     def snapshot(self) -> Snapshot:
+        self.settle()
         with self.api.client() as client:
             listings = {path: client.get(path).json() for path in LISTINGS}
         keys = sorted(k.decode() if isinstance(k, bytes) else k

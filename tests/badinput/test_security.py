@@ -391,6 +391,7 @@ def test_client_file_names_never_become_paths(api, admin, store, seeded):
     """A valid adapter whose parts carry traversal file names is stored under its registry
     name with canonical file names, inside the artifact store, and nowhere else."""
     data_dir = Path(api.env["REGCL_DATA_DIR"])
+    store.settle()
     before = store.files()
     directory = seeded.adapter_dir
     files = {"adapter_config": ("../../../../tmp/evil.json",
@@ -402,6 +403,7 @@ def test_client_file_names_never_become_paths(api, admin, store, seeded):
     response = admin.post("/v1/adapters", data={"name": "contained"}, files=files)
     assert response.status_code == 201, response.text
     try:
+        store.settle()  # the router has copied it into the API's cache (see Store.settle)
         added = sorted(set(store.files()) - set(before))
         # The store's copy, and the API's fetched copy (the domain router reads new adapters'
         # statistics: cache/service/<name>-<digest>/), both under canonical names.
@@ -414,6 +416,7 @@ def test_client_file_names_never_become_paths(api, admin, store, seeded):
         assert not Path("/tmp/evil.json").exists() and not (data_dir.parent / "evil.json").exists()
     finally:
         assert admin.delete("/v1/adapters/contained").status_code == 200
+        store.settle()
 
 
 @pytest.mark.parametrize("path", ["../evil", "adapters/../../evil", "/abs", "a//b", "a/./b", "",
