@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infra.errors import NotFound
+from infra.registry import RESERVED_ADAPTER_NAMES
 from regcl.errors import ConfigError
 from service.problems import HTTP_KINDS, ProblemError, problem_response
 
@@ -146,6 +147,14 @@ def form_json_object(text: str | None, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{what} must be a JSON object")
     return value
+
+
+def refuse_reserved(name: object) -> None:
+    """422 ``reserved-name`` if ``name`` is one a request's adapter gives its own meaning
+    (``base``, ``live``, ``auto``): no upload or job may register an adapter so named."""
+    if name in RESERVED_ADAPTER_NAMES:
+        raise ProblemError("reserved-name", f"{name!r} is reserved for the model's own "
+                           "adapters; pick another name")
 
 
 def name_taken(lookup: Callable[[], object]) -> bool:

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from infra.base_model import base_metadata, check_base_model
 from infra.errors import Conflict
-from infra.registry import ADAPTER_NAME_SCHEMA, NEW_ADAPTER_NAME_SCHEMA, RESERVED_ADAPTER_NAMES
+from infra.registry import ADAPTER_NAME_SCHEMA, NEW_ADAPTER_NAME_SCHEMA
 from infra.registry import validate_adapter_name as check_name
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.adapters.layout import (
@@ -47,7 +47,7 @@ from service.schemas.documented import (
     NamePath,
     upload_parts,
 )
-from service.uploads import copy_bounded, form_json_object, name_taken
+from service.uploads import copy_bounded, form_json_object, name_taken, refuse_reserved
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -125,9 +125,7 @@ def upload_adapter(
     """Upload a PEFT LoRA adapter for the serving model. Without ``regcl_stats`` it can be
     served (``adapter=<name>`` in /v1/segment) but not merged (``has_stats: false``)."""
     check_name(name)
-    if name in RESERVED_ADAPTER_NAMES:
-        raise ProblemError("reserved-name", f"{name!r} is reserved for the model's own "
-                           "adapters; pick another name")
+    refuse_reserved(name)
     domain = check_name(domain) if domain is not None else name
     _check_file_name(adapter_config, "adapter_config", ".json")
     _check_file_name(adapter_model, "adapter_model", ".safetensors")

@@ -49,7 +49,7 @@ from service.schemas.jobs import (
     StatsJobRequest,
     TrainJobRequest,
 )
-from service.uploads import name_taken
+from service.uploads import name_taken, refuse_reserved
 from workers.params import STATS_SUFFIX
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -82,8 +82,10 @@ def _submit() -> Any:
 
 
 def _refuse_taken_output(registry: Registry, name: object) -> None:
-    """409 now, rather than a job that fails at its end, if the adapter a job would register
-    exists already (malformed names are left to the parameter validation: 422)."""
+    """422 ``reserved-name`` or 409 now, rather than a job that fails at its end, if the
+    adapter a job would register has a reserved name or exists already (malformed names are
+    left to the parameter validation: 422)."""
+    refuse_reserved(name)
     if isinstance(name, str) and ADAPTER_NAME.fullmatch(name) \
             and name_taken(lambda: registry.get_adapter(name)):
         raise Conflict(f"adapter {name!r} already exists; name the job's result otherwise")
@@ -101,6 +103,7 @@ def submit_train(_: AdminKey, body: TrainJobRequest, registry: RegistryDep,
                  response: Response) -> JobSubmitResponse:
     """Queue the training of a domain adapter."""
     datasets.get_dataset(body.dataset)
+    refuse_reserved(body.domain)
     _refuse_taken_output(registry, body.params.get("adapter") or body.domain)
     record = _submit().submit_train(celery, jobs, dataset=body.dataset,
                                     domain=body.domain, params=body.params)
