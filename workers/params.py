@@ -125,7 +125,9 @@ class TrainParams(BaseModel):
     lr: Finite = Field(5e-3, gt=0, le=1)
     min_lr: Finite = Field(1e-7, ge=0, le=1, description="The rate the cosine schedule "
                            "ends at (normally below lr; above it, the rate rises to it).")
-    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1, description="Seeds the adapter's initial "
+                          "weights, the holdout split and subset, the batches and the prompts: "
+                          "the same job on the same data gives the same adapter.")
     n_points: Integer = Field(3, ge=1, le=64)
     holdout: Finite = Field(0.1, gt=0, le=0.5)
     max_samples: integer(ge=2, le=100_000) | None = None  # type: ignore[valid-type]

@@ -19,9 +19,12 @@ __all__ = ["new_adapter_model", "train_and_register"]
 
 
 def new_adapter_model(rt: WorkerRuntime, p: TrainParams) -> PeftModel:
-    """A fresh copy of the base model with an untrained LoRA adapter laid out as ``p`` says."""
+    """A fresh copy of the base model with an untrained LoRA adapter laid out as ``p`` says,
+    its initial weights drawn from ``p.seed`` (not from torch's global generator, whose state
+    depends on what the worker process ran before): one job's parameters, one adapter."""
     return attach_lora(rt.fresh_model(), AdapterConfig(
-        rank=p.rank, alpha=p.alpha, blocks=None if p.blocks is None else tuple(p.blocks)))
+        rank=p.rank, alpha=p.alpha, blocks=None if p.blocks is None else tuple(p.blocks)),
+        seed=p.seed)
 
 
 def train_and_register(job: JobHandle, rt: WorkerRuntime, model: PeftModel, p: TrainParams,

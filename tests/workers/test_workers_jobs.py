@@ -91,6 +91,30 @@ def test_train_job_registers_an_adapter_with_stats(cluster: Cluster, trained) ->
     assert files.metadata["base_fingerprint"] == meta["base_fingerprint"]
 
 
+def test_the_same_train_job_gives_the_same_adapter(cluster: Cluster, trained) -> None:
+    """A train job's adapter depends on its parameters and data only, not on what the worker
+    process ran before (its initial LoRA weights come from the job's seed): polyp again, after
+    three trainings in this worker, gives polyp's weights bit for bit; another seed does not."""
+    records, _ = trained
+    again = {seed: cluster.wait(submit_train(
+        cluster.celery, cluster.jobs, dataset="polyp", domain="polyp",
+        params={**SMALL, "seed": seed, "adapter": f"polyp-seed{seed}"})) for seed in (0, 1)}
+    assert all(job.state is JobState.SUCCEEDED for job in again.values())
+    weights = {name: read_adapter(cluster.registry.fetch_adapter(
+        name, cluster.tmp / f"same-{name}")).weights
+        for name in ("polyp", "polyp-seed0", "polyp-seed1")}
+    try:
+        assert weights["polyp"].keys() == weights["polyp-seed0"].keys()
+        assert all(torch.equal(w, weights["polyp-seed0"][k]) for k, w in weights["polyp"].items())
+        assert not all(torch.equal(w, weights["polyp-seed1"][k])
+                       for k, w in weights["polyp"].items())
+        for split in ("holdout", "holdout_base"):
+            assert again[0].result["metrics"][split] == records["polyp"].result["metrics"][split]
+    finally:
+        for name in ("polyp-seed0", "polyp-seed1"):
+            cluster.registry.delete_adapter(name)
+
+
 def test_merges_fold_adapters_into_numbered_versions(cluster: Cluster, trained,
                                                      tmp_path: Path) -> None:
     records, _ = trained
