@@ -11,7 +11,7 @@ Every number here is reproducible: a train job's initial LoRA weights come from 
 (``TrainParams.seed``), so the same parameters give the same adapters in any worker process.
 The merge halves B's update where A's Gram is B's (the same images), so B's gain on its own
 held-out image is not guaranteed by the construction: with 6 epochs B's candidate lost to live
-on B for every training seed tried (0.14-0.17 against 0.17 IoU), and it was the unseeded draw
+on B for each of the training seeds 0-3 (0.14-0.16 against 0.17 IoU); it was the unseeded draw
 that had made the test pass or fail by chance. With 16 epochs at the default seed the candidate
 gets 0.37 on B against live's 0.17 and 0.32 on A against 0.52 (measured 2026-12-04), margins
 far beyond floating-point noise."""
