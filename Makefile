@@ -1,14 +1,18 @@
-# Two entry points (see README): `make run` and `make test`. Each installs what it needs into
-# .venv on first use (and again when pyproject.toml changes).
+# Two entry points (see README): `make run` and `make test`. Each installs what it needs on first
+# use, from the committed locks under requirements/ (every package pinned and hash-checked).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-# Label Studio (#11) runs in a venv of its own (its Django stack must not share ours); the
-# end-to-end test of /labelstudio starts it from there. Pinned in requirements-labelstudio.txt.
+# The main venv: runtime, s3 and dev extras plus the build backend (pyproject.toml chooses,
+# requirements/dev.txt pins). The images install requirements/main.txt (runtime and s3).
+LOCK := requirements/dev.txt
+# Label Studio runs in a venv of its own (its Django stack must not share ours); the end-to-end
+# tests of /labelstudio start it from there.
 LS_VENV := .venv-labelstudio
 LS_STAMP := $(LS_VENV)/.installed
+LS_LOCK := requirements/labelstudio.txt
 
-.PHONY: run test test-vit-b lint bench-quick browser labelstudio npm vendor
+.PHONY: run test test-vit-b lint bench-quick browser labelstudio npm vendor venv lock
 
 # The web page decodes masks in the browser with onnxruntime-web when it finds it under
 # service/static/vendor/ (git-ignored), fetched here from the npm registry (never a CDN at run
@@ -45,31 +49,55 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium \
 		|| { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }; }
 
-$(LS_STAMP): requirements-labelstudio.txt
+# A changed lock makes a new venv (nothing of the old one left over); `pip install` then also
+# runs the resolver over the lock, so a lock that misses a dependency fails here. `venv` runs
+# after the stamp on every call: a package changed by hand goes back to the lock's version
+# (tests/test_locks.py names any difference that remains).
+$(STAMP): $(LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+	@$(VENV)/bin/pip install --quiet --require-hashes -r $(LOCK)
+
+$(LS_STAMP): $(LS_LOCK)
+	rm -rf $(LS_VENV)
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/pip install --quiet -r requirements-labelstudio.txt
+	$(LS_VENV)/bin/pip install --quiet --require-hashes -r $(LS_LOCK)
 	touch $(LS_STAMP)
 
 labelstudio: $(LS_STAMP)
+	@$(LS_VENV)/bin/pip install --quiet --require-hashes -r $(LS_LOCK)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+# The locks, from pyproject.toml and requirements/*.in (uv pip compile, pinned in the dev extra):
+# for CPython 3.11 on x86-64 Linux (this machine, the images, CI). The runtime lock takes the
+# dev lock's versions, so the images run what the tests ran.
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" $(LOCK_FLAGS)
+# Versions already locked stay unless pyproject.toml or an .in file asks otherwise; to move one:
+# `make lock LOCK_FLAGS="--upgrade-package NAME"` (or --upgrade for all).
+lock: $(STAMP)
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra dev --extra s3 -o $(LOCK)
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra s3 -c $(LOCK) \
+		-o requirements/main.txt
+	$(UV_COMPILE) requirements/labelstudio.in -o $(LS_LOCK)
 
-run: $(STAMP) vendor
+run: venv vendor
 	$(VENV)/bin/regcl up
 
-bench-quick: $(STAMP)
+bench-quick: venv
 	$(VENV)/bin/regcl bench cl --quick
 
-lint: $(STAMP)
+lint: venv
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint browser labelstudio npm vendor
+test: venv lint browser labelstudio npm vendor
 	$(VENV)/bin/python -m pytest
 
 # Real SAM (vit_b, random weights written like the official checkpoint) through the whole
-# service on the CPU; minutes to tens of minutes, so not part of `make test` (docs/deploy.md).
-test-vit-b: $(STAMP)
-	REGCL_TEST_VIT_B=1 $(VENV)/bin/python -m pytest tests/deploy/test_vit_b_flow.py -s
+# service on the CPU, alone and with its timings printed (it is part of `make test` too).
+test-vit-b: venv
+	$(VENV)/bin/python -m pytest tests/deploy/test_vit_b_flow.py -s

@@ -7,16 +7,21 @@
 # Opt-in, not part of `make test`: a cold build downloads about 3 GB from PyPI (torch and its
 # CUDA libraries); the two images share their layers, 6.4 GB on disk.
 #
+# What a fresh Debian 12 machine needs first (root):
+#   apt-get update && apt-get install -y docker.io docker-compose debootstrap
+#   dockerd >/var/log/dockerd.log 2>&1 &        # where no init system starts it
+# Debian's docker.io ships no buildx: the images then build with the classic builder
+# (DOCKER_BUILDKIT=0), which docker/Dockerfile is written for as well as for BuildKit.
+#
 #   scripts/docker_check.sh                  # standard bases: python:3.11-slim, redis:7
 #   scripts/docker_check.sh --local-bases    # bases made from Debian packages (no Docker Hub;
 #                                            # docker/make_local_bases.sh, needs root)
 #   scripts/docker_check.sh --cold           # drop the build cache and the images first
 #
 # Environment:
-#   PIP_CERT     CA bundle pip verifies PyPI with (pip's own variable): handed to the build as
-#                the BuildKit secret pip_cert, not kept in the images
-#   DOCKER       the docker client (default: docker). Builds need BuildKit: the buildx plugin,
-#                or a client older than 23 (Debian's docker.io: DOCKER=/usr/bin/docker)
+#   PIP_CERT     CA bundle pip verifies PyPI with (pip's own variable): copied to
+#                docker/certs/ for the build's deps stage, removed after; not in the images
+#   DOCKER       the docker client (default: docker)
 #   REGCL_CLI    how to run `regcl` here (default: regcl if on PATH, otherwise inside the api
 #                container), e.g. REGCL_CLI="python -m cli"
 #   DEMO_ARGS    more arguments for `regcl demo` (e.g. "--train-images 8 --epochs 1")
@@ -53,14 +58,17 @@ elif command -v docker-compose >/dev/null; then
 else
     fail "neither '$DOCKER compose' nor docker-compose is installed"
 fi
-client_major=$($DOCKER version --format '{{.Client.Version}}' | cut -d. -f1)
-if ! $DOCKER buildx version >/dev/null 2>&1 && (( client_major >= 23 )); then
-    fail "$DOCKER $client_major.x builds with BuildKit only through the buildx plugin, which is
-    missing; install it, or set DOCKER to a client with BuildKit built in (Debian's docker.io:
-    DOCKER=/usr/bin/docker)"
+$DOCKER version >/dev/null 2>&1 \
+    || fail "'$DOCKER version' reaches no Docker engine: is dockerd running? (see the head of $0)"
+if $DOCKER buildx version >/dev/null 2>&1; then
+    export DOCKER_BUILDKIT=1
+    builder="BuildKit (buildx)" progress=(--progress=plain)
+else
+    export DOCKER_BUILDKIT=0
+    builder="the classic builder (no buildx plugin)" progress=()
 fi
-export DOCKER_BUILDKIT=1 COMPOSE_PROJECT_NAME=$PROJECT
-note "docker: $($DOCKER version --format 'client {{.Client.Version}}, server {{.Server.Version}}')"
+export COMPOSE_PROJECT_NAME=$PROJECT
+note "docker: $($DOCKER version --format 'client {{.Client.Version}}, server {{.Server.Version}}'), $builder"
 note "compose: ${compose[*]} $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -1)"
 
 if (( local_bases )); then
@@ -72,21 +80,23 @@ fi
 export REDIS_IMAGE
 
 # -- build ------------------------------------------------------------------------------------
-secret=()
+cert=docker/certs/docker-check-pip-cert.pem
 if [[ -n ${PIP_CERT:-} ]]; then
     [[ -f $PIP_CERT ]] || fail "PIP_CERT=$PIP_CERT: no such file"
-    secret=(--secret "id=pip_cert,src=$PIP_CERT")
+    cp "$PIP_CERT" "$cert"
+    trap 'rm -f "$cert"' EXIT
 fi
 if (( cold )); then
     $DOCKER image rm -f regcl-api regcl-worker >/dev/null 2>&1 || true
-    $DOCKER builder prune -af >/dev/null
+    $DOCKER builder prune -af >/dev/null 2>&1 || true
+    $DOCKER image prune -f >/dev/null
     log "build cache and images dropped: a cold build"
 fi
 for target in api worker; do
     t=$(now)
     log "building regcl-$target (base $BASE_IMAGE; log: $LOG_DIR/build-$target.log)"
-    $DOCKER build --progress=plain -f docker/Dockerfile --target "$target" -t "regcl-$target" \
-        --build-arg "BASE=$BASE_IMAGE" "${secret[@]}" . >"$LOG_DIR/build-$target.log" 2>&1 \
+    $DOCKER build "${progress[@]}" -f docker/Dockerfile --target "$target" -t "regcl-$target" \
+        --build-arg "BASE=$BASE_IMAGE" . >"$LOG_DIR/build-$target.log" 2>&1 \
         || { tail -40 "$LOG_DIR/build-$target.log" >&2; fail "docker build --target $target"; }
     note "build regcl-$target: $(since "$t") s"
 done
@@ -100,6 +110,7 @@ up=("${compose[@]}" --profile cpu)
 stop() {
     "${up[@]}" logs --no-color --timestamps >"$LOG_DIR/compose.log" 2>&1 || true
     "${up[@]}" down --volumes --remove-orphans >/dev/null 2>&1 || true
+    rm -f "$cert"
 }
 trap stop EXIT
 

@@ -2,8 +2,9 @@
 .dockerignore, the scripts that build them) against the code they deploy: services, profiles
 and volumes, ``REGCL_*`` names that are real settings, the worker's device as the code reads
 it, commands that resolve (the uvicorn app factory, the Celery app and its queues), health
-checks on real routes, build inputs that exist and are not ignored, and pip reaching PyPI
-without an index or certificate baked into the images.
+checks on real routes, build inputs that exist and are not ignored, and the dependencies
+installed from the hash-checked runtime lock, with no index or certificate in the images and no
+instruction that needs BuildKit.
 
 No Docker here: the files are parsed (YAML, and Dockerfile instructions as text).
 scripts/docker_check.sh builds and runs them for real (opt-in: it downloads gigabytes).
@@ -353,8 +354,15 @@ def test_both_images_share_one_python_base(images):
     common = stages["api"].base
     assert stages["worker"].base == common and common in stages, "no stage in common"
     assert stages[common].base == "${BASE}" and images.root_image("api") == images.args["BASE"]
-    assert any("pip install" in i.args for i in stages[common].instructions), (
-        "the dependencies (torch: gigabytes) are not in the layers both images share")
+    venv = [i for i in stages[common].instructions
+            if i.keyword == "COPY" and i.args.startswith("--from=")]
+    assert venv, "the dependencies (torch: gigabytes) are not in the layers both images share"
+    source = venv[0].args.split()[0].removeprefix("--from=")
+    assert stages[source].base == "${BASE}", "the venv must be made on the images' own base"
+    order = stages[common].instructions
+    first_source_copy = next(i for i, c in enumerate(order)
+                             if c.keyword == "COPY" and c.args.split()[0] == "regcl")
+    assert order.index(venv[0]) < first_source_copy, "source edits would copy the venv again"
 
 
 def test_api_image_runs_the_app_factory_with_real_health_checks(images, services,
@@ -414,35 +422,57 @@ def test_worker_image_runs_celery_on_the_routed_queues(images, services, setting
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
-    """Whether ``.dockerignore`` drops ``path`` (or a folder above it) from the context."""
+    """Whether ``.dockerignore`` drops ``path`` from the context: the last pattern that matches
+    the path or a folder above it decides, and a ``!pattern`` keeps what it matches."""
     parts = Path(path).parts
-    for i in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:i])
-        for pattern in patterns:
-            pattern = pattern.strip("/")
-            if pattern.startswith("**/"):
-                if fnmatch.fnmatch(parts[i - 1], pattern.removeprefix("**/")):
-                    return True
-            elif fnmatch.fnmatch(prefix, pattern):
-                return True
-    return False
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for line in patterns:
+        keep = line.startswith("!")
+        pattern = line.removeprefix("!").strip("/")
+        if pattern.startswith("**/"):
+            hit = any(fnmatch.fnmatch(part, pattern.removeprefix("**/")) for part in parts)
+        else:
+            hit = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes)
+        if hit:
+            ignored = not keep
+    return ignored
+
+
+def test_dockerignore_exceptions_keep_what_they_name():
+    patterns = ["docker", "!docker/certs", "requirements", "!requirements/main.txt"]
+    assert _ignored("docker/Dockerfile", patterns)
+    assert not _ignored("docker/certs/", patterns)
+    assert _ignored("requirements/dev.txt", patterns)
+    assert not _ignored("requirements/main.txt", patterns)
+    assert not _ignored("regcl", patterns)
+
+
+def _dockerignore_patterns() -> list[str]:
+    return [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_every_copy_source_exists_and_is_in_the_context(images):
+    patterns = _dockerignore_patterns()
+    for stage in images.stages:
+        for instruction in stage.instructions:
+            if instruction.keyword == "COPY" and "--from" not in instruction.args:
+                *sources, _ = instruction.args.split()
+                for source in sources:
+                    assert (REPO / source).exists(), f"COPY {source}: no such path"
+                    assert not _ignored(source, patterns), f"COPY {source}: .dockerignore drops it"
 
 
 @pytest.mark.parametrize("target", ["api", "worker"])
 def test_images_install_the_whole_project_from_a_clean_context(target, images):
     instructions = images.chain(target)
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    assert not any(p.startswith("!") for p in patterns), "exceptions: extend _ignored first"
     copied: set[str] = set()
     for instruction in instructions:
         if instruction.keyword == "COPY" and "--from" not in instruction.args:
             *sources, _ = instruction.args.split()
-            for source in sources:
-                assert (REPO / source).exists(), f"COPY {source}: no such path"
-                assert not _ignored(source, patterns), f"COPY {source}: .dockerignore drops it"
-                copied.add(Path(source).as_posix())
+            copied |= {Path(source).as_posix() for source in sources}
     needed = {"pyproject.toml", pyproject["project"]["readme"]}
     for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
         needed |= {p.name for p in REPO.iterdir()
@@ -462,24 +492,36 @@ def test_images_install_the_whole_project_from_a_clean_context(target, images):
             assert name in KNOWN_ENV, name
 
 
-def test_pip_reaches_pypi_with_nothing_baked_in(images):
-    """torch and every pin come from PyPI (no other index wired in); a CA bundle for a TLS
-    proxy arrives as a build secret in each pip step and is never copied into a layer."""
-    instructions = images.chain("api") + images.chain("worker")
-    pip_runs = [i for i in instructions if i.keyword == "RUN" and "pip install" in i.args]
-    assert len(pip_runs) >= 2, "dependencies and the project in separate layers"
-    for run in pip_runs:
-        assert not re.search(r"--(extra-)?index-url|download\.pytorch\.org", run.args), run
-        assert "--mount=type=secret,id=pip_cert" in run.args, f"no pip_cert secret: {run}"
-    env = dockerfile_env(instructions)
-    assert not {"PIP_CERT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} & set(env), env
-    for instruction in instructions:
-        if instruction.keyword in ("COPY", "ADD"):
-            assert not re.search(r"\.(crt|pem)\b|ca-certificates", instruction.args), instruction
-    dependencies_first = next(i for i, run in enumerate(instructions) if run in pip_runs)
-    first_source_copy = next(i for i, c in enumerate(instructions)
-                             if c.keyword == "COPY" and c.args.split()[0] == "regcl")
-    assert dependencies_first < first_source_copy, "source edits would rebuild the torch layer"
+def test_dependencies_come_from_the_runtime_lock_with_nothing_baked_in(images):
+    """The dependencies: ``pip install --require-hashes -r`` of requirements/main.txt, in a
+    stage of their own that may read a proxy's CA bundle from docker/certs/; the images copy
+    its venv alone, so no bundle, index or pip setting reaches them. The project itself installs
+    without an index (no deps, the locked build backend). No instruction needs BuildKit."""
+    stages = {stage.name: stage for stage in images.stages}
+    source = next(i for i in stages[stages["api"].base].instructions
+                  if i.keyword == "COPY" and i.args.startswith("--from="))
+    deps = stages[source.args.split()[0].removeprefix("--from=")].instructions
+    lock = next(i for i in deps if i.keyword == "COPY" and "requirements/" in i.args).args.split()
+    assert lock[0] == "requirements/main.txt"
+    installs = [i.args for i in deps if i.keyword == "RUN" and "pip install" in i.args]
+    assert len(installs) == 1 and re.search(
+        rf"pip install --require-hashes -r {re.escape(lock[1])}(\s|$)", installs[0]), installs
+    for target in ("api", "worker"):
+        chain = images.chain(target)
+        runs = [i.args for i in chain if i.keyword == "RUN" and "pip install" in i.args]
+        assert runs and all("--no-deps" in run and "--no-build-isolation" in run
+                            for run in runs), runs
+        env = dockerfile_env(chain)
+        assert not {"PIP_CERT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} & set(env), env
+        for instruction in chain:
+            if instruction.keyword in ("COPY", "ADD"):
+                assert not re.search(r"\.(crt|pem)\b|certs|ca-certificates", instruction.args), (
+                    instruction)
+    for stage in images.stages:
+        for instruction in stage.instructions:
+            assert "--mount=" not in instruction.args, f"BuildKit only: {instruction}"
+            assert not re.search(r"--(extra-)?index-url|download\.pytorch\.org",
+                                 instruction.args), instruction
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
