@@ -115,14 +115,6 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

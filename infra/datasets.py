@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict
 
 from infra import keys
 from infra.artifacts import ArtifactStore, files_of
-from infra.errors import InvalidName
 from infra.named_artifacts import NamedArtifacts
-from infra.registry import ADAPTER_NAME, _json_object
+from infra.names import validate_name
+from infra.registry import _json_object
 from regcl.errors import DataError
 
 if TYPE_CHECKING:  # the loaders import numpy / PIL / pycocotools; only open_dataset needs them
@@ -52,11 +52,9 @@ IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 
 
-def validate_dataset_name(name: str) -> str:
-    """Return ``name`` if it matches ``[a-z0-9][a-z0-9_-]{0,63}`` (as adapter names do)."""
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise InvalidName(f"invalid dataset name {name!r}: use [a-z0-9][a-z0-9_-]{{0,63}}")
-    return name
+def validate_dataset_name(name: object) -> str:
+    """``name`` if it follows the naming rule (:mod:`infra.names`), else InvalidName."""
+    return validate_name(name, "dataset name")
 
 
 def dataset_format(path: str | os.PathLike[str]) -> DatasetFormat:

@@ -1,7 +1,7 @@
 """The platform clients of one process, built in one place: Redis, the artifact store and the
 stores over them (adapter and version registry, job records, datasets).
 
-The API (:func:`service.runtime.build_runtime`), the workers (:class:`workers.runtime.
+The API (:func:`service.api.runtime.build_runtime`), the workers (:class:`workers.runtime.
 WorkerRuntime`) and ``regcl bench serve``'s stack all take them from :func:`connect_platform`.
 Nothing connects here: redis-py opens its connection on the first command.
 """

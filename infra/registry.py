@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,63 +34,33 @@ from redis.exceptions import LockError
 
 from infra import keys
 from infra.artifacts import ArtifactStore, files_of
-from infra.errors import ConfigError, Conflict, InvalidName, LockTimeout, NotFound
+from infra.errors import ConfigError, Conflict, LockTimeout, NotFound
 from infra.heartbeat import lock_heartbeat
 from infra.live import LiveSubscription, read_adapters_revision, read_live
 from infra.named_artifacts import NamedArtifacts, fetch_artifact
+from infra.names import validate_name
 from regcl.adapters.layout import CONFIG_FILE, STATS_FILE, UNSAFE_SUFFIXES, WEIGHTS_FILE
 
 __all__ = [
-    "ADAPTER_NAME",
-    "ADAPTER_NAME_SCHEMA",
-    "NEW_ADAPTER_NAME_SCHEMA",
-    "RESERVED_ADAPTER_NAMES",
     "AdapterRecord",
     "MergeLockLost",
     "Registry",
     "VersionRecord",
-    "validate_adapter_name",
-    "validate_new_adapter_name",
 ]
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
-ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
-ADAPTER_NAME_SCHEMA = {"pattern": f"^{ADAPTER_NAME_PATTERN}$", "minLength": 1, "maxLength": 64}
-"""The rule of adapter (and dataset) names as JSON Schema keywords, for the API's document."""
-BASE_ADAPTER, LIVE_ADAPTER, AUTO_ADAPTER = RESERVED_ADAPTER_NAMES = ("base", "live", "auto")
-"""What a request's ``adapter`` means besides a stored adapter: the model with no adapter, the
-live merged version, the domain router's choice. No stored adapter may take these names."""
-NEW_ADAPTER_NAME_SCHEMA = {
-    **ADAPTER_NAME_SCHEMA,
-    "pattern": f"^(?!({'|'.join(RESERVED_ADAPTER_NAMES)})$){ADAPTER_NAME_PATTERN}$"}
-"""The rule of a new adapter's name (and of a domain, the default name of its adapter)."""
 VERSION_ADAPTER_DIR = "adapter"
 VERSION_STATE_FILE = "merge_state.safetensors"
 _MAX_SKIPPED_NUMBERS = 1000
 
 
+def _adapter_name(name: str) -> str:
+    return validate_name(name, "adapter name")
+
+
 class MergeLockLost(Conflict):
     """The merge lock lapsed or was taken over while its holder merged: nothing is registered."""
-
-
-def validate_adapter_name(name: str) -> str:
-    """Return ``name`` if it matches ``[a-z0-9][a-z0-9_-]{0,63}``, else raise InvalidName."""
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise InvalidName(f"invalid adapter name {name!r}: use [a-z0-9][a-z0-9_-]{{0,63}}")
-    return name
-
-
-def validate_new_adapter_name(name: str) -> str:
-    """Return ``name`` if it can name a new adapter: a valid name other than the reserved
-    ``base``, ``live`` and ``auto``; else raise InvalidName."""
-    validate_adapter_name(name)
-    if name in RESERVED_ADAPTER_NAMES:
-        raise InvalidName(f"adapter name {name!r} is reserved (a request's adapter "
-                          f"{', '.join(RESERVED_ADAPTER_NAMES)} means the model's own); "
-                          "pick another name")
-    return name
 
 
 def _adapter_files(local_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -156,14 +125,14 @@ class Registry:
         self.store = store
         self._adapters = NamedArtifacts(
             client, store, kind="adapter", index_key=keys.ADAPTERS, lock_key=keys.adapter_lock,
-            prefix="adapters", record_type=AdapterRecord, validate_name=validate_adapter_name)
+            prefix="adapters", record_type=AdapterRecord, validate_name=_adapter_name)
 
     # -- domain adapters -----------------------------------------------------------------------
 
     def add_adapter(self, name: str, local_dir: str | os.PathLike[str],
                     metadata: Mapping[str, Any] | None = None) -> AdapterRecord:
         """Upload adapter directory ``local_dir`` as ``name`` (Conflict if the name is taken)."""
-        validate_new_adapter_name(name)
+        validate_name(name, "adapter name", new=True)
         files = _adapter_files(local_dir)
         meta = _json_object(metadata, "adapter metadata")
         record = self._adapters.add(name, files, lambda info: AdapterRecord(
@@ -199,10 +168,6 @@ class Registry:
         pipe.incr(keys.ADAPTERS_REVISION)
         pipe.publish(keys.ADAPTERS_CHANNEL, json.dumps({"name": name}))
         pipe.execute()
-
-    def adapters_revision(self) -> int:
-        """The adapters' revision counter: it grows with every add and delete."""
-        return read_adapters_revision(self._redis)
 
     def subscribe_adapters(self, callback: Callable[[int], None], *,
                            resync_interval_s: float = 5.0) -> LiveSubscription:

@@ -36,11 +36,11 @@ from redis.exceptions import LockError
 from infra import keys
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRecord, DatasetRegistry
-from infra.errors import Conflict, InvalidName, LockTimeout
+from infra.errors import Conflict, LockTimeout
+from infra.names import MAX_DOMAIN_LENGTH, validate_name
 from regcl.errors import DataError
 
 __all__ = [
-    "DOMAIN_NAME",
     "ProjectSettings",
     "SampleEntry",
     "SampleSets",
@@ -52,16 +52,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
-"""A sample set's domain: an adapter name short enough for ``<domain>-s<n>-heldout``."""
 _MAX_MASKS = 64
 
 
 def validate_domain_name(name: object) -> str:
-    """``name`` if it matches :data:`DOMAIN_NAME`, else InvalidName."""
-    if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
-        raise InvalidName(f"invalid domain name {name!r}: use [a-z0-9][a-z0-9_-]{{0,47}}")
-    return name
+    """``name`` if it can name a sample set's domain (:mod:`infra.names`: not reserved, short
+    enough for ``<domain>-s<n>-heldout``), else InvalidName."""
+    return validate_name(name, "domain name", new=True, max_length=MAX_DOMAIN_LENGTH)
 
 
 def default_domain(project_id: int) -> str:

@@ -20,7 +20,6 @@ from fsspec.registry import known_implementations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from infra.http_origin import parse_origin
 from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
 
 __all__ = ["MIB", "ModelName", "Settings", "get_settings"]
@@ -202,9 +201,8 @@ class Settings(BaseSettings):
 
     @field_validator("label_studio_url")
     @classmethod
-    def _check_label_studio_url(cls, value: str) -> str:
-        value = value.strip()
-        return parse_origin(value).url if value else ""
+    def _strip_label_studio_url(cls, value: str) -> str:
+        return value.strip()  # checked where it is used: service.labelstudio.origin
 
     @field_validator("data_dir")
     @classmethod

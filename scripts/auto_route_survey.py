@@ -18,8 +18,8 @@ import torch
 
 from regcl.adapters import read_adapter
 from regcl.models import build_sam
-from service.domain_routing import domain_entry
-from service.engine import SegmentationEngine
+from service.engine.auto_routing import domain_entry
+from service.engine.segmentation import SegmentationEngine
 from tests.service.auto_support import SIZE, domain_image, nowhere, stats_adapter
 
 DOMAINS = ("polyp", "shadow", "camo_pattern", "skin", "camo")
@@ -36,10 +36,10 @@ def main() -> None:
     files = {d: read_adapter(stats_adapter(root / d, d)) for d in DOMAINS}
     engine = SegmentationEngine(build_sam("tiny"), cache_bytes=2**26)
     for name, adapter in files.items():
-        engine.load_domain(name, adapter)
+        engine.adapters.load_domain(name, adapter)
 
     def where(image: np.ndarray) -> str:
-        route = engine.route(engine.register_image(image))[0].route
+        route = engine.route(engine.images.register(image))[0].route
         return (f"{route.domain or '-'} (best {route.best}, margin {route.margin:.2f}, "
                 f"novelty {route.novelty:.2f})")
 

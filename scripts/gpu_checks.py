@@ -125,15 +125,15 @@ def _sync(device: str) -> None:
 def engine_check(device: str) -> dict:
     import numpy as np
 
-    from service.engine import SegmentationEngine
-    from service.options import ServingOptions
+    from service.engine.options import ServingOptions
+    from service.engine.segmentation import SegmentationEngine
 
     image = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
     points, labels = np.array([[120.0, 80.0]]), np.array([1])
     results = {}
     for label, options in (("cpu", ServingOptions()), ("device", ServingOptions(device=device))):
         engine = SegmentationEngine(build_sam("tiny"), cache_bytes=2**26, options=options)
-        results[label] = engine.segment(engine.register_image(image), points, labels,
+        results[label] = engine.segment(engine.images.register(image), points, labels,
                                         multimask=False)
         engine.close()
     agreement = float((results["cpu"].masks == results["device"].masks).mean())

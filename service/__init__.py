@@ -1,31 +1,11 @@
-"""The regcl service: segmentation serving (engine, caches, masks) under the HTTP layer."""
+"""The regcl service, in three rooms under ``app.py`` (``create_app`` and its lifespan):
 
-from service.adapter_table import AUTO, BASE, LIVE
-from service.cache import ByteLRU, CacheStats, EmbeddingCache, EncodedImage
-from service.decoding import SegmentResult
-from service.engine import SegmentationEngine
-from service.engine_stats import EngineStats, SwapResult
-from service.image_store import image_id_of
-from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle, rle_to_mask
-from service.slots import AdapterSlot
+- :mod:`service.api`: the HTTP layer (routers, schemas, auth, problem+json errors, OpenAPI,
+  uploads, metrics, the process's runtime);
+- :mod:`service.engine`: the serving SAM (images, encoding and batching, decoding, adapters,
+  embedding cache, ``auto`` routing, live swaps, the decoder's ONNX export);
+- :mod:`service.labelstudio`: Label Studio's ML backend protocol (its wire formats, its image
+  fetch rules, annotations into sample sets).
 
-__all__ = [
-    "AUTO",
-    "BASE",
-    "LIVE",
-    "AdapterSlot",
-    "ByteLRU",
-    "CacheStats",
-    "EmbeddingCache",
-    "EncodedImage",
-    "EngineStats",
-    "SegmentResult",
-    "SegmentationEngine",
-    "SwapResult",
-    "image_id_of",
-    "mask_area",
-    "mask_bbox",
-    "mask_to_png",
-    "mask_to_rle",
-    "rle_to_mask",
-]
+``engine`` imports neither of the others, ``labelstudio`` imports the engine, ``api`` both.
+"""

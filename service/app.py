@@ -22,11 +22,11 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from infra.settings import MIB, Settings, get_settings
-from service.auth import AdminAuthMiddleware
-from service.metrics import Metrics, MetricsMiddleware
-from service.openapi import install_openapi
-from service.problems import install_problem_handlers
-from service.routers import (
+from service.api.auth import AdminAuthMiddleware
+from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.openapi import install_openapi
+from service.api.problems import install_problem_handlers
+from service.api.routers import (
     adapters,
     datasets,
     embeddings,
@@ -39,9 +39,9 @@ from service.routers import (
     segment,
     versions,
 )
-from service.routers.ui import install_ui
-from service.runtime import Runtime, build_runtime
-from service.uploads import BodyLimitMiddleware
+from service.api.routers.ui import install_ui
+from service.api.runtime import Runtime, build_runtime
+from service.api.uploads import BodyLimitMiddleware
 
 __all__ = ["create_app", "lifespan", "main", "request_body_limit"]
 
@@ -69,7 +69,7 @@ def _serve_live_version(runtime: Runtime) -> None:
         swap = runtime.live.sync()
     except Exception as exc:  # Redis down, or a version that does not load: serve what we can
         logger.warning("not serving the live version at startup (%s); serving %s and "
-                       "following the live pointer", exc, runtime.engine.live_label)
+                       "following the live pointer", exc, runtime.engine.adapters.live_label)
         return
     if swap is not None:
         logger.info("startup: serving live version %d", swap.version)

@@ -101,3 +101,44 @@ def test_an_upward_import_inside_a_function_is_reported(tmp_path):
                                       "    from cli.up import run_up\n    return run_up\n")
     (library / "fine.py").write_text("from regcl.errors import RegclError\n")
     assert violations("regcl", tmp_path) == ["regcl/models/build.py:5 imports cli.up"]
+
+
+# The rooms of service/: the engine at the bottom, the Label Studio integration on it, the HTTP
+# layer on both, and app.py (create_app and its lifespan) on top.
+SERVICE_ROOMS = ("service.engine", "service.labelstudio", "service.api", "service.app")
+
+
+def room_violations(root: Path = REPO) -> list[str]:
+    """``file:line imports module`` for each import of a service room that reaches a room
+    above it; a module of service/ outside every room (other than ``__init__``) is reported
+    too."""
+    found = []
+    for path in sorted((root / "service").rglob("*.py")):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if name == "service":
+            continue
+        room = next((r for r in SERVICE_ROOMS if name == r or name.startswith(r + ".")), None)
+        if room is None:
+            found.append(f"{path.relative_to(root)} is in no room of {SERVICE_ROOMS}")
+            continue
+        above = SERVICE_ROOMS[SERVICE_ROOMS.index(room) + 1:]
+        for line, module in imported_modules(path.read_text(), _package_of(path, root)):
+            if module == "service" or any(module == r or module.startswith(r + ".")
+                                          for r in above):
+                found.append(f"{path.relative_to(root)}:{line} imports {module}")
+    return found
+
+
+def test_service_rooms_import_only_themselves_and_the_rooms_below():
+    assert room_violations() == []
+
+
+def test_the_room_check_reports_an_upward_import(tmp_path):
+    engine = tmp_path / "service" / "engine"
+    engine.mkdir(parents=True)
+    (engine / "decode.py").write_text("from service.api.problems import ProblemError\n")
+    (tmp_path / "service" / "stray.py").write_text("x = 1\n")
+    assert room_violations(tmp_path) == [
+        "service/engine/decode.py:1 imports service.api.problems",
+        "service/stray.py is in no room of ('service.engine', 'service.labelstudio', "
+        "'service.api', 'service.app')"]

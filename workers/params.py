@@ -29,12 +29,7 @@ from pydantic import (
 )
 
 from infra.datasets import validate_dataset_name
-from infra.registry import (
-    ADAPTER_NAME_SCHEMA,
-    NEW_ADAPTER_NAME_SCHEMA,
-    validate_adapter_name,
-    validate_new_adapter_name,
-)
+from infra.names import name_schema, validate_name
 from regcl.errors import ConfigError
 from regcl.merging.catalogue import (
     CATALOGUE,
@@ -115,7 +110,7 @@ class TrainParams(BaseModel):
 
     model_config = _FROZEN
 
-    adapter: str | None = Field(None, json_schema_extra=NEW_ADAPTER_NAME_SCHEMA)
+    adapter: str | None = Field(None, json_schema_extra=name_schema(new=True))
     rank: Integer = Field(10, ge=1, le=256)
     alpha: Finite | None = Field(None, gt=0)
     blocks: list[integer(ge=0)] | None = Field(  # type: ignore[valid-type]
@@ -135,7 +130,7 @@ class TrainParams(BaseModel):
     @field_validator("adapter")
     @classmethod
     def _adapter_name(cls, value: str | None) -> str | None:
-        return None if value is None else _name(validate_new_adapter_name, value)
+        return None if value is None else _checked_adapter_name(value, new=True)
 
     @field_validator("blocks")
     @classmethod
@@ -191,7 +186,7 @@ class MergeJob(BaseModel):
 
     model_config = _FROZEN
 
-    adapters: list[Annotated[str, Field(json_schema_extra=ADAPTER_NAME_SCHEMA)]] = Field(
+    adapters: list[Annotated[str, Field(json_schema_extra=name_schema())]] = Field(
         min_length=1, max_length=64, json_schema_extra={"uniqueItems": True})
     method: str
     params: BaseModel | None = None
@@ -202,7 +197,7 @@ class MergeJob(BaseModel):
     @classmethod
     def _adapter_names(cls, value: list[str]) -> list[str]:
         for name in value:
-            _name(validate_adapter_name, name)
+            _checked_adapter_name(name)
         if len(set(value)) != len(value):
             raise ValueError("adapters must not repeat a name")
         return value
@@ -260,7 +255,7 @@ class StatsParams(BaseModel):
 
     model_config = _FROZEN
 
-    output: str | None = Field(None, json_schema_extra=NEW_ADAPTER_NAME_SCHEMA)
+    output: str | None = Field(None, json_schema_extra=name_schema(new=True))
     max_samples: Integer = Field(64, ge=1, le=10_000)
     batch_size: Integer = Field(16, ge=1, le=256)
     seed: Integer = Field(0, ge=0, le=2**31 - 1)
@@ -268,7 +263,7 @@ class StatsParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_name(cls, value: str | None) -> str | None:
-        return None if value is None else _name(validate_new_adapter_name, value)
+        return None if value is None else _checked_adapter_name(value, new=True)
 
 
 STATS_SUFFIX = "-stats"
@@ -279,7 +274,7 @@ def stats_output_name(adapter: str, params: StatsParams) -> str:
     """Where the stats job stores its result: ``params.output`` or ``<adapter>-stats``."""
     name = params.output or adapter + STATS_SUFFIX
     try:
-        validate_new_adapter_name(name)
+        validate_name(name, "adapter name", new=True)
     except ValueError as exc:
         raise ConfigError(f"{exc}; pass an explicit output name") from None
     if name == adapter:
@@ -301,9 +296,9 @@ def check_dataset_names(names: list[str]) -> list[str]:
     return list(names)
 
 
-def _name(check: Any, value: Any) -> str:
+def _checked_adapter_name(value: Any, *, new: bool = False) -> str:
     try:
-        return check(value)
+        return validate_name(value, "adapter name", new=new)
     except ValueError as exc:  # InvalidName is a ValueError: pydantic reports it as a problem
         raise ValueError(str(exc)) from None
 

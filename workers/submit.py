@@ -33,7 +33,7 @@ from typing import Any
 from celery import Celery
 
 from infra.jobs import JobRecord, JobState, JobStore
-from infra.registry import validate_adapter_name, validate_new_adapter_name
+from infra.names import validate_name
 from regcl.errors import ConfigError, RegclError
 from workers.celery_app import CONTINUAL, EVALUATE, MERGE, QUEUE_OF, STATS, TRAIN
 from workers.params import (
@@ -68,7 +68,7 @@ class EnqueueError(RegclError, RuntimeError):
 
 def _adapter_name(name: Any, what: str, *, new: bool = False) -> str:
     try:
-        return (validate_new_adapter_name if new else validate_adapter_name)(name)
+        return validate_name(name, "adapter name", new=new)
     except ValueError as exc:
         raise ConfigError(f"{what}: {exc}") from None
 

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from regcl.bench.cl_config import BenchConfig, config_json
 from regcl.bench.cl_report import paired, summarise_runs
 from regcl.evaluation.metrics import average_accuracy, forgetting, forward_transfer
 from regcl.routing import decide
-
-if TYPE_CHECKING:
-    from regcl.bench.cl import BenchConfig
 
 PerImage = dict[str, dict[str, torch.Tensor]]
 METRICS = ("iou", "dice", "mae")
@@ -82,8 +80,6 @@ def assemble_report(config: BenchConfig, orders: Sequence[tuple[str, ...]], base
                     individual_scores: dict, sequential_scores: dict, merge_scores: dict,
                     routing: dict) -> dict[str, Any]:
     """The JSON-ready report (see the module docstring)."""
-    from regcl.bench.cl import config_json
-
     domains, seeds = config.domains, config.seeds
     everything = frozenset(domains)
     runs: dict[str, list[dict]] = {"zero-shot base": [], "individual adapters": []}

@@ -23,7 +23,7 @@ from regcl.routing import DomainRouter, decide, first_layer_moments
 from regcl.training.adapter import first_adapted_block
 
 if TYPE_CHECKING:
-    from regcl.bench.cl import BenchConfig
+    from regcl.bench.cl_config import BenchConfig
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from regcl.training.adapter import (
 )
 
 if TYPE_CHECKING:
-    from regcl.bench.cl import BenchConfig
+    from regcl.bench.cl_config import BenchConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What the HTTP client returns: plain dataclasses built from the service's JSON answers.
 
-Field names are the API's (``service/schemas/``); each class has ``from_json``. Masks are
+Field names are the API's (``service/api/schemas/``); each class has ``from_json``. Masks are
 decoded: :class:`Mask` holds an H x W bool array, not the RLE or PNG it travelled as.
 """
 

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
@@ -220,7 +220,3 @@ def evaluate_prefix_per_image(model: PeftModel, prefix: torch.Tensor, masks: tor
         for key, value in mask_metrics(prob, masks[part].to(device)).items():
             scores[key].append(value.float().cpu())  # computed on the device, N floats back
     return {k: torch.cat(v) for k, v in scores.items()}
-
-
-def config_dict(config: TrainConfig) -> dict:
-    return asdict(config)

@@ -1,4 +1,4 @@
-"""Label Studio's ML backend protocol, spoken by regcl (the routes: ``service.routers.
+"""Label Studio's ML backend protocol, spoken by regcl (the routes: ``service.api.routers.
 labelstudio``, mounted at ``/labelstudio``).
 
 - :mod:`.config`: the parts of a labeling config the backend needs (image key, brush tag);

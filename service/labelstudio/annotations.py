@@ -1,7 +1,7 @@
 """An annotation from a Label Studio webhook → its task, image URL and object masks.
 
 Every ``brushlabels`` region is one object mask (Label Studio's brush RLE, decoded by
-:mod:`regcl.data.brush_rle` and checked against the region's ``original_width`` x
+:mod:`service.labelstudio.brush_rle` and checked against the region's ``original_width`` x
 ``original_height``; the caller checks that size against the fetched image). Smart
 ``keypointlabels`` and ``rectanglelabels`` regions are the prompts that made the masks and
 are skipped; any other region type is refused (UnsupportedResultTypeError). A cancelled
@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from regcl.data.brush_rle import BrushRleError, decode_brush_rle
-from service.labelstudio.config import LabelConfig
+from service.labelstudio.brush_rle import BrushRleError, decode_brush_rle
+from service.labelstudio.context import PROMPT_TYPES
 from service.labelstudio.errors import (
     InvalidRegionError,
     MalformedPayloadError,
     UnsupportedResultTypeError,
 )
-from service.labelstudio.prompts import PROMPT_TYPES
+from service.labelstudio.label_config import LabelConfig
 
 __all__ = ["MASK_TYPES", "MAX_REGIONS", "AnnotatedMasks", "annotated_masks", "check_id"]
 
@@ -76,7 +76,7 @@ def annotated_masks(annotation: object, task: object, config: LabelConfig,
     task_id = check_id(task.get("id"), "task.id")
     if annotation.get("task", task_id) != task_id:
         raise MalformedPayloadError(f"annotation {annotation_id} belongs to task "
-                                 f"{annotation.get('task')!r}, not to task {task_id}")
+                                    f"{annotation.get('task')!r}, not to task {task_id}")
     data = task.get("data")
     image_url = data.get(config.image_key) if isinstance(data, dict) else None
     regions = annotation.get("result", [])

@@ -20,25 +20,31 @@ import io
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import redis
 from PIL import Image
 
+from infra.artifacts import ArtifactStore
+from infra.datasets import DatasetRegistry
+from infra.jobs import JobStore
 from infra.sample_sets import ProjectSettings, SampleSets
-from regcl.data.brush_rle import BrushRleError, encode_brush_rle
-from regcl.errors import ConfigError, RegclError
-from service.engine import LIVE
-from service.errors import ImageNotFoundError
+from infra.settings import Settings
+from regcl.errors import RegclError
+from service.engine import LIVE, SegmentationEngine
+from service.engine.errors import ImageNotFoundError
+from service.engine.masks import mask_to_png
 from service.labelstudio.annotations import annotated_masks, check_id
-from service.labelstudio.config import LabelConfig, parse_label_config
-from service.labelstudio.errors import MalformedPayloadError, NotEnoughSamplesError
-from service.labelstudio.images import TaskImage, TaskImages
-from service.labelstudio.prompts import ContextPrompt, parse_context
-from service.masks import mask_to_png
-from service.problems import ProblemError
-from service.runtime import Runtime
-from service.schemas.labelstudio import (
+from service.labelstudio.brush_rle import BrushRleError, encode_brush_rle
+from service.labelstudio.context import ContextPrompt, parse_context
+from service.labelstudio.errors import (
+    InvalidExtraParamsError,
+    MalformedPayloadError,
+    NotEnoughSamplesError,
+)
+from service.labelstudio.label_config import LabelConfig, parse_label_config
+from service.labelstudio.schemas import (
     BrushRegion,
     BrushValue,
     PredictRequest,
@@ -46,6 +52,7 @@ from service.schemas.labelstudio import (
     TaskPrediction,
     WebhookResponse,
 )
+from service.labelstudio.task_images import TaskImage, TaskImages
 from workers.params import ContinualParams, validate
 
 __all__ = ["INGEST_ACTIONS", "LabelStudioBackend", "project_id_of"]
@@ -70,10 +77,24 @@ def project_id_of(project: object) -> int:
     return check_id(project, "project id")
 
 
+class ApiRuntime(Protocol):
+    """What the backend uses of the API process's runtime (:class:`service.api.runtime.Runtime`
+    is one)."""
+
+    settings: Settings
+    engine: SegmentationEngine
+    redis: redis.Redis
+    store: ArtifactStore
+    datasets: DatasetRegistry
+    jobs: JobStore
+    celery: Any | None
+    metrics: Any  # prometheus counters; ``segments`` here
+
+
 class LabelStudioBackend:
     """Label Studio's ML backend over one API process's runtime (see the module doc)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
         self.images = TaskImages(runtime.settings, runtime.engine)
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
@@ -84,7 +105,7 @@ class LabelStudioBackend:
     @property
     def model_version(self) -> str:
         """What predictions are made with now: ``base`` or ``live:<n>``."""
-        return self.runtime.engine.live_label
+        return self.runtime.engine.adapters.live_label
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -112,7 +133,7 @@ class LabelStudioBackend:
                 continue
             try:
                 results.append(self._predict_task(task, config, prompt))
-            except (RegclError, ProblemError) as exc:
+            except RegclError as exc:
                 if len(body.tasks) == 1:
                     raise
                 logger.warning("task %r: no prediction (%s: %s)", task.get("id"),
@@ -133,10 +154,7 @@ class LabelStudioBackend:
             image = self.images.get(url)
             result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
                                                  False, LIVE)
-        score = float(result.scores[0])
-        if not np.isfinite(score):
-            logger.error("non-finite score from %s", result.adapter_version)
-            raise ProblemError("internal-error")
+        score = float(result.scores[0])  # finite: the engine refuses others
         label = prompt.label or (config.labels[0] if config.labels else "object")
         region = BrushRegion(
             id=uuid.uuid4().hex[:10], from_name=config.from_name, to_name=config.to_name,
@@ -175,7 +193,7 @@ class LabelStudioBackend:
     def _image_pixels(self, url: object) -> tuple[TaskImage, np.ndarray]:
         for _ in range(2):  # evicted from the engine's store in between: fetch once more
             image = self.images.get(url)
-            pixels = self.runtime.engine.image(image.image_id)
+            pixels = self.runtime.engine.images.peek(image.image_id)
             if pixels is not None:
                 return image, pixels
         raise ImageNotFoundError("the image was evicted from the image store while it was "
@@ -188,7 +206,7 @@ class LabelStudioBackend:
         domain = self.samples.project(project_id).domain
         if not isinstance(annotations, list) or not annotations or len(annotations) > 10_000:
             raise MalformedPayloadError("'annotations' must be a non-empty list of objects with "
-                                     "an id")
+                                        "an id")
         ids = [check_id(a.get("id") if isinstance(a, dict) else None, "annotations[].id")
                for a in annotations]
         removed = sum(self.samples.remove(domain, i) for i in ids)
@@ -199,18 +217,19 @@ class LabelStudioBackend:
 
     def _maybe_train(self, project_id: int, domain: str, pending: int) -> str | None:
         every = self.runtime.settings.label_studio_train_every
-        if not every or pending < every:
+        celery = self.runtime.celery
+        if not every or pending < every or celery is None:
             return None
         try:
-            return self.train(project_id)[1]
-        except (RegclError, ProblemError) as exc:  # the annotation is stored: say, go on
+            return self.train(project_id, celery)[1]
+        except RegclError as exc:  # the annotation is stored: say, go on
             logger.warning("%s: %d changes pending, but no step was started (%s: %s)",
                            domain, pending, type(exc).__name__, exc)
             return None
 
-    def train(self, project_id: int) -> tuple[str, str, bool]:
-        """Submit the continual step of the project's domain, unless one is queued or
-        running. Returns (domain, job id, whether it was already running)."""
+    def train(self, project_id: int, celery: Any) -> tuple[str, str, bool]:
+        """Submit the continual step of the project's domain to ``celery`` (the app), unless
+        one is queued or running. Returns (domain, job id, whether it was already running)."""
         settings = self.samples.project(project_id)
         domain = settings.domain
         tasks = {e.task for e in self.samples.entries(domain).values() if e.masks}
@@ -218,9 +237,6 @@ class LabelStudioBackend:
             raise NotEnoughSamplesError(
                 f"domain {domain!r} has masks on {len(tasks)} image(s); training needs at "
                 "least 2 (one to train on, one held out to judge the result)")
-        celery = self.runtime.celery
-        if celery is None:
-            raise ProblemError("jobs-unavailable", "this deployment has no job queue")
         from workers.submit import submit_continual  # a deployment may run without workers
         with self.samples.step_lock(domain):
             running = self.samples.step_job(domain)
@@ -243,9 +259,9 @@ def parse_extra_params(extra: object) -> dict[str, Any]:
         try:
             extra = json.loads(extra)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"extra_params is not JSON: {exc}") from None
+            raise InvalidExtraParamsError(f"extra_params is not JSON: {exc}") from None
     if not isinstance(extra, dict):
-        raise ConfigError("extra_params must be a JSON object")
+        raise InvalidExtraParamsError("extra_params must be a JSON object")
     return extra
 
 

@@ -174,8 +174,8 @@ CASES = {
     "stats-float-count": ({"regcl_stats": (STATS, lambda d: _stats(d, _count_float))}, {}, 422,
                           "invalid-stats"),
     "stats-pickle": ({"regcl_stats": (STATS, PICKLE)}, {}, 422, "invalid-adapter"),
-    "metadata-not-object": ({}, {"metadata": "[1, 2]"}, 422, "invalid-argument"),
-    "metadata-not-json": ({}, {"metadata": "{nope"}, 422, "invalid-argument"),
+    "metadata-not-object": ({}, {"metadata": "[1, 2]"}, 422, "invalid-json-field"),
+    "metadata-not-json": ({}, {"metadata": "{nope"}, 422, "invalid-json-field"),
     "other-base-fingerprint": ({}, {"metadata": json.dumps({"base_fingerprint": "f" * 64})},
                                422, "base-model-mismatch"),
     "other-base-model-in-metadata": ({}, {"metadata": json.dumps({"base_model": "vit_h"})},
@@ -184,8 +184,8 @@ CASES = {
         d, base_model_name_or_path="facebook/sam-vit-huge"))}, {}, 422,
         "base-model-mismatch"),
     "name-taken": ({}, {"name": "seed-stats"}, 409, "conflict"),
-    "name-reserved-live": ({}, {"name": "live"}, 422, "reserved-name"),
-    "name-reserved-base": ({}, {"name": "base"}, 422, "reserved-name"),
+    "name-reserved-live": ({}, {"name": "live"}, 422, "invalid-name"),
+    "name-reserved-base": ({}, {"name": "base"}, 422, "invalid-name"),
     "domain-invalid": ({}, {"domain": "../polyp"}, 422, "invalid-name"),
 }
 

@@ -192,8 +192,8 @@ FORM_CASES = {
     "name-missing": ({}, "d.zip", 422, "validation-error"),
     "tar-filename": ({"name": "ok"}, "data.tar", 422, "invalid-archive"),
     "metadata-not-object": ({"name": "ok", "metadata": "[1]"}, "d.zip", 422,
-                            "invalid-argument"),
-    "metadata-not-json": ({"name": "ok", "metadata": "{"}, "d.zip", 422, "invalid-argument"),
+                            "invalid-json-field"),
+    "metadata-not-json": ({"name": "ok", "metadata": "{"}, "d.zip", 422, "invalid-json-field"),
 }
 
 

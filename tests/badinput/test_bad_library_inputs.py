@@ -17,10 +17,10 @@ from infra.datasets import open_dataset, verify_samples
 from regcl.adapters import read_adapter
 from regcl.data.images import decode_image_bytes
 from regcl.errors import AdapterError, DataError, StatsError
-from service import errors as E
-from service.problems import ProblemError
-from service.prompts import Prompt, check_bounds, check_prompt
-from service.uploads import extract_zip
+from service.api.uploads import extract_zip
+from service.engine import errors as E
+from service.engine.errors import ServiceError
+from service.engine.prompt_checks import Prompt, check_bounds, check_prompt
 from tests.badinput.bad_support import image_file, png_with_header
 from tests.service.api_support import folder_entries, make_image, make_zip, png_bytes
 
@@ -109,9 +109,9 @@ def test_extract_zip_refuses_and_writes_nothing_outside(tmp_path, case):
     archive.write_bytes(data)
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(ProblemError) as caught:
+    with pytest.raises(ServiceError) as caught:
         extract_zip(archive, dest, max_files=100, max_bytes=2 * 2**20)
-    assert caught.value.kind.code == code
+    assert caught.value.code == code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip", "dest"]
     assert not list(dest.rglob("*"))  # refused while planning: nothing extracted
 

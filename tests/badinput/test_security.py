@@ -29,8 +29,8 @@ from infra.settings import Settings
 from regcl.adapters import read_adapter
 from regcl.errors import AdapterError, CheckpointError
 from regcl.models.build import read_state_dict
-from service.deps import check_admin
-from service.problems import ProblemError
+from service.api.deps import check_admin
+from service.api.errors import UnauthorizedError
 from tests.badinput.bad_support import Store
 from tests.service.api_support import (
     ADMIN_KEY,
@@ -218,7 +218,7 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
     check_admin(settings, ADMIN_KEY)  # the route check goes through the same comparison
     assert len(calls) == len(keys)
     answer[0] = False
-    with pytest.raises(ProblemError):
+    with pytest.raises(UnauthorizedError):
         check_admin(settings, ADMIN_KEY)
     answer[0] = True
     check_admin(settings, "x")  # another length: only compare_digest may look at lengths

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.routers.ui import STATIC_DIR, UI_PREFIX, install_ui
+from service.api.routers.ui import STATIC_DIR, UI_PREFIX, install_ui
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 
 from regcl.client import models
-from service.schemas import adapters as adapter_schemas
-from service.schemas import datasets, health, images, jobs, routing, segment, versions
+from service.api.schemas import adapters as adapter_schemas
+from service.api.schemas import datasets, health, images, jobs, routing, segment, versions
 
 # client type, server schema, {client field: the server fields it stands for}
 PAIRS = [

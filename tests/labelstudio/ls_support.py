@@ -114,7 +114,7 @@ def predict_body(tasks: list[dict], regions: list[dict] | None, project: int = 1
 
 def brush_region(mask: np.ndarray, rle: list[int] | None = None) -> dict:
     """A brushlabels region of an annotation (our encoder unless ``rle`` is given)."""
-    from regcl.data.brush_rle import encode_brush_rle
+    from service.labelstudio.brush_rle import encode_brush_rle
 
     return {"type": "brushlabels", "from_name": "mask", "to_name": "image",
             "original_width": int(mask.shape[1]), "original_height": int(mask.shape[0]),

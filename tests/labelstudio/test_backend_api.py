@@ -12,7 +12,7 @@ from infra import keys
 from infra.jobs import JobStore
 from infra.sample_sets import SampleSets
 from regcl.client import Client
-from regcl.data.brush_rle import decode_brush_rle
+from service.labelstudio.brush_rle import decode_brush_rle
 from tests.labelstudio.conftest import TRAIN_EVERY
 from tests.labelstudio.file_origin import FileOrigin
 from tests.labelstudio.ls_support import (

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from regcl.data.brush_rle import BrushRleError, decode_brush_rle, encode_brush_rle
+from service.labelstudio.brush_rle import BrushRleError, decode_brush_rle, encode_brush_rle
 from tests.labelstudio.ls_support import sdk_decode, sdk_encode
 
 

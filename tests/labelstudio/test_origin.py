@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from infra.http_origin import parse_origin
 from infra.settings import Settings
+from regcl.errors import ConfigError
+from service.labelstudio.origin import label_studio_origin, parse_origin
 
 ORIGIN = parse_origin("http://LS.example:8080/")
 
@@ -67,14 +68,13 @@ def test_ipv6_origin() -> None:
                                  "http://u:p@ls.example", "http://ls.example/?q=1",
                                  "http://ls.example/#f", "http://ls.example:99999"])
 def test_setting_refuses_what_is_no_origin(url: str) -> None:
-    with pytest.raises(ValidationError):
-        Settings(label_studio_url=url)
+    with pytest.raises(ConfigError, match="REGCL_LABEL_STUDIO_URL"):
+        label_studio_origin(Settings(label_studio_url=url).label_studio_url)
 
 
 def test_setting_is_normalised() -> None:
-    assert Settings(label_studio_url=" http://LS.example:80/ ").label_studio_url == \
-        "http://ls.example"
-    assert Settings().label_studio_url == ""
+    assert label_studio_origin(" http://LS.example:80/ ").url == "http://ls.example"
+    assert label_studio_origin(Settings().label_studio_url) is None
     assert Settings(gate_tolerance=0.05).gate_tolerance == 0.05
     with pytest.raises(ValidationError):
         Settings(gate_tolerance=-0.1)

@@ -11,8 +11,8 @@ import pytest
 
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.models import build_sam
-from service.engine import SegmentationEngine
-from service.errors import UnknownAdapterError
+from service.engine.errors import UnknownAdapterError
+from service.engine.segmentation import SegmentationEngine
 from tests.service.api_support import make_adapter
 from tests.service.test_engine import LABELS, POINTS, make_image
 
@@ -48,40 +48,40 @@ def _engine(source: DirectorySource | None, max_domains: int = 1) -> Segmentatio
 
 def test_a_pinned_slot_outlives_its_unload_and_its_eviction(directories):
     engine = _engine(DirectorySource(directories))
-    image_id = engine.register_image(make_image(7))
+    image_id = engine.images.register(make_image(7))
     want = engine.segment(image_id, POINTS, LABELS, adapter="a")
-    model = engine.slots.model
-    with engine.slots.use("a") as pinned:
-        engine.unload_domain("a")
-        assert engine.domains() == [] and pinned.key in model.peft_config
+    model = engine.adapters.model
+    with engine.adapters.use("a") as pinned:
+        engine.adapters.unload_domain("a")
+        assert engine.adapters.domains() == [] and pinned.key in model.peft_config
         engine.segment(image_id, POINTS, LABELS, adapter="b")  # a no longer counts
-        assert engine.domains() == ["b"] and pinned.key in model.peft_config
+        assert engine.adapters.domains() == ["b"] and pinned.key in model.peft_config
         engine.cache.clear()  # encode with the pinned slot, not from the cache
-        encoded, hit = engine._encoding.encode(image_id, pinned)
+        encoded, hit = engine.encoding.encode(image_id, pinned)
         assert not hit and encoded.adapter_version == "domain:a"
         got = engine.decode(encoded, POINTS, LABELS)
         np.testing.assert_array_equal(got.low_res_logits, want.low_res_logits)
     assert pinned.key not in model.peft_config  # removed with its last pin
-    assert engine.slots.pinned() == 0
+    assert engine.adapters.pinned() == 0
     engine.close()
 
 
 def test_every_slot_pinned_goes_over_the_limit_until_released(directories):
     engine = _engine(DirectorySource(directories))
-    with engine.slots.use("a") as a, engine.slots.use("b") as b:
-        assert engine.domains() == ["a", "b"]  # both in use: over max_domains=1
-        assert {a.key, b.key} <= set(engine.slots.model.peft_config)
+    with engine.adapters.use("a") as a, engine.adapters.use("b") as b:
+        assert engine.adapters.domains() == ["a", "b"]  # both in use: over max_domains=1
+        assert {a.key, b.key} <= set(engine.adapters.model.peft_config)
     # b was released first, while a was still in use: b went; then a alone is within limit.
-    assert engine.domains() == ["a"]
-    assert b.key not in engine.slots.model.peft_config
-    assert a.key in engine.slots.model.peft_config
+    assert engine.adapters.domains() == ["a"]
+    assert b.key not in engine.adapters.model.peft_config
+    assert a.key in engine.adapters.model.peft_config
     engine.close()
 
 
 def test_domains_load_from_the_source_and_reload_on_a_new_revision(directories):
     source = DirectorySource(directories)
     engine = _engine(source, max_domains=2)
-    image_id = engine.register_image(make_image(8))
+    image_id = engine.images.register(make_image(8))
     first = engine.segment(image_id, POINTS, LABELS, adapter="a")
     engine.segment(image_id, POINTS, LABELS, adapter="a")
     assert source.reads == ["a"] and engine.stats().domain_loads == 1
@@ -97,9 +97,9 @@ def test_domains_load_from_the_source_and_reload_on_a_new_revision(directories):
 
 def test_without_a_source_an_unloaded_name_is_unknown(directories):
     engine = _engine(None)
-    image_id = engine.register_image(make_image(9))
+    image_id = engine.images.register(make_image(9))
     with pytest.raises(UnknownAdapterError, match="loaded"):
         engine.segment(image_id, POINTS, LABELS, adapter="a")
-    engine.load_domain("a", read_adapter(directories["a"]))
+    engine.adapters.load_domain("a", read_adapter(directories["a"]))
     assert engine.segment(image_id, POINTS, LABELS, adapter="a").adapter_version == "domain:a"
     engine.close()

@@ -23,7 +23,7 @@ from infra.registry import Registry
 from regcl.adapters.layout import STATS_FILE
 from regcl.client import Client, RouterInfo
 from regcl.routing import DomainRouter
-from service.domain_routing import router_digest
+from service.engine.auto_routing import router_digest
 from tests import databases
 from tests.service.api_support import ADMIN_KEY, ApiServer, assert_problem, make_adapter
 from tests.service.auto_support import domain_image, nowhere
@@ -172,4 +172,4 @@ def test_auto_is_a_reserved_adapter_name(stack, servers, adapter_dirs) -> None:
                  for field, file in (("adapter_config", "adapter_config.json"),
                                      ("adapter_model", "adapter_model.safetensors"))}
         assert_problem(http.post("/v1/adapters", data={"name": "auto"}, files=files), 422,
-                       "reserved-name")
+                       "invalid-name")

@@ -54,7 +54,7 @@ def test_train_job_is_queued_listed_and_cancelled(admin, anon, dataset):
     assert_problem(submit_train(admin, dataset, epochs=0), 422, "invalid-argument")
     assert_problem(submit_train(admin, dataset, no_such_option=1), 422, "invalid-argument")
     bad_domain = admin.post("/v1/jobs/train", json={"dataset": dataset, "domain": "Bad!"})
-    assert_problem(bad_domain, 422, "invalid-argument")
+    assert_problem(bad_domain, 422, "invalid-name")
     assert_problem(admin.post("/v1/jobs/train", json={"dataset": dataset}), 422,
                    "validation-error")
 

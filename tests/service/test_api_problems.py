@@ -12,16 +12,18 @@ from fastapi.testclient import TestClient
 from infra import errors as infra_errors
 from infra.settings import Settings
 from regcl import errors as regcl_errors
-from service import errors as service_errors
-from service.deps import check_admin, check_segment_access
-from service.problems import (
-    HTTP_KINDS,
-    KINDS,
+from service.api import errors as api_errors
+from service.api.deps import check_admin, check_segment_access
+from service.api.problems import (
+    FOREIGN,
     PROBLEM_BASE,
-    ProblemError,
     install_problem_handlers,
     kind_of,
+    service_error_kinds,
 )
+from service.engine import errors as service_errors
+from service.engine.errors import ServiceError
+from service.labelstudio import errors as ls_errors
 
 KEY = "k" * 20
 SECRET = "password=hunter2 at /srv/secret/path"
@@ -30,6 +32,10 @@ CASES = [
     (service_errors.OutOfBoundsError("x"), 422, "out-of-bounds"),
     (service_errors.ImageNotFoundError("x"), 404, "image-not-found"),
     (service_errors.AdapterRejectedError("x"), 422, "adapter-rejected"),
+    (service_errors.NonFiniteOutputError("x"), 500, "internal-error"),
+    (ls_errors.LabelStudioUnreachableError("x"), 502, "label-studio-unreachable"),
+    (api_errors.UnauthorizedError("x"), 401, "unauthorized"),
+    (api_errors.JobsUnavailableError("x"), 503, "jobs-unavailable"),
     (regcl_errors.StatsError("x"), 422, "invalid-stats"),
     (regcl_errors.DataError("x"), 422, "invalid-data"),
     (regcl_errors.ConfigError("x"), 422, "invalid-argument"),
@@ -52,9 +58,18 @@ def test_each_error_kind_has_a_status_and_a_stable_type(exc, status, code):
 
 
 def test_codes_are_unique_per_kind():
+    """One problem type, one status and title, wherever it is raised."""
     codes = {}
-    for kind in [*KINDS.values(), *HTTP_KINDS.values()]:
-        assert codes.setdefault(kind.code, kind) == kind, kind.code
+    for kind in [*FOREIGN.values(), *service_error_kinds().values()]:
+        stated = (kind.status, kind.title)
+        assert codes.setdefault(kind.code, stated) == stated, kind.code
+
+
+def test_every_service_error_states_its_own_problem():
+    """A subclass that forgot its own code would answer as its parent: each class states one
+    (the bases are the only ones meant to be shared)."""
+    for cls in service_error_kinds():
+        assert "code" in vars(cls) or cls is ServiceError, cls
 
 
 @pytest.fixture
@@ -106,8 +121,8 @@ def _settings(**values) -> Settings:
 def _code(call) -> str | None:
     try:
         call()
-    except ProblemError as exc:
-        return exc.kind.code
+    except ServiceError as exc:
+        return exc.code
     return None
 
 

@@ -1,4 +1,4 @@
-"""The decoder file of :mod:`service.decoder_export`: exported once, reused from disk, and
+"""The decoder file of :mod:`service.engine.onnx_export`: exported once, reused from disk, and
 refused when an adapter reaches beyond the image encoder (the invariant that lets one
 ``decoder.onnx`` serve every adapter version)."""
 
@@ -12,9 +12,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.onnx_decoder import DECODER_INPUTS, DECODER_OUTPUTS
-from service.decoder_export import DecoderOnnx
-from service.engine import SegmentationEngine
-from service.errors import DecoderNotSharedError
+from service.engine.errors import DecoderNotSharedError
+from service.engine.onnx_export import DecoderOnnx
+from service.engine.segmentation import SegmentationEngine
+from service.engine.slots import adapted_outside_encoder
 
 
 @pytest.fixture
@@ -40,10 +41,11 @@ def test_exported_once_then_read_from_disk(engine, tmp_path) -> None:
 
 def test_refused_when_an_adapter_changes_the_decoder(engine, tmp_path) -> None:
     decoder = DecoderOnnx(engine, tmp_path)
-    assert engine.decoder_adaptations() == []
+    assert adapted_outside_encoder(engine.adapters.sam) == []
     inject_adapter_in_model(LoraConfig(r=2, target_modules=[
-        "mask_decoder.iou_prediction_head.layers.0"]), engine.slots.sam, adapter_name="bad")
-    assert engine.decoder_adaptations() == ["mask_decoder.iou_prediction_head.layers.0"]
+        "mask_decoder.iou_prediction_head.layers.0"]), engine.adapters.sam, adapter_name="bad")
+    assert adapted_outside_encoder(engine.adapters.sam) == [
+        "mask_decoder.iou_prediction_head.layers.0"]
     with pytest.raises(DecoderNotSharedError) as caught:
         decoder.get()
     assert isinstance(caught.value, RegclError) and isinstance(caught.value, ValueError)

@@ -15,7 +15,7 @@ import pytest
 from regcl.adapters import read_adapter
 from regcl.client import Client, Segmentation
 from regcl.models import build_sam
-from service.engine import SegmentationEngine
+from service.engine.segmentation import SegmentationEngine
 from tests.service.api_support import ADMIN_KEY, make_adapter, make_image
 
 pytestmark = pytest.mark.slow
@@ -72,12 +72,12 @@ def test_evicted_domain_adapters_reload_under_concurrent_requests(
     # A fresh load of each adapter, in this process: what every answer must equal.
     fresh = SegmentationEngine(build_sam("tiny"), cache_bytes=0, max_domains=len(DOMAINS))
     for name, directory in directories.items():
-        fresh.load_domain(name, read_adapter(directory))
+        fresh.adapters.load_domain(name, read_adapter(directory))
     with one_slot_server.api(ADMIN_KEY) as client:
         for name, directory in directories.items():
             client.upload_adapter(name, directory)
         ids = [client.upload_image(image).image_id for image in IMAGES]
-        want = {(image_id, name): fresh.segment(fresh.register_image(image), box=np.array(BOX),
+        want = {(image_id, name): fresh.segment(fresh.images.register(image), box=np.array(BOX),
                                                 multimask=False, adapter=name)
                 for image, image_id in zip(IMAGES, ids, strict=True) for name in DOMAINS}
         assert not np.allclose(want[ids[0], DOMAINS[0]].low_res_logits,

@@ -13,17 +13,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from segment_anything import SamPredictor
 
+from infra.errors import InvalidName
 from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, read_adapter, save_adapter
 from regcl.errors import AdapterError, RegclError
 from regcl.models import build_sam, model_fingerprint
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
-from service.cache import ByteLRU, EmbeddingCache, EncodedImage
-from service.engine import SegmentationEngine
-from service.errors import (
+from service.engine.caches import ByteLRU, EmbeddingCache, EncodedImage
+from service.engine.errors import (
     AdapterRejectedError,
     EmptyPromptError,
     ImageNotFoundError,
-    InvalidAdapterNameError,
     InvalidBoxError,
     InvalidImageError,
     InvalidLabelError,
@@ -33,7 +32,8 @@ from service.errors import (
     TooManyPointsError,
     UnknownAdapterError,
 )
-from service.options import ServingOptions
+from service.engine.options import ServingOptions
+from service.engine.segmentation import SegmentationEngine
 from tests.service import api_support
 
 EMBEDDING_BYTES = 128 * 16 * 16 * 4  # tiny: 1 x 128 x 16 x 16 float32
@@ -107,7 +107,7 @@ def test_base_equals_sam_predictor(engine, reference, name):
     image = make_image(0)
     reference.set_image(image)
     prompt = PROMPTS[name]
-    result = engine.segment(engine.register_image(image), adapter="base", **prompt)
+    result = engine.segment(engine.images.register(image), adapter="base", **prompt)
     assert result.adapter_version == "base"
     _assert_same(result, _predict(reference, prompt))
     assert result.masks.shape[1:] == image.shape[:2]
@@ -122,7 +122,7 @@ def test_sdpa_engine_is_close_to_sam_predictor(reference, name):
     image = make_image(0)
     reference.set_image(image)
     prompt = PROMPTS[name]
-    result = engine.segment(engine.register_image(image), adapter="base", **prompt)
+    result = engine.segment(engine.images.register(image), adapter="base", **prompt)
     masks, scores, low_res = _predict(reference, prompt)
     np.testing.assert_allclose(result.low_res_logits, low_res, atol=1e-3)
     np.testing.assert_allclose(result.scores, scores, atol=1e-4)
@@ -133,7 +133,7 @@ def test_sdpa_engine_is_close_to_sam_predictor(reference, name):
 def test_mask_input_round_trip_equals_sam_predictor(engine, reference):
     image = make_image(1, 90, 70)
     reference.set_image(image)
-    image_id = engine.register_image(image)
+    image_id = engine.images.register(image)
     first = engine.segment(image_id, POINTS[:1] / 3, LABELS[:1], adapter="base", multimask=False)
     prompt = dict(point_coords=POINTS[:1] / 3, point_labels=LABELS[:1],
                   mask_input=first.low_res_logits, multimask=False)
@@ -141,19 +141,19 @@ def test_mask_input_round_trip_equals_sam_predictor(engine, reference):
 
 
 def test_base_is_exact_while_adapters_are_loaded(engine, reference, adapters):
-    engine.load_live(1, adapters[0])
-    engine.load_domain("polyp", adapters[1])
+    engine.adapters.load_live(1, adapters[0])
+    engine.adapters.load_domain("polyp", adapters[1])
     image = make_image(2)
     reference.set_image(image)
-    image_id = engine.register_image(image)
+    image_id = engine.images.register(image)
     engine.segment(image_id, POINTS, LABELS, adapter="live")  # leaves the live adapter active
     prompt = PROMPTS["points-multimask"]
     _assert_same(engine.segment(image_id, adapter="base", **prompt), _predict(reference, prompt))
 
 
 def test_second_segment_hits_the_cache(engine):
-    image_id = engine.register_image(make_image(3))
-    assert engine.register_image(make_image(3)) == image_id  # content hash
+    image_id = engine.images.register(make_image(3))
+    assert engine.images.register(make_image(3)) == image_id  # content hash
     first = engine.segment(image_id, POINTS, LABELS)
     second = engine.segment(image_id, POINTS[:1], LABELS[:1])
     assert (first.cache_hit, second.cache_hit) == (False, True)
@@ -180,7 +180,7 @@ def test_byte_lru_evicts_least_recently_used_and_skips_oversize():
 
 def test_embedding_cache_byte_cap_evicts_in_the_engine():
     engine = SegmentationEngine(build_sam("tiny"), cache_bytes=2 * EMBEDDING_BYTES)
-    ids = [engine.register_image(make_image(seed)) for seed in (10, 11, 12)]
+    ids = [engine.images.register(make_image(seed)) for seed in (10, 11, 12)]
     for image_id in ids:
         engine.segment(image_id, POINTS, LABELS)
     stats = engine.stats().embeddings
@@ -189,26 +189,26 @@ def test_embedding_cache_byte_cap_evicts_in_the_engine():
     assert engine.segment(ids[2], POINTS, LABELS).cache_hit
 
     tiny = SegmentationEngine(build_sam("tiny"), cache_bytes=EMBEDDING_BYTES - 1)
-    image_id = tiny.register_image(make_image(10))
+    image_id = tiny.images.register(make_image(10))
     result = tiny.segment(image_id, POINTS, LABELS)  # too big to cache, still served
     assert result.masks.shape == (3, 120, 200) and len(tiny.cache) == 0
     assert tiny.stats().embeddings.oversize == 1
 
 
 def test_swap_changes_version_and_masks(engine, adapters):
-    image_id = engine.register_image(make_image(4))
+    image_id = engine.images.register(make_image(4))
     base = engine.segment(image_id, POINTS, LABELS)
-    assert engine.live_version is None and base.adapter_version == "base"
+    assert engine.adapters.live_version is None and base.adapter_version == "base"
 
-    swap = engine.load_live(1, adapters[0])
+    swap = engine.adapters.load_live(1, adapters[0])
     assert swap.swapped and swap.previous_version is None and swap.seconds >= 0
     v1 = engine.segment(image_id, POINTS, LABELS)
-    assert v1.adapter_version == "live:1" and engine.live_version == 1 and not v1.cache_hit
+    assert v1.adapter_version == "live:1" and engine.adapters.live_version == 1 and not v1.cache_hit
     assert not np.array_equal(v1.masks, base.masks)
     held, label = engine.encode(image_id, "live")  # a request that encoded before the swap
     assert label == "live:1"
 
-    swap = engine.load_live(2, adapters[1])
+    swap = engine.adapters.load_live(2, adapters[1])
     assert swap.previous_version == 1 and swap.dropped_embeddings == 1
     assert all(key[1] != held.adapter_key for key in engine.cache.lru_keys())
     misses = engine.stats().embeddings.misses
@@ -222,9 +222,9 @@ def test_swap_changes_version_and_masks(engine, adapters):
     assert late.adapter_version == "live:1"
     np.testing.assert_array_equal(late.low_res_logits, v1.low_res_logits)
 
-    assert not engine.load_live(2, adapters[1]).swapped  # already live: nothing to do
-    assert engine.stats().swaps == 2 and len(engine.swap_history()) == 2
-    assert engine.clear_live() == 2 and engine.live_label == "base"
+    assert not engine.adapters.load_live(2, adapters[1]).swapped  # already live: nothing to do
+    assert engine.stats().swaps == 2 and len(engine.adapters.swaps.recent()) == 2
+    assert engine.adapters.clear_live() == 2 and engine.adapters.live_label == "base"
     np.testing.assert_array_equal(engine.segment(image_id, POINTS, LABELS).masks, base.masks)
 
 
@@ -263,68 +263,69 @@ def _bad_adapters(files: AdapterFiles) -> dict[str, AdapterFiles]:
 
 
 def test_bad_adapter_is_refused_and_live_unchanged(engine, adapters):
-    engine.load_live(1, adapters[0])
-    image_id = engine.register_image(make_image(5))
+    engine.adapters.load_live(1, adapters[0])
+    image_id = engine.images.register(make_image(5))
     before = engine.segment(image_id, POINTS, LABELS)
-    slots_before = set(engine.slots.model.peft_config)
+    slots_before = set(engine.adapters.model.peft_config)
     for kind, bad in _bad_adapters(adapters[1]).items():
         with pytest.raises(AdapterRejectedError) as caught:
-            engine.load_live(2, bad)
+            engine.adapters.load_live(2, bad)
         assert isinstance(caught.value, AdapterError | ValueError | RegclError), kind
         with pytest.raises(AdapterRejectedError):
-            engine.load_domain("polyp", bad)
-        assert engine.live_version == 1, kind
-        assert set(engine.slots.model.peft_config) == slots_before, kind  # no slot left behind
+            engine.adapters.load_domain("polyp", bad)
+        assert engine.adapters.live_version == 1, kind
+        assert set(engine.adapters.model.peft_config) == slots_before, kind  # no slot left behind
     engine.cache.clear()  # encode again: the served model itself must be unchanged
     after = engine.segment(image_id, POINTS, LABELS)
     assert after.adapter_version == "live:1" and not after.cache_hit
     np.testing.assert_array_equal(after.low_res_logits, before.low_res_logits)
-    assert engine.domains() == []
+    assert engine.adapters.domains() == []
 
 
 def test_domain_adapters(adapters):
     engine = SegmentationEngine(build_sam("tiny"), cache_bytes=64 * EMBEDDING_BYTES,
                                 max_domains=2)
-    image_id = engine.register_image(make_image(6))
+    image_id = engine.images.register(make_image(6))
     with pytest.raises(UnknownAdapterError):
         engine.segment(image_id, POINTS, LABELS, adapter="polyp")
-    engine.load_live(1, adapters[0])
-    engine.load_domain("polyp", adapters[1])
+    engine.adapters.load_live(1, adapters[0])
+    engine.adapters.load_domain("polyp", adapters[1])
     polyp = engine.segment(image_id, POINTS, LABELS, adapter="polyp")
     live = engine.segment(image_id, POINTS, LABELS, adapter="live")
     assert polyp.adapter_version == "domain:polyp" and live.adapter_version == "live:1"
     assert not np.array_equal(polyp.low_res_logits, live.low_res_logits)
 
-    engine.load_domain("camo", adapters[2])
+    engine.adapters.load_domain("camo", adapters[2])
     engine.segment(image_id, POINTS, LABELS, adapter="polyp")  # polyp is now the most recent
-    engine.load_domain("shadow", adapters[0])  # over max_domains: camo (LRU) is unloaded
-    assert engine.domains() == ["polyp", "shadow"]
-    assert [s.label for s in engine.adapters()] == ["live:1", "domain:polyp", "domain:shadow"]
+    engine.adapters.load_domain("shadow", adapters[0])  # over max_domains: camo (LRU) is unloaded
+    assert engine.adapters.domains() == ["polyp", "shadow"]
+    assert [s.label for s in engine.adapters.served()] == ["live:1", "domain:polyp",
+                                                           "domain:shadow"]
     with pytest.raises(UnknownAdapterError):
         engine.segment(image_id, POINTS, LABELS, adapter="camo")
     shadow = engine.segment(image_id, POINTS, LABELS, adapter="shadow")
     np.testing.assert_array_equal(shadow.low_res_logits, live.low_res_logits)  # same weights
 
-    engine.load_domain("polyp", adapters[2])  # reloading replaces, and its embeddings go
+    engine.adapters.load_domain("polyp", adapters[2])  # reloading replaces, and its embeddings go
     again = engine.segment(image_id, POINTS, LABELS, adapter="polyp")
     assert not again.cache_hit and not np.array_equal(again.low_res_logits, polyp.low_res_logits)
-    engine.unload_domain("polyp")
+    engine.adapters.unload_domain("polyp")
     with pytest.raises(UnknownAdapterError):
-        engine.unload_domain("polyp")
-    assert engine.domains() == ["shadow"]
-    for name in ("base", "live", "", "../x", "a" * 65):
-        with pytest.raises(InvalidAdapterNameError):
-            engine.load_domain(name, adapters[0])
+        engine.adapters.unload_domain("polyp")
+    assert engine.adapters.domains() == ["shadow"]
+    for name in ("base", "live", "auto", "", "../x", "Polyp", "a" * 65):
+        with pytest.raises(InvalidName):
+            engine.adapters.load_domain(name, adapters[0])
 
 
 def test_concurrent_segments_during_repeated_swaps(engine, adapters):
-    images = [engine.register_image(make_image(seed)) for seed in (20, 21, 22)]
+    images = [engine.images.register(make_image(seed)) for seed in (20, 21, 22)]
     expected = {}  # (image, adapter index) -> low-res logits, computed alone
     for index, files in enumerate(adapters):
-        engine.load_live(100 + index, files)
+        engine.adapters.load_live(100 + index, files)
         for image_id in images:
             expected[image_id, index] = engine.segment(image_id, POINTS, LABELS).low_res_logits
-    engine.load_live(1, adapters[0])  # version v serves adapters[(v - 1) % 3]
+    engine.adapters.load_live(1, adapters[0])  # version v serves adapters[(v - 1) % 3]
     versions = {1}
     errors: list[BaseException] = []
     results = []
@@ -344,7 +345,7 @@ def test_concurrent_segments_during_repeated_swaps(engine, adapters):
             while not done.is_set() or version < 4:
                 version += 1
                 versions.add(version)
-                engine.load_live(version, adapters[(version - 1) % 3])
+                engine.adapters.load_live(version, adapters[(version - 1) % 3])
                 time.sleep(0.002)
         except BaseException as exc:
             errors.append(exc)
@@ -369,7 +370,7 @@ def test_concurrent_segments_during_repeated_swaps(engine, adapters):
         # 1e-4: concurrent requests' encodes and decodes may be batched (float rounding)
         np.testing.assert_allclose(result.low_res_logits,
                                    expected[result.image_id, (version - 1) % 3], atol=1e-4)
-    live_keys = {slot.key for slot in engine.adapters()}
+    live_keys = {slot.key for slot in engine.adapters.served()}
     assert {key[1] for key in engine.cache.lru_keys()} <= live_keys | {"base"}
 
 
@@ -382,12 +383,12 @@ def test_unknown_image_and_invalid_images(engine):
     for bad in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
                 np.zeros((0, 4, 3), np.uint8), [[1, 2, 3]]):
         with pytest.raises(InvalidImageError):
-            engine.register_image(bad)
+            engine.images.register(bad)
     small = SegmentationEngine(build_sam("tiny"), EMBEDDING_BYTES, image_store_bytes=100)
     with pytest.raises(InvalidImageError):
-        small.register_image(make_image(0))
-    image_id = engine.register_image(make_image(7))
-    assert engine.forget_image(image_id) and not engine.has_image(image_id)
+        small.images.register(make_image(0))
+    image_id = engine.images.register(make_image(7))
+    assert engine.forget_image(image_id) and image_id not in engine.images
 
 
 BOX = np.array([10.0, 10.0, 50.0, 50.0])
@@ -416,7 +417,7 @@ BAD_PROMPTS = [
 
 
 def test_bad_prompts_raise_their_typed_errors(engine):
-    image_id = engine.register_image(make_image(8))
+    image_id = engine.images.register(make_image(8))
     for name, prompt, error in BAD_PROMPTS:
         with pytest.raises(error) as caught:
             engine.segment(image_id, **prompt)
@@ -440,8 +441,8 @@ def test_embedding_cache_keys_by_adapter():
 
 def test_base_fingerprint_ignores_the_adapters(engine, adapters):
     expected = model_fingerprint(build_sam("tiny"))
-    assert engine.base_fingerprint == expected
-    engine.load_live(1, adapters[0])
-    assert model_fingerprint(engine.slots.model) == expected  # a live adapter in the model
+    assert engine.adapters.base_fingerprint == expected
+    engine.adapters.load_live(1, adapters[0])
+    assert model_fingerprint(engine.adapters.model) == expected  # a live adapter in the model
     with pytest.raises(RegclError):
-        SegmentationEngine(engine.slots.model, cache_bytes=0)
+        SegmentationEngine(engine.adapters.model, cache_bytes=0)

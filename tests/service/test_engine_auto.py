@@ -13,8 +13,8 @@ import torch
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.models import build_sam
 from regcl.routing import DomainRouter
-from service.domain_routing import DomainRouting, domain_entry, router_digest
-from service.engine import SegmentationEngine
+from service.engine.auto_routing import DomainRouting, domain_entry, router_digest
+from service.engine.segmentation import SegmentationEngine
 from tests.service.auto_support import domain_image, nowhere
 
 pytestmark = pytest.mark.slow  # about 30 s: statistics of four domains, a dozen encodes
@@ -38,15 +38,15 @@ def engine(adapters: dict[str, AdapterFiles]) -> SegmentationEngine:
     torch.set_num_threads(1)
     engine = SegmentationEngine(build_sam("tiny"), cache_bytes=2**26)
     for name, files in adapters.items():
-        engine.load_domain(name, files)
-    engine.load_live(7, adapters["polyp"])
+        engine.adapters.load_domain(name, files)
+    engine.adapters.load_live(7, adapters["polyp"])
     engine.routing.replace(_entries(adapters, DOMAINS))
     yield engine
     engine.close()
 
 
 def _auto(engine: SegmentationEngine, image: np.ndarray):
-    image_id = engine.register_image(image)
+    image_id = engine.images.register(image)
     return image_id, engine.segment_many(image_id, [POINT], adapter="auto")[0]
 
 

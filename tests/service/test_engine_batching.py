@@ -15,10 +15,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from regcl.errors import ConfigError
 from regcl.models import build_sam
-from service.batching import Batcher, WriterFirstLock
-from service.decoding import DecodeJob, decode_rows
-from service.engine import SegmentationEngine
-from service.options import ServingOptions
+from service.engine.batching import Batcher, WriterFirstLock
+from service.engine.decode import DecodeJob, decode_rows
+from service.engine.options import ServingOptions
+from service.engine.segmentation import SegmentationEngine
 from tests.service.test_engine import LABELS, POINTS, _randomised_adapter, make_image
 
 EMBEDDING_BYTES = 128 * 16 * 16 * 4
@@ -55,27 +55,27 @@ def test_batched_results_equal_unbatched(tmp_path):
     batched = _engine(max_batch=4, max_wait_ms=300)
     single = _engine(max_batch=1, max_wait_ms=0)
     for engine in (batched, single):
-        engine.load_live(1, files)
+        engine.adapters.load_live(1, files)
     images = [make_image(seed) for seed in range(30, 34)]
     for adapter in ("base", "live"):
-        ids = [batched.register_image(image) for image in images]
+        ids = [batched.images.register(image) for image in images]
         got = _concurrently(lambda i, a=adapter: batched.segment(i, POINTS, LABELS, adapter=a),
                             ids)
         for image, image_id in zip(images, ids, strict=True):
-            want = single.segment(single.register_image(image), POINTS, LABELS, adapter=adapter)
+            want = single.segment(single.images.register(image), POINTS, LABELS, adapter=adapter)
             assert got[image_id].adapter_version == want.adapter_version
             np.testing.assert_allclose(got[image_id].low_res_logits, want.low_res_logits,
                                        atol=1e-4)
             np.testing.assert_array_equal(got[image_id].masks, want.masks)
-    assert batched.batch_stats.largest > 1  # really batched
-    assert single.batch_stats.largest == 1
+    assert batched.encoding.batch_stats.largest > 1  # really batched
+    assert single.encoding.batch_stats.largest == 1
     batched.close()
     single.close()
 
 
 def test_same_image_in_one_batch_is_encoded_once():
     engine = _engine(max_batch=8, max_wait_ms=300)
-    image_id = engine.register_image(make_image(40))
+    image_id = engine.images.register(make_image(40))
     results = _concurrently(lambda k: engine.segment(image_id, POINTS, LABELS), list(range(4)))
     assert engine.stats().encodes == 1
     assert sum(not r.cache_hit for r in results.values()) == 1
@@ -87,18 +87,18 @@ def test_same_image_in_one_batch_is_encoded_once():
 def test_swap_invalidates_the_cache_and_the_next_encode_uses_the_new_adapter(tmp_path):
     engine = _engine()
     a, b = _randomised_adapter(tmp_path / "a", 6), _randomised_adapter(tmp_path / "b", 7)
-    image_id = engine.register_image(make_image(41))
-    engine.load_live(1, a)
+    image_id = engine.images.register(make_image(41))
+    engine.adapters.load_live(1, a)
     v1 = engine.segment(image_id, POINTS, LABELS)
     assert engine.segment(image_id, POINTS, LABELS).cache_hit
     encodes = engine.stats().encodes
-    swap = engine.load_live(2, b)
+    swap = engine.adapters.load_live(2, b)
     assert swap.dropped_embeddings == 1 and len(engine.cache) == 0
     v2 = engine.segment(image_id, POINTS, LABELS)
     assert v2.adapter_version == "live:2" and not v2.cache_hit
     assert engine.stats().encodes == encodes + 1
     assert not np.array_equal(v1.low_res_logits, v2.low_res_logits)
-    engine.load_live(3, a)  # a again, in a new slot: the same masks as v1, freshly encoded
+    engine.adapters.load_live(3, a)  # a again, in a new slot: the same masks as v1, freshly encoded
     v3 = engine.segment(image_id, POINTS, LABELS)
     assert not v3.cache_hit
     np.testing.assert_allclose(v3.low_res_logits, v1.low_res_logits, atol=1e-5)
@@ -107,7 +107,7 @@ def test_swap_invalidates_the_cache_and_the_next_encode_uses_the_new_adapter(tmp
 
 def test_segment_many_equals_one_call_per_prompt():
     engine = _engine()
-    image_id = engine.register_image(make_image(42))
+    image_id = engine.images.register(make_image(42))
     prompts = [dict(point_coords=POINTS, point_labels=LABELS),
                dict(point_coords=POINTS[:1], point_labels=LABELS[:1]),
                dict(point_coords=POINTS[::-1], point_labels=LABELS[::-1]),
@@ -140,10 +140,10 @@ def test_options_pick_cpu_defaults_and_refuse_missing_cuda():
 
 def test_bf16_sdpa_engine_serves_within_tolerance():
     exact, fast = _engine(), _engine(dtype=torch.bfloat16, sdpa=True)
-    assert fast.serving_encoder.dtype == torch.bfloat16
+    assert fast.encoding.encoder.dtype == torch.bfloat16
     image = make_image(43)
-    want = exact.segment(exact.register_image(image), POINTS, LABELS, multimask=False)
-    got = fast.segment(fast.register_image(image), POINTS, LABELS, multimask=False)
+    want = exact.segment(exact.images.register(image), POINTS, LABELS, multimask=False)
+    got = fast.segment(fast.images.register(image), POINTS, LABELS, multimask=False)
     assert (got.masks == want.masks).mean() >= 0.999
     assert abs(float(got.scores[0]) - float(want.scores[0])) < 0.01
 
@@ -231,19 +231,19 @@ def test_writer_first_lock_lets_a_writer_in_before_the_next_batch():
 def test_batched_decoding_equals_one_prompt_at_a_time(multimask):
     engine = _engine()
     images = [make_image(50, 120, 200), make_image(51, 90, 70), make_image(52, 200, 150)]
-    encoded = [engine.encode(engine.register_image(image), "base")[0] for image in images]
+    encoded = [engine.encode(engine.images.register(image), "base")[0] for image in images]
     first = engine.segment(encoded[0].image_id, POINTS[:1] / 3, LABELS[:1], multimask=False,
                            adapter="base")
     forms = [dict(point_coords=POINTS / 3, point_labels=LABELS),
              dict(box=np.array([5.0, 5.0, 60.0, 50.0])),
              dict(point_coords=POINTS[:1] / 3, point_labels=LABELS[:1],
                   box=np.array([5.0, 5.0, 60.0, 50.0]), mask_input=first.low_res_logits)]
-    sam = engine.slots.sam
+    sam = engine.adapters.sam
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     for form in forms:
-        jobs = [DecodeJob(e, engine._check_prompt(form.get("point_coords"),
-                                                  form.get("point_labels"), form.get("box"),
-                                                  form.get("mask_input")), multimask, True)
+        jobs = [DecodeJob(e, engine.check_prompt(form.get("point_coords"),
+                                                 form.get("point_labels"), form.get("box"),
+                                                 form.get("mask_input")), multimask, True)
                 for e in encoded]
         rows = decode_rows(sam, transform, jobs)
         for job, got in zip(jobs, rows, strict=True):
@@ -260,21 +260,21 @@ def test_one_row_decodes_as_sam_predictor_bit_for_bit():
     """The one decode path, for a prompt alone, is SamPredictor.predict exactly."""
     engine = _engine()
     image = make_image(53, 90, 140)
-    encoded, _ = engine.encode(engine.register_image(image), "base")
-    predictor = SamPredictor(engine.slots.sam)
+    encoded, _ = engine.encode(engine.images.register(image), "base")
+    predictor = SamPredictor(engine.adapters.sam)
     predictor.set_image(image)
-    transform = ResizeLongestSide(engine.slots.sam.image_encoder.img_size)
+    transform = ResizeLongestSide(engine.adapters.sam.image_encoder.img_size)
     prompts = [dict(point_coords=POINTS / 2, point_labels=LABELS),
                dict(box=np.array([5.0, 5.0, 60.0, 50.0])),
                dict(point_coords=POINTS[:1] / 2, point_labels=LABELS[:1],
                     box=np.array([5.0, 5.0, 60.0, 50.0]))]
     for multimask in (True, False):
         for prompt in prompts:
-            job = DecodeJob(encoded, engine._check_prompt(prompt.get("point_coords"),
-                                                          prompt.get("point_labels"),
-                                                          prompt.get("box"), None),
+            job = DecodeJob(encoded, engine.check_prompt(prompt.get("point_coords"),
+                                                         prompt.get("point_labels"),
+                                                         prompt.get("box"), None),
                             multimask, True)
-            got = decode_rows(engine.slots.sam, transform, [job])[0]
+            got = decode_rows(engine.adapters.sam, transform, [job])[0]
             masks, scores, logits = predictor.predict(multimask_output=multimask, **prompt)
             np.testing.assert_array_equal(got.masks, masks)
             np.testing.assert_array_equal(got.scores, scores)
@@ -284,7 +284,7 @@ def test_one_row_decodes_as_sam_predictor_bit_for_bit():
 
 def test_concurrent_prompts_on_cached_embeddings_decode_together():
     engine = _engine()
-    ids = [engine.register_image(make_image(seed)) for seed in range(60, 66)]
+    ids = [engine.images.register(make_image(seed)) for seed in range(60, 66)]
     expected = {i: engine.segment(i, POINTS, LABELS, adapter="base") for i in ids}
     got = _concurrently(lambda i: engine.segment(i, POINTS, LABELS, adapter="base"), ids)
     for image_id in ids:
@@ -301,17 +301,17 @@ def test_compiled_engine_survives_hot_swaps_without_recompiling(tmp_path):
     eager = _engine()
     image = make_image(70)
     files = [_randomised_adapter(tmp_path / f"a{i}", 10 + i) for i in range(2)]
-    want = eager.segment(eager.register_image(image), POINTS, LABELS, adapter="base")
-    got = engine.segment(engine.register_image(image), POINTS, LABELS, adapter="base")
+    want = eager.segment(eager.images.register(image), POINTS, LABELS, adapter="base")
+    got = engine.segment(engine.images.register(image), POINTS, LABELS, adapter="base")
     np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-3)
-    assert engine.serving_encoder.compiles == 1
+    assert engine.encoding.encoder.compiles == 1
     for version, adapter in enumerate(files, start=1):
-        engine.load_live(version, adapter)
-        eager.load_live(version, adapter)
-        got = engine.segment(engine.register_image(image), POINTS, LABELS)
-        want = eager.segment(eager.register_image(image), POINTS, LABELS)
+        engine.adapters.load_live(version, adapter)
+        eager.adapters.load_live(version, adapter)
+        got = engine.segment(engine.images.register(image), POINTS, LABELS)
+        want = eager.segment(eager.images.register(image), POINTS, LABELS)
         assert got.adapter_version == f"live:{version}"
         np.testing.assert_allclose(got.low_res_logits, want.low_res_logits, atol=1e-3)
-    assert engine.serving_encoder.compiles == 1  # swaps were weight copies, not new graphs
+    assert engine.encoding.encoder.compiles == 1  # swaps were weight copies, not new graphs
     engine.close()
     eager.close()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from regcl.data.images import decode_mask_bytes
-from service.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle, rle_to_mask
+from service.engine.masks import mask_area, mask_bbox, mask_to_png, mask_to_rle, rle_to_mask
 
 
 def _masks() -> list[np.ndarray]:

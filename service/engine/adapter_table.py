@@ -1,0 +1,360 @@
+"""The adapter slot table: which adapters the one serving model holds, and who is using them.
+
+Every adapter served (the live one, each loaded domain) is a PEFT slot of one model
+(:mod:`service.engine.slots`). :class:`AdapterTable` is the one owner of that set: nothing else
+records which adapters are loaded.
+
+Locks
+    - ``lock`` (the model lock, a :class:`~service.engine.batching.WriterFirstLock`) guards the PEFT
+      model and the encoder's folded weights: adding and removing slots here, running the
+      encoder in :mod:`service.engine.encode`. A writer goes before the encoder's next batch, so
+      a swap waits one batch at most.
+    - a plain lock guards the table itself for a moment at a time; when both are taken the
+      model lock comes first.
+
+Live
+    ``live`` is resolved when the encoder's batch runs (under the model lock), so a request
+    queued before a swap encodes with the new version and none fails. The old slot is removed
+    under the model lock and its embeddings dropped after it.
+
+Domains
+    - At most ``max_domains`` are loaded; loading one more unloads the least recently used one
+      *that no request is using*.
+    - A request pins the domain slot it encodes with (:meth:`AdapterTable.use`), from naming
+      it to the end of its encode: a pinned slot is never removed (an unload or a reload of
+      that name waits for the last pin), so a request never loses its adapter half-way.
+    - When every loaded slot is pinned, a load goes over ``max_domains`` for as long as the
+      pins last; the release of the last pin brings the table back to ``max_domains``.
+    - With a :class:`DomainSource` (the server's registry), a domain that is not loaded
+      (never, or evicted) is loaded from it when a request names it, and loaded again when
+      the source's revision of that name changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from typing import Protocol
+
+from peft import LoraConfig
+from segment_anything.modeling import Sam
+
+from infra.names import AUTO, BASE, LIVE, validate_name
+from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, unwrap
+from regcl.errors import ConfigError
+from regcl.models import model_fingerprint
+from regcl.models.serving import lora_deltas
+from service.engine.batching import WriterFirstLock
+from service.engine.caches import EmbeddingCache
+from service.engine.errors import AdapterRejectedError, UnknownAdapterError
+from service.engine.slots import AdapterSlot, add_slot, check_adapter_files, remove_slot
+from service.engine.stats import SwapLog, SwapResult
+
+__all__ = ["AUTO", "BASE", "DEFAULT_MAX_DOMAINS", "LIVE", "AdapterTable", "DomainSource", "Target",
+           "slot_key", "slot_label"]
+
+logger = logging.getLogger(__name__)
+
+# BASE: the model without any adapter (its version label too); LIVE: the current merged
+# adapter (label ``live:<version>``); AUTO: the domain router chooses a domain, else live
+# (:mod:`service.engine.auto_routing`). The names are reserved (:mod:`infra.names`).
+DEFAULT_MAX_DOMAINS = 8
+
+Target = AdapterSlot | str | None
+"""What a request encodes with: None (base), :data:`LIVE` (resolved when the batch runs) or a
+pinned domain slot."""
+
+
+def slot_key(slot: AdapterSlot | None) -> str:
+    """The embedding cache's adapter key: the slot's unique key, or ``base``."""
+    return BASE if slot is None else slot.key
+
+
+def slot_label(slot: AdapterSlot | None) -> str:
+    """What a response reports: ``live:3``, ``domain:polyp`` or ``base``."""
+    return BASE if slot is None else slot.label
+
+
+class DomainSource(Protocol):
+    """Where domain adapters come from when a request names one that is not loaded."""
+
+    def revision(self, name: str) -> str:
+        """The current revision (a content hash) of adapter ``name``; raises
+        UnknownAdapterError if there is none of that name."""
+        ...
+
+    def files(self, name: str) -> AdapterFiles:
+        """Adapter ``name``'s files, read (not yet checked)."""
+        ...
+
+
+class AdapterTable:
+    """The slots of one PEFT-wrapped SAM (see the module docstring).
+
+    Args:
+        sam: the base model, wrapped **in place** by PEFT.
+        cache: the embedding cache, whose entries of a removed slot are dropped.
+        max_domains: domain adapters kept loaded (see the module docstring).
+        source: loads domain adapters on demand; None: only :meth:`load_domain` loads them.
+    """
+
+    def __init__(self, sam: Sam, cache: EmbeddingCache, *,
+                 max_domains: int = DEFAULT_MAX_DOMAINS,
+                 source: DomainSource | None = None) -> None:
+        if max_domains < 0:
+            raise ConfigError(f"need max_domains >= 0, got {max_domains}")
+        self.model = attach_lora(sam, AdapterConfig(rank=1))  # placeholder, never active
+        self.model.eval()
+        self.sam: Sam = unwrap(self.model)
+        self.lock = WriterFirstLock()
+        self.max_domains = max_domains
+        self.swaps = SwapLog()
+        self.domain_loads = 0
+        self._cache = cache
+        self._source = source
+        self._state = threading.Lock()
+        self._loading = threading.Lock()  # one load from the source at a time
+        self._live: AdapterSlot | None = None
+        self._domains: OrderedDict[str, AdapterSlot] = OrderedDict()  # LRU first
+        self._pins: Counter[str] = Counter()  # slot key -> requests encoding with it
+        self._retired: dict[str, AdapterSlot] = {}  # unloaded or replaced, still pinned
+        self._slot_ids = itertools.count(1)
+        self._fingerprint: str | None = None
+
+    # ----------------------------------------------------------------------------- requests
+    def resolve(self, adapter: str) -> AdapterSlot | None:
+        """``base`` → None, ``live`` → the live slot (None: base), a loaded domain → its slot
+        (now the most recently used). Raises UnknownAdapterError otherwise. Pins nothing."""
+        if adapter == BASE:
+            return None
+        with self._state:
+            if adapter == LIVE:
+                return self._live
+            slot = self._domains.get(adapter) if isinstance(adapter, str) else None
+            if slot is None:
+                raise UnknownAdapterError(f"unknown adapter {adapter!r}; loaded: "
+                                          f"{[BASE, LIVE, *self._domains]}")
+            self._domains.move_to_end(adapter)
+            return slot
+
+    @contextlib.contextmanager
+    def use(self, adapter: str) -> Iterator[Target]:
+        """What a request naming ``adapter`` encodes with, for the duration of the block:
+        None (base), :data:`LIVE`, or the domain's slot, pinned (loaded from the source first
+        if need be). Raises UnknownAdapterError for a name neither loaded nor in the source."""
+        if adapter in (BASE, LIVE):
+            yield None if adapter == BASE else LIVE
+            return
+        slot = self._acquire(adapter)
+        try:
+            yield slot
+        finally:
+            self._release(slot)
+
+    def _acquire(self, name: str) -> AdapterSlot:
+        revision = None if self._source is None else self._source.revision(name)
+        slot = self._pin_loaded(name, revision)
+        if slot is not None:
+            return slot
+        if self._source is None:
+            raise UnknownAdapterError(f"unknown adapter {name!r}; loaded: "
+                                      f"{[BASE, LIVE, *self.domains()]}")
+        with self._loading:  # a request that waited here finds the name loaded
+            slot = self._pin_loaded(name, revision)
+            if slot is not None:
+                return slot
+            return self.load_domain(name, self._source.files(name), revision=revision,
+                                    pinned=True)
+
+    def _pin_loaded(self, name: str, revision: str | None) -> AdapterSlot | None:
+        with self._state:
+            slot = self._domains.get(name) if isinstance(name, str) else None
+            if slot is None or (self._source is not None and slot.revision != revision):
+                return None
+            self._domains.move_to_end(name)
+            self._pins[slot.key] += 1
+            return slot
+
+    def _release(self, slot: AdapterSlot) -> None:
+        with self._state:
+            self._pins[slot.key] -= 1
+            if self._pins[slot.key] <= 0:
+                del self._pins[slot.key]
+            due = slot.key in self._retired or len(self._domains) > self.max_domains
+        if due:
+            with self.lock:
+                self._remove_unused()
+
+    def deltas(self, slot: AdapterSlot | None) -> dict | None:
+        """What to fold into the serving encoder for ``slot`` (None: none)
+        (:func:`regcl.models.serving.lora_deltas`). Caller holds the model lock."""
+        if slot is None:
+            return None
+        if slot.key not in self.model.peft_config:  # never with pins; never serve base instead
+            raise RuntimeError(f"adapter slot {slot.key} ({slot.label}) was removed in use")
+        return lora_deltas(self.sam.image_encoder, slot.key)
+
+    # ----------------------------------------------------------------------------- changes
+    def _new_slot(self, kind: str, name: str, version: int | None, files: AdapterFiles,
+                  revision: str | None = None) -> AdapterSlot:
+        label = f"live:{version}" if kind == LIVE else f"domain:{name}"
+        return AdapterSlot(f"slot{next(self._slot_ids)}", label, kind, name, version,
+                           str(files.path), time.time(), revision)
+
+    def _add_slot(self, slot: AdapterSlot, config: LoraConfig, files: AdapterFiles,
+                  source: str) -> None:
+        """add_slot, then prove the adapter folds into plain weights (not DoRA, only linear
+        layers); else remove it again. Caller holds the model lock."""
+        add_slot(self.model, slot.key, config, files, source)
+        try:
+            lora_deltas(self.sam.image_encoder, slot.key)
+        except ConfigError as exc:
+            remove_slot(self.model, slot.key)
+            raise AdapterRejectedError(f"{source}: {exc}") from exc
+
+    def _remove_unused(self) -> list[AdapterSlot]:
+        """Remove the retired slots nobody uses and the least recently used unused domains
+        beyond ``max_domains``, with their embeddings. Caller holds the model lock."""
+        with self._state:
+            doomed = [slot for key, slot in self._retired.items() if not self._pins[key]]
+            for slot in doomed:
+                del self._retired[slot.key]
+            over = len(self._domains) - self.max_domains
+            for name, slot in list(self._domains.items()):
+                if over <= 0:
+                    break
+                if not self._pins[slot.key]:
+                    del self._domains[name]
+                    doomed.append(slot)
+                    over -= 1
+                    logger.info("unloaded domain adapter %r (least recently used)", name)
+        for slot in doomed:
+            remove_slot(self.model, slot.key)
+            self._cache.drop_adapter(slot.key)
+        return doomed
+
+    def load_live(self, version: int, files: AdapterFiles, *, force: bool = False
+                  ) -> SwapResult:
+        """Serve ``files`` as live adapter ``version``: check it, load it into a new slot,
+        switch ``live`` to it atomically, delete the old slot and its embeddings.
+
+        Loading the version that is live already does nothing (``swapped=False``) unless
+        ``force``. Raises AdapterRejectedError (live unchanged) for an adapter that does not
+        fit or could touch more than the image encoder.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ConfigError(f"live version must be an int >= 0, got {version!r}")
+        start = time.perf_counter()
+        source = f"live adapter v{version} ({files.path})"
+        config = check_adapter_files(self.sam, files, source)
+        with self.lock:
+            locked = time.perf_counter()
+            previous = self._live
+            if previous is not None and previous.version == version and not force:
+                return SwapResult(version, version, time.perf_counter() - start, 0.0, 0,
+                                  swapped=False)
+            slot = self._new_slot(LIVE, LIVE, version, files)
+            self._add_slot(slot, config, files, source)
+            with self._state:
+                self._live = slot
+            if previous is not None:
+                remove_slot(self.model, previous.key)
+            locked_seconds = time.perf_counter() - locked
+        dropped = self._cache.drop_adapter(previous.key) if previous is not None else 0
+        result = SwapResult(version, previous.version if previous else None,
+                            time.perf_counter() - start, locked_seconds, dropped)
+        self.swaps.add(result)
+        logger.info("live adapter v%s -> v%s in %.3f s (encoding paused %.3f s, %d embeddings "
+                    "dropped)", result.previous_version, version, result.seconds,
+                    locked_seconds, dropped)
+        return result
+
+    def clear_live(self) -> int | None:
+        """Stop serving a live adapter (``live`` becomes base); returns the version removed."""
+        with self.lock:
+            with self._state:
+                previous, self._live = self._live, None
+            if previous is not None:
+                remove_slot(self.model, previous.key)
+        if previous is None:
+            return None
+        self._cache.drop_adapter(previous.key)
+        return previous.version
+
+    def load_domain(self, name: str, files: AdapterFiles, *, revision: str | None = None,
+                    pinned: bool = False) -> AdapterSlot:
+        """Serve ``files`` as domain adapter ``name`` (replacing a loaded one of that name),
+        pinned once if ``pinned``. Unloads the least recently used unused domains beyond
+        ``max_domains``."""
+        validate_name(name, "domain adapter name", new=True)
+        if self.max_domains == 0:
+            raise ConfigError("this engine serves no domain adapters (max_domains=0)")
+        source = f"domain adapter {name!r} ({files.path})"
+        config = check_adapter_files(self.sam, files, source)
+        with self.lock:
+            slot = self._new_slot("domain", name, None, files, revision)
+            self._add_slot(slot, config, files, source)
+            with self._state:
+                old = self._domains.pop(name, None)
+                if old is not None:
+                    self._retired[old.key] = old
+                self._domains[name] = slot
+                self.domain_loads += 1
+                if pinned:
+                    self._pins[slot.key] += 1
+            self._remove_unused()
+        return slot
+
+    def unload_domain(self, name: str, *, missing_ok: bool = False) -> bool:
+        """Stop serving domain adapter ``name`` (its slot goes once no request uses it);
+        returns whether it was loaded. UnknownAdapterError if not, unless ``missing_ok``."""
+        with self.lock:
+            with self._state:
+                slot = self._domains.pop(name, None) if isinstance(name, str) else None
+                if slot is not None:
+                    self._retired[slot.key] = slot
+            self._remove_unused()
+        if slot is None and not missing_ok:
+            raise UnknownAdapterError(f"domain adapter {name!r} is not loaded")
+        return slot is not None
+
+    # ----------------------------------------------------------------------------- reading
+    def domains(self) -> list[str]:
+        """Loaded domain adapters, least recently used first."""
+        with self._state:
+            return list(self._domains)
+
+    def served(self) -> list[AdapterSlot]:
+        """Every adapter being served: the live one (if any), then the domains."""
+        with self._state:
+            return ([self._live] if self._live else []) + list(self._domains.values())
+
+    def pinned(self) -> int:
+        """Requests encoding with a domain slot right now."""
+        with self._state:
+            return sum(self._pins.values())
+
+    @property
+    def live_version(self) -> int | None:
+        """The live adapter's version; None when ``live`` means the base model."""
+        live = self._live
+        return None if live is None else live.version
+
+    @property
+    def live_label(self) -> str:
+        """What a ``live`` request reports now: ``live:<version>`` or ``base``."""
+        return slot_label(self._live)
+
+    @property
+    def base_fingerprint(self) -> str:
+        """``regcl.models.model_fingerprint`` of the base weights (computed once), to compare
+        with the base model an adapter was trained on before loading it."""
+        if self._fingerprint is None:
+            with self.lock:
+                self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
