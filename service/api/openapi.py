@@ -40,8 +40,16 @@ from service.api.schemas.documented import IMAGE_FORMAT, MASK_FORMAT
 __all__ = ["install_openapi"]
 
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
-BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_B64 = "[A-Za-z0-9+/]"
+BASE64_PATTERN = rf"^(?:{_B64}{{4}})*(?:{_B64}{{2}}==|{_B64}{{3}}=)?$"
 """Standard base64 with its padding, what ``service.api.uploads.decode_base64`` accepts."""
+
+
+def base64_pattern_of(size: int) -> str:
+    """The base64 of exactly ``size`` bytes, as a pattern that states its length (so that a
+    generator needs no filter to meet it)."""
+    tail = {0: "", 1: f"{_B64}{{2}}==", 2: f"{_B64}{{3}}="}[size % 3]
+    return f"^{_B64}{{{4 * (size // 3)}}}{tail}$"
 _FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 
 
@@ -156,6 +164,7 @@ def _settings_limits(document: dict[str, Any], settings: Settings) -> None:
     side = SAM_SPECS[settings.model].mask_input_side
     mask_chars = 4 * math.ceil(4 * side * side / 3)
     for schema in _strings_of_format(document, MASK_FORMAT):
-        schema.update(minLength=mask_chars, maxLength=mask_chars, pattern=BASE64_PATTERN)
+        schema.update(minLength=mask_chars, maxLength=mask_chars,
+                      pattern=base64_pattern_of(4 * side * side))
         schema["description"] = (f"{schema.get('description', '')} For this service: "
                                  f"{side} x {side} values.").strip()

@@ -24,7 +24,7 @@ import torch
 from infra.artifacts import ArtifactStore
 from infra.datasets import validate_dataset_name
 from infra.errors import InvalidName
-from infra.registry import validate_adapter_name
+from infra.names import validate_name
 from infra.settings import Settings
 from regcl.adapters import read_adapter
 from regcl.errors import AdapterError, CheckpointError
@@ -437,7 +437,7 @@ def test_artifact_paths_stay_in_the_store(tmp_path, path):
 @pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "a\\b", "/x", "A", "-x", "x" * 65,
                                   "é", "a\x00", "a b", "", "a.b", "live\n"])
 def test_names_are_validated(name):
-    for validate in (validate_adapter_name, validate_dataset_name):
+    for validate in (validate_name, validate_dataset_name):
         with pytest.raises(InvalidName):
             validate(name)
 

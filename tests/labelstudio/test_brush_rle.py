@@ -46,7 +46,7 @@ def test_decode_reads_the_sdks_encoding_and_the_sdk_reads_ours() -> None:
 def test_decode_takes_alpha_at_or_above_half() -> None:
     # A hand-drawn stroke: anti-aliased alpha. Built with the SDK's own encoder semantics
     # (literal values), then read back: only alpha >= 128 is the object.
-    from regcl.data import brush_rle
+    from service.labelstudio import brush_rle
 
     alpha = np.array([0, 127, 128, 255], dtype=np.uint8)
     values = np.repeat(alpha, 4)

@@ -49,10 +49,12 @@ def _mask_input(runtime: Runtime, text: str | None) -> np.ndarray | None:
     if text is None:
         return None
     side = runtime.mask_input_side
-    data = decode_base64(text, 4 * side * side, "mask_input")
-    if len(data) != 4 * side * side:
+    size = 4 * side * side
+    # A fixed size: a wrong length is a malformed prompt (422), never a too-large body (413).
+    data = decode_base64(text, size + 2, "mask_input")
+    if len(data) != size:
         raise PromptShapeError(f"mask_input must be {side} x {side} float32 values "
-                               f"({4 * side * side} bytes), got {len(data)} bytes")
+                               f"({size} bytes), got {len(data)} bytes")
     return np.frombuffer(data, dtype="<f4").reshape(1, side, side).astype(np.float32)
 
 
