@@ -22,8 +22,10 @@ listed, with the reason, in ``tests/badinput/schemathesis.toml``, and nothing el
 Longer runs (opt-in; figures in docs/reliability.md): ``REGCL_FUZZ_SEED=<n>`` seeds the
 generation (default: deterministic) and ``REGCL_FUZZ_EXAMPLES=<n>`` sets the examples per
 operation and phase (default 10), ``REGCL_FUZZ_ONLY="POST /v1/segment,..."`` limits the run to
-those operations, e.g. ``REGCL_FUZZ_SEED=1 REGCL_FUZZ_EXAMPLES=120
-.venv/bin/python -m pytest tests/badinput/test_fuzz_openapi.py -s``.
+those operations and ``REGCL_FUZZ_NO_HOOKS=1`` leaves the generated content as it is (the
+operations of the configuration then answer their 422s), e.g.
+``REGCL_FUZZ_SEED=1 REGCL_FUZZ_EXAMPLES=25 .venv/bin/python -m pytest
+tests/badinput/test_fuzz_openapi.py -s``.
 
 Reproduce by hand against any running server (samples as ``write_samples`` makes them)::
 
@@ -99,8 +101,9 @@ def _fuzz(api, fuzz_dir, identity: str) -> tuple[subprocess.CompletedProcess, in
         command += ["--include-name", name]  # e.g. "POST /v1/segment/batch", to reproduce
     if identity == "admin":
         command += ["--header", f"Authorization: Bearer {ADMIN_KEY}"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.badinput.fuzz_hooks",
-           SAMPLES_ENV: str(fuzz_dir / "samples"),
+    hooks = {} if os.environ.get("REGCL_FUZZ_NO_HOOKS") == "1" else {
+        "SCHEMATHESIS_HOOKS": "tests.badinput.fuzz_hooks"}
+    env = {**os.environ, **hooks, SAMPLES_ENV: str(fuzz_dir / "samples"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     # run in the config's folder: schemathesis keeps its example database in the cwd
     result = subprocess.run(command, capture_output=True, text=True,
