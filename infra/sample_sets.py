@@ -7,7 +7,9 @@ entry per created or updated annotation (its task, its image and its object mask
 each annotation that no later ``delete`` removed. The pixels live in the artifact store as
 content-addressed PNG blobs (``samples/<domain>/images/<image id>.png``,
 ``samples/<domain>/masks/<sha256>.png``), written before the log entry that names them, so
-the log never names a missing file.
+the log never names a missing file. Beside the log, ``keys.samples(domain, "versions")`` maps
+each annotation the set holds to the version (Label Studio's ``updated_at``) its latest ``put``
+stored, so the same version is not stored twice (:meth:`SampleSets.version_of`).
 
 A training step turns the current set into ordinary immutable datasets
 (:meth:`SampleSets.snapshot`): ``<domain>-s<n>-train`` and ``<domain>-s<n>-heldout``, folder

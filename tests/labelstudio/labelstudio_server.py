@@ -10,10 +10,12 @@ session, as the browser has), with which a test creates a personal access token
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,13 @@ class LabelStudio:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
-    def client(self) -> httpx.Client:
+    @contextlib.contextmanager
+    def client(self) -> Iterator[httpx.Client]:
         """Its REST API as the user, logged in (a session cookie and its CSRF token)."""
-        client = httpx.Client(base_url=self.url, timeout=120)
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            yield self._log_in(client)
+
+    def _log_in(self, client: httpx.Client) -> httpx.Client:
         page = client.get("/user/login/")
         assert page.status_code == 200, page.text[:500]
         login = client.post("/user/login/", data={

@@ -432,7 +432,7 @@ def test_existing_annotations_sync_then_bulk_then_train(e2e: E2E) -> None:
         # connected now, with "sync": true: the 20 are stored by the sync job
         _connect(e2e, ls, pid, {"domain": domain, "sync": True, **QUICK_STEP})
         with Client(e2e.api.url, ADMIN_KEY) as regcl:
-            syncs = _wait(lambda: [j for j in regcl.jobs(kind="labelstudio-sync")
+            syncs = _wait(lambda: [j for j in regcl.list_jobs(kind="labelstudio-sync")
                                    if j.params.get("project") == pid], "the sync job", e2e)
         first = _job_done(e2e, syncs[-1].id)
         assert (first["tasks"], first["annotations"], first["stored"]) == (20, 20, 20), first
