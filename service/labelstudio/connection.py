@@ -120,8 +120,9 @@ class LabelStudioConnection:
                         raise LabelStudioTokenRefusedError(
                             f"Label Studio wants a token for {shown(url)}: set "
                             "REGCL_LABEL_STUDIO_API_KEY")
-                    self.auth.refused("Label Studio refused regcl's token (401) even after a "
-                                      "refresh")
+                    if attempt == 1:
+                        self.auth.refused("Label Studio refused regcl's access token (401) "
+                                          "even right after a refresh")
                     raise LabelStudioTokenRefusedError(
                         self.auth.status().problem or "Label Studio refused regcl's token")
                 if header:
