@@ -309,6 +309,12 @@ def test_label_studio_drives_regcl_end_to_end(e2e: E2E) -> None:
         else:
             assert gate["reason"].startswith("not activated: "), gate
 
+        # the training took longer than an access token lives here (~5 s): a call to Label
+        # Studio now refreshes it first, and the predictions below go on with the new one
+        checked = httpx.get(f"{e2e.api.url}/labelstudio/health", params={"check": "true"},
+                            timeout=60)
+        assert checked.status_code == 200, checked.text
+
         def version_seen() -> str | None:
             data = ok(ls.post(f"/api/ml/{ml['id']}/interactive-annotating",
                               json={"task": order[1], "context": context}))["data"]
