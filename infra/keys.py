@@ -91,8 +91,14 @@ def dataset_lock(name: str) -> str:
 
 
 def samples(domain: str, part: str) -> str:
-    """One of a domain's sample-set keys: ``log``, ``seen``, ``seq`` or ``job``."""
+    """One of a domain's sample-set keys: ``log``, ``versions``, ``seen``, ``seq`` or
+    ``job``."""
     return f"{PREFIX}samples:{domain}:{part}"
+
+
+def ls_sync(project: int) -> str:
+    """A Label Studio project's sync: its active job and its cursor (the last task done)."""
+    return f"{PREFIX}ls:sync:{int(project)}"
 
 
 def samples_lock(domain: str) -> str:

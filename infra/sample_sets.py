@@ -7,7 +7,9 @@ entry per created or updated annotation (its task, its image and its object mask
 each annotation that no later ``delete`` removed. The pixels live in the artifact store as
 content-addressed PNG blobs (``samples/<domain>/images/<image id>.png``,
 ``samples/<domain>/masks/<sha256>.png``), written before the log entry that names them, so
-the log never names a missing file.
+the log never names a missing file. Beside the log, ``keys.samples(domain, "versions")`` maps
+each annotation the set holds to the version (Label Studio's ``updated_at``) its latest ``put``
+stored, so the same version is not stored twice (:meth:`SampleSets.version_of`).
 
 A training step turns the current set into ordinary immutable datasets
 (:meth:`SampleSets.snapshot`): ``<domain>-s<n>-train`` and ``<domain>-s<n>-heldout``, folder
@@ -161,10 +163,12 @@ class SampleSets:
                 self.store.put_bytes(key, data)
 
     def put(self, domain: str, annotation: int, task: int, image_id: str, image_png: bytes,
-            masks_png: Sequence[bytes]) -> int:
+            masks_png: Sequence[bytes], version: str | None = None) -> int:
         """Record annotation ``annotation`` of ``task`` (created or updated) with its object
         masks (PNG, the image's size) on ``image_png`` (image id: its content hash). Files
-        first, then the log entry. Returns the log entries not yet in a snapshot."""
+        first, then the log entry. ``version``: the annotation's update time as Label Studio
+        states it (:meth:`version_of` then tells that this version is stored). Returns the
+        log entries not yet in a snapshot."""
         validate_domain_name(domain)
         _check_id(annotation, "annotation id")
         _check_id(task, "task id")
@@ -179,8 +183,11 @@ class SampleSets:
         self._blob(image_key, image_png)
         for key, data in zip(mask_keys, masks_png, strict=True):
             self._blob(key, data)
+        if version is not None and (not isinstance(version, str) or len(version) > 64):
+            raise DataError(f"an annotation's version must be a short string, got {version!r}")
         return self._append(domain, {"op": "put", "annotation": annotation, "task": task,
-                                     "image": image_key, "masks": mask_keys})
+                                     "image": image_key, "masks": mask_keys,
+                                     "version": version})
 
     def remove(self, domain: str, annotation: int) -> bool:
         """Record that ``annotation`` was deleted; False (nothing written) if the set does not
@@ -191,12 +198,24 @@ class SampleSets:
         self._append(domain, {"op": "delete", "annotation": annotation})
         return True
 
+    def version_of(self, domain: str, annotation: int) -> str | None:
+        """The version (update time) of ``annotation`` as the set holds it now; None when the
+        set does not hold it, or holds it without a version."""
+        raw = self._redis.hget(keys.samples(validate_domain_name(domain), "versions"),
+                               str(_check_id(annotation, "annotation id")))
+        return None if raw is None else (raw.decode() if isinstance(raw, bytes) else raw)
+
     def _append(self, domain: str, entry: dict[str, Any]) -> int:
         pipe = self._redis.pipeline(transaction=True)
+        versions = keys.samples(domain, "versions")  # annotation -> version, beside the log
+        if entry.get("version") is not None:
+            pipe.hset(versions, str(entry["annotation"]), entry["version"])
+        else:
+            pipe.hdel(versions, str(entry["annotation"]))
         pipe.rpush(keys.samples(domain, "log"), json.dumps({**entry, "at": time.time()}))
         pipe.sadd(keys.SAMPLE_DOMAINS, domain)
         pipe.get(keys.samples(domain, "seen"))
-        length, _, seen = pipe.execute()
+        _, length, _, seen = pipe.execute()
         return int(length) - int(seen or 0)
 
     def entries(self, domain: str) -> dict[int, SampleEntry]:

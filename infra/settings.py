@@ -154,6 +154,17 @@ class Settings(BaseSettings):
         "(a legacy token, sent as 'Token <key>', or a personal access token, a JWT exchanged "
         "for an access token).",
     )
+    label_studio_token_refresh_s: float = Field(
+        default=30.0, ge=0, le=3600, description="With a personal access token: refresh the "
+        "access token this long before it expires (Label Studio's last 5 minutes).",
+    )
+    label_studio_storage_hosts: str = Field(
+        default="", description="Storage hosts Label Studio may redirect image requests to "
+        "(presigned cloud-storage URLs), comma-separated '[scheme://]host[:port]' or "
+        "'*.suffix' entries, https unless an entry says http:// (e.g. "
+        "'*.s3.amazonaws.com,http://minio.internal:9000'). Empty: no redirect leaves Label "
+        "Studio.",
+    )
     label_studio_max_image_bytes: int = Field(
         default=32 * MIB, gt=0, description="Largest image fetched from Label Studio.",
     )

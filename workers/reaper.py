@@ -11,6 +11,9 @@ time, under ``keys.REAPER_LOCK``), and once as soon as it is ready:
   the broker would redeliver it only after ``job_visibility_timeout_s``, hours.)
 - a ``queued`` job older than ``settings.queued_grace_s`` whose message is in no queue (Redis
   lost it, e.g. a crash within the last second of its append-only file): it is sent again.
+- a job of a kind no worker runs (the API process's Label Studio sync, ``labelstudio-sync``)
+  that lost its lease is failed as ``WorkerLost`` (its process stopped; the next sync resumes);
+  a queued one is left to the API process that queued it.
 
 Sending twice is safe: a delivery of a job that is running under a live lease, or that has
 finished, is skipped by :meth:`~infra.jobs.JobStore.mark_running`.
@@ -108,6 +111,11 @@ def reap(jobs: JobStore, client: redis.Redis, celery: Celery, *, lease_s: float,
                 if record.started_at is None or now - record.started_at.timestamp() < lease_s \
                         or jobs.has_lease(record.id):
                     continue
+                if record.kind not in TASK_OF_KIND:  # run by an API process, which stopped
+                    jobs.fail(record.id, "WorkerLost", f"the process that ran it stopped (no "
+                              f"heartbeat for {lease_s:g} s); start it again to resume")
+                    report.failed.append(record.id)
+                    continue
                 _drop_unacked(client, unacked.get(record.id, []))
                 if record.attempts >= MAX_ATTEMPTS:
                     jobs.fail(record.id, "WorkerLost",
@@ -118,7 +126,7 @@ def reap(jobs: JobStore, client: redis.Redis, celery: Celery, *, lease_s: float,
                     jobs.note_requeued(record.id, "its worker was lost (no heartbeat)")
                     send_again(celery, record)
                     report.requeued.append(record.id)
-            elif record.state is JobState.QUEUED \
+            elif record.state is JobState.QUEUED and record.kind in TASK_OF_KIND \
                     and now - record.created_at.timestamp() >= queued_grace_s:
                 _drop_unacked(client, unacked.get(record.id, []))
                 send_again(celery, record)

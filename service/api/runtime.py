@@ -36,7 +36,7 @@ from service.engine.live_swap import DomainAdapters, LiveFollower, RouterFollowe
 from service.engine.onnx_export import DecoderOnnx
 from service.engine.options import ServingOptions
 from service.engine.segmentation import SegmentationEngine
-from service.labelstudio.origin import label_studio_origin
+from service.labelstudio.connection import check_settings as check_label_studio
 
 __all__ = ["Runtime", "build_runtime"]
 
@@ -134,7 +134,7 @@ def serving_options(settings: Settings) -> ServingOptions:
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     """Load the model, build the engine and the platform clients (blocking: run it in a
     thread). The live adapter is not loaded here (see :meth:`LiveFollower.sync`)."""
-    label_studio_origin(settings.label_studio_url)  # a bad URL stops the start, clearly
+    check_label_studio(settings)  # a bad URL, token or storage host stops the start, clearly
     platform = connect_platform(settings)
     cache_dir = settings.data_dir / "cache" / "service"
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """An annotation from a Label Studio webhook → its task, image URL and object masks.
 
 Every ``brushlabels`` region is one object mask (Label Studio's brush RLE, decoded by
-:mod:`service.labelstudio.brush_rle` and checked against the region's ``original_width`` x
-``original_height``; the caller checks that size against the fetched image). Smart
+:mod:`service.labelstudio.brush_rle`), and so is every ``polygonlabels`` region (its points,
+percent of the image, rasterised by :func:`service.labelstudio.polygons.polygons_to_mask`),
+both checked against the region's ``original_width`` x ``original_height``; the caller checks
+that size against the fetched image. Smart
 ``keypointlabels`` and ``rectanglelabels`` regions are the prompts that made the masks and
 are skipped; any other region type is refused (UnsupportedResultTypeError). A cancelled
 (skipped) annotation has no masks. Empty masks are dropped. Everything is checked before
@@ -24,25 +26,28 @@ from service.labelstudio.errors import (
     UnsupportedResultTypeError,
 )
 from service.labelstudio.label_config import LabelConfig
+from service.labelstudio.polygons import check_points, polygons_to_mask
 
 __all__ = ["MASK_TYPES", "MAX_REGIONS", "AnnotatedMasks", "annotated_masks", "check_id"]
 
 logger = logging.getLogger(__name__)
 
-MASK_TYPES = ("brushlabels",)
+MASK_TYPES = ("brushlabels", "polygonlabels")
 MAX_REGIONS = 256
 
 
 @dataclass(frozen=True)
 class AnnotatedMasks:
     """annotation / task: Label Studio ids; image_url: the task's image; size: (width,
-    height) the masks were drawn at (None without masks); masks: H x W bool, non-empty."""
+    height) the masks were drawn at (None without masks); masks: H x W bool, non-empty;
+    version: the annotation's ``updated_at`` (None when the payload has none)."""
 
     annotation: int
     task: int
     image_url: object
     size: tuple[int, int] | None
     masks: tuple[np.ndarray, ...]
+    version: str | None = None
 
 
 def check_id(value: object, what: str) -> int:
@@ -68,8 +73,9 @@ def _size(region: dict, where: str, max_pixels: int) -> tuple[int, int]:
 
 def annotated_masks(annotation: object, task: object, config: LabelConfig,
                     max_pixels: int) -> AnnotatedMasks:
-    """The masks of ``annotation`` (a webhook's ``annotation`` object) on ``task`` (its
-    ``task`` object), for the BrushLabels tag of ``config``."""
+    """The masks of ``annotation`` (a webhook's ``annotation`` object, or one of a task that
+    Label Studio's API lists) on ``task`` (its ``task`` object), whose image is the one
+    ``config`` names."""
     if not isinstance(annotation, dict) or not isinstance(task, dict):
         raise MalformedPayloadError("the webhook needs 'annotation' and 'task' objects")
     annotation_id = check_id(annotation.get("id"), "annotation.id")
@@ -97,23 +103,33 @@ def annotated_masks(annotation: object, task: object, config: LabelConfig,
         if kind not in MASK_TYPES:
             raise UnsupportedResultTypeError(
                 f"{where}: type {kind!r} is not supported (regcl learns from brushlabels "
-                f"masks; {', '.join(PROMPT_TYPES)} prompts are skipped)")
+                f"masks and polygonlabels polygons; {', '.join(PROMPT_TYPES)} prompts are "
+                "skipped)")
         value = region["value"]
-        if value.get("format", "rle") != "rle":
-            raise InvalidRegionError(f"{where}: brush format {value.get('format')!r} is not "
-                                     "supported (only 'rle')")
         here = _size(region, where, max_pixels)
         if size is not None and here != size:
             raise BrushRleError(f"{where} is {here[0]} x {here[1]} but an earlier mask is "
                                 f"{size[0]} x {size[1]}")
         size = here
-        try:
-            mask = decode_brush_rle(value.get("rle"), here[1], here[0])
-        except BrushRleError as exc:
-            raise BrushRleError(f"{where}: {exc}") from None
+        if kind == "polygonlabels":
+            points = check_points(value.get("points"), where)
+            pixels = points * np.array([here[0] / 100, here[1] / 100])
+            mask = polygons_to_mask([pixels], here[0], here[1])
+        else:
+            if value.get("format", "rle") != "rle":
+                raise InvalidRegionError(f"{where}: brush format {value.get('format')!r} is "
+                                         "not supported (only 'rle')")
+            try:
+                mask = decode_brush_rle(value.get("rle"), here[1], here[0])
+            except BrushRleError as exc:
+                raise BrushRleError(f"{where}: {exc}") from None
         if mask.any():
             masks.append(mask)
         else:
             logger.info("annotation %d: %s is an empty mask; skipped", annotation_id, where)
+    version = annotation.get("updated_at")
+    if version is not None and (not isinstance(version, str) or not 0 < len(version) <= 64):
+        raise MalformedPayloadError(f"annotation.updated_at must be a time stamp, got "
+                                    f"{version!r}")
     return AnnotatedMasks(annotation_id, task_id, image_url, size if masks else None,
-                          tuple(masks))
+                          tuple(masks), version)

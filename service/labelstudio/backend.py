@@ -1,14 +1,19 @@
-"""The Label Studio ML backend: predict, learn from annotations, train.
+"""The Label Studio ML backend: predict, learn from annotations, sync, train.
 
-- **predict**: each task's image is fetched from Label Studio (:mod:`.images`) and segmented
-  by the engine with the interactive prompt (:mod:`.prompts`), ``live`` adapter, one mask
-  (``multimask`` off, as ``/v1/segment`` with ``multimask: false``), answered as a brush
-  region with the version that made it. No prompt: an empty result (no guessing). A bad task
-  among several gets an empty result and a log line; a single task's problem is the answer.
-- **ingest** (ANNOTATION_CREATED / _UPDATED): the annotation's masks (:mod:`.annotations`),
-  checked against the fetched image, go into the project's domain sample set
-  (:class:`infra.sample_sets.SampleSets`); **remove** (ANNOTATIONS_DELETED) takes them out.
-  Every check happens before the first write.
+- **predict**: each task's image is fetched from Label Studio (:mod:`.task_images`: its
+  origin, or a listed storage host for cloud URIs) and segmented by the engine with the
+  interactive prompt (:mod:`.context`), ``live`` adapter, one mask (``multimask`` off, as
+  ``/v1/segment`` with ``multimask: false``), answered as a brush region, or as polygons
+  (:mod:`.polygons`) for a ``PolygonLabels`` config, with the version that made it. No
+  prompt: an empty result (no guessing). A bad task among several gets an empty result and a
+  log line; a single task's problem is the answer.
+- **ingest** (ANNOTATION_CREATED / _UPDATED, and each annotation of ANNOTATIONS_CREATED): the
+  annotation's masks (:mod:`.annotations`: brushes and polygons), checked against the fetched
+  image, go into the project's domain sample set (:class:`infra.sample_sets.SampleSets`) with
+  the annotation's update time, so a version stored once is not stored again; **remove**
+  (ANNOTATIONS_DELETED) takes them out. Every check happens before the first write.
+- **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
+  project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
   annotations): submits the domain's continual step (``workers.continual``), one at a time
   per domain.
@@ -35,8 +40,9 @@ from regcl.errors import RegclError
 from service.engine import LIVE, SegmentationEngine
 from service.engine.errors import ImageNotFoundError
 from service.engine.masks import mask_to_png
-from service.labelstudio.annotations import annotated_masks, check_id
+from service.labelstudio.annotations import AnnotatedMasks, annotated_masks, check_id
 from service.labelstudio.brush_rle import BrushRleError, encode_brush_rle
+from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.context import ContextPrompt, parse_context
 from service.labelstudio.errors import (
     InvalidExtraParamsError,
@@ -44,22 +50,30 @@ from service.labelstudio.errors import (
     NotEnoughSamplesError,
 )
 from service.labelstudio.label_config import LabelConfig, parse_label_config
+from service.labelstudio.polygons import mask_to_polygons
 from service.labelstudio.schemas import (
     BrushRegion,
     BrushValue,
+    PolygonRegion,
+    PolygonValue,
     PredictRequest,
     PredictResponse,
     TaskPrediction,
     WebhookResponse,
 )
+from service.labelstudio.sync import STOPPING, ProjectSync, StoreOutcome
 from service.labelstudio.task_images import TaskImage, TaskImages
 from workers.params import ContinualParams, validate
 
-__all__ = ["INGEST_ACTIONS", "LabelStudioBackend", "project_id_of"]
+__all__ = ["BULK_ACTIONS", "INGEST_ACTIONS", "LabelStudioBackend", "project_id_of"]
 
 logger = logging.getLogger(__name__)
 
 INGEST_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+BULK_ACTIONS = ("ANNOTATIONS_CREATED",)
+MAX_BULK = 1000
+EXTRA_KEYS = ("domain", "sync")
+"""Extra params that are not continual-step parameters."""
 DELETE_ACTIONS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
 TRAIN_ACTION = "START_TRAINING"
 
@@ -96,11 +110,15 @@ class LabelStudioBackend:
 
     def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
-        self.images = TaskImages(runtime.settings, runtime.engine)
+        self.connection = LabelStudioConnection(runtime.settings)
+        self.images = TaskImages(runtime.settings, runtime.engine, self.connection)
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
+        self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
+                                self.samples, self)
 
     def close(self) -> None:
-        self.images.close()
+        self.sync.close()
+        self.connection.close()
 
     @property
     def model_version(self) -> str:
@@ -115,8 +133,10 @@ class LabelStudioBackend:
     def configure(self, project_id: int, extra: dict[str, Any]) -> ProjectSettings:
         """Store a project's extra params: ``domain`` and continual-step parameters
         (ConfigError if they are not valid :class:`ContinualParams`)."""
-        step = {k: v for k, v in extra.items() if k != "domain"}
+        step = {k: v for k, v in extra.items() if k not in EXTRA_KEYS}
         validate(ContinualParams, step, "extra params (continual step)")
+        if not isinstance(extra.get("sync", False), bool):
+            raise InvalidExtraParamsError("extra params: 'sync' must be true or false")
         domain = extra.get("domain")
         return self.samples.configure_project(project_id, domain, step)
 
@@ -145,23 +165,32 @@ class LabelStudioBackend:
                       prompt: ContextPrompt) -> TaskPrediction:
         data = task.get("data")
         url = data.get(config.image_key) if isinstance(data, dict) else None
-        image = self.images.get(url)
+        task_id = task.get("id") if isinstance(task.get("id"), int) else None
+        image = self.images.get(url, task_id)
         coords, labels, box = prompt.in_pixels(image.width, image.height)
         try:
             result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
                                                  False, LIVE)
         except ImageNotFoundError:  # evicted between the fetch and the encode: once more
-            image = self.images.get(url)
+            image = self.images.get(url, task_id)
             result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
                                                  False, LIVE)
         score = float(result.scores[0])  # finite: the engine refuses others
         label = prompt.label or (config.labels[0] if config.labels else "object")
-        region = BrushRegion(
-            id=uuid.uuid4().hex[:10], from_name=config.from_name, to_name=config.to_name,
-            original_width=image.width, original_height=image.height, score=score,
-            value=BrushValue(rle=encode_brush_rle(result.masks[0]), brushlabels=[label]))
+        common = {"from_name": config.from_name, "to_name": config.to_name,
+                  "original_width": image.width, "original_height": image.height,
+                  "score": score}
+        regions: list[BrushRegion | PolygonRegion]
+        if config.output == "polygon":
+            scale = np.array([100 / image.width, 100 / image.height])
+            regions = [PolygonRegion(id=uuid.uuid4().hex[:10], **common, value=PolygonValue(
+                points=np.round(xy * scale, 4).tolist(), polygonlabels=[label]))
+                for xy in mask_to_polygons(result.masks[0])]
+        else:
+            regions = [BrushRegion(id=uuid.uuid4().hex[:10], **common, value=BrushValue(
+                rle=encode_brush_rle(result.masks[0]), brushlabels=[label]))]
         self.runtime.metrics.segments.labels(LIVE, "hit" if result.cache_hit else "miss").inc()
-        return TaskPrediction(result=[region], score=score,
+        return TaskPrediction(result=regions, score=score,
                               model_version=result.adapter_version)
 
     # -- webhooks ------------------------------------------------------------------------------
@@ -174,25 +203,93 @@ class LabelStudioBackend:
         domain = self.samples.project(project_id).domain
         config = parse_label_config((project or {}).get("label_config"))
         found = annotated_masks(annotation, task, config, self.runtime.settings.max_image_pixels)
+        outcome = self._store(project_id, domain, found)
+        pending = self.samples.pending(domain)
+        job = self._maybe_train(project_id, domain, pending) if outcome.outcome == "stored" \
+            else None
+        return WebhookResponse(status="ok", action=action, domain=domain, annotations=1,
+                               samples=outcome.samples,
+                               removed=int(outcome.outcome == "removed"),
+                               unchanged=int(outcome.outcome == "unchanged"),
+                               pending=pending, job=job)
+
+    def ingest_many(self, action: str, project: dict[str, Any] | None, annotations: object,
+                    tasks: object) -> WebhookResponse:
+        """ANNOTATIONS_CREATED: each annotation stored as ANNOTATION_CREATED would. All are
+        checked before anything is fetched or stored; an annotation whose image cannot be
+        had is named in ``failed`` (a sync stores it later) and the others are stored."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        config = parse_label_config((project or {}).get("label_config"))
+        if not isinstance(annotations, list) or not isinstance(tasks, list) \
+                or not 0 < len(annotations) <= MAX_BULK:
+            raise MalformedPayloadError(f"{action} needs 'annotation' and 'task' lists of 1 to "
+                                        f"{MAX_BULK} objects")
+        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
+        found = []
+        for i, annotation in enumerate(annotations):
+            task_id = annotation.get("task") if isinstance(annotation, dict) else None
+            task = by_id.get(task_id) if isinstance(task_id, int) else None
+            if task is None and len(tasks) == len(annotations):
+                task = tasks[i]  # Label Studio sends the tasks in the annotations' order
+            found.append((annotated_masks(annotation, task, config,
+                                          self.runtime.settings.max_image_pixels), task))
+        counts = {"stored": 0, "unchanged": 0, "removed": 0, "empty": 0}
+        samples, failed = 0, []
+        for masks, _ in found:
+            try:
+                outcome = self._store(project_id, domain, masks)
+            except STOPPING:
+                raise  # the token, Label Studio or the setup: every other one would fail too
+            except RegclError as exc:
+                if len(annotations) == 1:
+                    raise
+                failed.append({"annotation": masks.annotation, "task": masks.task,
+                               "code": getattr(exc, "code", "invalid-data"),
+                               "detail": str(exc)[:500]})
+                logger.warning("project %d: annotation %d not stored (%s)", project_id,
+                               masks.annotation, exc)
+                continue
+            counts[outcome.outcome] += 1
+            samples += outcome.samples
+        pending = self.samples.pending(domain)
+        job = self._maybe_train(project_id, domain, pending) if counts["stored"] else None
+        return WebhookResponse(status="ok", action=action, domain=domain,
+                               annotations=len(found), samples=samples,
+                               removed=counts["removed"], unchanged=counts["unchanged"],
+                               pending=pending, job=job, failed=failed)
+
+    def store_annotation(self, project_id: int, domain: str, config: LabelConfig,
+                         annotation: object, task: object) -> StoreOutcome:
+        """One annotation of a task Label Studio's API lists (the sync)."""
+        found = annotated_masks(annotation, task, config, self.runtime.settings.max_image_pixels)
+        outcome = self._store(project_id, domain, found)
+        return StoreOutcome("empty" if outcome.outcome == "removed" else outcome.outcome,
+                            outcome.samples)
+
+    def _store(self, project_id: int, domain: str, found: AnnotatedMasks) -> StoreOutcome:
+        """Store ``found`` unless the set holds that version already; an annotation without
+        masks removes an older version (``removed``) or stores nothing (``empty``)."""
+        if found.version is not None and \
+                self.samples.version_of(domain, found.annotation) == found.version:
+            return StoreOutcome("unchanged")
         if not found.masks:
-            removed = int(self.samples.remove(domain, found.annotation))
-            return WebhookResponse(status="ok", action=action, domain=domain, removed=removed,
-                                   pending=self.samples.pending(domain))
-        image, pixels = self._image_pixels(found.image_url)
+            removed = self.samples.remove(domain, found.annotation)
+            return StoreOutcome("removed" if removed else "empty")
+        image, pixels = self._image_pixels(found.image_url, found.task)
         if found.size != (image.width, image.height):
             raise BrushRleError(f"the masks are {found.size[0]} x {found.size[1]} but the "
                                 f"task's image is {image.width} x {image.height}")
         pending = self.samples.put(domain, found.annotation, found.task, image.image_id,
-                                   _png(pixels), [mask_to_png(m) for m in found.masks])
+                                   _png(pixels), [mask_to_png(m) for m in found.masks],
+                                   version=found.version)
         logger.info("project %d: annotation %d stored in %s (%d masks; %d changes pending)",
                     project_id, found.annotation, domain, len(found.masks), pending)
-        job = self._maybe_train(project_id, domain, pending)
-        return WebhookResponse(status="ok", action=action, domain=domain,
-                               samples=len(found.masks), pending=pending, job=job)
+        return StoreOutcome("stored", len(found.masks))
 
-    def _image_pixels(self, url: object) -> tuple[TaskImage, np.ndarray]:
+    def _image_pixels(self, url: object, task_id: int) -> tuple[TaskImage, np.ndarray]:
         for _ in range(2):  # evicted from the engine's store in between: fetch once more
-            image = self.images.get(url)
+            image = self.images.get(url, task_id)
             pixels = self.runtime.engine.images.peek(image.image_id)
             if pixels is not None:
                 return image, pixels
@@ -212,6 +309,22 @@ class LabelStudioBackend:
         removed = sum(self.samples.remove(domain, i) for i in ids)
         return WebhookResponse(status="ok", action=action, domain=domain, removed=removed,
                                pending=self.samples.pending(domain))
+
+    def check_connection(self) -> None:
+        """One call to Label Studio with the token (its current user): the token's refusal,
+        or Label Studio's absence, as its error."""
+        self.connection.get_json("/api/current-user/whoami")
+
+    # -- sync ----------------------------------------------------------------------------------
+
+    def start_sync(self, project_id: int) -> tuple[str, str, bool]:
+        """Start the sync of the project's existing annotations (:mod:`.sync`), unless one is
+        active. Returns (domain, job id, whether it was already running)."""
+        domain = self.samples.project(project_id).domain
+        # the project exists and the token is accepted, or the caller hears why not, now
+        self.connection.get_json(f"/api/projects/{project_id}")
+        record, running = self.sync.start(project_id)
+        return domain, record.id, running
 
     # -- training ------------------------------------------------------------------------------
 

@@ -16,9 +16,12 @@ __all__ = [
     "InvalidRegionError",
     "LabelStudioError",
     "LabelStudioNotConfiguredError",
+    "LabelStudioNotFoundError",
+    "LabelStudioTokenRefusedError",
     "LabelStudioUnreachableError",
     "MalformedPayloadError",
     "NotEnoughSamplesError",
+    "StorageHostRefusedError",
     "UnsupportedResultTypeError",
 ]
 
@@ -33,6 +36,14 @@ class ForeignImageUrlError(LabelStudioError):
     """A task's image URL (or a redirect) points outside REGCL_LABEL_STUDIO_URL's origin."""
 
     code, status, title = "foreign-image-url", 422, "Image URL outside Label Studio"
+
+
+class StorageHostRefusedError(ForeignImageUrlError):
+    """Label Studio redirected an image to a storage host that REGCL_LABEL_STUDIO_STORAGE_HOSTS
+    does not list, or to an address such an entry may not reach (loopback, link-local,
+    metadata, private for a wildcard entry)."""
+
+    code, status, title = "storage-host-refused", 422, "Storage host not allowed"
 
 
 class ImageUnavailableError(LabelStudioError):
@@ -51,6 +62,20 @@ class LabelStudioUnreachableError(LabelStudioError):
     """Label Studio did not answer in time, or answered with a server error."""
 
     code, status, title = "label-studio-unreachable", 502, "Label Studio unreachable"
+
+
+class LabelStudioTokenRefusedError(LabelStudioError):
+    """Label Studio refused REGCL_LABEL_STUDIO_API_KEY (401): a revoked or expired personal
+    access token, a legacy token where legacy tokens are off, another Label Studio's token."""
+
+    code, status, title = "label-studio-token-refused", 502, "Label Studio refused regcl's token"
+
+
+class LabelStudioNotFoundError(LabelStudioError):
+    """Label Studio has no such object (a project to sync), or does not let the token's
+    user see it (404, 403)."""
+
+    code, status, title = "label-studio-not-found", 404, "Not found in Label Studio"
 
 
 class LabelStudioNotConfiguredError(LabelStudioError):

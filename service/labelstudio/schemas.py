@@ -17,11 +17,16 @@ __all__ = [
     "BrushRegion",
     "BrushValue",
     "HealthResponse",
+    "LabelStudioStatus",
+    "PolygonRegion",
+    "PolygonValue",
     "PredictParams",
     "PredictRequest",
     "PredictResponse",
     "SetupRequest",
     "SetupResponse",
+    "SyncRequest",
+    "SyncResponse",
     "TaskPrediction",
     "TrainRequest",
     "TrainResponse",
@@ -36,13 +41,31 @@ PROJECT_PATTERN = r"^[0-9]{1,18}(\..*)?$"
 """A project as Label Studio names it: ``<id>`` or ``<id>.<created timestamp>``."""
 
 
+class LabelStudioStatus(BaseModel):
+    """regcl's side of the connection to Label Studio: which token is configured and whether
+    Label Studio accepted it at the last call (null: no call yet), with the problem of a
+    refusal."""
+
+    url: str | None = Field(description="REGCL_LABEL_STUDIO_URL (null: not set).")
+    token: Literal["none", "legacy-token", "personal-access-token"]
+    accepted: bool | None
+    checked_at: float | None = Field(description="When Label Studio last answered a call "
+                                     "made with the token (Unix time).")
+    refreshes: int = Field(description="Access tokens obtained with the personal access "
+                           "token so far.")
+    problem: str | None = None
+    storage_hosts: list[str] = Field(description="REGCL_LABEL_STUDIO_STORAGE_HOSTS, parsed.")
+
+
 class HealthResponse(BaseModel):
     """``status`` is always ``UP`` when the service answers; ``model_version`` is the version
-    predictions are made with now (``base`` or ``live:<n>``)."""
+    predictions are made with now (``base`` or ``live:<n>``); ``label_studio``: the token and
+    whether Label Studio took it."""
 
     status: Literal["UP"] = "UP"
     model_class: str = "regcl"
     model_version: str
+    label_studio: LabelStudioStatus | None = None
 
 
 class SetupRequest(BaseModel):
@@ -63,6 +86,26 @@ class SetupRequest(BaseModel):
 class SetupResponse(BaseModel):
     model_version: str
     domain: str = Field(description="The domain this project's annotations train.")
+    sync_job: str | None = Field(default=None, description="The sync job that extra params "
+                                 "``\"sync\": true`` started (or found running).")
+
+
+class SyncRequest(BaseModel):
+    """``POST /labelstudio/sync``: the project whose existing annotations to store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: int | str = Field(description="The project id (or ``<id>.<timestamp>``).")
+
+
+class SyncResponse(BaseModel):
+    """The sync job (follow it at ``/v1/jobs/{job}`` and ``/v1/jobs/{job}/events``);
+    ``running``: one was already active for the project, and this is it."""
+
+    status: Literal["queued", "running"]
+    project: int
+    domain: str
+    job: str
 
 
 class PredictParams(BaseModel):
@@ -110,11 +153,33 @@ class BrushRegion(BaseModel):
     readonly: bool = False
 
 
+class PolygonValue(BaseModel):
+    points: list[list[float]] = Field(description="Vertices [x, y] in percent of the image "
+                                      "width and height, closed.")
+    polygonlabels: list[str]
+    closed: bool = True
+
+
+class PolygonRegion(BaseModel):
+    """One connected part of a predicted mask as a Label Studio ``polygonlabels`` region."""
+
+    id: str
+    from_name: str
+    to_name: str
+    type: Literal["polygonlabels"] = "polygonlabels"
+    original_width: int
+    original_height: int
+    image_rotation: int = 0
+    value: PolygonValue
+    score: float
+    readonly: bool = False
+
+
 class TaskPrediction(BaseModel):
     """One task's prediction: its regions (none when the request had no prompt), the score
     and the version of the model that made it."""
 
-    result: list[BrushRegion]
+    result: list[BrushRegion | PolygonRegion]
     score: float | None = None
     model_version: str
 
@@ -146,6 +211,12 @@ class WebhookResponse(BaseModel):
     pending: int | None = Field(default=None, description="Annotation changes since the "
                                 "domain's last training snapshot.")
     job: str | None = None
+    annotations: int = Field(default=0, description="Annotations in the event.")
+    unchanged: int = Field(default=0, description="Annotations whose version was stored "
+                           "already (nothing written).")
+    failed: list[dict[str, Any]] = Field(default_factory=list, description="ANNOTATIONS_"
+                                         "CREATED: annotations whose image could not be had "
+                                         "(the others are stored; a sync stores these later).")
 
 
 class TrainRequest(BaseModel):

@@ -1,17 +1,34 @@
 """A plain HTTP server standing in for Label Studio's file serving (``/data/upload/...``) in
 the API-level tests: real sockets, real HTTP, on 127.0.0.1, checking the API token as Label
-Studio does (``Authorization: Token <key>``), plus the misbehaviours a real deployment can show
-(redirects, slow bodies, oversized bodies, errors). The end-to-end test uses Label Studio
-itself (``test_labelstudio_e2e.py``)."""
+Studio does (``Authorization: Token <key>``, or with :meth:`FileOrigin.personal_tokens` a
+personal access token's access tokens, ``Bearer``, made at ``POST /api/token/refresh/``), plus
+the misbehaviours a real deployment can show (redirects, slow bodies, oversized bodies,
+errors, access tokens refused). The end-to-end tests use Label Studio itself
+(``test_labelstudio_e2e.py``)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOKEN = "origin-token-0123456789"
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def make_jwt(token_type: str, lifetime_s: float) -> str:
+    """A JWT of Label Studio's form (its signature is not checked by anyone here)."""
+    now = int(time.time())
+    return ".".join([_b64({"alg": "HS256", "typ": "JWT"}),
+                     _b64({"token_type": token_type, "exp": now + int(lifetime_s), "iat": now,
+                           "jti": uuid.uuid4().hex, "user_id": "1"}), "c2lnbmF0dXJl"])
 
 
 @dataclass
@@ -29,6 +46,12 @@ class FileOrigin:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Authorization)
+        self.pat: str | None = None  # personal access token mode (see personal_tokens)
+        self.access: set[str] = set()  # access tokens accepted now
+        self.access_lifetime_s = 300.0
+        self.refreshes = 0
+        self.refresh_delay_s = 0.0
+        self.lock = threading.Lock()
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,11 +61,32 @@ class FileOrigin:
                 pass
 
             def do_GET(self) -> None:
-                origin.requests.append((self.path, self.headers.get("Authorization")))
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    self._send(Route(b"auth", 401))
+                header = self.headers.get("Authorization") or ""
+                origin.requests.append((self.path, header or None))
+                allowed = header.removeprefix("Bearer ") in origin.access \
+                    if origin.pat is not None else header == f"Token {TOKEN}"
+                if not allowed:
+                    self._send(Route(b'{"detail": "auth"}', 401))
                     return
                 self._send(origin.routes.get(self.path, Route(b"missing", 404)))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                origin.requests.append((self.path, self.headers.get("Authorization")))
+                if self.path != "/api/token/refresh/" or origin.pat is None:
+                    self._send(Route(b"missing", 404))
+                    return
+                time.sleep(origin.refresh_delay_s)  # lets concurrent callers pile up
+                if body.get("refresh") != origin.pat:
+                    self._send(Route(b'{"detail": "Token is invalid"}', 401))
+                    return
+                access = make_jwt("access", origin.access_lifetime_s)
+                with origin.lock:
+                    origin.refreshes += 1
+                    origin.access.add(access)
+                self._send(Route(json.dumps({"access": access}).encode(),
+                                 headers={"Content-Type": "application/json"}))
 
             def _send(self, route: Route) -> None:
                 self.send_response(route.status)
@@ -86,6 +130,18 @@ class FileOrigin:
         """Serve ``body`` at ``path``; returns the path (what a task's data holds)."""
         self.routes[path] = Route(body, **route)  # type: ignore[arg-type]
         return path
+
+    def personal_tokens(self, lifetime_s: float = 300.0) -> str:
+        """Switch to personal access tokens (legacy tokens refused from now on); returns the
+        personal access token (a refresh JWT)."""
+        self.pat = make_jwt("refresh", 3600 * 24 * 365)
+        self.access_lifetime_s = lifetime_s
+        return self.pat
+
+    def revoke_access(self) -> None:
+        """Refuse every access token made so far (their holders must refresh)."""
+        with self.lock:
+            self.access.clear()
 
     def fetched(self, path: str) -> int:
         """How many times ``path`` was requested."""

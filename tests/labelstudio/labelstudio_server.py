@@ -1,15 +1,21 @@
 """Label Studio itself (``label-studio start``, from ``.venv-labelstudio``) in a subprocess for
-the end-to-end test: SQLite and uploads in a temporary folder, a user with a legacy API token,
-localhost allowed as ML backend and webhook target (Label Studio blocks local addresses by
-default: ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED), webhooks waiting up to 60 s for regcl
-(its default is 1 s), no telemetry; plus a client for its REST API."""
+the end-to-end tests: SQLite and uploads in a temporary folder, a user (with a legacy token,
+which Label Studio refuses unless legacy tokens are enabled: its default is off), localhost
+allowed as ML backend and webhook target (Label Studio blocks local addresses by default:
+ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED), webhooks waiting up to 60 s for regcl (its
+default is 1 s), no telemetry; plus a client for its REST API logged in as that user (a
+session, as the browser has), with which a test creates a personal access token
+(:meth:`LabelStudio.create_personal_access_token`) or enables legacy tokens
+(:meth:`LabelStudio.enable_legacy_tokens`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,8 @@ class LabelStudio:
         self.log = data_dir / "labelstudio.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> LabelStudio:
+    def start(self, legacy_tokens: bool = False) -> LabelStudio:
+        """Start it with its defaults (``legacy_tokens``: with ``--enable-legacy-api-token``)."""
         ls_python()  # fails clearly if the venv is missing
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("REGCL_", "PYTHON", "DJANGO"))}
@@ -46,7 +53,8 @@ class LabelStudio:
             self.process = subprocess.Popen(
                 [str(LS_BIN), "start", "--no-browser", "--port", str(self.port),
                  "--data-dir", str(self.data_dir / "data"), "--username", USER,
-                 "--password", PASSWORD, "--user-token", TOKEN, "--enable-legacy-api-token"],
+                 "--password", PASSWORD, "--user-token", TOKEN,
+                 *(["--enable-legacy-api-token"] if legacy_tokens else [])],
                 env=env, cwd=self.data_dir, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -73,10 +81,35 @@ class LabelStudio:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
-    def client(self) -> httpx.Client:
-        """Its REST API with the legacy token."""
-        return httpx.Client(base_url=self.url, timeout=120,
-                            headers={"Authorization": f"Token {TOKEN}"})
+    @contextlib.contextmanager
+    def client(self) -> Iterator[httpx.Client]:
+        """Its REST API as the user, logged in (a session cookie and its CSRF token)."""
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            yield self._log_in(client)
+
+    def _log_in(self, client: httpx.Client) -> httpx.Client:
+        page = client.get("/user/login/")
+        assert page.status_code == 200, page.text[:500]
+        login = client.post("/user/login/", data={
+            "email": USER, "password": PASSWORD, "persist_session": "on",
+            "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+            headers={"Referer": f"{self.url}/user/login/"})
+        assert login.status_code in (200, 302) and "sessionid" in client.cookies, login.text[:500]
+        client.headers.update({"X-CSRFToken": client.cookies["csrftoken"],
+                               "Referer": f"{self.url}/"})
+        return client
+
+    def create_personal_access_token(self) -> str:
+        """A personal access token of the user, made through Label Studio's API."""
+        with self.client() as client:
+            return ok(client.post("/api/token/"), 201)["token"]
+
+    def enable_legacy_tokens(self, enabled: bool = True) -> None:
+        """The organisation's setting (Organization → API tokens) that lets legacy tokens in."""
+        with self.client() as client:
+            settings = ok(client.get("/api/jwt/settings"))
+            ok(client.post("/api/jwt/settings", json={**settings,
+                                                      "legacy_api_tokens_enabled": enabled}))
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -14,7 +14,7 @@ from infra.sample_sets import SampleSets
 from regcl.client import Client
 from service.labelstudio.brush_rle import decode_brush_rle
 from tests.labelstudio.conftest import TRAIN_EVERY
-from tests.labelstudio.file_origin import FileOrigin
+from tests.labelstudio.file_origin import TOKEN, FileOrigin
 from tests.labelstudio.ls_support import (
     annotation_event,
     brush_region,
@@ -38,8 +38,12 @@ def test_health_and_root(ls_anon: httpx.Client) -> None:
     for path in ("/labelstudio/health", "/labelstudio/"):
         response = ls_anon.get(path)
         assert response.status_code == 200, response.text
-        assert response.json() == {"status": "UP", "model_class": "regcl",
-                                   "model_version": "base"}
+        body = response.json()
+        assert {k: body[k] for k in ("status", "model_class", "model_version")} == {
+            "status": "UP", "model_class": "regcl", "model_version": "base"}
+        assert body["label_studio"]["token"] == "legacy-token"
+        assert body["label_studio"]["url"].startswith("http://127.0.0.1:")
+    assert TOKEN not in response.text  # never shown
 
 
 def test_setup_answers_the_version_and_stores_extra_params_only_with_the_key(
@@ -48,7 +52,8 @@ def test_setup_answers_the_version_and_stores_extra_params_only_with_the_key(
             "access_token": "secret-token-of-the-project-owner"}
     answer = ls_anon.post("/labelstudio/setup", json=body)
     assert answer.status_code == 200 and answer.json() == {"model_version": "base",
-                                                          "domain": "ls-31"}
+                                                          "domain": "ls-31",
+                                                          "sync_job": None}
     extra = {"domain": "endoscopy-31", "train": {"epochs": 2, "rank": 4}}
     refused = ls_anon.post("/labelstudio/setup", json={**body, "extra_params": extra})
     assert_problem(refused, 401, "unauthorized")
@@ -148,7 +153,7 @@ def test_annotations_feed_the_projects_sample_set(ls_api: ApiServer, ls_admin: h
     assert created.status_code == 200, created.text
     assert created.json() == {"status": "ok", "action": "ANNOTATION_CREATED",
                               "domain": "ls-40", "samples": 1, "removed": 0, "pending": 1,
-                              "job": None}
+                              "job": None, "annotations": 1, "unchanged": 0, "failed": []}
     (entry,) = sets.entries("ls-40").values()
     assert entry.task == 4000 and len(entry.masks) == 1
     stored = rle_from_png(sets.store.get_bytes(entry.masks[0]))

@@ -5,6 +5,7 @@ that already holds a project's sample set."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -117,7 +118,7 @@ def test_predict_refuses_bad_label_configs(store: Store, admin: httpx.Client, go
     ("http://169.254.169.254/latest/meta-data/", 422, "foreign-image-url"),
     ("http://ls@127.0.0.2/data/upload/1/a.png", 422, "foreign-image-url"),
     ("file:///etc/passwd", 422, "foreign-image-url"),
-    ("/data/upload/x/to-elsewhere.png", 422, "foreign-image-url"),
+    ("/data/upload/x/to-elsewhere.png", 422, "storage-host-refused"),
     ("/data/upload/x/bad-location.png", 502, "label-studio-unreachable"),
     ("/data/upload/x/loop.png", 422, "image-unavailable"),
     ("/data/upload/x/missing.png", 422, "image-unavailable"),
@@ -158,6 +159,21 @@ def _event(good: dict, regions: list[dict], url: str | None = None, **changes: o
     return event
 
 
+def _polygon(points: object) -> dict:
+    return {"type": "polygonlabels", "from_name": "poly", "to_name": "image",
+            "original_width": WIDTH, "original_height": HEIGHT,
+            "value": {"points": points, "polygonlabels": ["object"], "closed": True}}
+
+
+def _bulk(good: dict, results: list[list[dict]]) -> dict:
+    """An ANNOTATIONS_CREATED webhook: one annotation per result list, each on its own
+    task (all showing the good image)."""
+    events = [annotation_event("ANNOTATIONS_CREATED", PROJECT, 710 + i, 7100 + i,
+                               good["other"], regions) for i, regions in enumerate(results)]
+    return {"action": "ANNOTATIONS_CREATED", "project": events[0]["project"],
+            "annotation": [e["annotation"] for e in events], "task": [e["task"] for e in events]}
+
+
 def test_webhook_refuses_bad_annotations(store: Store, admin: httpx.Client,
                                          good: dict) -> None:
     mask = good["mask"]
@@ -168,7 +184,8 @@ def test_webhook_refuses_bad_annotations(store: Store, admin: httpx.Client,
         (_event(good, [region], project=None), "invalid-payload"),
         ({**_event(good, [region]), "annotation": {"id": "701", "result": []}},
          "invalid-payload"),
-        (_event(good, [{**region, "type": "polygonlabels"}]), "unsupported-result-type"),
+        (_event(good, [{**region, "type": "ellipselabels"}]), "unsupported-result-type"),
+        (_event(good, [{**region, "type": "polygonlabels"}]), "invalid-region"),
         (_event(good, [{**region, "value": {**region["value"], "format": "png"}}]),
          "invalid-region"),
         (_event(good, [brush_region(mask, rle=[1, 2, 3])]), "invalid-brush-rle"),
@@ -184,10 +201,21 @@ def test_webhook_refuses_bad_annotations(store: Store, admin: httpx.Client,
         (_event(good, [region], url="/data/upload/x/big.png"), "image-too-large"),
         ({**_event(good, [region]), "project": {"id": PROJECT, "label_config": "<View/>"}},
          "invalid-label-config"),
+        # malformed polygons
+        *[(_event(good, [_polygon(points)]), "invalid-region") for points in (
+            [[10, 10], [50, 10]], [[10, 10], [50, 10], [50, float("nan")]],
+            [[10, 10], [50, 10], [50, 150]], [[10, 10], [50, 10], [50]], "10,10 50,10 50,50",
+            [[10, 10], [50, 10], [50, "50"]], [[0, 0]] * 10_001)],
+        # ANNOTATIONS_CREATED: every annotation is checked before any is stored
+        ({**_event(good, [region]), "action": "ANNOTATIONS_CREATED"}, "invalid-payload"),
+        (_bulk(good, [[region], [_polygon([[10, 10], [50, 10]])]]), "invalid-region"),
+        (_bulk(good, [[region], [{**region, "type": "ellipselabels"}]]),
+         "unsupported-result-type"),
     ]
     for event, code in cases:
-        with store.unchanged():
-            assert_problem(admin.post("/labelstudio/webhook", json=event), 422, code)
+        with store.unchanged():  # json.dumps writes NaN as Label Studio's JavaScript would not
+            assert_problem(admin.post("/labelstudio/webhook", content=json.dumps(event),
+                                      headers={"Content-Type": "application/json"}), 422, code)
 
 
 def test_state_changing_routes_need_the_key(store: Store, ls_api: ApiServer,

@@ -1,10 +1,13 @@
 """``/labelstudio``: regcl as Label Studio's ML backend (paste ``http://HOST:8000/labelstudio``
 into a project's Model settings).
 
-- ``GET /labelstudio/health`` and ``GET /labelstudio/``: up, with the model version (fast,
-  no Redis: Label Studio waits 1 s);
+- ``GET /labelstudio/health`` and ``GET /labelstudio/``: up, with the model version and the
+  token's kind and whether Label Studio took it at the last call (fast, no Redis, no call to
+  Label Studio: it waits 1 s); ``?check=true`` makes one call to Label Studio first and
+  answers its refusal as a problem;
 - ``POST /labelstudio/setup``: the model version (and the project's domain); stores the
-  connection's extra params, which needs the admin key;
+  connection's extra params, which needs the admin key (``"sync": true`` there starts a sync);
+- ``POST /labelstudio/sync``: the sync job of a project's existing annotations (admin key);
 - ``POST /labelstudio/predict``: brush masks for the interactive prompt; open unless
   ``REGCL_SEGMENT_REQUIRES_KEY``;
 - ``POST /labelstudio/webhook``: annotations created, updated, deleted, and Start Training;
@@ -32,6 +35,7 @@ from service.api.deps import (
 )
 from service.api.problems import problem_responses
 from service.labelstudio.backend import (
+    BULK_ACTIONS,
     DELETE_ACTIONS,
     INGEST_ACTIONS,
     TRAIN_ACTION,
@@ -41,10 +45,13 @@ from service.labelstudio.backend import (
 )
 from service.labelstudio.schemas import (
     HealthResponse,
+    LabelStudioStatus,
     PredictRequest,
     PredictResponse,
     SetupRequest,
     SetupResponse,
+    SyncRequest,
+    SyncResponse,
     TrainRequest,
     TrainResponse,
     WebhookRequest,
@@ -70,12 +77,24 @@ def get_backend(request: Request, runtime: RuntimeDep) -> LabelStudioBackend:
 BackendDep = Annotated[LabelStudioBackend, Depends(get_backend)]
 
 
-@router.get("/health", response_model=HealthResponse, responses=problem_responses(503))
-@router.get("/", response_model=HealthResponse, responses=problem_responses(503),
+@router.get("/health", response_model=HealthResponse, responses=problem_responses(502, 503))
+@router.get("/", response_model=HealthResponse, responses=problem_responses(502, 503),
             include_in_schema=False)
-def health(runtime: RuntimeDep) -> HealthResponse:
-    """``{"status": "UP", "model_class": "regcl", "model_version": ...}``."""
-    return HealthResponse(model_version=runtime.engine.adapters.live_label)
+def health(runtime: RuntimeDep, backend: BackendDep, check: bool = False) -> HealthResponse:
+    """``{"status": "UP", "model_class": "regcl", "model_version": ..., "label_studio":
+    {"token": ..., "accepted": ...}}``. ``check=true``: one call to Label Studio first (its
+    current user, with the token); a refused token is then a 502 problem."""
+    if check:
+        backend.check_connection()
+    connection = backend.connection
+    status = connection.auth.status()
+    return HealthResponse(model_version=runtime.engine.adapters.live_label,
+                          label_studio=LabelStudioStatus(
+                              url=None if connection.origin is None else connection.origin.url,
+                              token=status.kind.value, accepted=status.accepted,
+                              checked_at=status.checked_at, refreshes=status.refreshes,
+                              problem=status.problem,
+                              storage_hosts=[e.text for e in connection.storage.entries]))
 
 
 @router.post("/setup", response_model=SetupResponse,
@@ -86,12 +105,28 @@ def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupRe
     parameters) it stores them for the project, which needs the admin key."""
     project_id = project_id_of(body.project)
     extra = parse_extra_params(body.extra_params)
+    sync_job = None
     if extra:
         check_admin(backend.runtime.settings, key)
         settings = backend.configure(project_id, extra)
+        if extra.get("sync") is True:
+            sync_job = backend.start_sync(project_id)[1]
     else:
         settings = backend.project_settings(project_id)
-    return SetupResponse(model_version=backend.model_version, domain=settings.domain)
+    return SetupResponse(model_version=backend.model_version, domain=settings.domain,
+                         sync_job=sync_job)
+
+
+@router.post("/sync", response_model=SyncResponse, status_code=202,
+             responses=problem_responses(401, 403, 422, 503))
+def sync(body: SyncRequest, backend: BackendDep, _: AdminKey) -> SyncResponse:
+    """Start the sync of a project's existing annotations into its domain's sample set (a job:
+    ``/v1/jobs/{job}``, its events at ``/v1/jobs/{job}/events``); idempotent and resumable.
+    A sync already active for the project is answered (``status: running``)."""
+    project_id = project_id_of(body.project)
+    domain, job, running = backend.start_sync(project_id)
+    return SyncResponse(status="running" if running else "queued", project=project_id,
+                        domain=domain, job=job)
 
 
 @router.post("/predict", response_model=PredictResponse,
@@ -109,12 +144,16 @@ def predict(body: PredictRequest, backend: BackendDep) -> PredictResponse:
 def webhook(body: WebhookRequest, backend: BackendDep, _: AdminKey,
             runtime: RuntimeDep) -> WebhookResponse:
     """Label Studio's events: ANNOTATION_CREATED / ANNOTATION_UPDATED store the annotation's
-    masks in the project's domain, ANNOTATIONS_DELETED removes them, START_TRAINING submits
+    masks in the project's domain (ANNOTATIONS_CREATED: each of its annotations),
+    ANNOTATIONS_DELETED removes them, START_TRAINING submits
     the continual step; other actions are ignored."""
     extra = body.model_extra or {}
     if body.action in INGEST_ACTIONS:
         return backend.ingest(body.action, body.project, extra.get("annotation"),
                               extra.get("task"))
+    if body.action in BULK_ACTIONS:
+        return backend.ingest_many(body.action, body.project, extra.get("annotation"),
+                                   extra.get("task"))
     if body.action in DELETE_ACTIONS:
         annotations = extra.get("annotations", [extra.get("annotation")])
         return backend.remove(body.action, body.project, annotations)

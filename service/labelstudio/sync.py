@@ -1,0 +1,265 @@
+"""Syncing a project's existing annotations (those made before regcl was connected, imported
+with the tasks, or created while it was away) into its domain's sample set: the job
+``labelstudio-sync``.
+
+The job pages through the project's annotated tasks with Label Studio's API, in task id order,
+``/api/tasks?project=<id>&fields=all&query={filters: total_annotations > 0 and id > cursor,
+ordering: id}``, and stores each annotation as its ``ANNOTATION_CREATED`` webhook would
+(:meth:`AnnotationStore.store_annotation`). It is
+
+- **idempotent**: an annotation whose id and update time (``updated_at``) the sample set holds
+  already is not fetched or stored again, so the same annotation is stored once however often
+  the sync runs (and whether its webhook came first);
+- **resumable**: after each task the cursor (the last task id done) is kept in Redis
+  (``keys.ls_sync(project)``); a sync that stopped (Label Studio away, its token refused, the
+  API process stopped, cancelled) leaves it, and the next sync of the project goes on from
+  there; a sync that finishes clears it;
+- **a job like the others**: a :class:`infra.jobs.JobStore` record (``GET /v1/jobs/{id}``, its
+  events at ``GET /v1/jobs/{id}/events``, ``POST /v1/jobs/{id}/cancel``) with progress
+  (tasks done of the total), its lease renewed while it runs. It runs on a thread of the API
+  process, not on a worker: it speaks Label Studio's protocol (tokens, storage hosts, region
+  formats), which lives in the service. One sync per project at a time.
+
+An annotation regcl cannot read (a malformed region, an image Label Studio cannot give) is
+counted and named in the result (``failed``), and the sync goes on; a refused token or an
+unreachable Label Studio stops it (resumable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+from infra import keys
+from infra.errors import InvalidTransition, NotFound
+from infra.heartbeat import Heartbeat
+from infra.jobs import JobRecord, JobState, JobStore
+from infra.sample_sets import SampleSets
+from infra.settings import Settings
+from regcl.errors import CancelledError, RegclError
+from service.labelstudio.connection import LabelStudioConnection
+from service.labelstudio.errors import (
+    LabelStudioNotConfiguredError,
+    LabelStudioTokenRefusedError,
+    LabelStudioUnreachableError,
+)
+from service.labelstudio.label_config import LabelConfig, parse_label_config
+
+__all__ = ["PAGE_SIZE", "STOPPING", "SYNC_KIND", "AnnotationStore", "ProjectSync", "StoreOutcome"]
+
+logger = logging.getLogger(__name__)
+
+SYNC_KIND = "labelstudio-sync"
+PAGE_SIZE = 50
+MAX_FAILURES_SHOWN = 20
+STOPPING = (LabelStudioTokenRefusedError, LabelStudioUnreachableError,
+            LabelStudioNotConfiguredError, redis.exceptions.ConnectionError)
+"""Errors after which every other annotation would fail too: they stop a sync (and a bulk
+webhook) instead of being counted against one annotation."""
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What storing one annotation did: ``stored`` (masks written), ``unchanged`` (that
+    version was stored already) or ``empty`` (no mask: nothing stored, an older version
+    removed); ``samples``: its masks."""
+
+    outcome: str
+    samples: int = 0
+
+
+class AnnotationStore(Protocol):
+    """What the sync stores annotations with (:class:`service.labelstudio.backend.
+    LabelStudioBackend` is one)."""
+
+    def store_annotation(self, project_id: int, domain: str, config: LabelConfig,
+                         annotation: object, task: object) -> StoreOutcome: ...
+
+
+def _query(cursor: int) -> str:
+    items = [{"filter": "filter:tasks:total_annotations", "operator": "greater",
+              "type": "Number", "value": 0}]
+    if cursor:
+        items.append({"filter": "filter:tasks:id", "operator": "greater", "type": "Number",
+                      "value": cursor})
+    return json.dumps({"filters": {"conjunction": "and", "items": items},
+                       "ordering": ["tasks:id"]})
+
+
+class ProjectSync:
+    """Starts and runs sync jobs (see the module doc) on ``threads`` threads."""
+
+    def __init__(self, settings: Settings, connection: LabelStudioConnection, jobs: JobStore,
+                 client: redis.Redis, samples: SampleSets, store: AnnotationStore,
+                 threads: int = 2) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.jobs = jobs
+        self.redis = client
+        self.samples = samples
+        self.store = store
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ls-sync")
+        self._stop = threading.Event()
+        self._start_lock = threading.Lock()
+        self._mine: set[str] = set()  # jobs submitted to this process's pool
+
+    def close(self) -> None:
+        """Stop running syncs at their next task (they fail, resumable) and wait for them."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- starting ------------------------------------------------------------------------------
+
+    def start(self, project_id: int) -> tuple[JobRecord, bool]:
+        """The project's sync job: a new one, or (second value True) the one still active."""
+        self.connection.require_origin()
+        key = keys.ls_sync(project_id)
+        with self._start_lock, self.redis.lock(f"{key}:lock", timeout=30, blocking_timeout=10,
+                                               thread_local=False):
+            running = self._active(key)
+            if running is not None:
+                return running, True
+            job_id = self.jobs.create(SYNC_KIND, {"project": project_id})
+            self.redis.hset(key, "job", job_id)
+            self._mine.add(job_id)
+        self._pool.submit(self._run, job_id, project_id)
+        logger.info("project %d: sync submitted as job %s", project_id, job_id)
+        return self.jobs.get(job_id), False
+
+    def _active(self, key: str) -> JobRecord | None:
+        raw = self.redis.hget(key, "job")
+        if raw is None:
+            return None
+        job_id = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            record = self.jobs.get(job_id)
+        except NotFound:
+            return None
+        if record.finished:
+            return None
+        if record.state is JobState.RUNNING and not self.jobs.has_lease(job_id):
+            with contextlib.suppress(InvalidTransition, NotFound):  # finished meanwhile
+                self.jobs.fail(job_id, "WorkerLost", "the API process that ran this sync "
+                               "stopped; the next sync goes on from where it stopped")
+            return None
+        if record.state is JobState.QUEUED and record.id not in self._mine and \
+                time.time() - record.created_at.timestamp() > self.settings.queued_grace_s:
+            # queued by an API process that stopped before it started the sync
+            with contextlib.suppress(InvalidTransition, NotFound):
+                self.jobs.fail(record.id, "WorkerLost", "this sync was never started (its API "
+                               "process stopped); a new sync replaces it")
+            return None
+        return record
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _run(self, job_id: str, project_id: int) -> None:
+        token, lease_s = uuid.uuid4().hex, self.settings.job_lease_s
+        try:
+            self.jobs.mark_running(job_id, lease_s=lease_s, token=token, worker="api")
+        except (InvalidTransition, NotFound) as exc:  # cancelled while queued
+            logger.info("sync job %s not started: %s", job_id, exc)
+            return
+        heartbeat = Heartbeat(lambda: self.jobs.renew_lease(job_id, token, lease_s),
+                              lease_s / 3, f"job {job_id} lease").start()
+        try:
+            result = self._sync(job_id, project_id)
+            self.jobs.succeed(job_id, result)
+            logger.info("project %d: sync %s done: %s", project_id, job_id,
+                        {k: v for k, v in result.items() if k != "failures"})
+        except CancelledError:
+            self.jobs.mark_cancelled(job_id)
+        except RegclError as exc:
+            logger.warning("project %d: sync %s stopped (%s: %s); the next sync resumes",
+                           project_id, job_id, getattr(exc, "code", type(exc).__name__), exc)
+            self._fail(job_id, type(exc).__name__, str(exc))
+        except Exception as exc:
+            logger.exception("project %d: sync %s failed", project_id, job_id)
+            self._fail(job_id, type(exc).__name__, "internal error (see the API's log); the "
+                       "next sync resumes")
+        finally:
+            heartbeat.stop()
+            self._mine.discard(job_id)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self.jobs.release_lease(job_id, token)
+
+    def _fail(self, job_id: str, kind: str, message: str) -> None:
+        with contextlib.suppress(InvalidTransition, NotFound, redis.exceptions.RedisError):
+            self.jobs.fail(job_id, kind, message)
+
+    def _check_stop(self, job_id: str) -> None:
+        if self._stop.is_set():
+            raise LabelStudioUnreachableError("the API process is stopping; the next sync "
+                                              "goes on from here")
+        if self.jobs.cancel_requested(job_id):
+            raise CancelledError(f"sync {job_id} cancelled")
+
+    def _sync(self, job_id: str, project_id: int) -> dict[str, Any]:
+        key = keys.ls_sync(project_id)
+        project = self.connection.get_json(f"/api/projects/{project_id}")
+        config = parse_label_config(project.get("label_config") if isinstance(project, dict)
+                                    else None)
+        domain = self.samples.project(project_id).domain
+        raw = self.redis.hget(key, "cursor")
+        cursor = int(raw) if raw is not None else 0
+        counts = {"tasks": 0, "annotations": 0, "stored": 0, "unchanged": 0, "empty": 0,
+                  "failed": 0}
+        failures: list[dict[str, Any]] = []
+        total: int | None = None
+        resumed_from = cursor
+        while True:
+            self._check_stop(job_id)
+            page = self.connection.get_json("/api/tasks", {
+                "project": project_id, "page": 1, "page_size": PAGE_SIZE, "fields": "all",
+                "resolve_uri": "false", "query": _query(cursor)})
+            tasks = page.get("tasks") if isinstance(page, dict) else None
+            if not isinstance(tasks, list):
+                raise LabelStudioUnreachableError("Label Studio's task list has no 'tasks'")
+            if total is None:
+                remaining = page.get("total")
+                total = counts["tasks"] + (remaining if isinstance(remaining, int) else
+                                           len(tasks))
+            for task in tasks:
+                self._check_stop(job_id)
+                task_id = task.get("id") if isinstance(task, dict) else None
+                if not isinstance(task_id, int) or task_id <= cursor:
+                    raise LabelStudioUnreachableError("Label Studio's task list is not in task "
+                                                      "id order")
+                for annotation in task.get("annotations") or []:
+                    if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
+                        continue
+                    counts["annotations"] += 1
+                    try:
+                        outcome = self.store.store_annotation(project_id, domain, config,
+                                                              annotation, task)
+                    except STOPPING:
+                        raise
+                    except RegclError as exc:
+                        counts["failed"] += 1
+                        if len(failures) < MAX_FAILURES_SHOWN:
+                            failures.append({"task": task_id,
+                                             "annotation": annotation.get("id"),
+                                             "code": getattr(exc, "code", "invalid-data"),
+                                             "detail": str(exc)[:500]})
+                        continue
+                    counts[outcome.outcome] += 1
+                cursor = task_id
+                self.redis.hset(key, "cursor", cursor)
+                counts["tasks"] += 1
+                self.jobs.update_progress(job_id, min(counts["tasks"] / max(total, 1), 1.0),
+                                          {**counts, "total": total})
+            if len(tasks) < PAGE_SIZE:
+                break
+        self.redis.hdel(key, "cursor")
+        return {"project": project_id, "domain": domain, **counts, "total": total,
+                "resumed_from_task": resumed_from or None, "failures": failures,
+                "pending": self.samples.pending(domain)}
