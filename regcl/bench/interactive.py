@@ -270,6 +270,10 @@ KEYS = [*(f"iou@{k}" for k in IOU_AFTER), *(f"noc@{round(t * 100)}" for t in NOC
         "plain"]
 
 
+def _digits(key: str) -> int:
+    return 2 if "noc" in key else 3
+
+
 def interactive_tables(report: Mapping[str, Any]) -> str:
     """The report as markdown: the mean over the target domains per row and mode, the base
     on the source domain, NoC@85 per domain, and the paired arm differences."""
@@ -279,7 +283,8 @@ def interactive_tables(report: Mapping[str, Any]) -> str:
     for name, row in results.items():
         for mode in MODES:
             lines.append(f"| {name} | {'yes' if mode == 'feedback' else 'no'} | "
-                         + " | ".join(cell(row[mode]["mean"].get(k), 3) for k in KEYS) + " |")
+                         + " | ".join(cell(row[mode]["mean"].get(k), _digits(k)) for k in KEYS)
+                         + " |")
     parts = ["\n".join(lines)]
     if "base" in results and SOURCE in results["base"]["feedback"]["per_domain"]:
         lines = ["| base on the source domain | mask feedback | " + " | ".join(HEADER) + " |",
@@ -287,7 +292,7 @@ def interactive_tables(report: Mapping[str, Any]) -> str:
         for mode in MODES:
             figures = results["base"][mode]["per_domain"][SOURCE]
             lines.append(f"| base | {'yes' if mode == 'feedback' else 'no'} | "
-                         + " | ".join(cell(figures.get(k), 3) for k in KEYS) + " |")
+                         + " | ".join(cell(figures.get(k), _digits(k)) for k in KEYS) + " |")
         parts.append("\n".join(lines))
     domains = report["config"]["domains"]
     lines = ["| NoC@85, mask feedback | " + " | ".join(domains) + " |",
@@ -302,8 +307,8 @@ def interactive_tables(report: Mapping[str, Any]) -> str:
         lines = ["| paired: arm − recipe | " + " | ".join(keys) + " |",
                  "|---|" + "---|" * len(keys)]
         for name, row in report["paired"].items():
-            lines.append(f"| {name} | " + " | ".join(cell(row[k], 3, signed=True) for k in keys)
-                         + " |")
+            lines.append(f"| {name} | " + " | ".join(
+                cell(row[k], _digits(k), signed=True) for k in keys) + " |")
         parts.append("\n".join(lines))
     seeds = report["config"]["seeds"]
     parts.append(f"{len(seeds)} seed(s) {tuple(seeds)}, {len(domains)} domains, "
