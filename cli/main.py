@@ -1,4 +1,5 @@
-"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl|merge|serve``, ``pretrain``.
+"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl|interactive|merge|serve``,
+``pretrain``.
 
 The entry points sit above every layer (they may import the library, ``infra``, ``workers``
 and ``service``; nothing imports them). Each command imports what it needs when it runs, so
@@ -34,7 +35,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, eval_every=args.eval_every,
-                            autocast_bf16=args.bf16)
+                            autocast_bf16=args.bf16, rounds=args.rounds,
+                            points_only=args.points_only, freeze_encoder=args.freeze_encoder,
+                            min_miou=args.min_miou)
     summary = pretrain_tiny(config, args.out, init=args.init)
     text = json.dumps(summary, indent=2)
     if args.json:
@@ -54,7 +57,7 @@ def _cmd_bench_cl(args: argparse.Namespace) -> int:
         train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
         checkpoint=args.checkpoint, threads=args.threads, workers=args.workers,
         default_method=args.default_method, final_only=args.final_only or None,
-        cache_dir=args.cache)
+        cache_dir=args.cache, interactive_rounds=args.interactive_rounds)
     if args.route_only:
         from regcl.bench.cl_route import route_text, run_route_calibration
 
@@ -63,6 +66,30 @@ def _cmd_bench_cl(args: argparse.Namespace) -> int:
         return 0
     report = run_cl_benchmark(config)
     print(write_outputs(report, json_path=args.json, figure_path=args.figure))
+    return 0
+
+
+def _cmd_bench_interactive(args: argparse.Namespace) -> int:
+    from regcl.bench.cl_config import config_from_options
+    from regcl.bench.cl_output import write_outputs
+    from regcl.bench.interactive import (
+        InteractiveBenchConfig,
+        interactive_tables,
+        run_interactive_benchmark,
+    )
+
+    start = InteractiveBenchConfig.quick() if args.quick else InteractiveBenchConfig()
+    bench = config_from_options(
+        base=start.bench, domains=args.domains, seeds=args.seeds, first_seed=args.first_seed,
+        epochs=args.epochs, default_method=args.default_method,
+        train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
+        checkpoint=args.checkpoint, threads=args.threads, workers=args.workers,
+        cache_dir=args.cache)
+    arms = start.arms if args.arms is None else tuple(
+        int(a) for a in args.arms.split(",") if a.strip())
+    config = InteractiveBenchConfig(bench, arms, args.max_clicks or start.max_clicks)
+    report = run_interactive_benchmark(config)
+    print(write_outputs(report, json_path=args.json, text=interactive_tables))
     return 0
 
 
@@ -177,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true",
                    help="mixed precision: forward under CPU bfloat16 autocast (weights, loss and "
                         "evaluation stay float32); ~1.5x less CPU a step")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="interactive stage: error-region clicks after each first prompt, the "
+                        "previous logits fed back, loss on every round (0: the plain recipe)")
+    p.add_argument("--points-only", type=float, default=0.2,
+                   help="with --rounds: share of episodes without mask feedback")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train only the prompt encoder and mask decoder (image embeddings, "
+                        "adapters, Gram statistics and routing stay valid)")
+    p.add_argument("--min-miou", type=float, default=0.0,
+                   help="with --rounds: keep the best click score among checkpoints whose "
+                        "plain held-out mIoU is at least this")
     p.set_defaults(func=_cmd_pretrain)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -210,7 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                "not depend on it)")
     b.add_argument("--cache", help="keep trained adapters in this folder and reuse those of "
                                    "earlier runs with the same training settings")
+    b.add_argument("--interactive-rounds", type=int,
+                   help="train the adapters with SAM's interactive simulation: this many "
+                        "error-region clicks after the first prompt (default 0: the recipe)")
     b.set_defaults(func=_cmd_bench_cl)
+
+    i = bench.add_parser("interactive", help="the click protocol (IoU after 1/3/5/10 clicks, "
+                                             "NoC@80/85/90, with and without mask feedback) "
+                                             "for base, adapters, merge and auto; adapters "
+                                             "trained per arm (recipe vs interactive)")
+    i.add_argument("--quick", action="store_true", help="smoke run of a few minutes")
+    i.add_argument("--json", help="write the full report (per seed and domain) here")
+    i.add_argument("--arms", help="comma-separated interactive rounds of the adapter training "
+                                  "arms (default 0,4: the recipe and 4 rounds; '': the base "
+                                  "model alone)")
+    i.add_argument("--max-clicks", type=int, help="clicks per object, the NoC cap (default 20)")
+    i.add_argument("--domains", help="comma-separated target domains (default: the paper's 5)")
+    i.add_argument("--seeds", type=int, help="number of seeds K (default 3)")
+    i.add_argument("--first-seed", type=int, help="seeds are first..first+K-1 (default 0)")
+    i.add_argument("--default-method", help="the merge scored, and auto's fallback")
+    i.add_argument("--train-per-domain", type=int)
+    i.add_argument("--test-per-domain", type=int)
+    i.add_argument("--epochs", type=int, help="adapter training epochs (paper: 20)")
+    i.add_argument("--checkpoint", help="tiny SAM weights (default: the shipped ones)")
+    i.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
+    i.add_argument("--workers", type=int, help="worker processes (default 1)")
+    i.add_argument("--cache", help="keep trained adapters in this folder and reuse them")
+    i.set_defaults(func=_cmd_bench_interactive)
 
     m = bench.add_parser("merge", help="continual merge time and state size vs. the number of "
                                        "domains, per model shape (no model is built)")

@@ -52,7 +52,7 @@ def test_python_m_cli_lists_every_command(capsys):
     from cli.main import build_parser
 
     parser = build_parser()
-    for args, expected in ((["bench", "--help"], "{cl,merge,auto-memory,serve}"),
+    for args, expected in ((["bench", "--help"], "{cl,interactive,merge,auto-memory,serve}"),
                            (["bench", "serve", "--help"], "--swap-versions"),
                            (["demo", "--help"], "--admin-key")):
         with pytest.raises(SystemExit):

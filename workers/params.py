@@ -124,6 +124,12 @@ class TrainParams(BaseModel):
                           "weights, the holdout split and subset, the batches and the prompts: "
                           "the same job on the same data gives the same adapter.")
     n_points: Integer = Field(3, ge=1, le=64)
+    interactive_rounds: Integer = Field(
+        0, ge=0, le=32, description="SAM's interactive training: after the n_points "
+        "prompt, this many clicks drawn from the error region with the previous mask's logits "
+        "fed back, loss on every round (0: the paper's recipe, the first prompt alone).")
+    points_only: Finite = Field(0.2, ge=0, le=1, description="With interactive_rounds: "
+                                "share of training episodes that feed no mask back.")
     holdout: Finite = Field(0.1, gt=0, le=0.5)
     max_samples: integer(ge=2, le=100_000) | None = None  # type: ignore[valid-type]
 
@@ -236,12 +242,18 @@ is :data:`DEFAULT_MERGE_METHOD`."""
 
 class EvaluateParams(BaseModel):
     """Scoring a model on datasets with ``n_points`` fixed random positive points per object
-    (the evaluation protocol of :func:`regcl.evaluation.evaluate.evaluate_points`)."""
+    (the evaluation protocol of :func:`regcl.evaluation.evaluate.evaluate_points`), and with
+    the click protocol (:mod:`regcl.evaluation.clicks`: IoU after 1/3/5/10 clicks, NoC@80/85/90
+    capped at ``clicks``)."""
 
     model_config = _FROZEN
 
     seed: Integer = Field(0, ge=0, le=2**31 - 1)
     n_points: Integer = Field(3, ge=1, le=64)
+    clicks: Integer = Field(20, ge=0, le=100, description="Click protocol: most clicks per "
+                            "object, the NoC cap (0: skip the click protocol).")
+    click_feedback: bool = Field(True, description="Click protocol: feed the previous "
+                                 "mask's low-res logits back (else points only).")
     max_samples: integer(ge=1, le=100_000) | None = 512  # type: ignore[valid-type]
     batch_size: Integer = Field(16, ge=1, le=256)
 

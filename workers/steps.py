@@ -32,6 +32,7 @@ from regcl.adapters import (
 )
 from regcl.data.types import SampleDataset
 from regcl.errors import MergeError, StatsError
+from regcl.evaluation.clicks import click_curves, image_embeddings, interactive_summary
 from regcl.evaluation.evaluate import evaluate_points
 from regcl.merging import ContinualMergeState, make_params
 from regcl.merging.catalogue import STATS_METHODS
@@ -132,18 +133,20 @@ def dataset_chunks(rt: WorkerRuntime, name: str, sam: Sam, *, max_samples: int |
 
 
 def evaluate_dataset(rt: WorkerRuntime, name: str, sam: Sam, params: EvaluateParams,
-                     check: Callable[[], None]) -> dict[str, float]:
+                     check: Callable[[], None]) -> dict[str, Any]:
     """Mean IoU / Dice / MAE of ``sam`` (with whatever adapter it carries) on dataset
-    ``name``, with the evaluation protocol's fixed random point prompts; plus ``count``.
+    ``name``, with the evaluation protocol's fixed random point prompts; plus ``count`` and,
+    unless ``params.clicks`` is 0, ``clicks`` (the click protocol's means).
     ``check`` is called before each chunk (it raises to stop, e.g. on cancellation)."""
     _, chunks = dataset_chunks(rt, name, sam, max_samples=params.max_samples, seed=params.seed)
     return evaluate_chunks(sam, chunks, params, check)
 
 
 def evaluate_chunks(sam: Sam, chunks: Iterable[DomainTensors], params: EvaluateParams,
-                    check: Callable[[], None]) -> dict[str, float]:
-    """The compute of an evaluation job, on ``sam``'s device: mean scores over ``chunks``."""
-    sums, count = {"iou": 0.0, "dice": 0.0, "mae": 0.0}, 0
+                    check: Callable[[], None]) -> dict[str, Any]:
+    """The compute of an evaluation job, on ``sam``'s device: mean scores over ``chunks``
+    (the click protocol decodes on the device and places each click on the host)."""
+    sums, count, curves = {"iou": 0.0, "dice": 0.0, "mae": 0.0}, 0, []
     for chunk in chunks:
         check()
         scores = evaluate_points(sam, chunk.images, chunk.masks, seed=params.seed,
@@ -151,7 +154,17 @@ def evaluate_chunks(sam: Sam, chunks: Iterable[DomainTensors], params: EvaluateP
         for key in sums:
             sums[key] += scores[key] * len(chunk)
         count += len(chunk)
-    return {**{key: total / count for key, total in sums.items()}, "count": count}
+        if params.clicks:
+            with torch.no_grad():
+                curves.append(click_curves(sam, image_embeddings(sam, chunk.images),
+                                           chunk.masks, max_clicks=params.clicks,
+                                           feedback=params.click_feedback,
+                                           batch_size=params.batch_size))
+    out: dict[str, Any] = {**{key: total / count for key, total in sums.items()}, "count": count}
+    if curves:
+        out["clicks"] = {"max_clicks": params.clicks, "feedback": params.click_feedback,
+                         **interactive_summary(torch.cat(curves))}
+    return out
 
 
 def dataset_gram_stats(rt: WorkerRuntime, model: PeftModel, name: str, params: StatsParams,
@@ -218,7 +231,9 @@ def fit_adapter(model: PeftModel, train_set: DomainTensors, holdout: DomainTenso
 
 def train_config(params: TrainParams) -> TrainConfig:
     return TrainConfig(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-                       min_lr=params.min_lr, seed=params.seed, n_points=params.n_points)
+                       min_lr=params.min_lr, seed=params.seed, n_points=params.n_points,
+                       interactive_rounds=params.interactive_rounds,
+                       points_only=params.points_only)
 
 
 def holdout_metrics(model: PeftModel, holdout: DomainTensors, seed: int, n_points: int

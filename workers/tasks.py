@@ -81,7 +81,8 @@ def evaluate(job: JobHandle, datasets: list[str], version: int | None = None,
              adapter: str | None = None, params: dict[str, Any] | None = None
              ) -> dict[str, Any]:
     """Score the base model, merged ``version`` or domain ``adapter`` on each dataset
-    (mean IoU / Dice / MAE with fixed random point prompts)."""
+    (mean IoU / Dice / MAE with fixed random point prompts; unless ``params.clicks`` is 0,
+    the click protocol's IoU after 1/3/5/10 clicks and NoC@80/85/90 under ``clicks``)."""
     p, rt = validate(EvaluateParams, params, "evaluate params"), get_runtime()
     if version is not None:
         sam, target = unwrap(steps.load_version_model(rt, version)), f"version:{version}"
@@ -89,7 +90,7 @@ def evaluate(job: JobHandle, datasets: list[str], version: int | None = None,
         sam, target = unwrap(steps.load_adapter_model(rt, adapter)[1]), f"adapter:{adapter}"
     else:
         sam, target = rt.fresh_model(), "base"
-    metrics: dict[str, dict[str, float]] = {}
+    metrics: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(datasets):
         job.phase(i / len(datasets), "evaluate", dataset=name)
         metrics[name] = steps.evaluate_dataset(rt, name, sam, p, job.check_cancelled)

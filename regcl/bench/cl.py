@@ -62,17 +62,19 @@ def domain_orders(domains: Sequence[str], count: int) -> list[tuple[str, ...]]:
 class JobRunner:
     """Runs bench jobs in this process (``workers == 1``) or a pool of spawned processes."""
 
-    def __init__(self, config: BenchConfig, say: Callable[[str], None]) -> None:
+    def __init__(self, config: BenchConfig, say: Callable[[str], None],
+                 local: BenchWorker | None = None) -> None:
+        """local: the worker to run jobs in when ``workers == 1`` (default: a new one)."""
         self.config, self.say = config, say
         self._pool = None
-        self._local: BenchWorker | None = None
+        self._local: BenchWorker | None = local
 
     def __enter__(self) -> JobRunner:
         if self.config.workers > 1:
             context = multiprocessing.get_context("spawn")
             self._pool = context.Pool(self.config.workers, initializer=init_worker,
                                       initargs=(self.config,))
-        else:
+        elif self._local is None:
             self._local = BenchWorker(self.config)
         return self
 

@@ -96,19 +96,23 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
-def config_from_options(*, quick: bool = False, domains: str | None = None,
+def config_from_options(*, quick: bool = False, base: BenchConfig | None = None,
+                        domains: str | None = None,
                         seeds: int | None = None, first_seed: int | None = None,
                         methods: Sequence[str] | None = None, probes: str | None = None,
                         sweep: bool = False, epochs: int | None = None,
+                        interactive_rounds: int | None = None,
                         **options: Any) -> BenchConfig:
-    """A config from command-line style options (None: keep the default).
+    """A config from command-line style options (None: keep the default, which is ``base``'s,
+    else the quick or the full :class:`BenchConfig`'s).
 
     domains: comma-separated names, or ``long`` for :data:`~regcl.data.domains.LONG_ORDER`;
     seeds: K, meaning seeds first_seed..first_seed+K−1; methods: merge specs; probes:
-    comma-separated domains; sweep: add :data:`MERGE_SWEEP`; epochs: training epochs; other
-    options (orders, workers, threads, ...) set as given.
+    comma-separated domains; sweep: add :data:`MERGE_SWEEP`; epochs: training epochs;
+    interactive_rounds: the adapters' interactive training rounds; other options (orders,
+    workers, threads, ...) set as given.
     """
-    config = BenchConfig.quick() if quick else BenchConfig()
+    config = base or (BenchConfig.quick() if quick else BenchConfig())
     changes: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     if domains:
         names = LONG_ORDER if domains == "long" else tuple(
@@ -116,15 +120,18 @@ def config_from_options(*, quick: bool = False, domains: str | None = None,
         changes["domains"] = names
     if seeds is not None or first_seed is not None:
         first = first_seed or 0
-        changes["seeds"] = tuple(range(first, first + (1 if seeds is None else seeds)))
+        count = len(config.seeds) if seeds is None else seeds
+        changes["seeds"] = tuple(range(first, first + count))
     if probes:
         changes["route_probes"] = tuple(d.strip() for d in probes.split(",") if d.strip())
     if methods:
         changes["methods"] = tuple(methods)
     if sweep:
         changes["sweep"] = MERGE_SWEEP
-    if epochs is not None:
-        changes["train"] = dataclasses.replace(config.train, epochs=epochs)
+    train: dict[str, Any] = {"epochs": epochs, "interactive_rounds": interactive_rounds}
+    if any(v is not None for v in train.values()):
+        changes["train"] = dataclasses.replace(
+            config.train, **{k: v for k, v in train.items() if v is not None})
     return dataclasses.replace(config, **changes)
 
 

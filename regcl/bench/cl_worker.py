@@ -16,6 +16,7 @@ augmentation is used, so this is exact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -37,6 +38,7 @@ from regcl.data.domains import domain_split
 from regcl.models.build import TINY_CHECKPOINT, build_sam
 from regcl.routing import DomainRouter, first_layer_moments
 from regcl.training.adapter import (
+    click_curves_prefix,
     encoder_prefix_cache,
     evaluate_prefix_per_image,
     first_adapted_block,
@@ -71,6 +73,14 @@ class BenchWorker:
         self.model: PeftModel = attach_lora(build_sam("tiny", config.checkpoint), config.adapter)
         self._cache: OrderedDict[tuple[int, str, str], SplitData] = OrderedDict()
         self.trained = TrainedCache(config) if config.cache_dir else None
+
+    def reconfigured(self, config: BenchConfig) -> BenchWorker:
+        """A worker for ``config`` sharing this one's model and data cache (for configs that
+        differ only in training: the cached data and prefixes do not depend on it)."""
+        worker = copy.copy(self)
+        worker.config = config
+        worker.trained = TrainedCache(config) if config.cache_dir else None
+        return worker
 
     def data(self, seed: int, domain: str, split: str) -> SplitData:
         key = (seed, domain, split)
@@ -123,6 +133,28 @@ class BenchWorker:
             scores[domain] = evaluate_prefix_per_image(self.model, data.prefix, data.masks,
                                                        seed=seed)
         return scores
+
+    def clicks(self, seed: int, weights: Weights | None,
+               subsets: dict[str, list[int] | None], max_clicks: int
+               ) -> dict[str, dict[str, torch.Tensor]]:
+        """The click protocol on test images of each domain in ``subsets`` (indices into
+        its test split; None: all): per domain, ``feedback`` and ``points`` (IoU after each
+        click, n x max_clicks, with and without mask feedback) and ``plain`` (n IoU with the
+        plain protocol's 3 random positive points of this seed). None weights: the base."""
+        if weights is None:
+            weights = {k: torch.zeros_like(v) for k, v in adapter_weights(self.model).items()}
+        load_weights_into(self.model, weights)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for domain, indices in subsets.items():
+            data = self.data(seed, domain, "test")
+            pick = slice(None) if indices is None else torch.tensor(indices, dtype=torch.long)
+            prefix, masks = data.prefix[pick], data.masks[pick]
+            plain = evaluate_prefix_per_image(self.model, data.prefix, data.masks, seed=seed)
+            out[domain] = {"plain": plain["iou"][pick]}
+            for mode, feedback in (("feedback", True), ("points", False)):
+                out[domain][mode] = click_curves_prefix(self.model, prefix, masks, max_clicks,
+                                                        feedback=feedback)
+        return out
 
     def route(self, seed: int, stats: dict[str, Weights]) -> dict[str, Any]:
         """Router scores of every test image against every domain (the router over all
@@ -218,7 +250,9 @@ def run_job(job: tuple) -> Any:
     - ``("chain", seed, order, start)`` -> weights after each of ``order[1:]`` trained in turn
       from ``start`` (sequential fine-tuning; ``start`` is order[0]'s individual adapter);
     - ``("evaluate", seed, weights | None)`` -> per-image scores on every domain;
-    - ``("route", seed, {domain: stats})`` -> router scores of every test image.
+    - ``("route", seed, {domain: stats})`` -> router scores of every test image;
+    - ``("clicks", seed, weights | None, {domain: indices | None}, max_clicks)`` -> the click
+      protocol's curves and the plain IoU on those test images (:meth:`BenchWorker.clicks`).
     """
     assert _WORKER is not None, "init_worker was not called in this process"
     return execute(_WORKER, job)
@@ -240,4 +274,6 @@ def execute(worker: BenchWorker, job: tuple) -> Any:
         return worker.evaluate(seed, job[2])
     if kind == "route":
         return worker.route(seed, job[2])
+    if kind == "clicks":
+        return worker.clicks(seed, job[2], job[3], job[4])
     raise ValueError(f"unknown bench job {kind!r}")

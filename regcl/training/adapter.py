@@ -4,6 +4,10 @@ statistics at the end.
 Recipe (paper): frozen SAM, LoRA on the image encoder's last blocks; loss focal (α 0.8, γ 2)
 + 10·Dice + MSE on the IoU head; Adam, lr 5e-3 with cosine decay to 1e-7; 20 epochs of batch
 8; prompts are 3 random positive points inside the ground-truth mask, drawn afresh each step.
+Optionally (``interactive_rounds`` > 0) each step is an interactive episode
+(:mod:`regcl.training.interactive`): those 3 points, then error-region clicks with the previous
+logits fed back, loss on every round; the clicks come from a generator of their own, so the
+batches and first prompts are the plain recipe's.
 The frozen blocks before the first adapted one are run once per image and cached (exact: no
 augmentation, nothing before the adapter changes), so a step costs only the adapted tail.
 
@@ -28,11 +32,13 @@ from peft import PeftModel
 from regcl.adapters.stats import collect_gram_stats
 from regcl.data.prompts import sample_points
 from regcl.errors import CancelledError, ConfigError, DataError
+from regcl.evaluation.clicks import click_curves
 from regcl.evaluation.evaluate import evaluation_prompts
 from regcl.evaluation.metrics import mask_metrics
 from regcl.models.decoding import predict_masks_batched, preprocess, upscale_logits
 from regcl.models.encoder import encode_prefix, encode_suffix
-from regcl.training.losses import LossWeights, segmentation_loss
+from regcl.training.interactive import InteractiveConfig, interactive_loss
+from regcl.training.losses import LossWeights
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +54,20 @@ class TrainConfig:
     seed: int = 0
     n_points: int = 3
     loss: LossWeights = field(default_factory=LossWeights)
+    interactive_rounds: int = 0
+    points_only: float = 0.2
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.n_points < 1:
             raise ConfigError("epochs, batch_size and n_points must be >= 1")
         if not self.lr > 0 or self.min_lr < 0:
             raise ConfigError("lr must be > 0 and min_lr >= 0")
+        InteractiveConfig(self.interactive_rounds, self.points_only)  # ConfigError if bad
+
+    @property
+    def interactive(self) -> InteractiveConfig:
+        """The episode of a step (0 rounds: the first prompt alone, the paper's recipe)."""
+        return InteractiveConfig(self.interactive_rounds, self.points_only)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -126,6 +140,7 @@ def train_adapter(model: PeftModel, images: torch.Tensor | None, masks: torch.Te
         _check_data(images, masks, size)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    clicks = torch.Generator().manual_seed(config.seed + 2**40)
     first = first_adapted_block(model)
     device = model_device(model)
     if prefix is None:
@@ -154,9 +169,10 @@ def train_adapter(model: PeftModel, images: torch.Tensor | None, masks: torch.Te
             labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=device)
             emb = encode_suffix(sam.image_encoder, prefix[idx.to(prefix.device)].to(device),
                                 first)
-            low, iou_pred = predict_masks_batched(sam, emb, coords, labels)
-            loss, stats = segmentation_loss(upscale_logits(low, size), iou_pred,
-                                            masks[idx.to(masks.device)].to(device), config.loss)
+            loss, stats = interactive_loss(
+                sam, emb, masks[idx.to(masks.device)].to(device),
+                {"point_coords": coords, "point_labels": labels}, config.interactive,
+                config.loss, clicks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -220,3 +236,28 @@ def evaluate_prefix_per_image(model: PeftModel, prefix: torch.Tensor, masks: tor
         for key, value in mask_metrics(prob, masks[part].to(device)).items():
             scores[key].append(value.float().cpu())  # computed on the device, N floats back
     return {k: torch.cat(v) for k, v in scores.items()}
+
+
+def prefix_embeddings(model: PeftModel, prefix: torch.Tensor
+                      ) -> Callable[[slice], torch.Tensor]:
+    """An ``embed`` for :func:`regcl.evaluation.clicks.click_curves`: the adapted tail of
+    the encoder on a slice of the cached prefix (N x h x w x C), on the model's device."""
+    sam = model.base_model.model
+    first = first_adapted_block(model)
+    device = model_device(model)
+
+    def embed(part: slice) -> torch.Tensor:
+        return encode_suffix(sam.image_encoder, prefix[part].to(device), first)
+
+    return embed
+
+
+@torch.no_grad()
+def click_curves_prefix(model: PeftModel, prefix: torch.Tensor, masks: torch.Tensor,
+                        max_clicks: int = 20, feedback: bool = True, batch_size: int = 32
+                        ) -> torch.Tensor:
+    """The click protocol (:func:`regcl.evaluation.clicks.click_curves`) from a domain's
+    cached encoder prefix: N x max_clicks IoU on the CPU."""
+    model.eval()
+    return click_curves(model.base_model.model, prefix_embeddings(model, prefix), masks,
+                        max_clicks=max_clicks, feedback=feedback, batch_size=batch_size)

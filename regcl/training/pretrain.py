@@ -3,6 +3,14 @@
 Recipe: AdamW, linear warm-up then cosine decay, a fresh batch of source scenes every step
 (nothing repeats), prompts varied per step as SAM trains them (points with and without
 negatives, boxes, single points with multimask min-loss), SAM's loss (focal + Dice + IoU MSE).
+
+Interactive stage (``rounds`` > 0, :mod:`regcl.training.interactive`): each step's first
+prompt is followed by ``rounds`` error-region clicks with the previous logits fed back, loss on
+every round; with ``freeze_encoder`` only the prompt encoder and mask decoder train (image
+embeddings, and so adapters, Gram statistics and routing, stay what they were). The checkpoint
+kept is then the best by the click-protocol score (mean IoU after clicks 1..10 with mask
+feedback on ``click_eval_samples`` held-out scenes) among the evaluations whose plain mIoU is
+at least ``min_miou``.
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ from segment_anything.modeling import Sam
 
 from regcl.data import synthetic
 from regcl.data.prompts import mask_boxes, sample_points
+from regcl.evaluation.clicks import click_curves, image_embeddings, interactive_summary
 from regcl.evaluation.evaluate import evaluate_points
 from regcl.models.build import SAM_SPECS, build_sam_from_spec
-from regcl.models.decoding import predict_masks_batched, preprocess, upscale_logits
-from regcl.training.losses import LossWeights, segmentation_loss
+from regcl.models.decoding import preprocess
+from regcl.training.interactive import InteractiveConfig, interactive_loss
+from regcl.training.losses import LossWeights
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +58,12 @@ class PretrainConfig:
     # state, loss and evaluation stay float32). On the 2-core dev CPU (AVX512-BF16) a step costs
     # ~1.5x less CPU time; gradients agree with float32 to cosine 0.999 (docs/pretraining.md).
     autocast_bf16: bool = False
+    # The interactive stage (module doc); rounds 0 is the plain recipe.
+    rounds: int = 0
+    points_only: float = 0.2
+    freeze_encoder: bool = False
+    min_miou: float = 0.0
+    click_eval_samples: int = 64
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -81,6 +97,12 @@ def prompt_batch(masks: torch.Tensor, gen: torch.Generator) -> dict:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator that draws step ``step``'s scenes and prompts: one owner for the stream."""
     return torch.Generator().manual_seed(seed * 10_000_019 + step)
+
+
+def click_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``'s interactive clicks (apart from the batch's stream, so
+    the scenes and first prompts are those of the plain recipe)."""
+    return torch.Generator().manual_seed(seed * 10_000_019 + step + 2**40)
 
 
 def training_batch(config: PretrainConfig, step: int, size: int
@@ -124,26 +146,29 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path,
     if init is not None:
         load_weights(sam, read_state_dict(init), source=str(init))
     sam.train()
+    if config.freeze_encoder:
+        sam.image_encoder.requires_grad_(False)
     size = spec.image_size
-    optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    trained = [p for p in sam.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     test_images, test_masks = synthetic.chunked(
         synthetic.source_scenes, SOURCE_TEST_SEED, 0, config.eval_samples, size
     )
+    interactive = InteractiveConfig(config.rounds, config.points_only)
     best = {"miou": -1.0, "step": -1}
     history: list[dict] = []
     start = time.monotonic()
     running = None
     for step, (images, masks, prompts) in enumerate(prefetched_batches(config, size)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast_bf16):
-            emb = sam.image_encoder(preprocess(sam, images))
-            low, iou_pred = predict_masks_batched(sam, emb, **prompts)
-        loss, stats = segmentation_loss(upscale_logits(low.float(), size), iou_pred.float(),
-                                        masks, PRETRAIN_LOSS)
+            with torch.set_grad_enabled(not config.freeze_encoder):
+                emb = sam.image_encoder(preprocess(sam, images))
+            loss, stats = interactive_loss(sam, emb, masks, prompts, interactive,
+                                           PRETRAIN_LOSS, click_generator(config.seed, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         running = stats if running is None else {
@@ -151,22 +176,26 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path,
         }
         last = step + 1 == config.steps
         if (step + 1) % 50 == 0:
-            logger.info("step %d loss %.4f iou %.4f", step + 1, running["loss"], running["iou"])
+            logger.info("step %d loss %.4f iou %.4f last round %.4f", step + 1, running["loss"],
+                        running["iou"], running["iou_last"])
         if (step + 1) % config.eval_every == 0 or last:
             scores = evaluate_points(sam, test_images, test_masks, seed=SOURCE_TEST_SEED)
+            clicks = _click_scores(sam, test_images, test_masks, config)
             sam.train()
             elapsed = time.monotonic() - start
             record = {"step": step + 1, "elapsed_s": round(elapsed, 1),
                       "train_loss": round(running["loss"], 4),
                       "train_iou": round(running["iou"], 4),
                       "test_miou": round(scores["iou"], 4), "lr": scheduler.get_last_lr()[0]}
+            if clicks:
+                record.update(train_iou_last=round(running["iou_last"], 4), clicks=clicks)
             history.append(record)
             logger.info("pretrain %s", record)
             if progress:
                 progress(record)
-            if scores["iou"] > best["miou"]:
+            if _better(scores["iou"], clicks, best, config):
                 best = {"miou": scores["iou"], "dice": scores["dice"], "mae": scores["mae"],
-                        "step": step + 1}
+                        "step": step + 1, **({"clicks": clicks} if clicks else {})}
                 summary = {"recipe": asdict(config), "init": str(init) if init else None,
                            "best": best,
                            "elapsed_s": round(elapsed, 1), "torch": torch.__version__,
@@ -181,6 +210,39 @@ def pretrain_tiny(config: PretrainConfig, out_path: str | Path,
                "elapsed_s": round(time.monotonic() - start, 1), "torch": torch.__version__,
                "threads": torch.get_num_threads()}
     return summary
+
+
+CLICK_EVAL_CLICKS = 10
+
+
+def _click_scores(sam: Sam, images: torch.Tensor, masks: torch.Tensor, config: PretrainConfig
+                  ) -> dict[str, float] | None:
+    """The click protocol with mask feedback on the first ``click_eval_samples`` held-out
+    scenes, 10 clicks: IoU after 1/3/5/10 clicks and ``score``, the mean IoU over clicks 1..10
+    (None for the plain recipe)."""
+    if config.rounds == 0 or config.click_eval_samples == 0:
+        return None
+    count = min(config.click_eval_samples, images.shape[0])
+    with torch.no_grad():
+        curves = click_curves(sam, image_embeddings(sam, images[:count]), masks[:count],
+                              max_clicks=CLICK_EVAL_CLICKS)
+    out = {k: round(v, 4) for k, v in interactive_summary(curves, thresholds=()).items()}
+    return {**out, "score": round(float(curves.mean()), 4)}
+
+
+def _better(miou: float, clicks: dict[str, float] | None, best: dict, config: PretrainConfig
+            ) -> bool:
+    """Is this evaluation the one to keep? Plain recipe: higher mIoU. Interactive stage: a
+    higher click score with mIoU ≥ ``min_miou`` (an evaluation under the floor is kept only
+    while none above it was seen, and then by mIoU)."""
+    if clicks is None:
+        return miou > best["miou"]
+    qualifies, best_qualifies = miou >= config.min_miou, best["miou"] >= config.min_miou
+    if qualifies != best_qualifies:
+        return qualifies
+    if not qualifies:
+        return miou > best["miou"]
+    return clicks["score"] > best.get("clicks", {}).get("score", -1.0)
 
 
 def _json(obj: dict) -> str:

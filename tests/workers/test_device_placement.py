@@ -138,7 +138,9 @@ def test_training_statistics_and_scoring_stay_on_the_device(on_meta) -> None:
     job = Reporter()
     with StrictDevices() as mode:
         stats, metrics = fit_adapter(model, data.subset([0, 1, 2]), data.subset([3]),
-                                     TrainParams(epochs=2, batch_size=2, rank=4), job)
+                                     # interactive: its clicks are drawn on the host
+                                     TrainParams(epochs=2, batch_size=2, rank=4,
+                                                 interactive_rounds=2), job)
     assert mode.violations == []
     assert job.phases == ["train", "stats"] and job.steps == [1, 2, 3, 4]
     assert set(metrics) == {"holdout", "holdout_base", "train"}
@@ -149,11 +151,13 @@ def test_training_statistics_and_scoring_stay_on_the_device(on_meta) -> None:
 def test_evaluation_and_statistics_jobs_stay_on_the_device(on_meta) -> None:
     model, data = on_meta
     with StrictDevices() as mode:
-        scores = evaluate_chunks(unwrap(model), [data], EvaluateParams(batch_size=3),
+        # Two clicks of the click protocol: it decodes on the device, places clicks on the host.
+        scores = evaluate_chunks(unwrap(model), [data], EvaluateParams(batch_size=3, clicks=2),
                                  check=lambda: None)
         stats, seen = chunk_gram_stats(model, [data], batch_size=3, check=lambda: None)
     assert mode.violations == []
     assert scores["count"] == 4 and seen == 4 and stats
+    assert scores["clicks"]["max_clicks"] == 2
     assert mode.ops_on_meta > 500
 
 

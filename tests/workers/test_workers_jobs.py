@@ -161,8 +161,12 @@ def test_merges_fold_adapters_into_numbered_versions(cluster: Cluster, trained,
                                           version=2, params={"max_samples": 4}))
     assert scores.state is JobState.SUCCEEDED, scores.error
     assert scores.result["target"] == "version:2"
-    assert set(scores.result["metrics"]["polyp"]) == {"iou", "dice", "mae", "count"}
+    assert set(scores.result["metrics"]["polyp"]) == {"iou", "dice", "mae", "count", "clicks"}
     assert scores.result["metrics"]["polyp"]["count"] == 4
+    clicks = scores.result["metrics"]["polyp"]["clicks"]
+    assert clicks["max_clicks"] == 20 and clicks["feedback"] is True
+    assert all(1 <= clicks[f"noc@{k}"] <= 20 for k in (80, 85, 90))
+    assert all(0 <= clicks[f"iou@{k}"] <= 1 for k in (1, 3, 5, 10))
 
 
 def test_cancel_a_running_and_a_queued_job(cluster: Cluster) -> None:
