@@ -9,9 +9,9 @@ fields regcl does not use (``extra="allow"``); the parts it uses are checked by
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "BrushRegion",
@@ -90,12 +90,21 @@ class SetupResponse(BaseModel):
                                  "``\"sync\": true`` started (or found running).")
 
 
+def _no_bool(value: Any) -> Any:
+    """JSON's ``true`` is no project id (lax ``int`` would take it as 1; ``12.0`` stays 12)."""
+    if isinstance(value, bool):
+        raise ValueError("a project id is an integer, not a boolean")
+    return value
+
+
 class SyncRequest(BaseModel):
     """``POST /labelstudio/sync``: the project whose existing annotations to store."""
 
     model_config = ConfigDict(extra="forbid")
 
-    project: int | str = Field(description="The project id (or ``<id>.<timestamp>``).")
+    project: (Annotated[int, Field(ge=0, lt=10**18), BeforeValidator(_no_bool)]
+              | Annotated[str, Field(max_length=64, pattern=PROJECT_PATTERN)]) = Field(
+        description="The project id (or ``<id>.<timestamp>``).")
 
 
 class SyncResponse(BaseModel):

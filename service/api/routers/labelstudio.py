@@ -118,7 +118,7 @@ def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupRe
 
 
 @router.post("/sync", response_model=SyncResponse, status_code=202,
-             responses=problem_responses(401, 403, 422, 503))
+             responses=problem_responses(400, 401, 403, 422, 503))
 def sync(body: SyncRequest, backend: BackendDep, _: AdminKey) -> SyncResponse:
     """Start the sync of a project's existing annotations into its domain's sample set (a job:
     ``/v1/jobs/{job}``, its events at ``/v1/jobs/{job}/events``); idempotent and resumable.
