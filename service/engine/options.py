@@ -26,6 +26,9 @@ class ServingOptions:
     queue up while a batch runs, so batches form without waiting) and 2 ms on CUDA. threads:
     torch intra-op threads (0: leave torch's default; 1 suits a small CPU, where the batcher
     thread and the request threads already run in parallel).
+    mixed: one encoder forward per batch whatever its images' adapters (each image's LoRA
+    update applied per row); False: fold one adapter at a time into the weights and run one
+    forward per adapter in the batch (what a compiled encoder always does).
     """
 
     device: str = "cpu"
@@ -36,6 +39,7 @@ class ServingOptions:
     max_wait_ms: float | None = None
     threads: int = 0
     max_decode_batch: int = 32
+    mixed: bool = True
 
     def resolved(self) -> ServingOptions:
         """Options with the automatic choices made (a device that exists is required)."""
@@ -53,7 +57,7 @@ class ServingOptions:
         dtype = self.dtype or (torch.bfloat16 if gpu else torch.float32)
         sdpa = gpu if self.sdpa is None else self.sdpa
         return ServingOptions(str(device), dtype, sdpa, self.compile, self.max_batch, wait,
-                              self.threads, self.max_decode_batch)
+                              self.threads, self.max_decode_batch, self.mixed)
 
 
 def encoder_buckets(max_batch: int) -> tuple[int, ...]:

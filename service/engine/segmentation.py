@@ -9,8 +9,8 @@ and callers use them directly:
   PEFT-wrapped SAM - the live adapter, the domain adapters loaded (its one owner: a request
   pins the slot it encodes with, eviction skips pinned slots, a domain not loaded is loaded
   from the registry when named), hot swaps, and the model lock.
-- ``encoding`` (:mod:`service.engine.encode`): the embedding cache, else batched encodes with
-  the adapter folded into a private serving copy of the encoder.
+- ``encoding`` (:mod:`service.engine.encode`): the embedding cache, else batched encodes in a
+  private serving copy of the encoder, each image with its own adapter in one forward.
 - ``cache`` (:mod:`service.engine.caches`): the embeddings, by image and adapter slot.
 - ``routing`` (:mod:`service.engine.auto_routing`): ``adapter: "auto"``, the router over the
   registered domain adapters' statistics (kept in step with the registry by
@@ -116,11 +116,12 @@ class SegmentationEngine:
         encoder = ServingEncoder(sam.image_encoder, device=self.options.device,
                                  dtype=self.options.dtype, sdpa=bool(self.options.sdpa),
                                  compile=self.options.compile,
-                                 buckets=encoder_buckets(self.options.max_batch))
+                                 buckets=encoder_buckets(self.options.max_batch),
+                                 mixed=self.options.mixed)
         self.max_points = max_points
         self.images = ImageStore(image_store_bytes)
         self.cache = EmbeddingCache(cache_bytes)
-        self.adapters = AdapterTable(sam, self.cache, max_domains=max_domains,
+        self.adapters = AdapterTable(sam, encoder, self.cache, max_domains=max_domains,
                                      source=domain_source)
         self.encoding = ImageEncoding(encoder, self.adapters, self.cache, self.images,
                                       self.options)
