@@ -119,6 +119,10 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         overrides["encoder_variants"] = tuple(v for v in args.encoder_variants.split(",") if v)
     if args.encoder_batches:
         overrides["encoder_batches"] = ints(args.encoder_batches)
+    if args.auto_domains is not None:
+        overrides["auto_domains"] = ints(args.auto_domains)
+    if args.auto_requests is not None:
+        overrides["auto_requests"] = args.auto_requests
     env = {}
     for flag, var in (("dtype", "REGCL_SERVE_DTYPE"), ("attention", "REGCL_SERVE_ATTENTION"),
                       ("batch_size", "REGCL_ENCODER_BATCH_SIZE"),
@@ -261,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, help="service: longest batch wait")
     s.add_argument("--server-threads", type=int, help="service: torch threads")
     s.add_argument("--threads", type=int, default=0, help="torch threads of this process")
+    s.add_argument("--auto-domains", help="auto rows: images from this many interleaved "
+                                          "domains each, e.g. 5,16 (at most 16; '' skips)")
+    s.add_argument("--auto-requests", type=int, help="new images per auto / live row and run")
     s.set_defaults(func=_cmd_bench_serve)
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
