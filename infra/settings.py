@@ -142,9 +142,10 @@ class Settings(BaseSettings):
         "the largest novelty (mean squared Mahalanobis distance per feature, about 1 in "
         "domain) under the best domain for its adapter to serve the image.",
     )
-    serve_threads: int = Field(
-        default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "
-        "default).",
+    serve_threads: int | None = Field(
+        default=None, ge=0, description="torch intra-op threads of the API process; unset: "
+        "from the host (CPU: one core fewer than the process may use, at least 1; CUDA: "
+        "torch's default); 0: torch's default.",
     )
     label_studio_url: str = Field(
         default="", description="The Label Studio whose ML backend this service is "
