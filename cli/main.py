@@ -91,6 +91,32 @@ def _cmd_bench_auto_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_route(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from regcl.bench.route_scale import run_route_scale, scale_text
+    from regcl.bench.route_study import RouteStudyConfig, route_study_text, run_route_study
+
+    config = RouteStudyConfig.quick() if args.quick else RouteStudyConfig()
+    changes = {k: v for k, v in (("train_images", args.train_images),
+                                 ("test_images", args.test_images)) if v is not None}
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    config = dataclasses.replace(config, **changes)
+    report: dict = {}
+    if not args.scale_only:
+        report["study"] = run_route_study(config)
+        print(route_study_text(report["study"]))
+    if not args.skip_scale:
+        report["scale"] = run_route_scale(domains=(10, 30) if args.quick else (10, 100, 1000),
+                                          threads=config.threads)
+        print()
+        print(scale_text(report["scale"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import signal
@@ -231,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
                                              "live adapter, per model shape (no weights)")
     a.add_argument("--models", default="tiny,vit_b")
     a.set_defaults(func=_cmd_bench_auto_memory)
+
+    r = bench.add_parser("route", help="the served domain router against the full Gaussian: "
+                                       "accuracy, few images, unseen images, cost vs domains")
+    r.add_argument("--quick", action="store_true", help="smoke run of a few minutes")
+    r.add_argument("--json", help="write the full report here")
+    r.add_argument("--seeds", help="comma-separated seeds of the tables (default 0,1,2)")
+    r.add_argument("--train-images", type=int, help="images behind each domain's statistics")
+    r.add_argument("--test-images", type=int, help="test images per domain and seed")
+    r.add_argument("--scale-only", action="store_true", help="only the cost table")
+    r.add_argument("--skip-scale", action="store_true", help="no cost table")
+    r.set_defaults(func=_cmd_bench_route)
 
     s = bench.add_parser("serve", help="the service over HTTP (new images, cached prompts, "
                                        "hot swap, LoRA overhead) against SamPredictor in the "
