@@ -20,7 +20,7 @@ from fsspec.registry import known_implementations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
+from regcl.routing.thresholds import DEFAULT_MAX_DIVERGENCE, DEFAULT_MIN_MARGIN
 
 __all__ = ["MIB", "ModelName", "Settings", "get_settings"]
 
@@ -138,9 +138,11 @@ class Settings(BaseSettings):
         "for its adapter to serve the image; else the live merged adapter serves it.",
     )
     route_max_novelty: float = Field(
-        default=DEFAULT_MAX_NOVELTY, gt=0, allow_inf_nan=False, description="adapter auto: "
-        "the largest novelty (mean squared Mahalanobis distance per feature, about 1 in "
-        "domain) under the best domain for its adapter to serve the image.",
+        default=DEFAULT_MAX_DIVERGENCE, gt=0, allow_inf_nan=False, description="adapter auto: "
+        "the largest novelty under the best domain for its adapter to serve the image (half "
+        "the mean squared Mahalanobis distance per feature minus 1, plus twice the log-volume "
+        "gap per feature; below 1.3 for most in-domain images, far above for noise, uniform "
+        "or unseen-domain images).",
     )
     serve_threads: int | None = Field(
         default=None, ge=0, description="torch intra-op threads of the API process; unset: "

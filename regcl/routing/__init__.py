@@ -17,7 +17,8 @@ _EXPORTS = {
                     "thresholds"),
     **dict.fromkeys(("CompactRouter", "DomainMoments"), "compact"),
     **dict.fromkeys(("DomainRouter", "Route", "decide"), "router"),
-    **dict.fromkeys(("first_layer_key", "first_layer_moments", "token_moments"), "features"),
+    **dict.fromkeys(("first_layer_key", "first_layer_moments", "token_moments",
+                     "tokens_per_image"), "features"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -53,6 +53,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -106,21 +107,17 @@ class _Reader:
         value = self._moments[name]
         return value() if callable(value) else value
 
-    def dim(self, name: str) -> int:
-        gram = self.get(name).gram
-        if gram.dim() != 2:
-            raise RoutingError(f"Gram of {name!r} must be square, got {tuple(gram.shape)}")
-        return int(gram.shape[0])
-
-    def covariance(self, name: str, dim: int) -> tuple[Tensor, Tensor, int]:
+    def covariance(self, name: str, dim: int | None) -> tuple[Tensor, Tensor, int]:
         """``(covariance D x D, mean D, token count)`` in float64, checked; the covariance
         with the full router's ridge (``ridge · mean diag``), so a direction the domain never
         excites (LayerNorm's output has one per token) stays positive."""
         m = self.get(name)
         gram = m.gram
+        if gram.dim() == 2 and dim is None:
+            dim = int(gram.shape[0])  # the first domain sets the width
         if gram.dim() != 2 or tuple(gram.shape) != (dim, dim):
-            raise RoutingError(f"Gram of {name!r} must be {dim} x {dim}, got "
-                               f"{tuple(gram.shape)}")
+            want = "square" if dim is None else f"{dim} x {dim}"
+            raise RoutingError(f"Gram of {name!r} must be {want}, got {tuple(gram.shape)}")
         if not gram.is_floating_point() or not bool(torch.isfinite(gram).all()):
             raise RoutingError(f"Gram of {name!r} must be finite floating-point values")
         if isinstance(m.count, bool) or int(m.count) < 1:
@@ -200,6 +197,28 @@ class CompactRouter:
 
     # -- building ------------------------------------------------------------------------------
     @classmethod
+    def from_stats(cls, stats: Mapping[str, Mapping[str, Tensor]], *, key: str | None = None,
+                   **options: Any) -> CompactRouter:
+        """The router over ``{domain: adapter statistics}``, reading each domain's Gram, count
+        and mean at ``key`` (default: :func:`~regcl.routing.first_layer_key` of the first
+        domain's statistics); ``options`` as :meth:`build`."""
+        from regcl.adapters.layout import count_key, gram_key, mean_key
+        from regcl.routing.features import first_layer_key
+
+        if not stats:
+            raise RoutingError("a router needs at least one domain")
+        key = key or first_layer_key(next(iter(stats.values())))
+        moments = {}
+        for name, values in stats.items():
+            gram, count = values.get(gram_key(key)), values.get(count_key(key))
+            if not isinstance(gram, Tensor) or not isinstance(count, Tensor):
+                raise RoutingError(f"statistics of {name!r} lack {gram_key(key)} / "
+                                   f"{count_key(key)}")
+            moments[name] = DomainMoments(gram, int(count.reshape(())),
+                                          values.get(mean_key(key)))
+        return cls.build(moments, key=key, **options)
+
+    @classmethod
     def build(cls, moments: Mapping[str, DomainMoments | Callable[[], DomainMoments]], *,
               key: str | None = None, rank: int = DEFAULT_RANK,
               prior_images: float = DEFAULT_PRIOR_IMAGES, tokens_per_image: int = 1,
@@ -230,12 +249,12 @@ class CompactRouter:
         reader = _Reader(moments, ridge)
 
         # pass 1: the pool (mixture of the domains, each weighing the same)
-        dim = reader.dim(names[0])
-        total = torch.zeros(dim, dim, dtype=torch.float64)
+        dim, total = None, None
         mus, images = [], []
         for name in names:
             cov, mean, count = reader.covariance(name, dim)
-            total += cov
+            dim = cov.shape[0]
+            total = cov if total is None else total + cov
             mus.append(mean)
             images.append(count / int(tokens_per_image))
         mu = torch.stack(mus)

@@ -49,7 +49,12 @@ from segment_anything.modeling import Sam
 
 from regcl.errors import ConfigError
 from regcl.models.serving import ServingEncoder
-from regcl.routing import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN, first_layer_moments
+from regcl.routing import (
+    DEFAULT_MAX_DIVERGENCE,
+    DEFAULT_MIN_MARGIN,
+    first_layer_moments,
+    tokens_per_image,
+)
 from service.engine.adapter_table import (
     BASE,
     DEFAULT_MAX_DOMAINS,
@@ -101,7 +106,7 @@ class SegmentationEngine:
                  options: ServingOptions | None = None,
                  domain_source: DomainSource | None = None,
                  route_min_margin: float = DEFAULT_MIN_MARGIN,
-                 route_max_novelty: float = DEFAULT_MAX_NOVELTY) -> None:
+                 route_max_novelty: float = DEFAULT_MAX_DIVERGENCE) -> None:
         if not isinstance(sam, Sam):
             raise ConfigError(f"expected an unwrapped segment_anything Sam, got "
                               f"{type(sam).__name__}")
@@ -127,9 +132,10 @@ class SegmentationEngine:
                                       self.options)
         self._decoder = PromptDecoder(self.adapters.sam, self.options.max_decode_batch,
                                       threads=self.options.threads or torch.get_num_threads())
-        self.routing = DomainRouting(encoder.module.blocks[0].attn.qkv.in_features,
-                                     min_margin=route_min_margin,
-                                     max_novelty=route_max_novelty)
+        self.routing = DomainRouting(
+            encoder.module.blocks[0].attn.qkv.in_features, min_margin=route_min_margin,
+            max_novelty=route_max_novelty,
+            tokens_per_image=lambda block: tokens_per_image(encoder.module, block))
         self._mask_input_size = tuple(self.adapters.sam.prompt_encoder.mask_input_size)
         # Part of every embedding ETag: slot keys are unique within this process only.
         self._instance = secrets.token_hex(4)
