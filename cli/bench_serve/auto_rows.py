@@ -10,7 +10,9 @@ another family's imaging shift (:mod:`regcl.data.shifts`). The router therefore 
 domains; an auto request routes its image and is encoded with that domain's adapter.
 
 Every request sends a never-seen image (inline PNG; test-split samples, never the statistics'
-images), image i from domain ``i mod k``. For each concurrency the rows run as
+images), image i from domain ``i mod k``, at the synthetic domains' own 256 px (the API
+resizes it to the model's input as it does any image; for vit_* the statistics are taken on
+the same images upsampled to the model's size). For each concurrency the rows run as
 ``live, auto-5, auto-16`` then again in reverse order, and each figure is the mean of its two
 runs, so drift in the machine's load hits every row alike; the ratio is to ``live``'s.
 Each auto row also says what share of its requests the router sent to a domain adapter (the
@@ -35,6 +37,7 @@ __all__ = ["BENCH_DOMAINS", "auto_benchmark", "domain_images", "write_domain_ada
 _CROSS = (("polyp", "thermal"), ("camo", "uv"), ("shadow", "nbi"), ("skin", "night"),
           ("camo_pattern", "aerial"))
 BENCH_DOMAINS = 16
+IMAGE_SIZE = 256  # the synthetic domains' own size, whatever the model's
 _TEST_START = 10_000  # images of the load start here in each domain's test split
 
 
@@ -86,9 +89,12 @@ def write_domain_adapters(model: str, checkpoint: str | Path | None, directory: 
             for key, p in peft_model.named_parameters():
                 if "lora_" in key:
                     p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.device))
-        images = torch.from_numpy(domain_images(index, "train", 0, stats_images, size))
-        stats = collect_gram_stats(peft_model, images=images.permute(0, 3, 1, 2).float()
-                                   .to(device), batch_size=8)
+        images = torch.from_numpy(domain_images(index, "train", 0, stats_images, IMAGE_SIZE))
+        images = images.permute(0, 3, 1, 2).float()
+        if size != IMAGE_SIZE:  # as the API's resize would (bilinear here: statistics only)
+            images = torch.nn.functional.interpolate(images, size=(size, size),
+                                                     mode="bilinear", align_corners=False)
+        stats = collect_gram_stats(peft_model, images=images.to(device), batch_size=8)
         out[name] = save_adapter(peft_model, directory / name, stats=stats,
                                  metadata={"domain": name, "bench": "regcl bench serve"})
     return out
@@ -97,10 +103,10 @@ def write_domain_adapters(model: str, checkpoint: str | Path | None, directory: 
 class _Streams:
     """Never-seen test images per bench domain, generated a chunk (64) at a time."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         from regcl.data.synthetic import CHUNK
 
-        self.size, self.chunk = size, CHUNK
+        self.size, self.chunk = IMAGE_SIZE, CHUNK
         self._pools: dict[int, list[np.ndarray]] = {}
         self._next: dict[int, int] = {}
 
@@ -117,17 +123,18 @@ class _Streams:
         return tuple(png_bytes(self._take(i % domains)) for i in range(count))
 
 
-def auto_benchmark(run_phase: Callable[[Phase], dict[str, Any]], url: str, size: int,
+def auto_benchmark(run_phase: Callable[[Phase], dict[str, Any]], url: str,
                    concurrency: tuple[int, ...], requests: int, domains: tuple[int, ...] = (5, 16)
                    ) -> dict[str, Any]:
     """The auto rows (see the module docstring). ``run_phase`` runs one load phase and
     returns its result (records)."""
     top = max(domains)
-    streams = _Streams(size)
+    streams = _Streams()
 
     def phase(name: str, adapter: str, k: int, c: int, count: int) -> Phase:
         return Phase(name=name, url=url, mode="new", concurrency=c, requests=count,
-                     image_size=size, adapter=adapter, images_png=streams.pngs(k, count))
+                     image_size=IMAGE_SIZE, adapter=adapter,
+                     images_png=streams.pngs(k, count))
 
     # warm-up: every domain's adapter loaded, every code path run once
     run_phase(phase("auto-warmup", "auto", top, max(concurrency), 2 * top))

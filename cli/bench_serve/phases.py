@@ -116,7 +116,7 @@ def http_benchmark(config: ServeBenchConfig, url: str, admin_key: str | None,
         out["batch"] = _batch_phase(config, client, phase, baseline, tuple(ids), top)
         wanted = tuple(k for k in config.auto_domains if k <= domains)
         if wanted:
-            out["auto"] = auto_benchmark(client.run, url, size, config.concurrency,
+            out["auto"] = auto_benchmark(client.run, url, config.concurrency,
                                          config.auto_requests, wanted)
         if admin_key and len(versions) >= 2:
             out["lora_overhead"] = _http_lora_overhead(config, client, phase, index)
