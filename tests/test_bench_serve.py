@@ -72,6 +72,7 @@ def test_bench_serve_quick_smoke(tmp_path):
         assert (row["routed"] is None) == (row["workload"] == "live")
     assert "| auto-3 | 2 |" in result.stdout
     assert report["lora_encoder"]["folded_vs_base"] > 0
+    assert report["lora_encoder"]["mixed_each_vs_base"] > 0
     assert report["training"]["img_per_s"] > 0
     assert {row["variant"] for row in report["encoder"]} == {"fp32", "fp32-sdpa"}
     assert report["machine"]["torch"] and report["server_env"]["REGCL_SERVE_THREADS"] == "1"

@@ -152,8 +152,11 @@ def serve_markdown(report: dict[str, Any]) -> str:
     if lora:
         ms = lora["ms_per_img"]
         lines += ["", f"LoRA in the encoder (batch {lora['batch']}, ms/img): base "
-                      f"{ms['base']}, folded (served) {ms['folded']} "
-                      f"({lora['folded_vs_base']:.3f}x base), PEFT unmerged "
+                      f"{ms['base']}, one adapter folded (compiled encoders) {ms['folded']} "
+                      f"({lora['folded_vs_base']:.3f}x base), mixed path with one adapter "
+                      f"{ms['mixed_one']} ({lora['mixed_one_vs_base']:.3f}x), mixed path "
+                      f"with a different adapter per image {ms['mixed_each']} "
+                      f"({lora['mixed_each_vs_base']:.3f}x), PEFT unmerged "
                       f"{ms['peft_lora']} ({lora['peft_lora_vs_base']:.3f}x base)"]
     http = service.get("lora_overhead")
     if http:
