@@ -118,6 +118,32 @@ def _cmd_bench_auto_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_route(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from regcl.bench.route_scale import run_route_scale, scale_text
+    from regcl.bench.route_study import RouteStudyConfig, route_study_text, run_route_study
+
+    config = RouteStudyConfig.quick() if args.quick else RouteStudyConfig()
+    changes = {k: v for k, v in (("train_images", args.train_images),
+                                 ("test_images", args.test_images)) if v is not None}
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    config = dataclasses.replace(config, **changes)
+    report: dict = {}
+    if not args.scale_only:
+        report["study"] = run_route_study(config)
+        print(route_study_text(report["study"]))
+    if not args.skip_scale:
+        report["scale"] = run_route_scale(domains=(10, 30) if args.quick else (10, 100, 1000),
+                                          threads=config.threads)
+        print()
+        print(scale_text(report["scale"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import signal
@@ -146,6 +172,10 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         overrides["encoder_variants"] = tuple(v for v in args.encoder_variants.split(",") if v)
     if args.encoder_batches:
         overrides["encoder_batches"] = ints(args.encoder_batches)
+    if args.auto_domains is not None:
+        overrides["auto_domains"] = ints(args.auto_domains)
+    if args.auto_requests is not None:
+        overrides["auto_requests"] = args.auto_requests
     env = {}
     for flag, var in (("dtype", "REGCL_SERVE_DTYPE"), ("attention", "REGCL_SERVE_ATTENTION"),
                       ("batch_size", "REGCL_ENCODER_BATCH_SIZE"),
@@ -292,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--models", default="tiny,vit_b")
     a.set_defaults(func=_cmd_bench_auto_memory)
 
+    r = bench.add_parser("route", help="the served domain router against the full Gaussian: "
+                                       "accuracy, few images, unseen images, cost vs domains")
+    r.add_argument("--quick", action="store_true", help="smoke run of a few minutes")
+    r.add_argument("--json", help="write the full report here")
+    r.add_argument("--seeds", help="comma-separated seeds of the tables (default 0,1,2)")
+    r.add_argument("--train-images", type=int, help="images behind each domain's statistics")
+    r.add_argument("--test-images", type=int, help="test images per domain and seed")
+    r.add_argument("--scale-only", action="store_true", help="only the cost table")
+    r.add_argument("--skip-scale", action="store_true", help="no cost table")
+    r.set_defaults(func=_cmd_bench_route)
+
     s = bench.add_parser("serve", help="the service over HTTP (new images, cached prompts, "
                                        "hot swap, LoRA overhead) against SamPredictor in the "
                                        "same run; encoder variants; adapter training")
@@ -325,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, help="service: longest batch wait")
     s.add_argument("--server-threads", type=int, help="service: torch threads")
     s.add_argument("--threads", type=int, default=0, help="torch threads of this process")
+    s.add_argument("--auto-domains", help="auto rows: images from this many interleaved "
+                                          "domains each, e.g. 5,16 (at most 16; '' skips)")
+    s.add_argument("--auto-requests", type=int, help="new images per auto / live row and run")
     s.set_defaults(func=_cmd_bench_serve)
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")

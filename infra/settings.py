@@ -20,7 +20,7 @@ from fsspec.registry import known_implementations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
+from regcl.routing.thresholds import DEFAULT_MAX_DIVERGENCE, DEFAULT_MIN_MARGIN
 
 __all__ = ["MIB", "ModelName", "Settings", "get_settings"]
 
@@ -127,8 +127,10 @@ class Settings(BaseSettings):
         "the CPU, 2 ms on CUDA.",
     )
     max_domain_adapters: int = Field(
-        default=8, ge=1, le=1024, description="Domain adapters kept loaded for serving; a "
-        "request naming another one unloads the least recently used one no request is using.",
+        default=64, ge=1, le=4096, description="Domain adapters kept loaded for serving (each "
+        "is its LoRA factors: 90 KiB for the tiny SAM's default adapter, 600 KiB for vit_b's; "
+        "a batch applies each image's own); a request naming another one unloads the least "
+        "recently used one no request is using.",
     )
     route_min_margin: float = Field(
         default=DEFAULT_MIN_MARGIN, ge=0, allow_inf_nan=False, description="adapter auto: "
@@ -136,13 +138,16 @@ class Settings(BaseSettings):
         "for its adapter to serve the image; else the live merged adapter serves it.",
     )
     route_max_novelty: float = Field(
-        default=DEFAULT_MAX_NOVELTY, gt=0, allow_inf_nan=False, description="adapter auto: "
-        "the largest novelty (mean squared Mahalanobis distance per feature, about 1 in "
-        "domain) under the best domain for its adapter to serve the image.",
+        default=DEFAULT_MAX_DIVERGENCE, gt=0, allow_inf_nan=False, description="adapter auto: "
+        "the largest novelty under the best domain for its adapter to serve the image (half "
+        "the mean squared Mahalanobis distance per feature minus 1, plus twice the log-volume "
+        "gap per feature; below 1.3 for most in-domain images, far above for noise, uniform "
+        "or unseen-domain images).",
     )
-    serve_threads: int = Field(
-        default=0, ge=0, description="torch intra-op threads of the API process (0: torch's "
-        "default).",
+    serve_threads: int | None = Field(
+        default=None, ge=0, description="torch intra-op threads of the API process; unset: "
+        "from the host (CPU: one core fewer than the process may use, at least 1; CUDA: "
+        "torch's default); 0: torch's default.",
     )
     label_studio_url: str = Field(
         default="", description="The Label Studio whose ML backend this service is "

@@ -10,7 +10,8 @@
 # device (scripts/gpu_checks.py: bf16/SDPA tolerances, compile survives swaps, engine on the
 # device, training on the device) -> checks.json; (4) per model (random weights for vit_*):
 # `regcl bench serve` (encoder fp32/bf16/SDPA/compile, SamPredictor baseline, service over
-# HTTP at 1/4/16 clients, hot swap under load, LoRA overhead, training throughput)
+# HTTP at 1/4/16 clients, adapter auto over 5 and 16 interleaved domains vs live at 1/4/16
+# clients, hot swap under load, LoRA overhead, training throughput)
 # -> serve-<model>.json; (5) summary.md with every table; the whole log -> log.txt.
 #
 # Knobs (environment): REGCL_GPU_BENCH_MODELS (vit_b,vit_h), REGCL_GPU_BENCH_DEVICE (cuda),
@@ -80,7 +81,7 @@ for model in ${MODELS//,/ }; do
   else
     args+=(--concurrency 1,4,16 --requests 256 --cached-requests 512 --warmup 64 \
            --baseline-requests 64 --swaps 3 --train-images 32 --train-epochs 2 \
-           --encoder-variants "$VARIANTS" --encoder-batches 1,8)
+           --encoder-variants "$VARIANTS" --encoder-batches 1,8 --auto-requests 64)
     [ "$model" = vit_h ] && args+=(--train-batch 4)
   fi
   [ "${REGCL_GPU_BENCH_COMPILE_SERVICE:-0}" = 1 ] && args+=(--compile)

@@ -63,7 +63,16 @@ def test_bench_serve_quick_smoke(tmp_path):
     assert swap["failed"] == 0 and all(s["latency_ms"] is not None for s in swap["swaps"])
     assert swap["server"]["swap_seconds_mean_ms"] is not None
     assert service["lora_overhead"]["live_req_s"] > 0
+    auto = service["auto"]  # the quick run: images from 2 and from 3 domains, 3 registered
+    assert auto["registered"] == 3 and auto["domains"] == [2, 3]
+    assert [(r["workload"], r["concurrency"]) for r in auto["rows"]] == [
+        (w, c) for c in (1, 2) for w in ("live", "auto-2", "auto-3")]
+    for row in auto["rows"]:
+        assert row["failed"] == 0 and row["throughput"] > 0 and len(row["runs"]) == 2
+        assert (row["routed"] is None) == (row["workload"] == "live")
+    assert "| auto-3 | 2 |" in result.stdout
     assert report["lora_encoder"]["folded_vs_base"] > 0
+    assert report["lora_encoder"]["mixed_each_vs_base"] > 0
     assert report["training"]["img_per_s"] > 0
     assert {row["variant"] for row in report["encoder"]} == {"fp32", "fp32-sdpa"}
     assert report["machine"]["torch"] and report["server_env"]["REGCL_SERVE_THREADS"] == "1"

@@ -52,8 +52,10 @@ def test_python_m_cli_lists_every_command(capsys):
     from cli.main import build_parser
 
     parser = build_parser()
-    for args, expected in ((["bench", "--help"], "{cl,interactive,merge,auto-memory,serve}"),
+    for args, expected in ((["bench", "--help"], "{cl,interactive,merge,auto-memory,route,serve}"),
                            (["bench", "serve", "--help"], "--swap-versions"),
+                           (["bench", "serve", "--help"], "--auto-domains"),
+                           (["bench", "route", "--help"], "--scale-only"),
                            (["demo", "--help"], "--admin-key")):
         with pytest.raises(SystemExit):
             parser.parse_args(args)

@@ -36,6 +36,9 @@ class ServeBenchConfig:
     encoder_seconds: float = 3.0
     server_env: dict[str, str] = field(default_factory=dict)
     threads: int = 0
+    auto_domains: tuple[int, ...] = (5, 16)  # auto rows: images from this many domains
+    auto_requests: int = 96  # new-image requests per auto / live row and run
+    auto_stats_images: int = 24  # images behind each bench domain adapter's statistics
 
     @classmethod
     def quick(cls, **overrides: Any) -> ServeBenchConfig:
@@ -44,7 +47,8 @@ class ServeBenchConfig:
                    warmup=4, baseline_requests=8, overhead_requests=8, swaps=1,
                    swap_interval_s=2.0, train_images=8, train_epochs=1,
                    encoder_variants=("fp32", "fp32-sdpa"), encoder_batches=(1, 2),
-                   encoder_seconds=0.3)
+                   encoder_seconds=0.3, auto_domains=(2, 3), auto_requests=6,
+                   auto_stats_images=4)
         return replace(base, **overrides)
 
 

@@ -177,44 +177,54 @@ def _latency_summary(latencies: list[float], wall: float) -> dict[str, Any]:
 
 
 def lora_encoder_overhead(config: ServeBenchConfig, sam) -> dict[str, Any]:
-    """Per-image encoder time: base, adapter folded (served), PEFT LoRA unmerged."""
+    """Per-image encoder time: base; one adapter folded into the weights (what a compiled
+    encoder serves); the mixed path with one adapter for every image and with a different
+    adapter per image (what an uncompiled encoder serves); PEFT's unmerged LoRA forward."""
     import copy
 
     import torch
 
     from regcl.adapters import AdapterConfig, attach_lora
-    from regcl.models.serving import ServingEncoder, lora_deltas
+    from regcl.models.lora_bank import lora_factors
+    from regcl.models.serving import ServingEncoder
 
     batch = max(config.encoder_batches)
     size = sam.image_encoder.img_size
     pixels = torch.randn(batch, 3, size, size, device=config.device)
     serving = ServingEncoder(sam.image_encoder, device=config.device)
     peft_model = attach_lora(copy.deepcopy(sam), AdapterConfig())
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.02)
     peft_encoder = peft_model.base_model.model.image_encoder
-    deltas = lora_deltas(peft_encoder, "default")
+    gen = torch.Generator().manual_seed(0)
+    keys = [f"a{i}" for i in range(batch)]
+    for key in keys:  # one random adapter per image of the batch
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.02)
+        serving.add_adapter(key, lora_factors(peft_encoder, "default"))
+    deltas = serving.delta_weights(keys[-1])  # PEFT holds the last one
 
     def peft_forward() -> None:
         with torch.no_grad():
             peft_encoder(pixels)
 
-    runs: dict[str, list[float]] = {"base": [], "folded": [], "peft_lora": []}
+    variants: dict[str, Callable[[], object]] = {
+        "base": lambda: serving(pixels), "folded": lambda: serving(pixels),
+        "mixed_one": lambda: serving(pixels, [keys[-1]] * batch),
+        "mixed_each": lambda: serving(pixels, keys), "peft_lora": peft_forward}
+    runs: dict[str, list[float]] = {label: [] for label in variants}
     rounds = 5
     for _ in range(rounds):  # interleaved, so a busy moment hits every variant alike
-        for label in runs:
+        for label, fn in variants.items():
             serving.fold(deltas if label == "folded" else None)
-            fn = peft_forward if label == "peft_lora" else (lambda: serving(pixels))
             runs[label].append(_timed(fn, config.device, config.encoder_seconds / rounds,
                                       min_iters=2))
+    serving.fold(None)
     times = {label: float(np.median(values)) for label, values in runs.items()}
     return {"batch": batch, "dtype": "float32", "rounds": rounds,
             "ms_per_img": {k: round(v * 1000 / batch, 3) for k, v in times.items()},
-            "folded_vs_base": round(times["folded"] / times["base"], 4),
-            "peft_lora_vs_base": round(times["peft_lora"] / times["base"], 4)}
+            **{f"{k}_vs_base": round(times[k] / times["base"], 4) for k in times if
+               k != "base"}}
 
 
 def training_benchmark(config: ServeBenchConfig, checkpoint: str | None) -> dict[str, Any]:

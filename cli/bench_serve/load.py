@@ -76,6 +76,7 @@ class Phase:
     duration_s: float = 0.0
     prompts_per_request: int = 1  # mode ``batch``: POST /v1/segment/batch with this many
     headers: tuple[tuple[str, str], ...] = ()
+    images_png: tuple[bytes, ...] = ()  # mode ``new``: these images (PNG) instead of bench_image
 
 
 def _payloads(phase: Phase) -> list[dict[str, Any]]:
@@ -91,6 +92,9 @@ def _payloads(phase: Phase) -> list[dict[str, Any]]:
         return [{"image_id": image_id, "prompts": prompts, "multimask": phase.multimask,
                  "adapter": phase.adapter} for image_id in phase.image_ids]
     count = phase.requests if phase.duration_s <= 0 else max(phase.requests, 1)
+    if phase.images_png:
+        return [{**common, "image_base64": base64.b64encode(png).decode("ascii")}
+                for png in phase.images_png]
     return [{**common, "image_base64": base64.b64encode(png_bytes(
         bench_image(phase.first_index + i, phase.image_size))).decode("ascii")}
         for i in range(count)]

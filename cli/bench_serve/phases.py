@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cli.bench_serve.auto_rows import auto_benchmark
 from cli.bench_serve.config import ServeBenchConfig
 from cli.bench_serve.inprocess import BaselineLoop
 from cli.bench_serve.load import Phase, bench_image, client_process, summarise
@@ -75,10 +76,11 @@ def _activate(api: Client, version: int) -> float:
 
 
 def http_benchmark(config: ServeBenchConfig, url: str, admin_key: str | None,
-                   versions: list[int], size: int, baseline: BaselineLoop
-                   ) -> dict[str, Any]:
+                   versions: list[int], size: int, baseline: BaselineLoop,
+                   domains: int = 0) -> dict[str, Any]:
     """Every phase over HTTP against the API at ``url`` (hot swap and the HTTP LoRA overhead
-    only with ``admin_key`` and two ``versions``)."""
+    only with ``admin_key`` and two ``versions``; the auto rows only with ``domains``
+    registered bench domain adapters, :mod:`cli.bench_serve.auto_rows`)."""
     api = Client(url, admin_key, timeout=300.0)
     client = LoadProcess()
     out: dict[str, Any] = {"new": [], "cached": []}
@@ -112,6 +114,10 @@ def http_benchmark(config: ServeBenchConfig, url: str, admin_key: str | None,
             logger.info("cached prompts, %d clients: %.1f req/s, p50 %.1f ms", c,
                         row["throughput"], row["p50_ms"])
         out["batch"] = _batch_phase(config, client, phase, baseline, tuple(ids), top)
+        wanted = tuple(k for k in config.auto_domains if k <= domains)
+        if wanted:
+            out["auto"] = auto_benchmark(client.run, url, config.concurrency,
+                                         config.auto_requests, wanted)
         if admin_key and len(versions) >= 2:
             out["lora_overhead"] = _http_lora_overhead(config, client, phase, index)
             index += 4 * config.overhead_requests

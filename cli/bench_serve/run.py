@@ -85,11 +85,14 @@ def run_serve_benchmark(config: ServeBenchConfig) -> dict[str, Any]:
             from cli.bench_serve.stack import running_stack
 
             env = {"REGCL_DEVICE": config.device, **config.server_env}
+            domains = max(config.auto_domains, default=0)
             with running_stack(work, model=config.model, checkpoint=checkpoint,
-                               env=env) as stack:
+                               env=env, domains=domains, device=config.device,
+                               stats_images=config.auto_stats_images) as stack:
                 report["server_env"] = env
                 report["service"] = http_benchmark(config, stack.url, stack.admin_key,
-                                                   stack.versions, size, baseline)
+                                                   stack.versions, size, baseline,
+                                                   len(stack.domains))
         report["baseline"] = baseline.pooled()
     report["elapsed_s"] = round(time.time() - started, 1)
     return report
@@ -131,12 +134,29 @@ def serve_markdown(report: dict[str, Any]) -> str:
                      f"{batch['concurrency']} | {batch['prompts_per_s']} | {batch['p50_ms']} | "
                      f"{batch['p95_ms']} | {batch['p99_ms']} | {batch['failed']} | "
                      f"{batch['baseline_throughput']} | {batch['vs_baseline']:.2f} |")
+    auto = service.get("auto")
+    if auto:
+        lines += ["", f"adapter auto over k interleaved domains ({auto['registered']} domain "
+                      f"adapters registered; {auto['requests']} new images per row and run, "
+                      "rows run live, auto..., then reversed; req/s the mean of both runs)",
+                  "", "| workload | clients | req/s (runs) | p50 ms | p95 ms | failed | "
+                      "routed to a domain | adapters used | vs live |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in auto["rows"]:
+            routed = "" if row["routed"] is None else f"{row['routed']:.2f}"
+            runs = ", ".join(str(r) for r in row["runs"])
+            lines.append(f"| {row['workload']} | {row['concurrency']} | {row['throughput']} "
+                         f"({runs}) | {row['p50_ms']} | {row['p95_ms']} | {row['failed']} | "
+                         f"{routed} | {row['adapters']} | {row['vs_live']:.2f} |")
     lora = report.get("lora_encoder")
     if lora:
         ms = lora["ms_per_img"]
         lines += ["", f"LoRA in the encoder (batch {lora['batch']}, ms/img): base "
-                      f"{ms['base']}, folded (served) {ms['folded']} "
-                      f"({lora['folded_vs_base']:.3f}x base), PEFT unmerged "
+                      f"{ms['base']}, one adapter folded (compiled encoders) {ms['folded']} "
+                      f"({lora['folded_vs_base']:.3f}x base), mixed path with one adapter "
+                      f"{ms['mixed_one']} ({lora['mixed_one_vs_base']:.3f}x), mixed path "
+                      f"with a different adapter per image {ms['mixed_each']} "
+                      f"({lora['mixed_each_vs_base']:.3f}x), PEFT unmerged "
                       f"{ms['peft_lora']} ({lora['peft_lora_vs_base']:.3f}x base)"]
     http = service.get("lora_overhead")
     if http:

@@ -36,6 +36,7 @@ class Stack:
     url: str
     admin_key: str
     versions: list[int] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)  # domain adapters registered (auto rows)
     log_file: Path | None = None
     pid: int | None = None
 
@@ -65,7 +66,8 @@ def write_random_adapter(model: str, directory: Path, seed: int,
     return save_adapter(peft_model, directory, metadata={"bench_seed": seed})
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, domains: int = 0
+                ) -> None:
     from regcl.client import Client
     from regcl.errors import RegclError
 
@@ -76,20 +78,24 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
                 raise RuntimeError(f"the API process exited with {process.returncode}")
             with contextlib.suppress(RegclError):
                 readiness = api.ready()
-                if readiness.ready and readiness.served_version == 1:
+                if readiness.ready and readiness.served_version == 1 and (
+                        not domains or len(api.router().domains) == domains):
                     return
             time.sleep(0.5)
-    raise TimeoutError(f"the API at {url} was not ready (serving version 1) within "
-                       f"{timeout_s:.0f} s")
+    raise TimeoutError(f"the API at {url} was not ready (serving version 1, {domains} "
+                       f"domains routed) within {timeout_s:.0f} s")
 
 
 @contextlib.contextmanager
 def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
                   env: dict[str, str] | None = None, versions: int = 2,
+                  domains: int = 0, stats_images: int = 24, device: str = "cpu",
                   ready_timeout_s: float = 900.0) -> Iterator[Stack]:
     """Start Redis and the API in ``work_dir``; yields the :class:`Stack`; stops both.
 
     ``env``: extra ``REGCL_*`` variables for the API (device, dtype, batching, threads...).
+    ``domains``: register that many domain adapters with statistics
+    (:func:`cli.bench_serve.auto_rows.write_domain_adapters`, on ``device``), for ``auto``.
     """
     from cli.up import api_command, settings_env
     from infra.platform import connect_platform
@@ -112,6 +118,14 @@ def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
             stack.versions.append(registry.create_version(
                 adapter, state, lineage={"bench": "regcl bench serve"}).number)
         registry.activate(stack.versions[0])
+        if domains:
+            from cli.bench_serve.auto_rows import write_domain_adapters
+
+            made = write_domain_adapters(model, checkpoint, work_dir / "domains", domains,
+                                         stats_images, device)
+            for name, directory in made.items():
+                registry.add_adapter(name, directory)
+                stack.domains.append(name)
         child_env = {**os.environ, **settings_env(settings), **(env or {}),
                      "PYTHONPATH": os.pathsep.join(filter(None, [
                          str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -121,7 +135,7 @@ def running_stack(work_dir: Path, *, model: str, checkpoint: str | Path | None,
                                        stderr=subprocess.STDOUT)
         stack.pid = process.pid
         try:
-            _wait_ready(stack.url, process, ready_timeout_s)
+            _wait_ready(stack.url, process, ready_timeout_s, len(stack.domains))
             logger.info("stack up at %s (API pid %d, log %s)", stack.url, process.pid,
                         log_file)
             yield stack

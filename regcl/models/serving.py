@@ -20,13 +20,25 @@ to restore or re-fold from, so folding never accumulates rounding.
 block (:mod:`regcl.models.encoder`), eagerly even when compiled: the domain router reads the
 tokens between them, and the tail can then be finished with the adapter the router chose.
 Uncompiled, ``suffix(prefix(x, k), k)`` is the same computation as the whole forward.
+
+Mixed batches (uncompiled): every adapter served is also resident in :attr:`ServingEncoder.bank`
+(:mod:`regcl.models.lora_bank`), and a forward given one adapter key per image
+(``encoder(pixels, adapters=[...])``) runs the base weights once for the whole batch and adds
+each image's own LoRA update in the adapted linears (forward hooks on those linears), computed
+as PEFT's unmerged LoRA forward computes it. Nothing is written into the weights, so images of
+any mix of adapters share one forward. Numerics against folding: the folded weight
+``W + s·BA`` rounds once per weight, the mixed update ``s·(xAᵀ)Bᵀ`` once per output, so the
+two differ by float32 rounding (``tests/test_serving_encoder.py`` states the bound); the
+mixed path equals PEFT's own LoRA forward. Rows without an adapter are the base model's,
+unchanged. A compiled encoder keeps folding (its graph holds no per-row adapter logic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
@@ -34,6 +46,7 @@ from segment_anything.modeling import ImageEncoderViT
 from regcl.errors import ConfigError
 from regcl.models.encoder import encode_prefix, encode_suffix
 from regcl.models.fast_attention import use_sdpa_attention
+from regcl.models.lora_bank import LoraBank, LoraFactors, row_runs
 
 __all__ = ["ServingEncoder", "lora_deltas"]
 
@@ -73,11 +86,14 @@ class ServingEncoder:
         sdpa: use ``scaled_dot_product_attention`` (:mod:`regcl.models.fast_attention`).
         compile: ``torch.compile`` the forward (batches padded to ``buckets``).
         buckets: batch sizes a compiled encoder is called with (ascending).
+        mixed: apply resident adapters per image in one forward (uncompiled only); False:
+            adapters can only be folded (the path a compiled encoder always takes).
     """
 
     def __init__(self, encoder: ImageEncoderViT, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, sdpa: bool = False,
-                 compile: bool = False, buckets: Sequence[int] = DEFAULT_BUCKETS) -> None:
+                 compile: bool = False, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 mixed: bool = True) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"serving dtype must be float32 or bfloat16, got {dtype}")
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
@@ -86,6 +102,7 @@ class ServingEncoder:
         self.dtype = dtype
         self.sdpa = sdpa
         self.compiled = compile
+        self._mixed = bool(mixed) and not compile
         self.buckets = tuple(int(b) for b in buckets)
         module = copy.deepcopy(encoder).to(device=self.device, dtype=dtype).eval()
         module.requires_grad_(False)
@@ -97,6 +114,9 @@ class ServingEncoder:
                          if isinstance(m, torch.nn.Linear)}
         self._base: dict[str, torch.Tensor] = {}  # float32 base weights of folded layers
         self._folded: frozenset[str] = frozenset()
+        self.bank = LoraBank(self._linears, dtype=dtype, device=self.device)
+        self._runs = None  # the RowRuns of the mixed forward running now (None: none)
+        self._hooked: set[str] = set()
         self.compiles = 0  # forward graphs compiled so far (0 when not compiled)
         self._forward = torch.compile(module, dynamic=False, backend=self._backend) \
             if compile else module
@@ -144,6 +164,56 @@ class ServingEncoder:
         return any(name.startswith("blocks.") and int(name.split(".")[1]) < block
                    for name in self._folded)
 
+    # ------------------------------------------------------------------------ resident adapters
+    @property
+    def mixes(self) -> bool:
+        """Whether forwards can mix adapters per image (uncompiled, ``mixed``)."""
+        return self._mixed
+
+    def add_adapter(self, key: str, factors: Mapping[str, LoraFactors]) -> None:
+        """Make adapter ``key`` resident for mixed forwards (and folding from
+        :meth:`delta_weights`). ConfigError when it does not fit. Not while a forward runs."""
+        self.bank.add(key, factors)
+        if self.mixes:
+            for name in factors:
+                if name not in self._hooked:
+                    self._linears[name].register_forward_hook(self._hook(name))
+                    self._hooked.add(name)
+
+    def remove_adapter(self, key: str) -> None:
+        """Forget adapter ``key`` (a missing one is ignored). Not while a forward runs."""
+        self.bank.remove(key)
+
+    def delta_weights(self, key: str) -> dict[str, torch.Tensor]:
+        """``ΔW`` of resident adapter ``key`` per layer, for :meth:`fold`."""
+        return self.bank.delta_weights(key)
+
+    def _hook(self, name: str):
+        def add_lora(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            runs = self._runs
+            if runs is not None:
+                self.bank.apply(name, args[0], output, runs)
+        return add_lora
+
+    @contextlib.contextmanager
+    def _adapters(self, adapters: Sequence[str | None] | None, images: int) -> Iterator[None]:
+        """Per-image adapters for the forward inside the block (None or all None: base)."""
+        if adapters is None or all(key is None for key in adapters):
+            yield
+            return
+        if not self.mixes:
+            raise ConfigError("this serving encoder folds adapters; it cannot mix them")
+        if len(adapters) != images:
+            raise ConfigError(f"{len(adapters)} adapters for {images} images")
+        if self._folded:
+            raise ConfigError("an adapter is folded into the weights; fold(None) before mixing")
+        runs = row_runs([None if key is None else self.bank.slot(key) for key in adapters])
+        self._runs = runs
+        try:
+            yield
+        finally:
+            self._runs = None
+
     # ------------------------------------------------------------------------------- running
     @torch.no_grad()
     def prefix(self, pixels: torch.Tensor, block: int) -> torch.Tensor:
@@ -154,18 +224,27 @@ class ServingEncoder:
         return encode_prefix(self.module, pixels.to(device=self.device, dtype=self.dtype), block)
 
     @torch.no_grad()
-    def suffix(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
-        """Tokens B x h x w x C from :meth:`prefix` → embeddings B x C' x h' x w' (float32)."""
+    def suffix(self, tokens: torch.Tensor, block: int,
+               adapters: Sequence[str | None] | None = None) -> torch.Tensor:
+        """Tokens B x h x w x C from :meth:`prefix` → embeddings B x C' x h' x w' (float32).
+        adapters: one resident adapter key (or None) per image, for a mixed forward."""
         tokens = tokens.to(device=self.device, dtype=self.dtype)
-        return encode_suffix(self.module, tokens, block).float()
+        with self._adapters(adapters, tokens.shape[0]):
+            return encode_suffix(self.module, tokens, block).float()
 
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised, padded pixels B x 3 x S x S → embeddings B x C x h x w (float32)."""
+    def __call__(self, pixels: torch.Tensor,
+                 adapters: Sequence[str | None] | None = None) -> torch.Tensor:
+        """Normalised, padded pixels B x 3 x S x S → embeddings B x C x h x w (float32).
+        adapters: one resident adapter key (or None: base) per image, for a mixed forward
+        (uncompiled encoders only)."""
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         n = pixels.shape[0]
         if not self.compiled:
-            return self._forward(pixels).float()
+            with self._adapters(adapters, n):
+                return self._forward(pixels).float()
+        if adapters is not None and any(key is not None for key in adapters):
+            raise ConfigError("a compiled serving encoder folds adapters; it cannot mix them")
         out: list[torch.Tensor] = []
         start = 0
         while start < n:  # chunks of at most the largest bucket, each padded up to a bucket

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from regcl.errors import RoutingError
 
-__all__ = ["first_layer_key", "first_layer_moments", "token_moments"]
+__all__ = ["first_layer_key", "first_layer_moments", "token_moments", "tokens_per_image"]
 
 _BLOCK = re.compile(r"\.blocks\.(\d+)\.")
 _A_WEIGHT = ".lora_A.weight"
@@ -65,6 +65,17 @@ def first_layer_moments(block: torch.nn.Module, tokens: Tensor) -> tuple[Tensor,
     window = int(getattr(block, "window_size", 0) or 0)
     padded = (math.ceil(h / window) * window, math.ceil(w / window) * window) if window else (h, w)
     return token_moments(x, count=padded[0] * padded[1])
+
+
+def tokens_per_image(encoder: torch.nn.Module, block: int) -> int:
+    """Tokens one image puts through ``encoder.blocks[block]``'s ``qkv`` as the statistics
+    count them: the patch grid, padded up to the block's window (zero tokens included)."""
+    size = int(encoder.img_size)
+    patch = int(encoder.patch_embed.proj.kernel_size[0])
+    grid = size // patch
+    window = int(getattr(encoder.blocks[block], "window_size", 0) or 0)
+    side = math.ceil(grid / window) * window if window else grid
+    return side * side
 
 
 def first_layer_key(keys: Iterable[str]) -> str:

@@ -6,7 +6,7 @@ and its novelty is at most :data:`DEFAULT_MAX_NOVELTY` (:func:`regcl.routing.dec
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_MAX_NOVELTY", "DEFAULT_MIN_MARGIN"]
+__all__ = ["DEFAULT_MAX_DIVERGENCE", "DEFAULT_MAX_NOVELTY", "DEFAULT_MIN_MARGIN"]
 
 # Chosen from `regcl bench cl --route-only --domains long --probes source --seeds 3
 # --first-seed 10` (docs/benchmarks.md, "Domain routing"): seeds the benchmark's tables do not
@@ -19,3 +19,10 @@ DEFAULT_MAX_NOVELTY = 3.0
 """Largest novelty (mean squared Mahalanobis distance per feature under the best domain) for
 the route to be taken. Measured: 99.7 % of in-domain test images are below it (median 0.75),
 81 % of source-domain scenes (no adapter's domain; median 7.0) above it."""
+DEFAULT_MAX_DIVERGENCE = 2.5
+"""The served router's (:class:`~regcl.routing.compact.CompactRouter`) largest novelty for the
+route to be taken: half the image's mean squared Mahalanobis distance per feature minus 1,
+plus its log-volume gap to the domain (weight 2). Chosen from `regcl bench route` on its
+calibration seeds (10-12; docs/benchmarks.md, "A router that scales"): the threshold that
+lets 95 % of the trained domains' test images through to the right domain (2.45 there), where
+96 % of the images of unseen domains fall back."""

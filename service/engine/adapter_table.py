@@ -1,14 +1,18 @@
-"""The adapter slot table: which adapters the one serving model holds, and who is using them.
+"""The adapter slot table: which adapters the serving encoder holds, and who is using them.
 
-Every adapter served (the live one, each loaded domain) is a PEFT slot of one model
-(:mod:`service.engine.slots`). :class:`AdapterTable` is the one owner of that set: nothing else
+Every adapter served (the live one, each loaded domain) is a slot: PEFT checks and loads its
+files into the one PEFT-wrapped model (:mod:`service.engine.slots`), its LoRA factors are
+copied into the serving encoder's bank (:class:`~regcl.models.lora_bank.LoraBank`, where
+batches apply each image's own adapter) and the PEFT copy is deleted again, so an adapter is
+held once, as its factors. :class:`AdapterTable` is the one owner of that set: nothing else
 records which adapters are loaded.
 
 Locks
-    - ``lock`` (the model lock, a :class:`~service.engine.batching.WriterFirstLock`) guards the PEFT
-      model and the encoder's folded weights: adding and removing slots here, running the
-      encoder in :mod:`service.engine.encode`. A writer goes before the encoder's next batch, so
-      a swap waits one batch at most.
+    - ``lock`` (the model lock, a :class:`~service.engine.batching.WriterFirstLock`) guards the
+      PEFT model, the encoder's bank and its folded weights: adding and removing slots here,
+      running the encoder in :mod:`service.engine.encode`. A writer goes before the encoder's
+      next batch, so a swap waits one batch at most. Which adapter a batch's images use is no
+      longer model-global state (each image carries its own), so batches never split by adapter.
     - a plain lock guards the table itself for a moment at a time; when both are taken the
       model lock comes first.
 
@@ -18,8 +22,9 @@ Live
     under the model lock and its embeddings dropped after it.
 
 Domains
-    - At most ``max_domains`` are loaded; loading one more unloads the least recently used one
-      *that no request is using*.
+    - At most ``max_domains`` are loaded (a slot is its LoRA factors: 90 KiB for the tiny
+      SAM's default adapter, 600 KiB for vit_b's); loading one more unloads the least
+      recently used one *that no request is using*.
     - A request pins the domain slot it encodes with (:meth:`AdapterTable.use`), from naming
       it to the end of its encode: a pinned slot is never removed (an unload or a reload of
       that name waits for the last pin), so a request never loses its adapter half-way.
@@ -48,7 +53,8 @@ from infra.names import AUTO, BASE, LIVE, validate_name
 from regcl.adapters import AdapterConfig, AdapterFiles, attach_lora, unwrap
 from regcl.errors import ConfigError
 from regcl.models import model_fingerprint
-from regcl.models.serving import lora_deltas
+from regcl.models.lora_bank import lora_factors
+from regcl.models.serving import ServingEncoder
 from service.engine.batching import WriterFirstLock
 from service.engine.caches import EmbeddingCache
 from service.engine.errors import AdapterRejectedError, UnknownAdapterError
@@ -63,7 +69,7 @@ logger = logging.getLogger(__name__)
 # BASE: the model without any adapter (its version label too); LIVE: the current merged
 # adapter (label ``live:<version>``); AUTO: the domain router chooses a domain, else live
 # (:mod:`service.engine.auto_routing`). The names are reserved (:mod:`infra.names`).
-DEFAULT_MAX_DOMAINS = 8
+DEFAULT_MAX_DOMAINS = 64
 
 Target = AdapterSlot | str | None
 """What a request encodes with: None (base), :data:`LIVE` (resolved when the batch runs) or a
@@ -98,12 +104,13 @@ class AdapterTable:
 
     Args:
         sam: the base model, wrapped **in place** by PEFT.
+        encoder: the serving encoder whose bank holds the slots' LoRA factors.
         cache: the embedding cache, whose entries of a removed slot are dropped.
         max_domains: domain adapters kept loaded (see the module docstring).
         source: loads domain adapters on demand; None: only :meth:`load_domain` loads them.
     """
 
-    def __init__(self, sam: Sam, cache: EmbeddingCache, *,
+    def __init__(self, sam: Sam, encoder: ServingEncoder, cache: EmbeddingCache, *,
                  max_domains: int = DEFAULT_MAX_DOMAINS,
                  source: DomainSource | None = None) -> None:
         if max_domains < 0:
@@ -111,6 +118,7 @@ class AdapterTable:
         self.model = attach_lora(sam, AdapterConfig(rank=1))  # placeholder, never active
         self.model.eval()
         self.sam: Sam = unwrap(self.model)
+        self.encoder = encoder
         self.lock = WriterFirstLock()
         self.max_domains = max_domains
         self.swaps = SwapLog()
@@ -191,13 +199,24 @@ class AdapterTable:
                 self._remove_unused()
 
     def deltas(self, slot: AdapterSlot | None) -> dict | None:
-        """What to fold into the serving encoder for ``slot`` (None: none)
-        (:func:`regcl.models.serving.lora_deltas`). Caller holds the model lock."""
+        """What to fold into a compiled serving encoder for ``slot`` (None: none): ``ΔW`` per
+        layer from the slot's factors. Caller holds the model lock."""
         if slot is None:
             return None
-        if slot.key not in self.model.peft_config:  # never with pins; never serve base instead
+        self._check_resident(slot)
+        return self.encoder.delta_weights(slot.key)
+
+    def _check_resident(self, slot: AdapterSlot) -> None:
+        if slot.key not in self.encoder.bank:  # never with pins; never serve base instead
             raise RuntimeError(f"adapter slot {slot.key} ({slot.label}) was removed in use")
-        return lora_deltas(self.sam.image_encoder, slot.key)
+
+    def encoder_key(self, slot: AdapterSlot | None) -> str | None:
+        """The encoder bank's key for ``slot`` (None: base), for a mixed forward. Caller holds
+        the model lock."""
+        if slot is None:
+            return None
+        self._check_resident(slot)
+        return slot.key
 
     # ----------------------------------------------------------------------------- changes
     def _new_slot(self, kind: str, name: str, version: int | None, files: AdapterFiles,
@@ -208,14 +227,21 @@ class AdapterTable:
 
     def _add_slot(self, slot: AdapterSlot, config: LoraConfig, files: AdapterFiles,
                   source: str) -> None:
-        """add_slot, then prove the adapter folds into plain weights (not DoRA, only linear
-        layers); else remove it again. Caller holds the model lock."""
+        """add_slot (PEFT checks and loads the files), copy the adapter's LoRA factors into the
+        encoder's bank (refused unless every layer is plain LoRA on a linear: not DoRA), then
+        delete the PEFT copy. Caller holds the model lock."""
         add_slot(self.model, slot.key, config, files, source)
         try:
-            lora_deltas(self.sam.image_encoder, slot.key)
+            factors = lora_factors(self.sam.image_encoder, slot.key)
+            self.encoder.add_adapter(slot.key, factors)
         except ConfigError as exc:
-            remove_slot(self.model, slot.key)
             raise AdapterRejectedError(f"{source}: {exc}") from exc
+        finally:
+            remove_slot(self.model, slot.key)
+
+    def _drop_slot(self, slot: AdapterSlot) -> None:
+        """Remove ``slot``'s factors from the encoder. Caller holds the model lock."""
+        self.encoder.remove_adapter(slot.key)
 
     def _remove_unused(self) -> list[AdapterSlot]:
         """Remove the retired slots nobody uses and the least recently used unused domains
@@ -234,7 +260,7 @@ class AdapterTable:
                     over -= 1
                     logger.info("unloaded domain adapter %r (least recently used)", name)
         for slot in doomed:
-            remove_slot(self.model, slot.key)
+            self._drop_slot(slot)
             self._cache.drop_adapter(slot.key)
         return doomed
 
@@ -263,7 +289,7 @@ class AdapterTable:
             with self._state:
                 self._live = slot
             if previous is not None:
-                remove_slot(self.model, previous.key)
+                self._drop_slot(previous)
             locked_seconds = time.perf_counter() - locked
         dropped = self._cache.drop_adapter(previous.key) if previous is not None else 0
         result = SwapResult(version, previous.version if previous else None,
@@ -280,7 +306,7 @@ class AdapterTable:
             with self._state:
                 previous, self._live = self._live, None
             if previous is not None:
-                remove_slot(self.model, previous.key)
+                self._drop_slot(previous)
         if previous is None:
             return None
         self._cache.drop_adapter(previous.key)

@@ -1,16 +1,20 @@
 """``adapter: "auto"``: which domain adapter serves an image, decided from the statistics the
 registered domain adapters carry (:mod:`regcl.routing`).
 
-:class:`DomainRouting` owns the serving process's :class:`~regcl.routing.DomainRouter`: the
-registered adapters whose statistics fit (one :class:`DomainEntry` each), rebuilt from scratch
-on every change (:meth:`DomainRouting.replace`), so its state always equals a router built
-from those adapters' statistics alone. It also remembers each image's route per router
-generation (an auto request for an image routed before costs no routing at all).
+:class:`DomainRouting` owns the serving process's router, a
+:class:`~regcl.routing.compact.CompactRouter` over the registered adapters whose statistics fit
+(one :class:`DomainEntry` each), rebuilt from scratch on every change
+(:meth:`DomainRouting.replace`), so its state always equals a router built from those
+adapters' statistics alone. It also remembers each image's route per router generation (an
+auto request for an image routed before costs no routing at all).
 
-What a route costs the server that the merge does not: one D x D Gram and one D mean per domain
-here (D: the width of the first adapted layer's input; 192 for the tiny SAM, 768 for vit_b),
-plus the domain's own adapter, loaded when an image routes to it; the merged live adapter is
-one adapter whatever the number of domains (README, "adapter auto").
+What a route costs the server that the merge does not: per domain, the router's compressed
+state (a K x K covariance, K = 128, and two D-vectors: 66 KiB for the tiny SAM, 70 KiB for
+vit_b, whose adapter is 600 KiB) plus one shared whitening (D x D), and the domain's own
+adapter, loaded when an image routes to it; the merged live adapter is one adapter whatever
+the number of domains (README, "adapter auto"). A rebuild reads each domain's first-layer
+statistics from its local file three times, one domain at a time, so thousands of domains
+never sit in memory at once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,11 +35,17 @@ from torch import Tensor
 from regcl.adapters.layout import count_key, gram_key, mean_key
 from regcl.errors import ConfigError, RoutingError
 from regcl.routing import (
-    DEFAULT_MAX_NOVELTY,
+    DEFAULT_MAX_DIVERGENCE,
     DEFAULT_MIN_MARGIN,
-    DomainRouter,
     Route,
     first_layer_key,
+)
+from regcl.routing.compact import (
+    DEFAULT_PRIOR_IMAGES,
+    DEFAULT_RANK,
+    DEFAULT_VOLUME_WEIGHT,
+    CompactRouter,
+    DomainMoments,
 )
 from service.engine.adapter_table import AUTO, LIVE
 
@@ -53,21 +63,46 @@ _MAX_ROUTES = 4096  # remembered image routes (a few hundred bytes each)
 class DomainEntry:
     """One registered adapter's input moments at its first adapted layer.
 
-    key: that layer's LoRA weight key. gram: D x D (XᵀX/n). count: n. mean: D, or None for
-    statistics made before means were kept. revision: the registry's sha256 of the adapter.
+    key: that layer's LoRA weight key. gram: D x D (XᵀX/n), or None when the moments stay in
+    ``source`` (a statistics file) until the router reads them. count: n. mean: D, or None
+    for statistics made before means were kept. revision: the registry's sha256 of the
+    adapter. dim: D.
     """
 
     name: str
     revision: str
     key: str
-    gram: Tensor
+    gram: Tensor | None
     count: int
     mean: Tensor | None
+    source: str | None = None
+    dim: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.dim and self.gram is not None:
+            object.__setattr__(self, "dim", int(self.gram.shape[-1]))
 
     @property
     def block(self) -> int:
         """The encoder block of :attr:`key`."""
         return _block_of(self.key)
+
+    @property
+    def square(self) -> bool:
+        """Whether the Gram is D x D (a file's is checked from its header)."""
+        if self.gram is not None:
+            return self.gram.dim() == 2 and self.gram.shape[0] == self.gram.shape[1]
+        return True
+
+    def moments(self) -> DomainMoments:
+        """The moments, read from :attr:`source` if they are not held (RoutingError)."""
+        if self.gram is not None:
+            return DomainMoments(self.gram, self.count, self.mean)
+        entry = read_domain_entry(self.source, self.name, self.revision, lazy=False)
+        if entry.key != self.key or entry.count != self.count:
+            raise RoutingError(f"the statistics of {self.name!r} changed while the router read "
+                               "them")
+        return DomainMoments(entry.gram, entry.count, entry.mean)
 
 
 def _block_of(key: str) -> int:
@@ -77,14 +112,23 @@ def _block_of(key: str) -> int:
     return int(match.group(1))
 
 
-def read_domain_entry(stats_file: str | os.PathLike[str], name: str, revision: str
-                      ) -> DomainEntry:
+def read_domain_entry(stats_file: str | os.PathLike[str], name: str, revision: str, *,
+                      lazy: bool = True) -> DomainEntry:
     """:func:`domain_entry` of a statistics file, reading only the router's three tensors
-    (RoutingError when the file is not one)."""
+    (RoutingError when the file is not one). ``lazy``: read the header and the count now,
+    the Gram and mean when the router is built."""
     try:
         with safe_open(os.fspath(stats_file), framework="pt") as handle:
             names = list(handle.keys())
             key = first_layer_key(names)
+            if lazy and gram_key(key) in names and count_key(key) in names:
+                shape = handle.get_slice(gram_key(key)).get_shape()
+                count = handle.get_tensor(count_key(key))
+                if len(shape) != 2 or shape[0] != shape[1] or count.numel() != 1:
+                    raise RoutingError(f"statistics lack a square {gram_key(key)} / one "
+                                       f"{count_key(key)}")
+                return DomainEntry(name, revision, key, None, int(count.reshape(())), None,
+                                   os.fspath(stats_file), int(shape[0]))
             stats = {k: handle.get_tensor(k) for k in (gram_key(key), count_key(key),
                                                         mean_key(key)) if k in names}
     except (OSError, SafetensorError) as exc:
@@ -137,7 +181,7 @@ class RouterState:
     copy of the statistics; nothing else keeps them."""
 
     generation: int
-    router: DomainRouter | None
+    router: CompactRouter | None
     domains: tuple[RouterDomain, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -151,7 +195,7 @@ class RouterState:
         return next((d.revision for d in self.domains if d.name == name), None)
 
 
-def router_digest(router: DomainRouter | None) -> str:
+def router_digest(router: CompactRouter | None) -> str:
     """sha256 of a router's whole state (metadata and every tensor's bytes): two routers
     with equal digests route every image alike."""
     digest = hashlib.sha256()
@@ -179,17 +223,30 @@ class DomainRouting:
 
     min_margin / max_novelty: a route is taken when the best domain leads the runner-up by at
     least ``min_margin`` and its novelty is at most ``max_novelty`` (the library's defaults,
-    chosen in docs/benchmarks.md, "Domain routing"); otherwise ``auto`` falls back to ``live``.
-    dim: the width D of the model's first-layer inputs; entries of another width are skipped.
+    chosen in docs/benchmarks.md, "A router that scales"); otherwise ``auto`` falls back to
+    ``live``. dim: the width D of the model's first-layer inputs; entries of another width are
+    skipped. rank, prior_images, volume_weight, ridge: the router's
+    (:class:`~regcl.routing.compact.CompactRouter`). tokens_per_image: tokens an image puts
+    through the router's layer, given its block (window padding counted), so a domain's
+    token count says how many images are behind it.
     """
 
     def __init__(self, dim: int, *, min_margin: float = DEFAULT_MIN_MARGIN,
-                 max_novelty: float = DEFAULT_MAX_NOVELTY,
-                 ridge: float = DEFAULT_ROUTE_RIDGE) -> None:
+                 max_novelty: float = DEFAULT_MAX_DIVERGENCE,
+                 ridge: float = DEFAULT_ROUTE_RIDGE, rank: int = DEFAULT_RANK,
+                 prior_images: float = DEFAULT_PRIOR_IMAGES,
+                 volume_weight: float = DEFAULT_VOLUME_WEIGHT,
+                 tokens_per_image: Callable[[int], int] | None = None) -> None:
         self.dim = int(dim)
         self.min_margin = _check_threshold("min_margin", min_margin)
         self.max_novelty = _check_threshold("max_novelty", max_novelty, positive=True)
         self.ridge = _check_threshold("ridge", ridge)
+        self.prior_images = _check_threshold("prior_images", prior_images)
+        self.volume_weight = _check_threshold("volume_weight", volume_weight)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"rank must be an int >= 1, got {rank!r}")
+        self.rank = rank
+        self._tokens_per_image = tokens_per_image or (lambda block: 1)
         self._lock = threading.Lock()
         self._state = RouterState(0, None)
         self._routes: OrderedDict[tuple[str, int], AutoRoute] = OrderedDict()
@@ -208,9 +265,9 @@ class DomainRouting:
         skipped = dict(skipped or {})
         usable = []
         for entry in sorted(entries, key=lambda e: e.name):
-            if tuple(entry.gram.shape) != (self.dim, self.dim):
-                skipped[entry.name] = (f"its statistics are {tuple(entry.gram.shape)}, the "
-                                       f"model's first adapted layer reads {self.dim} features")
+            if not entry.square or entry.dim != self.dim:
+                skipped[entry.name] = (f"its statistics are {entry.dim} wide, the model's "
+                                       f"first adapted layer reads {self.dim} features")
             else:
                 usable.append(entry)
         router = None
@@ -218,19 +275,19 @@ class DomainRouting:
             counts = Counter(e.key for e in usable)
             most = max(counts.values())
             key = first_layer_key(k for k, n in counts.items() if n == most)
-            router = DomainRouter(self.ridge)
             for entry in usable:
                 if entry.key != key:
                     skipped[entry.name] = (f"its first adapted layer is {entry.key}, the "
                                            f"router reads {key}")
-                    continue
-                router.fold_moments(entry.name, entry.gram, entry.count, entry.mean, key=key)
+            routed = [e for e in usable if e.key == key]
+            router = CompactRouter.build(
+                {e.name: e.moments for e in routed}, key=key, rank=self.rank,
+                prior_images=self.prior_images, volume_weight=self.volume_weight,
+                tokens_per_image=self._tokens_per_image(_block_of(key)), ridge=self.ridge)
         kept = tuple(RouterDomain(e.name, e.revision, e.count) for e in usable
                      if e.name not in skipped)
         with self._lock:
-            state = RouterState(self._state.generation + 1,
-                                router if router is not None and router.num_domains else None,
-                                kept, skipped)
+            state = RouterState(self._state.generation + 1, router, kept, skipped)
             self._state = state
             self._routes.clear()
         logger.info("domain router generation %d: %d domain(s) %s, %d skipped",

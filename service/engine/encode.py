@@ -1,21 +1,26 @@
-"""Image embeddings: the embedding cache first, else one batched encoder forward per adapter.
+"""Image embeddings: the embedding cache first, else one batched encoder forward.
 
 The image encoder that runs is a :class:`~regcl.models.serving.ServingEncoder`, a plain copy
-of the base encoder into whose weights the adapter of a batch is folded (an in-place copy:
-zero LoRA overhead, and a compiled encoder survives swaps). Which adapter is folded is
-model-global state, so encoding runs under the adapter table's model lock.
+of the base encoder. Uncompiled, it runs a batch's images in **one** forward whatever their
+adapters: base weights once for the batch, then each image's own LoRA update from the
+encoder's bank (:mod:`regcl.models.lora_bank`); ``base``, ``live``, named domains and
+``auto`` share the forward. Compiled, it folds one adapter at a time into its weights (an
+in-place copy: zero LoRA overhead, no recompile on swaps) and runs one forward per adapter
+in the batch. The bank and the folded weights change only under the adapter table's model
+lock, which the batcher holds while it encodes.
 
 Encodes are batched dynamically (:mod:`service.engine.batching`): a request that misses the cache
 resizes and normalises its image on its own thread (as ``SamPredictor.set_image`` does up to
 the encoder), then waits for the batcher thread, which collects up to ``max_batch`` images
-(or ``max_wait_ms``) and runs one encoder forward per adapter among them. Embeddings are
+(or ``max_wait_ms``) and encodes them together. Embeddings are
 cached under the adapter slot's unique key, so a hot swap makes the old version's
 embeddings unreachable by construction.
 
 For ``adapter: "auto"`` (:mod:`service.engine.auto_routing`) the encode is split: :meth:`prefix`
-runs the blocks before the first adapted one (no adapter folded there), the router reads those
+runs the blocks before the first adapted one (no adapter there), the router reads those
 tokens, and the request's encode job then carries them, so its batch finishes the encoder from
-them with the chosen adapter instead of starting again from the pixels. That embedding is
+them with the chosen adapter instead of starting again from the pixels (the batch's other
+images run their prefix up to that block first, then one suffix serves them all). That embedding is
 cached under the chosen slot's key like any other (one entry per image and adapter).
 """
 
@@ -76,6 +81,7 @@ class ImageEncoding:
                  images: ImageStore, options: ServingOptions) -> None:
         self.encoder = encoder
         self.encodes = 0
+        self.forwards = 0  # encoder forwards that made embeddings (prefixes not counted)
         self._table = table
         self._sam = table.sam
         self._cache = cache
@@ -135,8 +141,10 @@ class ImageEncoding:
                          (int(tensor.shape[-2]), int(tensor.shape[-1])))
 
     def _run_batch(self, batch: list[Pending[_EncodeJob]]) -> None:
-        """The batcher thread: one encoder forward per adapter among ``batch`` (each image
-        once), under the model lock; settles every future with (embedding, cache_hit)."""
+        """The batcher thread: the embeddings of ``batch`` (each image and adapter once) under
+        the model lock, in one mixed-adapter forward (an uncompiled encoder) or one folded
+        forward per adapter (a compiled one); settles every future with (embedding,
+        cache_hit)."""
         with self._table.lock.after_writers():
             self._run_prefixes([p for p in batch if p.item.prefix_only])
             groups: dict[str, tuple[AdapterSlot | None, dict[str, list[Pending]]]] = {}
@@ -156,26 +164,67 @@ class ImageEncoding:
                     continue
                 group = groups.setdefault(key, (slot, {}))[1]
                 group.setdefault(job.image_id, []).append(pending)
-            for key, (slot, by_image) in groups.items():
-                try:
-                    self._fold(slot)
-                    features = self._forward([waiting[0].item for waiting in by_image.values()])
-                except Exception as exc:
-                    for waiting in by_image.values():
-                        for pending in waiting:
-                            pending.future.set_exception(exc)
-                    continue
-                for index, (image_id, waiting) in enumerate(by_image.items()):
-                    prepared = waiting[0].item.prepared
-                    encoded = EncodedImage(image_id, features[index : index + 1].clone(),
-                                           prepared.original_size, prepared.input_size,
-                                           slot_label(slot), key)
-                    # Stored under the lock: once a swap has dropped a version, nothing
-                    # re-adds it.
-                    self._cache.put((image_id, key), encoded)
-                    self.encodes += 1
-                    for position, pending in enumerate(waiting):
-                        pending.future.set_result((encoded, position > 0))
+            if self.encoder.mixes:
+                self._run_mixed(groups)
+            else:
+                for key, group in groups.items():
+                    self._run_folded({key: group})
+
+    def _run_mixed(self, groups: dict[str, tuple[AdapterSlot | None, dict[str, list[Pending]]]]
+                   ) -> None:
+        """One forward for every group, each image with its group's adapter (images of one
+        adapter next to each other, so each adapter's update is one run of rows)."""
+        if not groups:
+            return
+        try:
+            keys = [self._table.encoder_key(slot) for slot, _ in groups.values()]
+        except Exception as exc:
+            self._fail(groups, exc)
+            return
+        rows = [(key, waiting) for key, (_, by_image) in zip(keys, groups.values(), strict=True)
+                for waiting in by_image.values()]
+        try:
+            features = self._forward([waiting[0].item for _, waiting in rows],
+                                     [key for key, _ in rows])
+        except Exception as exc:
+            self._fail(groups, exc)
+            return
+        index = 0
+        for key, (slot, by_image) in groups.items():
+            for image_id, waiting in by_image.items():
+                self._settle(image_id, waiting, features[index : index + 1], slot, key)
+                index += 1
+
+    def _run_folded(self, groups: dict[str, tuple[AdapterSlot | None, dict[str, list[Pending]]]]
+                    ) -> None:
+        """One group: its adapter folded into the weights, one forward."""
+        ((key, (slot, by_image)),) = groups.items()
+        try:
+            self._fold(slot)
+            features = self._forward([waiting[0].item for waiting in by_image.values()])
+        except Exception as exc:
+            self._fail(groups, exc)
+            return
+        for index, (image_id, waiting) in enumerate(by_image.items()):
+            self._settle(image_id, waiting, features[index : index + 1], slot, key)
+
+    @staticmethod
+    def _fail(groups: dict, exc: BaseException) -> None:
+        for _, by_image in groups.values():
+            for waiting in by_image.values():
+                for pending in waiting:
+                    pending.future.set_exception(exc)
+
+    def _settle(self, image_id: str, waiting: list[Pending], features: torch.Tensor,
+                slot: AdapterSlot | None, key: str) -> None:
+        prepared = waiting[0].item.prepared
+        encoded = EncodedImage(image_id, features.clone(), prepared.original_size,
+                               prepared.input_size, slot_label(slot), key)
+        # Stored under the lock: once a swap has dropped a version, nothing re-adds it.
+        self._cache.put((image_id, key), encoded)
+        self.encodes += 1
+        for position, pending in enumerate(waiting):
+            pending.future.set_result((encoded, position > 0))
 
     def _run_prefixes(self, batch: list[Pending[_EncodeJob]]) -> None:
         """Tokens entering each job's block, one prefix forward per block among ``batch``;
@@ -197,15 +246,32 @@ class ImageEncoding:
             for index, pending in enumerate(waiting):
                 pending.future.set_result((tokens[index : index + 1].clone(), False))
 
-    def _forward(self, jobs: list[_EncodeJob]) -> torch.Tensor:
-        """Embeddings B x C x h x w of ``jobs`` (one per image) with what is folded now: from
-        their tokens when every job carries them for one block and nothing is folded before
-        it, else from the pixels."""
-        blocks = {job.block for job in jobs if job.tokens is not None}
-        if len(blocks) == 1 and all(job.tokens is not None for job in jobs) \
-                and not self.encoder.folds_before(blocks.pop()):
-            return self.encoder.suffix(_join([job.tokens for job in jobs]), jobs[0].block)
-        return self.encoder(torch.cat([job.prepared.pixels for job in jobs]))
+    def _forward(self, jobs: list[_EncodeJob], adapters: list[str | None] | None = None
+                 ) -> torch.Tensor:
+        """Embeddings B x C x h x w of ``jobs`` (one per image), each with its entry of
+        ``adapters`` (encoder bank keys; None: with what is folded now).
+
+        When some jobs carry their tokens entering one block k (``auto``: the router's
+        prefix) and no adapter of the batch reaches below k, the encoder runs from block k:
+        the other images' prefix up to k, then one suffix for all. Otherwise every image runs
+        from its pixels."""
+        self.forwards += 1
+        carried = {job.block for job in jobs if job.tokens is not None}
+        if len(carried) == 1:
+            block = carried.pop()
+            below = self.encoder.folds_before(block) or any(
+                (first := self.encoder.bank.first_block(key)) is not None and first < block
+                for key in adapters or ())
+            fresh = [job for job in jobs if job.tokens is None]
+            if not below and not (fresh and self.encoder.compiled):  # compiled: its graph
+                made = iter(())
+                if fresh:
+                    tokens = self.encoder.prefix(torch.cat([job.prepared.pixels
+                                                            for job in fresh]), block)
+                    made = iter(tokens[i : i + 1] for i in range(len(fresh)))
+                parts = [job.tokens if job.tokens is not None else next(made) for job in jobs]
+                return self.encoder.suffix(_join(parts), block, adapters)
+        return self.encoder(torch.cat([job.prepared.pixels for job in jobs]), adapters)
 
     def _fold(self, slot: AdapterSlot | None) -> None:
         """Fold ``slot``'s adapter (None: none) into the encoder's weights. Slot keys are

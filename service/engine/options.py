@@ -1,14 +1,42 @@
-"""How the serving engine runs: device, precision, attention, compile and batching."""
+"""How the serving engine runs: device, precision, attention, compile, batching and threads.
+
+Unset options are chosen from the host (:meth:`ServingOptions.resolved`): the fastest
+setting measured for that kind of host (docs/benchmarks.md, "Defaults from the host").
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from regcl.errors import ConfigError
 
-__all__ = ["ServingOptions", "encoder_buckets"]
+__all__ = ["ServingOptions", "encoder_buckets", "host_cores", "host_threads"]
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def host_threads(device: str, cores: int | None = None) -> int:
+    """Torch intra-op threads for an API process on ``device`` (0: torch's default).
+
+    CPU: one core fewer than the host has (at least one). The encoder's and the decoder's
+    batcher threads, the event loop and the request threads need a core besides torch's
+    pool: on 2 cores one torch thread was the fastest setting measured for every workload
+    (new image 1.13-1.15x at 16 clients against 0.92-0.94x with two; a cached prompt's p50
+    10.9-11.5 ms against 15.9-17.4 ms; docs/benchmarks.md). CUDA: torch's default (the
+    device does the work).
+    """
+    if torch.device(device).type == "cuda":
+        return 0
+    return max(1, (host_cores() if cores is None else cores) - 1)
 
 
 @dataclass(frozen=True)
@@ -24,8 +52,11 @@ class ServingOptions:
     compile: ``torch.compile`` the encoder. max_batch / max_wait_ms: dynamic batching of
     encodes; max_wait_ms None picks 0 on the CPU (the encoder is the bottleneck: requests
     queue up while a batch runs, so batches form without waiting) and 2 ms on CUDA. threads:
-    torch intra-op threads (0: leave torch's default; 1 suits a small CPU, where the batcher
-    thread and the request threads already run in parallel).
+    torch intra-op threads (None: from the host, :func:`host_threads`; 0: leave torch's
+    default).
+    mixed: one encoder forward per batch whatever its images' adapters (each image's LoRA
+    update applied per row); False: fold one adapter at a time into the weights and run one
+    forward per adapter in the batch (what a compiled encoder always does).
     """
 
     device: str = "cpu"
@@ -34,8 +65,9 @@ class ServingOptions:
     compile: bool = False
     max_batch: int = 8
     max_wait_ms: float | None = None
-    threads: int = 0
+    threads: int | None = None
     max_decode_batch: int = 32
+    mixed: bool = True
 
     def resolved(self) -> ServingOptions:
         """Options with the automatic choices made (a device that exists is required)."""
@@ -47,13 +79,14 @@ class ServingOptions:
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
         gpu = device.type == "cuda"
         wait = (2.0 if gpu else 0.0) if self.max_wait_ms is None else self.max_wait_ms
-        if self.max_batch < 1 or wait < 0 or self.threads < 0 or self.max_decode_batch < 1:
+        threads = host_threads(str(device)) if self.threads is None else self.threads
+        if self.max_batch < 1 or wait < 0 or threads < 0 or self.max_decode_batch < 1:
             raise ConfigError("need max_batch >= 1, max_wait_ms >= 0, threads >= 0 and "
                               "max_decode_batch >= 1")
         dtype = self.dtype or (torch.bfloat16 if gpu else torch.float32)
         sdpa = gpu if self.sdpa is None else self.sdpa
         return ServingOptions(str(device), dtype, sdpa, self.compile, self.max_batch, wait,
-                              self.threads, self.max_decode_batch)
+                              threads, self.max_decode_batch, self.mixed)
 
 
 def encoder_buckets(max_batch: int) -> tuple[int, ...]:

@@ -9,8 +9,8 @@ and callers use them directly:
   PEFT-wrapped SAM - the live adapter, the domain adapters loaded (its one owner: a request
   pins the slot it encodes with, eviction skips pinned slots, a domain not loaded is loaded
   from the registry when named), hot swaps, and the model lock.
-- ``encoding`` (:mod:`service.engine.encode`): the embedding cache, else batched encodes with
-  the adapter folded into a private serving copy of the encoder.
+- ``encoding`` (:mod:`service.engine.encode`): the embedding cache, else batched encodes in a
+  private serving copy of the encoder, each image with its own adapter in one forward.
 - ``cache`` (:mod:`service.engine.caches`): the embeddings, by image and adapter slot.
 - ``routing`` (:mod:`service.engine.auto_routing`): ``adapter: "auto"``, the router over the
   registered domain adapters' statistics (kept in step with the registry by
@@ -49,7 +49,12 @@ from segment_anything.modeling import Sam
 
 from regcl.errors import ConfigError
 from regcl.models.serving import ServingEncoder
-from regcl.routing import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN, first_layer_moments
+from regcl.routing import (
+    DEFAULT_MAX_DIVERGENCE,
+    DEFAULT_MIN_MARGIN,
+    first_layer_moments,
+    tokens_per_image,
+)
 from service.engine.adapter_table import (
     BASE,
     DEFAULT_MAX_DOMAINS,
@@ -101,7 +106,7 @@ class SegmentationEngine:
                  options: ServingOptions | None = None,
                  domain_source: DomainSource | None = None,
                  route_min_margin: float = DEFAULT_MIN_MARGIN,
-                 route_max_novelty: float = DEFAULT_MAX_NOVELTY) -> None:
+                 route_max_novelty: float = DEFAULT_MAX_DIVERGENCE) -> None:
         if not isinstance(sam, Sam):
             raise ConfigError(f"expected an unwrapped segment_anything Sam, got "
                               f"{type(sam).__name__}")
@@ -116,19 +121,21 @@ class SegmentationEngine:
         encoder = ServingEncoder(sam.image_encoder, device=self.options.device,
                                  dtype=self.options.dtype, sdpa=bool(self.options.sdpa),
                                  compile=self.options.compile,
-                                 buckets=encoder_buckets(self.options.max_batch))
+                                 buckets=encoder_buckets(self.options.max_batch),
+                                 mixed=self.options.mixed)
         self.max_points = max_points
         self.images = ImageStore(image_store_bytes)
         self.cache = EmbeddingCache(cache_bytes)
-        self.adapters = AdapterTable(sam, self.cache, max_domains=max_domains,
+        self.adapters = AdapterTable(sam, encoder, self.cache, max_domains=max_domains,
                                      source=domain_source)
         self.encoding = ImageEncoding(encoder, self.adapters, self.cache, self.images,
                                       self.options)
         self._decoder = PromptDecoder(self.adapters.sam, self.options.max_decode_batch,
                                       threads=self.options.threads or torch.get_num_threads())
-        self.routing = DomainRouting(encoder.module.blocks[0].attn.qkv.in_features,
-                                     min_margin=route_min_margin,
-                                     max_novelty=route_max_novelty)
+        self.routing = DomainRouting(
+            encoder.module.blocks[0].attn.qkv.in_features, min_margin=route_min_margin,
+            max_novelty=route_max_novelty,
+            tokens_per_image=lambda block: tokens_per_image(encoder.module, block))
         self._mask_input_size = tuple(self.adapters.sam.prompt_encoder.mask_input_size)
         # Part of every embedding ETag: slot keys are unique within this process only.
         self._instance = secrets.token_hex(4)

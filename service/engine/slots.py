@@ -1,8 +1,10 @@
-"""PEFT adapter slots in the one serving model: checks, adding and removing.
+"""Adapter slots: the checks an adapter passes before it is served, and PEFT loading it.
 
-Every adapter the engine serves (the live one, each loaded domain) is a named PEFT adapter
-("slot") of the same ``PeftModel``. Slot names are unique per load (``slot7``), so two loads
-of the same version or domain never share cached embeddings.
+Every adapter the engine serves (the live one, each loaded domain) is loaded as a named PEFT
+adapter ("slot") of the same ``PeftModel`` (PEFT's own config handling and state-dict
+loading), whose LoRA factors the adapter table then copies into the serving encoder's bank
+and deletes from the ``PeftModel`` again. Slot names are unique per load (``slot7``), so two
+loads of the same version or domain never share cached embeddings.
 
 The engine decodes masks without its lock, so an adapter may only ever touch the image
 encoder: :func:`check_adapter_files` proves that from the config and the weights *before* the

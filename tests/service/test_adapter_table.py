@@ -50,18 +50,18 @@ def test_a_pinned_slot_outlives_its_unload_and_its_eviction(directories):
     engine = _engine(DirectorySource(directories))
     image_id = engine.images.register(make_image(7))
     want = engine.segment(image_id, POINTS, LABELS, adapter="a")
-    model = engine.adapters.model
+    resident = engine.encoding.encoder.bank  # where a served adapter's factors live
     with engine.adapters.use("a") as pinned:
         engine.adapters.unload_domain("a")
-        assert engine.adapters.domains() == [] and pinned.key in model.peft_config
+        assert engine.adapters.domains() == [] and pinned.key in resident
         engine.segment(image_id, POINTS, LABELS, adapter="b")  # a no longer counts
-        assert engine.adapters.domains() == ["b"] and pinned.key in model.peft_config
+        assert engine.adapters.domains() == ["b"] and pinned.key in resident
         engine.cache.clear()  # encode with the pinned slot, not from the cache
         encoded, hit = engine.encoding.encode(image_id, pinned)
         assert not hit and encoded.adapter_version == "domain:a"
         got = engine.decode(encoded, POINTS, LABELS)
         np.testing.assert_array_equal(got.low_res_logits, want.low_res_logits)
-    assert pinned.key not in model.peft_config  # removed with its last pin
+    assert pinned.key not in resident  # removed with its last pin
     assert engine.adapters.pinned() == 0
     engine.close()
 
@@ -70,11 +70,11 @@ def test_every_slot_pinned_goes_over_the_limit_until_released(directories):
     engine = _engine(DirectorySource(directories))
     with engine.adapters.use("a") as a, engine.adapters.use("b") as b:
         assert engine.adapters.domains() == ["a", "b"]  # both in use: over max_domains=1
-        assert {a.key, b.key} <= set(engine.adapters.model.peft_config)
+        assert {a.key, b.key} <= set(engine.encoding.encoder.bank.keys())
     # b was released first, while a was still in use: b went; then a alone is within limit.
     assert engine.adapters.domains() == ["a"]
-    assert b.key not in engine.adapters.model.peft_config
-    assert a.key in engine.adapters.model.peft_config
+    assert b.key not in engine.encoding.encoder.bank
+    assert a.key in engine.encoding.encoder.bank
     engine.close()
 
 

@@ -22,7 +22,7 @@ from infra.redis_client import connect
 from infra.registry import Registry
 from regcl.adapters.layout import STATS_FILE
 from regcl.client import Client, RouterInfo
-from regcl.routing import DomainRouter
+from regcl.routing import CompactRouter
 from service.engine.auto_routing import router_digest
 from tests import databases
 from tests.service.api_support import ADMIN_KEY, ApiServer, assert_problem, make_adapter
@@ -145,6 +145,12 @@ def test_auto_masks_equal_a_direct_request_with_the_chosen_adapter(stack) -> Non
     assert not np.array_equal(auto.masks[0].low_res_logits, base.masks[0].low_res_logits)
 
 
+def _scratch(stats: dict) -> CompactRouter:
+    """The served router built here from the statistics alone (the tiny SAM's router block
+    sees 16 x 16 tokens per image)."""
+    return CompactRouter.from_stats(stats, tokens_per_image=256)
+
+
 def test_new_and_deleted_domains_update_every_router_to_one_built_from_scratch(
         stack, servers, adapter_dirs) -> None:
     a, b, _ = stack
@@ -155,13 +161,15 @@ def test_new_and_deleted_domains_update_every_router_to_one_built_from_scratch(
         info = wait_for(b, lambda r: LATE in r.domains)
         assert b.segment(image, box=BOX, adapter="auto").adapter_version == f"domain:{LATE}"
         stats = {n: load_file(str(adapter_dirs[n] / STATS_FILE)) for n in (*DOMAINS, LATE)}
-        assert info.state_sha256 == router_digest(DomainRouter.from_stats(stats))
+        assert info.state_sha256 == router_digest(_scratch(stats))
         admin.delete_adapter("polyp")
         for api in (a, b):
             info = wait_for(api, lambda r: "polyp" not in r.domains)
             del_stats = {n: s for n, s in stats.items() if n != "polyp"}
-            assert info.state_sha256 == router_digest(DomainRouter.from_stats(del_stats))
-            assert info.state_bytes == (len(del_stats) * (info.dim * info.dim + info.dim) * 4)
+            assert info.state_sha256 == router_digest(_scratch(del_stats))
+            d, k = info.dim, min(128, info.dim)  # shared: the pool's mean and its whitening
+            assert info.state_bytes == (d + d * d) * 8 + len(del_stats) * (
+                (k * k + d + d - k) * 4 + 2 * 8)  # per domain: K x K, mean, outside, 2 scalars
         polyp = a.segment(domain_image("polyp", 1), box=BOX, adapter="auto")
         assert polyp.route.domain != "polyp" and "polyp" not in polyp.route.scores
 

@@ -267,6 +267,7 @@ def test_bad_adapter_is_refused_and_live_unchanged(engine, adapters):
     image_id = engine.images.register(make_image(5))
     before = engine.segment(image_id, POINTS, LABELS)
     slots_before = set(engine.adapters.model.peft_config)
+    resident_before = set(engine.encoding.encoder.bank.keys())
     for kind, bad in _bad_adapters(adapters[1]).items():
         with pytest.raises(AdapterRejectedError) as caught:
             engine.adapters.load_live(2, bad)
@@ -275,6 +276,7 @@ def test_bad_adapter_is_refused_and_live_unchanged(engine, adapters):
             engine.adapters.load_domain("polyp", bad)
         assert engine.adapters.live_version == 1, kind
         assert set(engine.adapters.model.peft_config) == slots_before, kind  # no slot left behind
+        assert set(engine.encoding.encoder.bank.keys()) == resident_before, kind
     engine.cache.clear()  # encode again: the served model itself must be unchanged
     after = engine.segment(image_id, POINTS, LABELS)
     assert after.adapter_version == "live:1" and not after.cache_hit

@@ -12,7 +12,7 @@ import torch
 
 from regcl.adapters import AdapterFiles, read_adapter
 from regcl.models import build_sam
-from regcl.routing import DomainRouter
+from regcl.routing import CompactRouter
 from service.engine.auto_routing import DomainRouting, domain_entry, router_digest
 from service.engine.segmentation import SegmentationEngine
 from tests.service.auto_support import domain_image, nowhere
@@ -95,11 +95,13 @@ def test_a_new_domain_updates_the_router_and_its_state_equals_one_built_from_scr
         state = engine.routing.replace(_entries(adapters, (*DOMAINS, LATE)))
         _, after = _auto(engine, image)  # the remembered route is for the old generation
         assert after.adapter_version == f"domain:{LATE}" and after.route.confident
-        scratch = DomainRouter.from_stats({n: adapters[n].stats for n in (*DOMAINS, LATE)})
+        scratch = CompactRouter.from_stats({n: adapters[n].stats for n in (*DOMAINS, LATE)},
+                                           tokens_per_image=256)  # tiny: 16 x 16 tokens
         assert router_digest(state.router) == router_digest(scratch)
         state = engine.routing.replace(_entries(adapters, DOMAINS[1:]))  # polyp deleted
         assert router_digest(state.router) == router_digest(
-            DomainRouter.from_stats({n: adapters[n].stats for n in DOMAINS[1:]}))
+            CompactRouter.from_stats({n: adapters[n].stats for n in DOMAINS[1:]},
+                                     tokens_per_image=256))
         assert router_digest(state.router) != router_digest(scratch)
     finally:
         engine.routing.replace(_entries(adapters, DOMAINS))

@@ -17,7 +17,7 @@ from regcl.errors import ConfigError
 from regcl.models import build_sam
 from service.engine.batching import Batcher, WriterFirstLock
 from service.engine.decode import DecodeJob, decode_rows
-from service.engine.options import ServingOptions
+from service.engine.options import ServingOptions, host_cores, host_threads
 from service.engine.segmentation import SegmentationEngine
 from tests.service.test_engine import LABELS, POINTS, _randomised_adapter, make_image
 
@@ -130,6 +130,10 @@ def test_options_pick_cpu_defaults_and_refuse_missing_cuda():
     options = ServingOptions().resolved()
     assert options.dtype == torch.float32 and options.sdpa is False  # exact parity
     assert options.max_wait_ms == 0.0
+    assert options.threads == max(1, host_cores() - 1) and options.mixed
+    assert ServingOptions(threads=0).resolved().threads == 0  # torch's own default
+    assert [host_threads("cpu", cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert host_threads("cuda") == 0
     assert ServingOptions(sdpa=True).resolved().sdpa is True
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):

@@ -17,9 +17,10 @@ def _finite(value: float) -> float | None:
 
 class RouteInfo(BaseModel):
     """How ``adapter: "auto"`` chose: the domain router's best domain, its lead over the
-    runner-up (``margin``) and how unlike that domain the image is (``novelty``, about 1 in
-    domain). The route is taken when margin ≥ ``min_margin`` and novelty ≤ ``max_novelty``;
-    otherwise (or when no adapter has statistics) the live merged adapter serves."""
+    runner-up (``margin``) and how unlike that domain the image is (``novelty``, below about
+    1.3 for most in-domain images). The route is taken when margin ≥ ``min_margin`` and
+    novelty ≤ ``max_novelty``; otherwise (or when no adapter has statistics) the live merged
+    adapter serves."""
 
     adapter_version: str = Field(description="What served the image: 'domain:<name>' when "
                                  "the route was taken, else 'live:<n>' (or 'base').")
@@ -29,8 +30,10 @@ class RouteInfo(BaseModel):
     best: str | None = Field(description="The best-scoring domain (null: no router).")
     margin: float | None = Field(description="Best score minus the runner-up's (nats per "
                                  "token and feature); null with fewer than two domains.")
-    novelty: float | None = Field(description="Mean squared Mahalanobis distance per feature "
-                                  "under the best domain; null: no router.")
+    novelty: float | None = Field(description="How unlike the best domain the image is: half "
+                                  "its mean squared Mahalanobis distance per feature minus 1, "
+                                  "plus twice its log-volume gap per feature (regcl.routing."
+                                  "compact); null: no router.")
     min_margin: float
     max_novelty: float
     scores: dict[str, float] = Field(description="Every domain's score (mean log-likelihood "
@@ -83,8 +86,8 @@ class RouterInfo(BaseModel):
     block: int | None = Field(description="The encoder block that layer is in: the encoder "
                               "runs up to it once per image before the route is chosen.")
     dim: int = Field(description="Features per token at that layer.")
-    state_bytes: int = Field(description="Bytes of its statistics: one dim x dim Gram and one "
-                             "mean per domain.")
+    state_bytes: int = Field(description="Bytes of its state: a shared whitening (dim x dim) "
+                             "and per domain a rank x rank covariance and two vectors.")
     state_sha256: str
     min_margin: float
     max_novelty: float
