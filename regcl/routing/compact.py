@@ -56,12 +56,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from regcl.errors import RoutingError
-from regcl.routing.router import Route, decide
+from regcl.routing.router import Route, decide, read_router_file
 from regcl.routing.thresholds import DEFAULT_MAX_NOVELTY, DEFAULT_MIN_MARGIN
 
 __all__ = ["DEFAULT_PRIOR_IMAGES", "DEFAULT_RANK", "DEFAULT_VOLUME_WEIGHT", "CompactRouter",
@@ -419,10 +418,4 @@ class CompactRouter:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CompactRouter:
-        try:
-            with safe_open(os.fspath(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(os.fspath(path))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-            raise RoutingError(f"cannot read a compact router from {path}: {error}") from None
-        return cls.from_tensors(tensors, metadata)
+        return cls.from_tensors(*read_router_file(path, "a compact router"))

@@ -362,11 +362,17 @@ class DomainRouter:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DomainRouter:
         """Reads a router written by :meth:`save` (RoutingError when it is not one)."""
-        try:
-            with safe_open(os.fspath(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(os.fspath(path))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-            raise RoutingError(f"cannot read a domain router from {path}: {error}") from None
-        return cls.from_tensors(tensors, metadata)
+        return cls.from_tensors(*read_router_file(path, "a domain router"))
+
+
+def read_router_file(path: str | os.PathLike[str],
+                     what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A router's safetensors file: its tensors and metadata (RoutingError naming ``what``
+    when it cannot be read)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(os.fspath(path)), metadata
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise RoutingError(f"cannot read {what} from {path}: {error}") from None
 

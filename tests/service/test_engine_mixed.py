@@ -5,8 +5,6 @@ prompts, logits within :data:`MIXED_VS_FOLDED_LOGITS`)."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from service.engine.options import ServingOptions
 from service.engine.segmentation import SegmentationEngine
 from tests.service.auto_support import domain_image
 from tests.service.test_engine import LABELS, POINTS, PROMPTS, _randomised_adapter, make_image
+from tests.service.test_engine_batching import _concurrently
 
 pytestmark = pytest.mark.slow  # about 40 s: statistics of two domains, two engines
 
@@ -48,24 +47,10 @@ def _engine(files: dict[str, AdapterFiles], **options) -> SegmentationEngine:
 
 def _together(engine: SegmentationEngine, requests: list[tuple[str, str]]) -> list:
     """Each (image id, adapter) segmented on its own thread, all released at once."""
-    results: list = [None] * len(requests)
-    errors: list = []
-    barrier = threading.Barrier(len(requests))
-
-    def run(index: int, image_id: str, adapter: str) -> None:
-        try:
-            barrier.wait()
-            results[index] = engine.segment(image_id, POINTS, LABELS, adapter=adapter)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    return results
+    results = _concurrently(lambda i: engine.segment(requests[i][0], POINTS, LABELS,
+                                                     adapter=requests[i][1]),
+                            range(len(requests)))
+    return [results[i] for i in range(len(requests))]
 
 
 def test_every_kind_of_request_shares_one_forward(files):
