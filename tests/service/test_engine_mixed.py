@@ -121,6 +121,7 @@ def test_mixed_and_folded_numerics_on_the_parity_prompts(files):
                 np.testing.assert_array_equal(a.masks, b.masks)
                 worst = max(worst, float(np.abs(a.low_res_logits - b.low_res_logits).max()))
                 identical &= np.array_equal(a.low_res_logits, b.low_res_logits)
+    print(f"mixed vs folded, fp32: masks equal, max |low-res logit difference| {worst:.3g}")
     assert worst <= MIXED_VS_FOLDED_LOGITS and not identical
     mixed.close()
     folded.close()
