@@ -19,6 +19,8 @@ Layout (types in brackets)::
     regcl:datasets                 [hash]    dataset name -> DatasetRecord JSON (infra.datasets)
     regcl:lock:dataset:<name>      [string]  redis-py Lock held while a dataset is added/deleted
     regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "step"} JSON
+    regcl:ls:serving               [hash]    domain -> what serves its projects (ServingRecord
+                                             JSON, infra.project_serving)
     regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
     regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
     regcl:samples:<domain>:seen    [string]  log length at the latest snapshot
@@ -49,6 +51,8 @@ REAPER_LOCK = f"{PREFIX}lock:reaper"
 ACTIVE_JOBS = f"{PREFIX}jobs:active"
 DATASETS = f"{PREFIX}datasets"
 LS_PROJECTS = f"{PREFIX}ls:projects"
+LS_SERVING = f"{PREFIX}ls:serving"
+"""Per domain: what serves its Label Studio projects (:mod:`infra.project_serving`)."""
 SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"

@@ -144,6 +144,10 @@ class SampleSets:
         data = json.loads(raw)
         return ProjectSettings(project_id, data["domain"], dict(data.get("step", {})))
 
+    def configured_projects(self) -> list[int]:
+        """Ids of the projects whose settings were stored (setup with extra params)."""
+        return sorted(int(p) for p in self._redis.hkeys(keys.LS_PROJECTS))
+
     def configure_project(self, project_id: int, domain: str | None,
                           step: Mapping[str, Any] | None) -> ProjectSettings:
         """Set the project's domain (None: the default) and step parameters (checked by the

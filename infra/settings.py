@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Start a continual step after this many new annotations "
         "of a project (0: only on Label Studio's Start Training).",
     )
+    label_studio_serving: Literal["project", "live"] = Field(
+        default="project", description="What answers a Label Studio project's predictions: "
+        "'project' = its own domain adapter once a continual step found it better than live on "
+        "the project's held-out set, else auto (the router), else live; 'live' = the live "
+        "merge for every project.",
+    )
     gate_tolerance: float = Field(
         default=0.02, ge=0, le=1, description="Guarded activation: the largest IoU a candidate "
         "may lose on another domain's held-out set and still go live.",

@@ -5,7 +5,10 @@ snapshot the domain's sample set (train / held-out datasets) → train the domai
 (a domain trained before is replaced: the state is rebuilt from the live adapters without its
 old one) → store the result as a candidate version → score live and candidate on this
 domain's held-out set and on every other live domain's → activate the candidate only if
-:func:`regcl.evaluation.gate.guarded_activation` says so. Worker side only (imports torch).
+:func:`regcl.evaluation.gate.guarded_activation` says so → score the new adapter alone
+against the live version the step leaves, on the same held-out set: if it is better, it
+serves the domain's Label Studio projects from now (:mod:`infra.project_serving`; a step whose
+adapter is not better leaves them on what served them). Worker side only (imports torch).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from infra.errors import NotFound
+from infra.project_serving import ProjectServing, ServingCheck
 from infra.registry import AdapterRecord, VersionRecord
 from infra.sample_sets import SampleSets
 from regcl.adapters import unwrap
@@ -50,9 +54,11 @@ def continual(job: JobHandle, domain: str, project: int | None, params: dict[str
     _, holdout = steps.dataset_tensors(rt, snap.heldout.name, unwrap(model),
                                        max_samples=p.eval_samples, seed=0)
     samples = {"train": len(train_set), "heldout": len(holdout)}
-    _, metrics = train_and_register(job, rt, model, p.train, name, train_set, holdout, metadata={
-        "domain": domain, "project": project, "heldout_dataset": snap.heldout.name,
-        "dataset": {"name": snap.train.name, "sha256": snap.train.sha256, "samples": samples}},
+    trained, metrics = train_and_register(
+        job, rt, model, p.train, name, train_set, holdout, metadata={
+            "domain": domain, "project": project, "heldout_dataset": snap.heldout.name,
+            "dataset": {"name": snap.train.name, "sha256": snap.train.sha256,
+                        "samples": samples}},
         span=(0.05, 0.6))
     live = rt.registry.live_version()
     candidate, replaced = _merge_candidate(job, rt, live, domain, name, p)
@@ -83,13 +89,21 @@ def continual(job: JobHandle, domain: str, project: int | None, params: dict[str
     elif gate["passed"]:
         gate["reason"] = (f"not activated: version {rt.registry.live_version()} went live "
                           f"while this step ran (the candidate was built on {live})")
+    job.phase(0.95, "serving")
+    after = candidate.number if activated else live  # the live version the step leaves
+    check = ServingCheck(name, trained.sha256,
+                         iou_on(unwrap(model), holdout, p.seed, p.n_points),
+                         "base" if after is None else f"live:{after}",
+                         own[1] if activated else own[0], len(holdout), job.id)
+    serving = ProjectServing(rt.redis).record(domain, check)
     return {"domain": domain, "project": project, "adapter": name,
             "snapshot": {"seq": snap.seq, "train": snap.train.name,
                          "heldout": snap.heldout.name, "annotations": snap.annotations,
                          "samples": samples},
             "metrics": {k: metrics[k] for k in ("holdout", "holdout_base")},
             "version": candidate.number, "live_before": live, "replaced": replaced,
-            "activated": activated, "gate": gate, "unchecked_domains": unchecked}
+            "activated": activated, "gate": gate, "unchecked_domains": unchecked,
+            "serving": {"check": check.to_dict(), "adapter": serving.adapter}}
 
 
 def _live_state(rt: WorkerRuntime, live: int | None, method: str | None

@@ -355,6 +355,13 @@ class AdapterTable:
         with self._state:
             return list(self._domains)
 
+    def revision_of(self, name: str) -> str | None:
+        """The content hash of domain adapter ``name`` as loaded (None: not loaded, or loaded
+        from files rather than the registry)."""
+        with self._state:
+            slot = self._domains.get(name)
+            return None if slot is None else slot.revision
+
     def served(self) -> list[AdapterSlot]:
         """Every adapter being served: the live one (if any), then the domains."""
         with self._state:

@@ -2,9 +2,12 @@
 
 - **predict**: each task's image is fetched from Label Studio (:mod:`.task_images`: its
   origin, or a listed storage host for cloud URIs) and segmented by the engine with the
-  interactive prompt (:mod:`.context`), ``live`` adapter, one mask (``multimask`` off, as
-  ``/v1/segment`` with ``multimask: false``), answered as a brush region, or as polygons
-  (:mod:`.polygons`) for a ``PolygonLabels`` config, with the version that made it. No
+  interactive prompt (:mod:`.context`), with what serves the project
+  (:mod:`infra.project_serving`: its own domain adapter once a step earned it, else ``auto``;
+  ``live`` for every project when ``label_studio_serving`` is ``live``), one mask
+  (``multimask`` off, as ``/v1/segment`` with ``multimask: false``), answered as a brush
+  region, or as polygons (:mod:`.polygons`) for a ``PolygonLabels`` config, with the version
+  that made it (``model_version``: ``domain:<name>@<sha8>``, ``live:<n>``, ``base``). No
   prompt: an empty result (no guessing). A bad task among several gets an empty result and a
   log line; a single task's problem is the answer.
 - **ingest** (ANNOTATION_CREATED / _UPDATED, and each annotation of ANNOTATIONS_CREATED): the
@@ -25,6 +28,7 @@ import io
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,11 +38,13 @@ from PIL import Image
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
+from infra.project_serving import ProjectServing, ServingRecord
 from infra.sample_sets import ProjectSettings, SampleSets
 from infra.settings import Settings
 from regcl.errors import RegclError
-from service.engine import LIVE, SegmentationEngine
-from service.engine.errors import ImageNotFoundError
+from service.engine import AUTO, LIVE, SegmentationEngine
+from service.engine.decode import SegmentResult
+from service.engine.errors import ImageNotFoundError, UnknownAdapterError
 from service.engine.masks import mask_to_png
 from service.labelstudio.annotations import AnnotatedMasks, annotated_masks, check_id
 from service.labelstudio.brush_rle import BrushRleError, encode_brush_rle
@@ -58,6 +64,7 @@ from service.labelstudio.schemas import (
     PolygonValue,
     PredictRequest,
     PredictResponse,
+    ProjectServingResponse,
     TaskPrediction,
     WebhookResponse,
 )
@@ -65,7 +72,7 @@ from service.labelstudio.sync import STOPPING, ProjectSync, StoreOutcome
 from service.labelstudio.task_images import TaskImage, TaskImages
 from workers.params import ContinualParams, validate
 
-__all__ = ["BULK_ACTIONS", "INGEST_ACTIONS", "LabelStudioBackend", "project_id_of"]
+__all__ = ["BULK_ACTIONS", "INGEST_ACTIONS", "LabelStudioBackend", "Serving", "project_id_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +112,18 @@ class ApiRuntime(Protocol):
     metrics: Any  # prometheus counters; ``segments`` here
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What answers a project's predictions now: ``adapter`` is what the engine is asked for
+    (a domain adapter's name, ``auto`` or ``live``); ``reason`` says why, for people."""
+
+    project: int | None
+    domain: str | None
+    adapter: str
+    reason: str
+    record: ServingRecord | None = None
+
+
 class LabelStudioBackend:
     """Label Studio's ML backend over one API process's runtime (see the module doc)."""
 
@@ -113,6 +132,7 @@ class LabelStudioBackend:
         self.connection = LabelStudioConnection(runtime.settings)
         self.images = TaskImages(runtime.settings, runtime.engine, self.connection)
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
+        self.serving = ProjectServing(runtime.redis)
         self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
                                 self.samples, self)
 
@@ -140,19 +160,87 @@ class LabelStudioBackend:
         domain = extra.get("domain")
         return self.samples.configure_project(project_id, domain, step)
 
+    # -- what serves a project -----------------------------------------------------------------
+
+    def serving_for(self, project_id: int | None) -> Serving:
+        """What answers ``project_id``'s predictions (see the module doc); a request without
+        a project is served as a project without its own adapter."""
+        if self.runtime.settings.label_studio_serving == "live":
+            return Serving(project_id, None, LIVE, "label_studio_serving is 'live': the live "
+                           "merge serves every project")
+        if project_id is None:
+            return Serving(None, None, AUTO, "no project named: auto")
+        domain = self.samples.project(project_id).domain
+        record = self.serving.get(domain)
+        if record.adapter is not None and record.check is not None:
+            return Serving(project_id, domain, record.adapter,
+                           f"its own adapter since {record.since}: {record.check.describe()}",
+                           record)
+        why = ("no continual step of its domain yet" if record.last_check is None else
+               f"its last step's {record.last_check.describe()}")
+        return Serving(project_id, domain, AUTO, f"auto ({why})", record)
+
+    def model_version_of(self, project_id: int | None) -> str:
+        """What the project's predictions report, when known before the image: its adapter's
+        ``domain:<name>@<sha8>``, ``live:<n>`` / ``base``, or ``auto`` while a router exists
+        (each prediction then names what was chosen)."""
+        serving = self.serving_for(project_id)
+        return self._model_version(serving)
+
+    def _model_version(self, serving: Serving) -> str:
+        record = serving.record
+        if serving.adapter not in (AUTO, LIVE) and record is not None and record.sha256:
+            return f"domain:{serving.adapter}@{record.sha256[:8]}"
+        if serving.adapter == AUTO and self.runtime.engine.routing.state.block is not None:
+            return AUTO
+        return self.model_version
+
+    def known_projects(self) -> list[int]:
+        """Projects configured at setup, and those of default domains (``ls-<id>``) with a
+        sample set or a serving record."""
+        found = set(self.samples.configured_projects())
+        for domain in {*self.samples.domains(), *self.serving.all()}:
+            head, _, tail = domain.partition("-")
+            if head == "ls" and tail.isdigit() and len(tail) < 19:
+                found.add(int(tail))
+        return sorted(found)
+
+    def describe_serving(self, project_id: int) -> ProjectServingResponse:
+        """``GET /labelstudio/projects/{project}``: what serves it, why, since when."""
+        serving = self.serving_for(project_id)
+        domain = serving.domain or self.samples.project(project_id).domain
+        record = serving.record or self.serving.get(domain)
+        serves = ("live" if serving.adapter == LIVE else "auto" if serving.adapter == AUTO
+                  else "domain")
+        data = record.to_dict()
+        return ProjectServingResponse(
+            project=project_id, domain=domain, serves=serves, adapter=serving.adapter,
+            model_version=self._model_version(serving), reason=serving.reason,
+            since=record.since if serves == "domain" else None, check=data["check"],
+            last_check=data["last_check"], history=data["history"])
+
+    def version_label(self, label: str) -> str:
+        """A result's adapter label, with ``@<sha8>`` of its content for a domain adapter."""
+        if not label.startswith("domain:"):
+            return label
+        revision = self.runtime.engine.adapters.revision_of(label.removeprefix("domain:"))
+        return label if revision is None else f"{label}@{revision[:8]}"
+
     # -- predict -------------------------------------------------------------------------------
 
     def predict(self, body: PredictRequest) -> PredictResponse:
         """One prediction per task, in order (see the module doc)."""
         config = parse_label_config(body.label_config)
         prompt = parse_context(body.params.context if body.params else None)
+        serving = self.serving_for(None if body.project is None
+                                   else project_id_of(body.project))
         results = []
         for task in body.tasks:
             if prompt is None:
                 results.append(TaskPrediction(result=[], model_version=self.model_version))
                 continue
             try:
-                results.append(self._predict_task(task, config, prompt))
+                results.append(self._predict_task(task, config, prompt, serving))
             except RegclError as exc:
                 if len(body.tasks) == 1:
                     raise
@@ -162,19 +250,16 @@ class LabelStudioBackend:
         return PredictResponse(results=results)
 
     def _predict_task(self, task: dict[str, Any], config: LabelConfig,
-                      prompt: ContextPrompt) -> TaskPrediction:
+                      prompt: ContextPrompt, serving: Serving) -> TaskPrediction:
         data = task.get("data")
         url = data.get(config.image_key) if isinstance(data, dict) else None
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
         image = self.images.get(url, task_id)
-        coords, labels, box = prompt.in_pixels(image.width, image.height)
         try:
-            result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
-                                                 False, LIVE)
+            result = self._segment(image, prompt, serving)
         except ImageNotFoundError:  # evicted between the fetch and the encode: once more
             image = self.images.get(url, task_id)
-            result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
-                                                 False, LIVE)
+            result = self._segment(image, prompt, serving)
         score = float(result.scores[0])  # finite: the engine refuses others
         label = prompt.label or (config.labels[0] if config.labels else "object")
         common = {"from_name": config.from_name, "to_name": config.to_name,
@@ -189,9 +274,24 @@ class LabelStudioBackend:
         else:
             regions = [BrushRegion(id=uuid.uuid4().hex[:10], **common, value=BrushValue(
                 rle=encode_brush_rle(result.masks[0]), brushlabels=[label]))]
-        self.runtime.metrics.segments.labels(LIVE, "hit" if result.cache_hit else "miss").inc()
+        kind = serving.adapter if serving.adapter in (AUTO, LIVE) else "domain"
+        self.runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
         return TaskPrediction(result=regions, score=score,
-                              model_version=result.adapter_version)
+                              model_version=self.version_label(result.adapter_version))
+
+    def _segment(self, image: TaskImage, prompt: ContextPrompt, serving: Serving
+                 ) -> SegmentResult:
+        coords, labels, box = prompt.in_pixels(image.width, image.height)
+        engine = self.runtime.engine
+        try:
+            return engine.segment(image.image_id, coords, labels, box, None, False,
+                                  serving.adapter)
+        except UnknownAdapterError:  # the project's adapter was deleted: the router serves
+            if serving.adapter in (AUTO, LIVE):
+                raise
+            logger.warning("project %s: its adapter %r is gone; auto serves", serving.project,
+                           serving.adapter)
+            return engine.segment(image.image_id, coords, labels, box, None, False, AUTO)
 
     # -- webhooks ------------------------------------------------------------------------------
 

@@ -23,6 +23,9 @@ __all__ = [
     "PredictParams",
     "PredictRequest",
     "PredictResponse",
+    "ProjectServingResponse",
+    "ProjectsServingResponse",
+    "ServingCheckModel",
     "SetupRequest",
     "SetupResponse",
     "SyncRequest",
@@ -115,6 +118,53 @@ class SyncResponse(BaseModel):
     project: int
     domain: str
     job: str
+
+
+class ServingCheckModel(BaseModel):
+    """A continual step's comparison of the domain's new adapter, alone, with the live version
+    the step left, on the domain's held-out set (:mod:`infra.project_serving`)."""
+
+    adapter: str
+    sha256: str
+    adapter_iou: float
+    live: str = Field(description="The live version compared with: 'live:<n>' or 'base'.")
+    live_iou: float
+    samples: int
+    job_id: str | None
+    at: str = Field(description="When the step decided (ISO 8601, UTC).")
+    passed: bool = Field(description="adapter_iou > live_iou: the adapter serves the "
+                         "project from then on.")
+    reason: str
+
+
+class ProjectServingResponse(BaseModel):
+    """What answers a project's predictions now, why, and since when."""
+
+    project: int
+    domain: str
+    serves: Literal["domain", "auto", "live"] = Field(
+        description="'domain': the project's own adapter; 'auto': the router chooses a "
+        "domain adapter or falls back to live; 'live': the live merge.")
+    adapter: str = Field(description="What the engine is asked for: the adapter's name, "
+                         "'auto' or 'live'.")
+    model_version: str = Field(description="What predictions report now when it is known "
+                               "before the image: 'domain:<name>@<sha8>', 'live:<n>', 'base', "
+                               "or 'auto' (each prediction then names the adapter chosen).")
+    reason: str
+    since: str | None = Field(description="When the project's own adapter began to serve "
+                              "(None: it has none).")
+    check: ServingCheckModel | None = Field(description="The check that made the adapter "
+                                            "the project's.")
+    last_check: ServingCheckModel | None = Field(description="The latest step's check, "
+                                                 "passed or not.")
+    history: list[dict[str, Any]] = Field(description="Earlier changes of the project's own "
+                                          "adapter, oldest first (at most 20).")
+
+
+class ProjectsServingResponse(BaseModel):
+    """Every project regcl knows (configured at setup, or with a sample set or a step)."""
+
+    projects: list[ProjectServingResponse]
 
 
 class PredictParams(BaseModel):

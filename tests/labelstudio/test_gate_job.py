@@ -1,6 +1,7 @@
 """Guarded activation in a real continual-step job (a real Celery worker, redis-server database
 6): a candidate that forgets another domain beyond the tolerance is stored but NOT activated,
-and the job result says which check failed, with the numbers.
+and the job result says which check failed, with the numbers; the step's adapter alone beats
+live on its domain, so it serves that domain's projects (:mod:`infra.project_serving`).
 
 The forgetting candidate is made deterministically: domain A (polyp images, their masks) is
 trained and merged live the ordinary way; domain B's annotations are the SAME images with the
@@ -33,6 +34,7 @@ from celery import Celery
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobRecord, JobStore, wait_for
+from infra.project_serving import ProjectServing
 from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from infra.registry import Registry
@@ -61,6 +63,7 @@ class Worker:
     registry: Registry
     datasets: DatasetRegistry
     sets: SampleSets
+    serving: ProjectServing
     log: Path
     tmp: Path
 
@@ -85,7 +88,7 @@ def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     app = make_celery(settings)
     try:
         yield Worker(settings, app, JobStore(client), Registry(client, store), datasets,
-                     SampleSets(client, store, datasets), log, tmp)
+                     SampleSets(client, store, datasets), ProjectServing(client), log, tmp)
     finally:
         stop_worker(process)
         app.close()
@@ -140,3 +143,15 @@ def test_a_candidate_that_forgets_is_not_activated(worker: Worker) -> None:
     # ...while on B itself it is better than live: the forgetting check alone holds it back
     assert checks["gate-b"]["check"] == "improves" and checks["gate-b"]["passed"], gate
     assert gate["failed"] == ["keeps:gate-a"]
+
+    # per-project serving: B's adapter alone, against the live version the step left (1, on
+    # the same held-out set and prompts as the gate), is better, so it serves B's projects
+    serving = result["serving"]
+    logger.info("serving: %s", serving["check"]["reason"])
+    assert serving["check"]["live"] == "live:1" and serving["check"]["passed"]
+    assert serving["check"]["live_iou"] == pytest.approx(checks["gate-b"]["live"])
+    assert serving["check"]["adapter_iou"] > checks["gate-b"]["live"]
+    record = worker.serving.get("gate-b")
+    assert (record.adapter, record.sha256) == (
+        "gate-b-s1", worker.registry.get_adapter("gate-b-s1").sha256)
+    assert record.check is not None and record.check.job_id == job.id

@@ -10,6 +10,8 @@ into a project's Model settings).
 - ``POST /labelstudio/sync``: the sync job of a project's existing annotations (admin key);
 - ``POST /labelstudio/predict``: brush masks for the interactive prompt; open unless
   ``REGCL_SEGMENT_REQUIRES_KEY``;
+- ``GET /labelstudio/projects`` and ``GET /labelstudio/projects/{project}``: what serves each
+  project (its own adapter, auto or live), with the step's numbers and since when;
 - ``POST /labelstudio/webhook``: annotations created, updated, deleted, and Start Training;
   ``POST /labelstudio/train``: the legacy training call. Both need the admin key.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import threading
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 
 from service.api.deps import (
     AdminKey,
@@ -48,6 +50,8 @@ from service.labelstudio.schemas import (
     LabelStudioStatus,
     PredictRequest,
     PredictResponse,
+    ProjectServingResponse,
+    ProjectsServingResponse,
     SetupRequest,
     SetupResponse,
     SyncRequest,
@@ -113,7 +117,8 @@ def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupRe
             sync_job = backend.start_sync(project_id)[1]
     else:
         settings = backend.project_settings(project_id)
-    return SetupResponse(model_version=backend.model_version, domain=settings.domain,
+    return SetupResponse(model_version=backend.model_version_of(project_id),
+                         domain=settings.domain,
                          sync_job=sync_job)
 
 
@@ -137,6 +142,24 @@ def predict(body: PredictRequest, backend: BackendDep) -> PredictResponse:
     ``params.context.result`` (smart keypoints, a rectangle), with ``model_version``; no
     prompt, no mask."""
     return backend.predict(body)
+
+
+@router.get("/projects", response_model=ProjectsServingResponse,
+            dependencies=[Depends(require_segment_access)], responses=problem_responses(401))
+def projects(backend: BackendDep) -> ProjectsServingResponse:
+    """What serves each project regcl knows (configured at setup, or with annotations or a
+    continual step), with the numbers of the step that decided it and since when."""
+    return ProjectsServingResponse(projects=[backend.describe_serving(p)
+                                             for p in backend.known_projects()])
+
+
+@router.get("/projects/{project}", response_model=ProjectServingResponse,
+            dependencies=[Depends(require_segment_access)], responses=problem_responses(401))
+def project_serving(project: Annotated[int, Path(ge=0, lt=10**18)],
+                    backend: BackendDep) -> ProjectServingResponse:
+    """What serves the project's predictions: its own domain adapter (once a continual step
+    found it better than live on the project's held-out set), else auto, else live."""
+    return backend.describe_serving(project)
 
 
 @router.post("/webhook", response_model=WebhookResponse,
