@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,7 +37,7 @@ from PIL import Image
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
 from infra.jobs import JobStore
-from infra.project_serving import ProjectServing, ServingRecord
+from infra.project_serving import ProjectServing
 from infra.sample_sets import ProjectSettings, SampleSets
 from infra.settings import Settings
 from regcl.errors import RegclError
@@ -64,15 +63,15 @@ from service.labelstudio.schemas import (
     PolygonValue,
     PredictRequest,
     PredictResponse,
-    ProjectServingResponse,
     TaskPrediction,
     WebhookResponse,
 )
+from service.labelstudio.serving import Serving, ServingChoice
 from service.labelstudio.sync import STOPPING, ProjectSync, StoreOutcome
 from service.labelstudio.task_images import TaskImage, TaskImages
 from workers.params import ContinualParams, validate
 
-__all__ = ["BULK_ACTIONS", "INGEST_ACTIONS", "LabelStudioBackend", "Serving", "project_id_of"]
+__all__ = ["BULK_ACTIONS", "INGEST_ACTIONS", "LabelStudioBackend", "project_id_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +111,6 @@ class ApiRuntime(Protocol):
     metrics: Any  # prometheus counters; ``segments`` here
 
 
-@dataclass(frozen=True)
-class Serving:
-    """What answers a project's predictions now: ``adapter`` is what the engine is asked for
-    (a domain adapter's name, ``auto`` or ``live``); ``reason`` says why, for people."""
-
-    project: int | None
-    domain: str | None
-    adapter: str
-    reason: str
-    record: ServingRecord | None = None
-
-
 class LabelStudioBackend:
     """Label Studio's ML backend over one API process's runtime (see the module doc)."""
 
@@ -132,7 +119,8 @@ class LabelStudioBackend:
         self.connection = LabelStudioConnection(runtime.settings)
         self.images = TaskImages(runtime.settings, runtime.engine, self.connection)
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
-        self.serving = ProjectServing(runtime.redis)
+        self.serving = ServingChoice(runtime.settings, runtime.engine, self.samples,
+                                     ProjectServing(runtime.redis))
         self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
                                 self.samples, self)
 
@@ -160,80 +148,14 @@ class LabelStudioBackend:
         domain = extra.get("domain")
         return self.samples.configure_project(project_id, domain, step)
 
-    # -- what serves a project -----------------------------------------------------------------
-
-    def serving_for(self, project_id: int | None) -> Serving:
-        """What answers ``project_id``'s predictions (see the module doc); a request without
-        a project is served as a project without its own adapter."""
-        if self.runtime.settings.label_studio_serving == "live":
-            return Serving(project_id, None, LIVE, "label_studio_serving is 'live': the live "
-                           "merge serves every project")
-        if project_id is None:
-            return Serving(None, None, AUTO, "no project named: auto")
-        domain = self.samples.project(project_id).domain
-        record = self.serving.get(domain)
-        if record.adapter is not None and record.check is not None:
-            return Serving(project_id, domain, record.adapter,
-                           f"its own adapter since {record.since}: {record.check.describe()}",
-                           record)
-        why = ("no continual step of its domain yet" if record.last_check is None else
-               f"its last step's {record.last_check.describe()}")
-        return Serving(project_id, domain, AUTO, f"auto ({why})", record)
-
-    def model_version_of(self, project_id: int | None) -> str:
-        """What the project's predictions report, when known before the image: its adapter's
-        ``domain:<name>@<sha8>``, ``live:<n>`` / ``base``, or ``auto`` while a router exists
-        (each prediction then names what was chosen)."""
-        serving = self.serving_for(project_id)
-        return self._model_version(serving)
-
-    def _model_version(self, serving: Serving) -> str:
-        record = serving.record
-        if serving.adapter not in (AUTO, LIVE) and record is not None and record.sha256:
-            return f"domain:{serving.adapter}@{record.sha256[:8]}"
-        if serving.adapter == AUTO and self.runtime.engine.routing.state.block is not None:
-            return AUTO
-        return self.model_version
-
-    def known_projects(self) -> list[int]:
-        """Projects configured at setup, and those of default domains (``ls-<id>``) with a
-        sample set or a serving record."""
-        found = set(self.samples.configured_projects())
-        for domain in {*self.samples.domains(), *self.serving.all()}:
-            head, _, tail = domain.partition("-")
-            if head == "ls" and tail.isdigit() and len(tail) < 19:
-                found.add(int(tail))
-        return sorted(found)
-
-    def describe_serving(self, project_id: int) -> ProjectServingResponse:
-        """``GET /labelstudio/projects/{project}``: what serves it, why, since when."""
-        serving = self.serving_for(project_id)
-        domain = serving.domain or self.samples.project(project_id).domain
-        record = serving.record or self.serving.get(domain)
-        serves = ("live" if serving.adapter == LIVE else "auto" if serving.adapter == AUTO
-                  else "domain")
-        data = record.to_dict()
-        return ProjectServingResponse(
-            project=project_id, domain=domain, serves=serves, adapter=serving.adapter,
-            model_version=self._model_version(serving), reason=serving.reason,
-            since=record.since if serves == "domain" else None, check=data["check"],
-            last_check=data["last_check"], history=data["history"])
-
-    def version_label(self, label: str) -> str:
-        """A result's adapter label, with ``@<sha8>`` of its content for a domain adapter."""
-        if not label.startswith("domain:"):
-            return label
-        revision = self.runtime.engine.adapters.revision_of(label.removeprefix("domain:"))
-        return label if revision is None else f"{label}@{revision[:8]}"
-
     # -- predict -------------------------------------------------------------------------------
 
     def predict(self, body: PredictRequest) -> PredictResponse:
         """One prediction per task, in order (see the module doc)."""
         config = parse_label_config(body.label_config)
         prompt = parse_context(body.params.context if body.params else None)
-        serving = self.serving_for(None if body.project is None
-                                   else project_id_of(body.project))
+        serving = self.serving.for_project(None if body.project is None
+                                           else project_id_of(body.project))
         results = []
         for task in body.tasks:
             if prompt is None:
@@ -274,10 +196,10 @@ class LabelStudioBackend:
         else:
             regions = [BrushRegion(id=uuid.uuid4().hex[:10], **common, value=BrushValue(
                 rle=encode_brush_rle(result.masks[0]), brushlabels=[label]))]
-        kind = serving.adapter if serving.adapter in (AUTO, LIVE) else "domain"
-        self.runtime.metrics.segments.labels(kind, "hit" if result.cache_hit else "miss").inc()
+        self.runtime.metrics.segments.labels(serving.kind,
+                                             "hit" if result.cache_hit else "miss").inc()
         return TaskPrediction(result=regions, score=score,
-                              model_version=self.version_label(result.adapter_version))
+                              model_version=self.serving.version_label(result.adapter_version))
 
     def _segment(self, image: TaskImage, prompt: ContextPrompt, serving: Serving
                  ) -> SegmentResult:

@@ -117,7 +117,8 @@ def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupRe
             sync_job = backend.start_sync(project_id)[1]
     else:
         settings = backend.project_settings(project_id)
-    return SetupResponse(model_version=backend.model_version_of(project_id),
+    serving = backend.serving.for_project(project_id)
+    return SetupResponse(model_version=backend.serving.model_version(serving),
                          domain=settings.domain,
                          sync_job=sync_job)
 
@@ -149,8 +150,8 @@ def predict(body: PredictRequest, backend: BackendDep) -> PredictResponse:
 def projects(backend: BackendDep) -> ProjectsServingResponse:
     """What serves each project regcl knows (configured at setup, or with annotations or a
     continual step), with the numbers of the step that decided it and since when."""
-    return ProjectsServingResponse(projects=[backend.describe_serving(p)
-                                             for p in backend.known_projects()])
+    return ProjectsServingResponse(projects=[backend.serving.describe(p)
+                                             for p in backend.serving.known_projects()])
 
 
 @router.get("/projects/{project}", response_model=ProjectServingResponse,
@@ -159,7 +160,7 @@ def project_serving(project: Annotated[int, Path(ge=0, lt=10**18)],
                     backend: BackendDep) -> ProjectServingResponse:
     """What serves the project's predictions: its own domain adapter (once a continual step
     found it better than live on the project's held-out set), else auto, else live."""
-    return backend.describe_serving(project)
+    return backend.serving.describe(project)
 
 
 @router.post("/webhook", response_model=WebhookResponse,
