@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Start a continual step after this many new annotations "
         "of a project (0: only on Label Studio's Start Training).",
     )
+    label_studio_click_memory_bytes: int = Field(
+        default=64 * 2**20, ge=0, description="Bytes of low-res logits each API process keeps "
+        "so that the next click of a Label Studio session decodes with the previous mask fed "
+        "back (0: every click from its points alone).",
+    )
     label_studio_serving: Literal["project", "live"] = Field(
         default="project", description="What answers a Label Studio project's predictions: "
         "'project' = its own domain adapter once a continual step found it better than live on "

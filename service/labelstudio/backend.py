@@ -2,7 +2,8 @@
 
 - **predict**: each task's image is fetched from Label Studio (:mod:`.task_images`: its
   origin, or a listed storage host for cloud URIs) and segmented by the engine with the
-  interactive prompt (:mod:`.context`), with what serves the project
+  interactive prompt (:mod:`.context`; the session's previous mask fed back when the click
+  extends a remembered prompt, :mod:`.click_memory`), with what serves the project
   (:mod:`infra.project_serving`: its own domain adapter once a step earned it, else ``auto``;
   ``live`` for every project when ``label_studio_serving`` is ``live``), one mask
   (``multimask`` off, as ``/v1/segment`` with ``multimask: false``), answered as a brush
@@ -47,6 +48,7 @@ from service.engine.errors import ImageNotFoundError, UnknownAdapterError
 from service.engine.masks import mask_to_png
 from service.labelstudio.annotations import AnnotatedMasks, annotated_masks, check_id
 from service.labelstudio.brush_rle import BrushRleError, encode_brush_rle
+from service.labelstudio.click_memory import ClickMemory
 from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.context import ContextPrompt, parse_context
 from service.labelstudio.errors import (
@@ -119,6 +121,7 @@ class LabelStudioBackend:
         self.connection = LabelStudioConnection(runtime.settings)
         self.images = TaskImages(runtime.settings, runtime.engine, self.connection)
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
+        self.clicks = ClickMemory(runtime.settings.label_studio_click_memory_bytes)
         self.serving = ServingChoice(runtime.settings, runtime.engine, self.samples,
                                      ProjectServing(runtime.redis))
         self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
@@ -203,17 +206,23 @@ class LabelStudioBackend:
 
     def _segment(self, image: TaskImage, prompt: ContextPrompt, serving: Serving
                  ) -> SegmentResult:
+        """One mask for the prompt, with the session's previous mask fed back when this
+        click extends a remembered one (:mod:`.click_memory`)."""
         coords, labels, box = prompt.in_pixels(image.width, image.height)
         engine = self.runtime.engine
+        session = (serving.project, serving.adapter, image.image_id, prompt)
+        previous = self.clicks.previous(*session)
         try:
-            return engine.segment(image.image_id, coords, labels, box, None, False,
-                                  serving.adapter)
+            result = engine.segment(image.image_id, coords, labels, box, previous, False,
+                                    serving.adapter)
         except UnknownAdapterError:  # the project's adapter was deleted: the router serves
             if serving.adapter in (AUTO, LIVE):
                 raise
             logger.warning("project %s: its adapter %r is gone; auto serves", serving.project,
                            serving.adapter)
-            return engine.segment(image.image_id, coords, labels, box, None, False, AUTO)
+            result = engine.segment(image.image_id, coords, labels, box, previous, False, AUTO)
+        self.clicks.remember(*session, result.low_res_logits)
+        return result
 
     # -- webhooks ------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The /labelstudio routes on the real API server, with a real HTTP server as Label Studio's
-file origin: health and setup, interactive predictions equal to /v1/segment pixel for pixel,
+file origin: health and setup, interactive predictions equal to /v1/segment pixel for pixel
+(a session's next click with its previous mask fed back as ``mask_input``),
 annotations into the project's sample set (created, updated, deleted), training triggers."""
 
 from __future__ import annotations
@@ -68,6 +69,20 @@ def test_setup_answers_the_version_and_stores_extra_params_only_with_the_key(
     assert "secret-token" not in "".join(ls_redis.hvals(keys.LS_PROJECTS))
 
 
+def test_a_click_without_a_remembered_session_decodes_from_its_points(
+        ls_anon: httpx.Client, origin: FileOrigin, ls_api: ApiServer) -> None:
+    path, _, data = _image(origin, "no-session", seed=5)
+    regions = [keypoint(40.0, 55.0), keypoint(80.5, 12.25, positive=False)]
+    answer = ls_anon.post("/labelstudio/predict", json=predict_body([task(8, path)], regions))
+    assert answer.status_code == 200, answer.text
+    (region,) = answer.json()["results"][0]["result"]
+    mask = decode_brush_rle(region["value"]["rle"], 96, 128)
+    with Client(ls_api.url) as regcl:
+        alone = regcl.segment(data, multimask=False, points=[[51.2, 52.8], [103.04, 11.76]],
+                              labels=[1, 0])
+    np.testing.assert_array_equal(mask, alone.masks[0].mask)
+
+
 def test_interactive_prediction_equals_v1_segment(ls_api: ApiServer, ls_anon: httpx.Client,
                                                   origin: FileOrigin) -> None:
     path, array, data = _image(origin, "parity", seed=3)
@@ -80,6 +95,7 @@ def test_interactive_prediction_equals_v1_segment(ls_api: ApiServer, ls_anon: ht
     ]
     with Client(ls_api.url) as regcl:
         encodes = _encodes(regcl)
+        previous = None
         for regions, prompt in cases:
             answer = ls_anon.post("/labelstudio/predict",
                                   json=predict_body([task(7, path)], regions))
@@ -91,7 +107,14 @@ def test_interactive_prediction_equals_v1_segment(ls_api: ApiServer, ls_anon: ht
             assert (region["original_width"], region["original_height"]) == (width, height)
             assert region["value"]["brushlabels"] == ["object"]
             mask = decode_brush_rle(region["value"]["rle"], height, width)
-            expected = regcl.segment(data, multimask=False, **prompt)
+            # the second click of the session extends the first: its mask goes back in
+            feedback = previous if len(prompt.get("points", ())) == 2 else None
+            expected = regcl.segment(data, multimask=False, return_logits=True,
+                                     mask_input=feedback, **prompt)
+            if feedback is not None:  # which differs from the points alone
+                alone = regcl.segment(data, multimask=False, **prompt).masks[0].mask
+                assert (alone != expected.masks[0].mask).sum() > 0
+            previous = expected.masks[0].low_res_logits
             np.testing.assert_array_equal(mask, expected.masks[0].mask)
             assert mask.any()
             assert prediction["model_version"] == expected.adapter_version == "base"
