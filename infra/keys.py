@@ -19,6 +19,11 @@ Layout (types in brackets)::
     regcl:datasets                 [hash]    dataset name -> DatasetRecord JSON (infra.datasets)
     regcl:lock:dataset:<name>      [string]  redis-py Lock held while a dataset is added/deleted
     regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "step"} JSON
+    regcl:ls:preencode:<project>   [hash]    a project's pre-encode: its job, adapter, version
+    regcl:ls:preencode:<project>:images [hash] image key (URL) -> {"image", "width", "height"}
+                                             of the tasks pre-encoded (the first click's
+                                             image without a fetch)
+    regcl:ls:preencode:projects    [set]     projects pre-encoded (re-run after a live swap)
     regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
     regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
     regcl:samples:<domain>:seen    [string]  log length at the latest snapshot
@@ -49,6 +54,7 @@ REAPER_LOCK = f"{PREFIX}lock:reaper"
 ACTIVE_JOBS = f"{PREFIX}jobs:active"
 DATASETS = f"{PREFIX}datasets"
 LS_PROJECTS = f"{PREFIX}ls:projects"
+LS_PREENCODE_PROJECTS = f"{PREFIX}ls:preencode:projects"
 SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
@@ -99,6 +105,16 @@ def samples(domain: str, part: str) -> str:
 def ls_sync(project: int) -> str:
     """A Label Studio project's sync: its active job and its cursor (the last task done)."""
     return f"{PREFIX}ls:sync:{int(project)}"
+
+
+def ls_preencode(project: int) -> str:
+    """A Label Studio project's pre-encode: its active job, adapter and adapter version."""
+    return f"{PREFIX}ls:preencode:{int(project)}"
+
+
+def ls_preencode_images(project: int) -> str:
+    """A pre-encoded project's task images by URL (id and size)."""
+    return f"{PREFIX}ls:preencode:{int(project)}:images"
 
 
 def samples_lock(domain: str) -> str:

@@ -12,6 +12,12 @@
   image, go into the project's domain sample set (:class:`infra.sample_sets.SampleSets`) with
   the annotation's update time, so a version stored once is not stored again; **remove**
   (ANNOTATIONS_DELETED) takes them out. Every check happens before the first write.
+- **pre-encode** (on ``/labelstudio/setup``, ``POST /labelstudio/preencode``, and after a
+  live swap): the project's tasks without annotations encoded ahead of their first click into
+  the embedding store every API process reads (:mod:`.preencode`); :meth:`LabelStudioBackend.
+  preencode` is the call for a change of what serves a project. A predict takes the task's
+  image as the pre-encode recorded it (no fetch) and its embedding from the engine's cache,
+  else the store, else fetches and encodes.
 - **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
   project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
@@ -21,6 +27,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -33,7 +40,7 @@ from PIL import Image
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
-from infra.jobs import JobStore
+from infra.jobs import JobRecord, JobStore
 from infra.sample_sets import ProjectSettings, SampleSets
 from infra.settings import Settings
 from regcl.errors import RegclError
@@ -48,9 +55,11 @@ from service.labelstudio.errors import (
     InvalidExtraParamsError,
     MalformedPayloadError,
     NotEnoughSamplesError,
+    PreencodeDisabledError,
 )
 from service.labelstudio.label_config import LabelConfig, parse_label_config
 from service.labelstudio.polygons import mask_to_polygons
+from service.labelstudio.preencode import ProjectPreencode
 from service.labelstudio.schemas import (
     BrushRegion,
     BrushValue,
@@ -115,8 +124,18 @@ class LabelStudioBackend:
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
         self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
                                 self.samples, self)
+        self.preencoder = ProjectPreencode(runtime.settings, self.connection, runtime.jobs,
+                                           runtime.redis, self.images, runtime.engine)
+        live = getattr(runtime, "live", None)  # the live follower: re-run after a swap
+        self._listeners = getattr(live, "listeners", None)
+        if self._listeners is not None:
+            self._listeners.append(self.preencoder.on_live_swap)
 
     def close(self) -> None:
+        if self._listeners is not None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(self.preencoder.on_live_swap)
+        self.preencoder.close()
         self.sync.close()
         self.connection.close()
 
@@ -140,19 +159,45 @@ class LabelStudioBackend:
         domain = extra.get("domain")
         return self.samples.configure_project(project_id, domain, step)
 
+    # -- pre-encode ----------------------------------------------------------------------------
+
+    def preencode(self, project_id: int, adapter: str = LIVE) -> tuple[JobRecord, bool]:
+        """Encode the project's tasks without annotations with ``adapter`` (what serves the
+        project: ``live``, ``base`` or a domain adapter's name) into the embedding store
+        (:mod:`.preencode`). Call it when what serves a project changes: an active job of
+        the project with another adapter or version is asked to stop and a new one starts;
+        one with the same is answered (second value True). Raises PreencodeAdapterError
+        (``auto``), UnknownAdapterError, PreencodeDisabledError, LabelStudioNotConfiguredError."""
+        if self.runtime.settings.label_studio_preencode_max_bytes <= 0:
+            raise PreencodeDisabledError("REGCL_LABEL_STUDIO_PREENCODE_MAX_BYTES is 0")
+        return self.preencoder.start(project_id, adapter)
+
+    def preencode_on_setup(self, project_id: int) -> str | None:
+        """The setup's pre-encode with ``live`` (its job id), or None when it is off or could
+        not start (logged: a setup never fails for it)."""
+        if self.runtime.settings.label_studio_preencode_max_bytes <= 0 or \
+                self.connection.origin is None:
+            return None
+        try:
+            return self.preencode(project_id, LIVE)[0].id
+        except (RegclError, redis.exceptions.RedisError) as exc:
+            logger.warning("project %d: no pre-encode on setup (%s)", project_id, exc)
+            return None
+
     # -- predict -------------------------------------------------------------------------------
 
     def predict(self, body: PredictRequest) -> PredictResponse:
         """One prediction per task, in order (see the module doc)."""
         config = parse_label_config(body.label_config)
         prompt = parse_context(body.params.context if body.params else None)
+        project_id = project_id_of(body.project) if body.project else None
         results = []
         for task in body.tasks:
             if prompt is None:
                 results.append(TaskPrediction(result=[], model_version=self.model_version))
                 continue
             try:
-                results.append(self._predict_task(task, config, prompt))
+                results.append(self._predict_task(task, config, prompt, project_id))
             except RegclError as exc:
                 if len(body.tasks) == 1:
                     raise
@@ -162,16 +207,17 @@ class LabelStudioBackend:
         return PredictResponse(results=results)
 
     def _predict_task(self, task: dict[str, Any], config: LabelConfig,
-                      prompt: ContextPrompt) -> TaskPrediction:
+                      prompt: ContextPrompt, project_id: int | None) -> TaskPrediction:
         data = task.get("data")
         url = data.get(config.image_key) if isinstance(data, dict) else None
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
-        image = self.images.get(url, task_id)
+        image = self._task_image(url, task_id, project_id)
         coords, labels, box = prompt.in_pixels(image.width, image.height)
         try:
             result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
                                                  False, LIVE)
-        except ImageNotFoundError:  # evicted between the fetch and the encode: once more
+        except ImageNotFoundError:  # evicted since the fetch, or a pre-encode's record whose
+            # embedding is not stored for this version: fetch, once more
             image = self.images.get(url, task_id)
             result = self.runtime.engine.segment(image.image_id, coords, labels, box, None,
                                                  False, LIVE)
@@ -192,6 +238,17 @@ class LabelStudioBackend:
         self.runtime.metrics.segments.labels(LIVE, "hit" if result.cache_hit else "miss").inc()
         return TaskPrediction(result=regions, score=score,
                               model_version=result.adapter_version)
+
+    def _task_image(self, url: object, task_id: int | None,
+                    project_id: int | None) -> TaskImage:
+        """The task's image: remembered by this process, else as the project's pre-encode
+        recorded it (no fetch: its embedding may be in the store; if not, the encode finds
+        no image and the caller fetches), else fetched."""
+        key = self.images.key_of(url, task_id)
+        known = self.images.remembered(key)
+        if known is None and project_id is not None:
+            known = self.preencoder.indexed(project_id, key)
+        return known if known is not None else self.images.get(url, task_id)
 
     # -- webhooks ------------------------------------------------------------------------------
 

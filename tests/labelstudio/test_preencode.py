@@ -1,0 +1,173 @@
+"""Pre-encoding a Label Studio project (issue #22, "no wait on the first click"), on two real
+API processes that share one Redis database and one artifact store, with a real HTTP server
+as Label Studio (its project and paged task-list API, and the task images): a task encoded
+ahead is served to the OTHER process from the store, without a fetch or an encode, with the
+mask the cold path gives; the byte budget stops the job; a cancel stops it; setup starts it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from infra.redis_server import RedisServer
+from service.labelstudio.brush_rle import decode_brush_rle
+from tests import databases
+from tests.labelstudio.file_origin import TOKEN, FileOrigin
+from tests.labelstudio.ls_support import LABEL_CONFIG, keypoint, predict_body, task
+from tests.service.api_support import ADMIN_KEY, ApiServer, assert_problem, make_image, png_bytes
+
+EMBEDDING = 128 * 16 * 16 * 2  # the tiny SAM's embedding in float16
+BUDGET = 2 * (EMBEDDING + 2048) + 1000  # two embeddings, not three
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server: RedisServer, origin: FileOrigin,
+         start_api: Callable[..., ApiServer],
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[ApiServer, ApiServer]:
+    """Two API processes on one Redis database and one artifact store; the second's byte
+    budget holds two tiny embeddings."""
+    started = time.perf_counter()
+    redis_url = databases.emptied(redis_server, databases.LABELSTUDIO_PREENCODE)
+    artifacts = str(tmp_path_factory.mktemp("shared") / "artifacts")
+    common = {"REGCL_LABEL_STUDIO_URL": origin.url, "REGCL_LABEL_STUDIO_API_KEY": TOKEN,
+              "REGCL_ARTIFACT_URL": artifacts}
+    first = start_api(redis_url, **common)
+    second = start_api(redis_url, **common,
+                       REGCL_LABEL_STUDIO_PREENCODE_MAX_BYTES=str(BUDGET))
+    print(f"two API processes started in {time.perf_counter() - started:.1f} s")
+    return first, second
+
+
+def _admin(server: ApiServer) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=120.0,
+                        auth=httpx.BasicAuth("labelstudio", ADMIN_KEY))
+
+
+@pytest.fixture
+def admins(pair: tuple[ApiServer, ApiServer]) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    with _admin(pair[0]) as first, _admin(pair[1]) as second:
+        yield first, second
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    (line,) = [x for x in client.get("/metrics").text.splitlines()
+               if x.startswith(f"{name}_total ")]
+    return float(line.split()[1])
+
+
+def _tasks(origin: FileOrigin, project: int, count: int, annotated: tuple[int, ...] = (),
+           **route: object) -> list[dict]:
+    tasks = []
+    for n in range(count):
+        path = origin.add(f"/data/upload/{project}/t{n}.png",
+                          png_bytes(make_image(100 * project + n)), **route)
+        tasks.append({**task(1000 * project + n, path),
+                      "total_annotations": int(n in annotated)})
+    origin.add_project(project, LABEL_CONFIG, tasks)
+    return tasks
+
+
+def _wait(client: httpx.Client, project: int, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = client.get(f"/labelstudio/preencode/{project}").json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
+def _mask(client: httpx.Client, tasks: list[dict], project: int) -> np.ndarray:
+    answer = client.post("/labelstudio/predict", json=predict_body(
+        tasks, [keypoint(40.0, 55.0)], project=project))
+    assert answer.status_code == 200, answer.text
+    (prediction,) = answer.json()["results"]
+    (region,) = prediction["result"]
+    return decode_brush_rle(region["value"]["rle"], region["original_height"],
+                            region["original_width"])
+
+
+def test_a_preencoded_task_is_served_from_the_store_by_another_process(
+        pair: tuple[ApiServer, ApiServer], admins: tuple[httpx.Client, httpx.Client],
+        origin: FileOrigin) -> None:
+    started = time.perf_counter()
+    first, second = admins
+    tasks = _tasks(origin, 77, 3, annotated=(1,))
+    queued = first.post("/labelstudio/preencode", json={"project": "77.1712345678"})
+    assert queued.status_code == 202, queued.text
+    assert queued.json()["status"] in ("queued", "running")
+    assert queued.json()["version"] == "base"
+    done = _wait(first, 77)
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    assert {k: result[k] for k in ("tasks", "annotated", "encoded", "written", "stored",
+                                   "failed", "stopped")} == {
+        "tasks": 3, "annotated": 1, "encoded": 2, "written": 2, "stored": 2, "failed": 0,
+        "stopped": None}
+    assert 2 * EMBEDDING < result["bytes"] < 2 * (EMBEDDING + 2048)
+    fetches = origin.fetched(tasks[0]["data"]["image"])
+    assert fetches == 1 and origin.fetched(tasks[1]["data"]["image"]) == 0  # annotated: skipped
+
+    # The second process never saw the image: its first click reads the store.
+    encodes = _metric(second, "regcl_image_encodes")
+    loads = _metric(second, "regcl_embedding_store_loads")
+    stored = _mask(second, [tasks[0]], 77)
+    assert _metric(second, "regcl_image_encodes") == encodes  # no encode ...
+    assert _metric(second, "regcl_embedding_store_loads") == loads + 1  # ... the store's
+    assert origin.fetched(tasks[0]["data"]["image"]) == fetches  # and no fetch either
+    # The cold path: the first process's own float32 encode (cached since it pre-encoded)
+    cold = _mask(first, [tasks[0]], 77)
+    assert stored.any() and np.array_equal(stored, cold)
+    # The same click again in the second process: its cache, not the store
+    assert np.array_equal(_mask(second, [tasks[0]], 77), stored)
+    assert _metric(second, "regcl_embedding_store_loads") == loads + 1
+
+    # Setup starts a pre-encode; this one finds both embeddings in the store
+    setup = second.post("/labelstudio/setup", json={"project": "77.1712345678"})
+    assert setup.status_code == 200 and setup.json()["preencode_job"], setup.text
+    again = _wait(second, 77)["result"]
+    assert (again["stored"], again["written"], again["encoded"]) == (2, 0, 0), again
+    assert origin.fetched(tasks[0]["data"]["image"]) == fetches  # known from the record
+    print(f"store served, setup found it stored: {time.perf_counter() - started:.1f} s")
+
+
+def test_the_byte_budget_stops_it(admins: tuple[httpx.Client, httpx.Client],
+                                  origin: FileOrigin) -> None:
+    started = time.perf_counter()
+    _, second = admins
+    _tasks(origin, 78, 4)
+    assert second.post("/labelstudio/preencode", json={"project": 78}).status_code == 202
+    result = _wait(second, 78)["result"]
+    assert (result["stored"], result["tasks"], result["stopped"]) == (2, 3, "budget"), result
+    assert result["bytes"] <= BUDGET == result["budget"]
+    print(f"budget: {time.perf_counter() - started:.1f} s")
+
+
+def test_cancel_stops_it_and_bad_requests_are_problems(
+        admins: tuple[httpx.Client, httpx.Client], origin: FileOrigin,
+        pair: tuple[ApiServer, ApiServer]) -> None:
+    started = time.perf_counter()
+    first, _ = admins
+    _tasks(origin, 79, 12, drip_s=0.02)  # ~0.3 s per image fetch
+    assert first.post("/labelstudio/preencode", json={"project": 79}).status_code == 202
+    time.sleep(0.5)
+    cancelled = first.delete("/labelstudio/preencode/79")
+    assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"], cancelled.text
+    done = _wait(first, 79)
+    assert done["status"] == "cancelled" and done["detail"]["tasks"] < 12, done
+    assert_problem(first.delete("/labelstudio/preencode/79"), 404, "no-preencode")
+    assert_problem(first.get("/labelstudio/preencode/80"), 404, "no-preencode")
+    assert_problem(first.post("/labelstudio/preencode", json={"project": 79,
+                                                              "adapter": "auto"}),
+                   422, "preencode-adapter")
+    assert_problem(first.post("/labelstudio/preencode", json={"project": 79,
+                                                              "adapter": "nope"}),
+                   404, "unknown-adapter")
+    with httpx.Client(base_url=pair[0].url) as anon:
+        assert_problem(anon.post("/labelstudio/preencode", json={"project": 79}), 401,
+                       "unauthorized")
+    print(f"cancel and problems: {time.perf_counter() - started:.1f} s")
