@@ -1,4 +1,6 @@
-"""Image embeddings: the embedding cache first, else one batched encoder forward.
+"""Image embeddings: the embedding cache first, then the embedding store (persisted by a
+pre-encode, :mod:`service.engine.embedding_store`; read on the request's thread and cached),
+else one batched encoder forward.
 
 The image encoder that runs is a :class:`~regcl.models.serving.ServingEncoder`, a plain copy
 of the base encoder. Uncompiled, it runs a batch's images in **one** forward whatever their
@@ -106,8 +108,6 @@ class ImageEncoding:
         """The slot ``target`` names now (``live`` resolved)."""
         return self._table.resolve(target) if isinstance(target, str) else target
 
-    _slot = slot
-
     def encode(self, image_id: str, target: Target, tokens: torch.Tensor | None = None,
                block: int = 0) -> tuple[EncodedImage, bool]:
         """Image ``image_id``'s embedding under ``target`` and whether it was cached (or made
@@ -116,7 +116,7 @@ class ImageEncoding:
         it alone. Raises ImageNotFoundError."""
         if not isinstance(image_id, str):
             raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
-        slot = self._slot(target)
+        slot = self.slot(target)
         cached = self._cache.get((image_id, slot_key(slot)))
         if cached is not None:
             return cached, True
@@ -143,7 +143,7 @@ class ImageEncoding:
         if stored is None:
             return None
         self._cache.put((image_id, key), stored)
-        if self._slot(target) is not slot:
+        if self.slot(target) is not slot:
             self._cache.pop((image_id, key))
         return stored
 
@@ -183,7 +183,7 @@ class ImageEncoding:
                 if job.prefix_only:
                     continue
                 try:  # live is resolved now: a swap may have happened since the request
-                    slot = self._slot(job.target)
+                    slot = self.slot(job.target)
                 except Exception as exc:
                     pending.future.set_exception(exc)
                     continue

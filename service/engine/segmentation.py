@@ -12,6 +12,9 @@ and callers use them directly:
 - ``encoding`` (:mod:`service.engine.encode`): the embedding cache, else batched encodes in a
   private serving copy of the encoder, each image with its own adapter in one forward.
 - ``cache`` (:mod:`service.engine.caches`): the embeddings, by image and adapter slot.
+- ``encoding.store`` (:mod:`service.engine.embedding_store`, set by :meth:`SegmentationEngine.
+  use_store`): embeddings persisted in the artifact store by a pre-encode (:meth:`persist`),
+  which every API process reads on a cache miss before it encodes.
 - ``routing`` (:mod:`service.engine.auto_routing`): ``adapter: "auto"``, the router over the
   registered domain adapters' statistics (kept in step with the registry by
   :class:`service.engine.live_swap.RouterFollower`).
@@ -20,9 +23,9 @@ The decoder (:mod:`service.engine.decode`) is the one decode path: every prompt 
 goes through its thread, in one mask-decoder call per prompt form.
 
 A request's path (``segment``): check the prompts (:mod:`service.engine.prompt_checks`), pin
-the adapter's slot (``adapters.use``), take the embedding from the cache or queue the image
-for the encoder's batch thread (``encoding.encode``), then queue the prompts for the decoder's
-batch thread (``decode``) and wait for the masks.
+the adapter's slot (``adapters.use``), take the embedding from the cache, else the embedding
+store, else queue the image for the encoder's batch thread (``encoding.encode``), then queue
+the prompts for the decoder's batch thread (``decode``) and wait for the masks.
 
 ``auto``: the encoder runs up to the router's block once (no adapter there), the router picks
 a domain from those tokens (or none: not confident, or unlike every domain), and the encode is
@@ -41,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -154,6 +158,8 @@ class SegmentationEngine:
         self._mask_input_size = tuple(self.adapters.sam.prompt_encoder.mask_input_size)
         # Part of every embedding ETag: slot keys are unique within this process only.
         self._instance = secrets.token_hex(4)
+        # When a prompt was last decoded (time.monotonic()): background work waits for a pause.
+        self.last_request = 0.0
 
     def close(self) -> None:
         """Stop the batching threads (after the work already queued)."""
@@ -312,9 +318,13 @@ class SegmentationEngine:
         return self._decode([DecodeJob(encoded, prompt, bool(multimask), True)])[0]
 
     def _decode(self, jobs: list[DecodeJob]) -> list[SegmentResult]:
+        self.last_request = time.monotonic()
         for job in jobs:
             check_bounds(job.prompt, job.encoded.original_size)
-        results = self._decoder.decode(jobs)
+        try:
+            results = self._decoder.decode(jobs)
+        finally:
+            self.last_request = time.monotonic()
         for result in results:
             if not np.isfinite(result.scores).all():  # never answered as numbers (or null)
                 logger.error("non-finite scores from %s", result.adapter_version)

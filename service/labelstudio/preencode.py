@@ -29,9 +29,10 @@ memory of :mod:`.task_images` already does).
   stops before the image that would take the sum past the budget (all embeddings of a model
   have one size) and says ``stopped: "budget"``.
 - **Low priority**: one image at a time on one thread, and before each encode it waits (up
-  to :data:`MAX_YIELD_S`) while the engine's encoder has requests queued or running. A click
-  that arrives while the job's encode runs still waits for that one encode (the tiny model:
-  ~0.1 s; vit_b on 2 CPU cores: ~16 s): an encode cannot be interrupted.
+  to :data:`MAX_YIELD_S`) while the engine's encoder has requests queued or running, or a
+  prompt was decoded less than :data:`IDLE_S` ago (an annotator clicking). A click that
+  arrives while the job's encode runs still shares the CPU with that one encode (the tiny
+  model: ~0.1 s; vit_b on 2 CPU cores: ~16 s): an encode cannot be interrupted.
 - **A job like the others**: a :class:`infra.jobs.JobStore` record with progress (tasks seen
   of the total), cancellable (``POST /v1/jobs/{id}/cancel`` or ``DELETE
   /labelstudio/preencode/{project}``, checked before each task), its lease renewed while it
@@ -79,6 +80,8 @@ PREENCODE_KIND = "labelstudio-preencode"
 PAGE_SIZE = 100
 MAX_YIELD_S = 30.0
 """Longest a pre-encode waits for a busy encoder before it encodes its image anyway."""
+IDLE_S = 0.2
+"""A pre-encode starts an encode only when no prompt was decoded for this long."""
 YIELD_POLL_S = 0.02
 MAX_FAILURES_SHOWN = 20
 HEADER_BYTES = 2048  # an .npz's own bytes around the features (about 1.1 KiB), at most
@@ -184,12 +187,15 @@ class ProjectPreencode:
         return self.jobs.get(running.id)
 
     def on_live_swap(self) -> None:
-        """Start again every project pre-encoded with ``live`` (a live-follower listener)."""
+        """Start again every project pre-encoded with ``live`` whose last job encoded another
+        version than the one live now (a live-follower listener: it runs after each notice)."""
         try:
-            projects = [int(p) for p in self.redis.smembers(keys.LS_PREENCODE_PROJECTS)]
-            for project_id in projects:
-                if self.redis.hget(keys.ls_preencode(project_id), "adapter") in (LIVE.encode(),
-                                                                                  LIVE):
+            live = self.engine.encode_label(LIVE)
+            for project_id in [int(p) for p in self.redis.smembers(keys.LS_PREENCODE_PROJECTS)]:
+                adapter, version = (v.decode() if isinstance(v, bytes) else v for v in
+                                    self.redis.hmget(keys.ls_preencode(project_id),
+                                                     ["adapter", "version"]))
+                if adapter == LIVE and version != live:
                     self.start(project_id, LIVE)
         except (RegclError, redis.exceptions.RedisError) as exc:
             logger.warning("pre-encode after a live swap not started: %s", exc)
@@ -260,9 +266,12 @@ class ProjectPreencode:
             raise CancelledError(f"pre-encode {job_id} cancelled")
 
     def _yield(self) -> None:
-        """Wait while interactive requests use the encoder (at most MAX_YIELD_S)."""
+        """Wait while interactive requests use the encoder or decoded a prompt less than
+        IDLE_S ago (at most MAX_YIELD_S)."""
         deadline = time.monotonic() + MAX_YIELD_S
-        while self.engine.encoding.busy and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+                self.engine.encoding.busy
+                or time.monotonic() - self.engine.last_request < IDLE_S):
             time.sleep(YIELD_POLL_S)
 
     def _tasks(self, project_id: int, job_id: str) -> Iterator[tuple[dict[str, Any], int]]:
@@ -312,9 +321,9 @@ class ProjectPreencode:
                     data = task.get("data")
                     url = data.get(config.image_key) if isinstance(data, dict) else None
                     key = self.images.key_of(url, task_id)
+                    self._yield()  # before the fetch too: decoding a PNG holds the GIL
                     image = self.images.remembered(key) or self.indexed(project_id, key) \
                         or self.images.get(url, task_id)
-                    self._yield()
                     try:
                         done = self.engine.persist(image.image_id, adapter)
                     except ImageNotFoundError:  # recorded earlier, not stored for this version
