@@ -2,10 +2,12 @@
 the job ``labelstudio-preencode``.
 
 The job pages through the project's tasks with Label Studio's API in Label Studio's own task
-order (``/api/tasks?project=<id>&page=<n>&fields=task_only``, no ordering of ours), skips
-the tasks that have annotations (``total_annotations`` > 0, else ``is_labeled``, else a
-non-empty ``annotations``), fetches each remaining task's image (:mod:`.task_images`) and
-has the engine put its embedding into the embedding store
+order (``/api/tasks?project=<id>&page=<n>&fields=task_only``, no ordering of ours; Label
+Studio 1.23.2 answers ``{"tasks", "total", ...}``, each task with ``total_annotations`` and
+``is_labeled``, and 404 "Invalid page." past the last page), skips the tasks that have
+annotations (``total_annotations`` > 0, else ``is_labeled``, else a non-empty
+``annotations``), fetches each remaining task's image (:mod:`.task_images`) and has the
+engine put its embedding into the embedding store
 (:meth:`service.engine.segmentation.SegmentationEngine.persist`,
 :mod:`service.engine.embedding_store`: the artifact store, which every API process reads).
 It also records the task image's id and size under its URL in Redis
@@ -64,6 +66,7 @@ from service.engine import AUTO, LIVE, SegmentationEngine
 from service.engine.errors import ImageNotFoundError
 from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.errors import (
+    LabelStudioNotFoundError,
     LabelStudioUnreachableError,
     PreencodeAdapterError,
     PreencodeDisabledError,
@@ -279,9 +282,14 @@ class ProjectPreencode:
         page_no, seen = 1, 0
         while True:
             self._check_stop(job_id)
-            page = self.connection.get_json("/api/tasks", {
-                "project": project_id, "page": page_no, "page_size": PAGE_SIZE,
-                "fields": "task_only", "resolve_uri": "false"})
+            try:
+                page = self.connection.get_json("/api/tasks", {
+                    "project": project_id, "page": page_no, "page_size": PAGE_SIZE,
+                    "fields": "task_only", "resolve_uri": "false"})
+            except LabelStudioNotFoundError:
+                if page_no == 1:
+                    raise
+                return  # "Invalid page.": past the last one (tasks deleted meanwhile)
             tasks = page.get("tasks") if isinstance(page, dict) else None
             if not isinstance(tasks, list):
                 raise LabelStudioUnreachableError("Label Studio's task list has no 'tasks'")
