@@ -2,23 +2,38 @@
 API processes that share one Redis database and one artifact store, with a real HTTP server
 as Label Studio (its project and paged task-list API, and the task images): a task encoded
 ahead is served to the OTHER process from the store, without a fetch or an encode, with the
-mask the cold path gives; the byte budget stops the job; a cancel stops it; setup starts it."""
+mask the cold path gives; the byte budget stops the job; a cancel stops it; setup starts it;
+a live swap starts it again with the new version."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from infra.artifacts import ArtifactStore
+from infra.redis_client import connect
 from infra.redis_server import RedisServer
+from infra.registry import Registry
+from service.engine import image_id_of
 from service.labelstudio.brush_rle import decode_brush_rle
 from tests import databases
 from tests.labelstudio.file_origin import TOKEN, FileOrigin
 from tests.labelstudio.ls_support import LABEL_CONFIG, keypoint, predict_body, task
-from tests.service.api_support import ADMIN_KEY, ApiServer, assert_problem, make_image, png_bytes
+from tests.service.api_support import (
+    ADMIN_KEY,
+    ApiServer,
+    assert_problem,
+    make_adapter,
+    make_image,
+    png_bytes,
+)
 
 EMBEDDING = 128 * 16 * 16 * 2  # the tiny SAM's embedding in float16
 BUDGET = 2 * (EMBEDDING + 2048) + 1000  # two embeddings, not three
@@ -171,3 +186,53 @@ def test_cancel_stops_it_and_bad_requests_are_problems(
         assert_problem(anon.post("/labelstudio/preencode", json={"project": 79}), 401,
                        "unauthorized")
     print(f"cancel and problems: {time.perf_counter() - started:.1f} s")
+
+
+def test_a_live_swap_preencodes_again_with_the_new_version(
+        pair: tuple[ApiServer, ApiServer], admins: tuple[httpx.Client, httpx.Client],
+        redis_server: RedisServer, origin: FileOrigin, tmp_path: Path) -> None:
+    """Runs after the tests above: project 77 was pre-encoded with ``live`` while it meant
+    the base model."""
+    started = time.perf_counter()
+    tasks = origin.projects[77][1]
+    store = ArtifactStore(pair[0].env["REGCL_ARTIFACT_URL"])
+    client = connect(databases.database_url(redis_server, databases.LABELSTUDIO_PREENCODE))
+    try:
+        registry = Registry(client, store)
+        save_file({"step": torch.zeros(1)}, str(tmp_path / "state.safetensors"))
+        live = registry.create_version(make_adapter(tmp_path / "live", seed=9, stats=False),
+                                       tmp_path / "state.safetensors").number
+        registry.activate(live)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 60
+    for admin in admins:  # both processes swap, and their listeners start project 77 again
+        while admin.get("/labelstudio/health").json()["model_version"] != f"live:{live}":
+            assert time.monotonic() < deadline, "the live version never came"
+            time.sleep(0.1)
+    while True:
+        body = admins[0].get("/labelstudio/preencode/77").json()
+        if body["version"] == f"live:{live}" and body["status"] == "succeeded":
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+    assert body["result"]["stored"] == 2 and body["result"]["versions"] == [f"live:{live}"]
+    stored = {p.name for p in Path(store.url).glob(f"embeddings/*/live-{live}/*.npz")}
+    ours = {f"{image_id_of(make_image(100 * 77 + n))}.npz" for n in range(3)}
+    assert stored & ours == ours - {f"{image_id_of(make_image(100 * 77 + 1))}.npz"}
+    for project in (78, 79):  # also pre-encoded with live; stopped, so nothing else encodes
+        while admins[0].get(f"/labelstudio/preencode/{project}").json()["version"] != \
+                f"live:{live}":
+            assert time.monotonic() < deadline, project
+            time.sleep(0.1)
+        admins[0].delete(f"/labelstudio/preencode/{project}")  # 404 if it has finished
+        _wait(admins[0], project)
+    # A click in either process: live's embedding, from the cache or the store, no encode
+    encodes = sum(_metric(admin, "regcl_image_encodes") for admin in admins)
+    for admin in admins:
+        answer = admin.post("/labelstudio/predict", json=predict_body(
+            [tasks[0]], [keypoint(40.0, 55.0)], project=77))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["model_version"] == f"live:{live}"
+    assert sum(_metric(admin, "regcl_image_encodes") for admin in admins) == encodes
+    print(f"live swap, pre-encoded again: {time.perf_counter() - started:.1f} s")
