@@ -333,6 +333,16 @@ class ArtifactStore:
         except FileNotFoundError as exc:
             raise NotFound(f"artifact {key!r} not found") from exc
 
+    def size(self, key: str) -> int:
+        """Bytes of the blob at ``key`` (NotFound if absent or a directory)."""
+        path = self._path(key)
+        try:
+            if not self.fs.isfile(path):
+                raise NotFound(f"artifact {key!r} not found")
+            return int(self.fs.size(path))
+        except FileNotFoundError as exc:
+            raise NotFound(f"artifact {key!r} not found") from exc
+
     # -- common --------------------------------------------------------------------------------
 
     def exists(self, key: str) -> bool:

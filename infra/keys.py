@@ -21,6 +21,11 @@ Layout (types in brackets)::
     regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "step"} JSON
     regcl:ls:serving               [hash]    domain -> what serves its projects (ServingRecord
                                              JSON, infra.project_serving)
+    regcl:ls:preencode:<project>   [hash]    a project's pre-encode: its job, adapter, version
+    regcl:ls:preencode:<project>:images [hash] image key (URL) -> {"image", "width", "height"}
+                                             of the tasks pre-encoded (the first click's
+                                             image without a fetch)
+    regcl:ls:preencode:projects    [set]     projects pre-encoded (re-run after a live swap)
     regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
     regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
     regcl:samples:<domain>:seen    [string]  log length at the latest snapshot
@@ -53,6 +58,7 @@ DATASETS = f"{PREFIX}datasets"
 LS_PROJECTS = f"{PREFIX}ls:projects"
 LS_SERVING = f"{PREFIX}ls:serving"
 """Per domain: what serves its Label Studio projects (:mod:`infra.project_serving`)."""
+LS_PREENCODE_PROJECTS = f"{PREFIX}ls:preencode:projects"
 SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"
@@ -103,6 +109,16 @@ def samples(domain: str, part: str) -> str:
 def ls_sync(project: int) -> str:
     """A Label Studio project's sync: its active job and its cursor (the last task done)."""
     return f"{PREFIX}ls:sync:{int(project)}"
+
+
+def ls_preencode(project: int) -> str:
+    """A Label Studio project's pre-encode: its active job, adapter and adapter version."""
+    return f"{PREFIX}ls:preencode:{int(project)}"
+
+
+def ls_preencode_images(project: int) -> str:
+    """A pre-encoded project's task images by URL (id and size)."""
+    return f"{PREFIX}ls:preencode:{int(project)}:images"
 
 
 def samples_lock(domain: str) -> str:

@@ -192,6 +192,17 @@ class Settings(BaseSettings):
         "the project's held-out set, else auto (the router), else live; 'live' = the live "
         "merge for every project.",
     )
+    label_studio_preencode_max_bytes: int = Field(
+        default=1024 * MIB, ge=0, description="Pre-encoding a Label Studio project (on "
+        "/labelstudio/setup and POST /labelstudio/preencode) stops once the project's "
+        "embeddings in the embedding store take this many bytes (vit_b: 2 MiB per image in "
+        "float16); 0: no pre-encoding.",
+    )
+    embedding_store_dtype: Literal["float16", "float32"] = Field(
+        default="float16", description="What pre-encoded embeddings are stored as in the "
+        "artifact store (embeddings/...); float16 halves the bytes (its effect on masks: "
+        "docs/benchmarks.md, First click).",
+    )
     gate_tolerance: float = Field(
         default=0.02, ge=0, le=1, description="Guarded activation: the largest IoU a candidate "
         "may lose on another domain's held-out set and still go live.",

@@ -83,6 +83,10 @@ class EngineCollector(Collector):
             yield _gauge(f"{prefix}_bytes", f"Bytes of {what} held.", cache.nbytes)
             yield _gauge(f"{prefix}_max_bytes", f"Budget for {what}.", cache.max_bytes)
         yield _counter("regcl_image_encodes", "Image-encoder runs.", stats.encodes)
+        yield _counter("regcl_embedding_store_loads", "Embeddings read from the persisted "
+                       "embedding store (pre-encoded) instead of encoded.", stats.stored_loads)
+        yield _counter("regcl_embedding_store_writes", "Embeddings written to the persisted "
+                       "embedding store.", stats.stored_writes)
         yield _counter("regcl_adapter_swaps", "Hot swaps of the live adapter.", stats.swaps)
         yield _gauge("regcl_live_version", "Live adapter version served (-1: the base model).",
                      -1 if stats.live_version is None else stats.live_version)

@@ -32,6 +32,7 @@ from regcl.errors import RegclError
 from regcl.models import build_sam
 from regcl.models.build import SAM_SPECS
 from service.api.metrics import Metrics
+from service.engine.embedding_store import DTYPES, EmbeddingStore
 from service.engine.live_swap import DomainAdapters, LiveFollower, RouterFollower
 from service.engine.onnx_export import DecoderOnnx
 from service.engine.options import ServingOptions
@@ -148,6 +149,8 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     fingerprint = engine.adapters.base_fingerprint  # hashed now, not while a request waits
     logger.info("serving %s on %s (base fingerprint %s; %s)", settings.model,
                 settings.device, fingerprint, engine.options)
+    engine.use_store(EmbeddingStore(platform.store, fingerprint,
+                                    DTYPES[settings.embedding_store_dtype]))
     metrics.attach_engine(engine)
     return Runtime(
         settings=settings, engine=engine, redis=platform.redis,

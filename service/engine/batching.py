@@ -66,6 +66,7 @@ class Batcher(Generic[T]):
         self._queue: queue.SimpleQueue[Pending[T] | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        self.in_flight = 0  # items submitted and not yet settled
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -75,6 +76,7 @@ class Batcher(Generic[T]):
         with self._lock:  # no item slips in after close's sentinel
             if self._closed.is_set():
                 raise RuntimeError("the batcher is closed")
+            self.in_flight += 1
             self._queue.put(pending)
         return pending.future
 
@@ -130,6 +132,8 @@ class Batcher(Generic[T]):
             for pending in batch:  # a run_batch that forgot one must not hang its caller
                 if not pending.future.done():
                     pending.future.set_exception(RuntimeError("batch item left unsettled"))
+            with self._lock:
+                self.in_flight -= len(batch)
 
 
 class WriterFirstLock:

@@ -1,4 +1,6 @@
-"""Image embeddings: the embedding cache first, else one batched encoder forward.
+"""Image embeddings: the embedding cache first, then the embedding store (persisted by a
+pre-encode, :mod:`service.engine.embedding_store`; read on the request's thread and cached),
+else one batched encoder forward.
 
 The image encoder that runs is a :class:`~regcl.models.serving.ServingEncoder`, a plain copy
 of the base encoder. Uncompiled, it runs a batch's images in **one** forward whatever their
@@ -36,6 +38,7 @@ from regcl.models.serving import ServingEncoder
 from service.engine.adapter_table import AdapterTable, Target, slot_key, slot_label
 from service.engine.batching import Batcher, BatchStats, Pending
 from service.engine.caches import EmbeddingCache, EncodedImage
+from service.engine.embedding_store import EmbeddingStore
 from service.engine.errors import ImageNotFoundError
 from service.engine.image_store import ImageStore
 from service.engine.options import ServingOptions
@@ -80,6 +83,7 @@ class ImageEncoding:
     def __init__(self, encoder: ServingEncoder, table: AdapterTable, cache: EmbeddingCache,
                  images: ImageStore, options: ServingOptions) -> None:
         self.encoder = encoder
+        self.store: EmbeddingStore | None = None  # persisted embeddings, read on a cache miss
         self.encodes = 0
         self.forwards = 0  # encoder forwards that made embeddings (prefixes not counted)
         self._table = table
@@ -100,7 +104,8 @@ class ImageEncoding:
         """Encoder batches so far (count, images, largest)."""
         return self._batcher.stats
 
-    def _slot(self, target: Target) -> AdapterSlot | None:
+    def slot(self, target: Target) -> AdapterSlot | None:
+        """The slot ``target`` names now (``live`` resolved)."""
         return self._table.resolve(target) if isinstance(target, str) else target
 
     def encode(self, image_id: str, target: Target, tokens: torch.Tensor | None = None,
@@ -111,11 +116,36 @@ class ImageEncoding:
         it alone. Raises ImageNotFoundError."""
         if not isinstance(image_id, str):
             raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
-        cached = self._cache.get((image_id, slot_key(self._slot(target))))
+        slot = self.slot(target)
+        cached = self._cache.get((image_id, slot_key(slot)))
         if cached is not None:
             return cached, True
+        if self.store is not None and tokens is None:
+            stored = self._from_store(image_id, target, slot)
+            if stored is not None:
+                return stored, True
         prepared = self._prepare(self._images.get(image_id))  # no lock needed for this
         return self._batcher.run(_EncodeJob(image_id, target, prepared, tokens, block))
+
+    @property
+    def busy(self) -> bool:
+        """Whether encodes are queued or running (what a background job waits out)."""
+        return self._batcher.in_flight > 0
+
+    def _from_store(self, image_id: str, target: Target, slot: AdapterSlot | None
+                    ) -> EncodedImage | None:
+        """The persisted embedding (:mod:`service.engine.embedding_store`), now also cached;
+        None when there is none. Cached only while ``target`` still resolves to ``slot``: a
+        swap that dropped the slot's entries meanwhile must not see them come back."""
+        assert self.store is not None
+        key = slot_key(slot)
+        stored = self.store.get(image_id, slot, key, self._sam.device)
+        if stored is None:
+            return None
+        self._cache.put((image_id, key), stored)
+        if self.slot(target) is not slot:
+            self._cache.pop((image_id, key))
+        return stored
 
     def prefix(self, image_id: str, block: int) -> torch.Tensor:
         """The image's tokens entering encoder ``block`` (1 x h x w x C, the encoder's dtype),
@@ -153,7 +183,7 @@ class ImageEncoding:
                 if job.prefix_only:
                     continue
                 try:  # live is resolved now: a swap may have happened since the request
-                    slot = self._slot(job.target)
+                    slot = self.slot(job.target)
                 except Exception as exc:
                     pending.future.set_exception(exc)
                     continue

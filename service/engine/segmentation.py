@@ -12,6 +12,9 @@ and callers use them directly:
 - ``encoding`` (:mod:`service.engine.encode`): the embedding cache, else batched encodes in a
   private serving copy of the encoder, each image with its own adapter in one forward.
 - ``cache`` (:mod:`service.engine.caches`): the embeddings, by image and adapter slot.
+- ``encoding.store`` (:mod:`service.engine.embedding_store`, set by :meth:`SegmentationEngine.
+  use_store`): embeddings persisted in the artifact store by a pre-encode (:meth:`persist`),
+  which every API process reads on a cache miss before it encodes.
 - ``routing`` (:mod:`service.engine.auto_routing`): ``adapter: "auto"``, the router over the
   registered domain adapters' statistics (kept in step with the registry by
   :class:`service.engine.live_swap.RouterFollower`).
@@ -20,9 +23,9 @@ The decoder (:mod:`service.engine.decode`) is the one decode path: every prompt 
 goes through its thread, in one mask-decoder call per prompt form.
 
 A request's path (``segment``): check the prompts (:mod:`service.engine.prompt_checks`), pin
-the adapter's slot (``adapters.use``), take the embedding from the cache or queue the image
-for the encoder's batch thread (``encoding.encode``), then queue the prompts for the decoder's
-batch thread (``decode``) and wait for the masks.
+the adapter's slot (``adapters.use``), take the embedding from the cache, else the embedding
+store, else queue the image for the encoder's batch thread (``encoding.encode``), then queue
+the prompts for the decoder's batch thread (``decode``) and wait for the masks.
 
 ``auto``: the encoder runs up to the router's block once (no adapter there), the router picks
 a domain from those tokens (or none: not confident, or unlike every domain), and the encode is
@@ -41,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -61,10 +65,13 @@ from service.engine.adapter_table import (
     LIVE,
     AdapterTable,
     DomainSource,
+    slot_key,
+    slot_label,
 )
 from service.engine.auto_routing import AUTO, AutoRoute, DomainRouting
 from service.engine.caches import EmbeddingCache, EncodedImage
 from service.engine.decode import DecodeJob, PromptDecoder, SegmentResult
+from service.engine.embedding_store import EmbeddingStore, version_id
 from service.engine.encode import ImageEncoding
 from service.engine.errors import NonFiniteOutputError, UnknownAdapterError
 from service.engine.image_store import DEFAULT_IMAGE_STORE_BYTES, ImageStore, image_id_of
@@ -72,10 +79,22 @@ from service.engine.options import ServingOptions, encoder_buckets
 from service.engine.prompt_checks import DEFAULT_MAX_POINTS, Prompt, check_bounds, check_prompt
 from service.engine.stats import EngineStats, SwapResult
 
-__all__ = ["AUTO", "BASE", "LIVE", "EngineStats", "SegmentResult", "SegmentationEngine",
-           "ServingOptions", "SwapResult", "image_id_of"]
+__all__ = ["AUTO", "BASE", "LIVE", "EngineStats", "Persisted", "SegmentResult",
+           "SegmentationEngine", "ServingOptions", "SwapResult", "image_id_of"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Persisted:
+    """What :meth:`SegmentationEngine.persist` did for one image: the adapter version,
+    the bytes its embedding takes in the store (0: not stored), whether it was written now,
+    and whether the encoder ran for it."""
+
+    adapter_version: str
+    nbytes: int
+    written: bool
+    encoded: bool
 
 
 class SegmentationEngine:
@@ -139,6 +158,8 @@ class SegmentationEngine:
         self._mask_input_size = tuple(self.adapters.sam.prompt_encoder.mask_input_size)
         # Part of every embedding ETag: slot keys are unique within this process only.
         self._instance = secrets.token_hex(4)
+        # When a prompt was last decoded (time.monotonic()): background work waits for a pause.
+        self.last_request = 0.0
 
     def close(self) -> None:
         """Stop the batching threads (after the work already queued)."""
@@ -163,6 +184,42 @@ class SegmentationEngine:
         with self.adapters.use(adapter) as target:
             encoded, _ = self.encoding.encode(image_id, target)
         return encoded, encoded.adapter_version
+
+    def use_store(self, store: EmbeddingStore | None) -> None:
+        """Read embeddings missing from the cache from ``store`` before encoding (None: stop)."""
+        self.encoding.store = store
+
+    def encode_label(self, adapter: str = LIVE) -> str:
+        """The version label ``adapter`` (not ``auto``) encodes with now: ``base``,
+        ``live:3``, ``domain:polyp`` (a registered domain not loaded is loaded). Raises
+        UnknownAdapterError."""
+        with self.adapters.use(adapter) as target:
+            return slot_label(self.encoding.slot(target))
+
+    def persist(self, image_id: str, adapter: str = LIVE) -> Persisted:
+        """Make sure the image's embedding under ``adapter`` (``base``, ``live`` or a domain;
+        not ``auto``) is in the embedding store: encoded unless the cache or the store has
+        it, then written. Raises ConfigError without a store, UnknownAdapterError,
+        ImageNotFoundError."""
+        store = self.encoding.store
+        if store is None:
+            raise ConfigError("this engine has no embedding store")
+        if adapter == AUTO:
+            raise ConfigError("'auto' chooses per click; pre-encode with a named adapter")
+        with self.adapters.use(adapter) as target:
+            slot = self.encoding.slot(target)
+            version = version_id(slot)
+            if version is None:
+                return Persisted(slot_label(slot), 0, False, False)
+            size = store.size(image_id, version)
+            if size is not None:
+                return Persisted(slot_label(slot), size, False, False)
+            encodes = self.encoding.encodes
+            encoded, _ = self.encoding.encode(image_id, target)
+            if encoded.adapter_key != slot_key(slot):  # live swapped meanwhile: next time
+                return Persisted(encoded.adapter_version, 0, False, True)
+            return Persisted(encoded.adapter_version, store.put(encoded, slot), True,
+                             self.encoding.encodes > encodes)
 
     def embedding_etag(self, encoded: EncodedImage) -> str:
         """The HTTP ETag (quoted) of an embedding: its image and adapter weights."""
@@ -261,9 +318,13 @@ class SegmentationEngine:
         return self._decode([DecodeJob(encoded, prompt, bool(multimask), True)])[0]
 
     def _decode(self, jobs: list[DecodeJob]) -> list[SegmentResult]:
+        self.last_request = time.monotonic()
         for job in jobs:
             check_bounds(job.prompt, job.encoded.original_size)
-        results = self._decoder.decode(jobs)
+        try:
+            results = self._decoder.decode(jobs)
+        finally:
+            self.last_request = time.monotonic()
         for result in results:
             if not np.isfinite(result.scores).all():  # never answered as numbers (or null)
                 logger.error("non-finite scores from %s", result.adapter_version)
@@ -280,6 +341,9 @@ class SegmentationEngine:
     # ----------------------------------------------------------------------------- metrics
     def stats(self) -> EngineStats:
         last, swaps = self.adapters.swaps.last()
+        store = self.encoding.store
         return EngineStats(self.cache.stats(), self.images.stats(),
                            self.adapters.live_version, tuple(self.adapters.domains()),
-                           self.encoding.encodes, swaps, last, self.adapters.domain_loads)
+                           self.encoding.encodes, swaps, last, self.adapters.domain_loads,
+                           0 if store is None else store.loads,
+                           0 if store is None else store.writes)

@@ -36,7 +36,8 @@ class SwapResult:
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot for metrics. domain_loads: domain adapters loaded so far (a reload after
-    an eviction counts again)."""
+    an eviction counts again). stored_loads / stored_writes: embeddings read from / written
+    to the persisted embedding store (:mod:`service.engine.embedding_store`)."""
 
     embeddings: CacheStats
     images: CacheStats
@@ -46,6 +47,8 @@ class EngineStats:
     swaps: int
     last_swap: SwapResult | None
     domain_loads: int
+    stored_loads: int = 0
+    stored_writes: int = 0
 
 
 class SwapLog:

@@ -16,6 +16,12 @@
   image, go into the project's domain sample set (:class:`infra.sample_sets.SampleSets`) with
   the annotation's update time, so a version stored once is not stored again; **remove**
   (ANNOTATIONS_DELETED) takes them out. Every check happens before the first write.
+- **pre-encode** (on ``/labelstudio/setup``, ``POST /labelstudio/preencode``, and after a
+  live swap): the project's tasks without annotations encoded ahead of their first click into
+  the embedding store every API process reads (:mod:`.preencode`); :meth:`LabelStudioBackend.
+  preencode` is the call for a change of what serves a project. A predict takes the task's
+  image as the pre-encode recorded it (no fetch) and its embedding from the engine's cache,
+  else the store, else fetches and encodes.
 - **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
   project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
@@ -25,6 +31,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -37,7 +44,7 @@ from PIL import Image
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
-from infra.jobs import JobStore
+from infra.jobs import JobRecord, JobStore
 from infra.project_serving import ProjectServing
 from infra.sample_sets import ProjectSettings, SampleSets
 from infra.settings import Settings
@@ -55,9 +62,11 @@ from service.labelstudio.errors import (
     InvalidExtraParamsError,
     MalformedPayloadError,
     NotEnoughSamplesError,
+    PreencodeDisabledError,
 )
 from service.labelstudio.label_config import LabelConfig, parse_label_config
 from service.labelstudio.polygons import mask_to_polygons
+from service.labelstudio.preencode import ProjectPreencode
 from service.labelstudio.schemas import (
     BrushRegion,
     BrushValue,
@@ -126,8 +135,18 @@ class LabelStudioBackend:
                                      ProjectServing(runtime.redis))
         self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
                                 self.samples, self)
+        self.preencoder = ProjectPreencode(runtime.settings, self.connection, runtime.jobs,
+                                           runtime.redis, self.images, runtime.engine)
+        live = getattr(runtime, "live", None)  # the live follower: re-run after a swap
+        self._listeners = getattr(live, "listeners", None)
+        if self._listeners is not None:
+            self._listeners.append(self.preencoder.on_live_swap)
 
     def close(self) -> None:
+        if self._listeners is not None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(self.preencoder.on_live_swap)
+        self.preencoder.close()
         self.sync.close()
         self.connection.close()
 
@@ -151,6 +170,51 @@ class LabelStudioBackend:
         domain = extra.get("domain")
         return self.samples.configure_project(project_id, domain, step)
 
+    # -- pre-encode ----------------------------------------------------------------------------
+
+    def preencode(self, project_id: int, adapter: str = LIVE) -> tuple[JobRecord, bool]:
+        """Encode the project's tasks without annotations with ``adapter`` (what serves the
+        project: ``live``, ``base`` or a domain adapter's name) into the embedding store
+        (:mod:`.preencode`). Call it when what serves a project changes: an active job of
+        the project with another adapter or version is asked to stop and a new one starts;
+        one with the same is answered (second value True). Raises PreencodeAdapterError
+        (``auto``), UnknownAdapterError, PreencodeDisabledError, LabelStudioNotConfiguredError."""
+        if self.runtime.settings.label_studio_preencode_max_bytes <= 0:
+            raise PreencodeDisabledError("REGCL_LABEL_STUDIO_PREENCODE_MAX_BYTES is 0")
+        return self.preencoder.start(project_id, adapter)
+
+    def preencode_on_setup(self, project_id: int) -> str | None:
+        """The setup's pre-encode with what serves the project (its own adapter, else
+        ``live``: what ``auto`` falls back to; the images it routes to a domain adapter are
+        encoded at their first click), its job id; None when it is off or could not start
+        (logged: a setup never fails for it)."""
+        if self.runtime.settings.label_studio_preencode_max_bytes <= 0 or \
+                self.connection.origin is None:
+            return None
+        serving = self.serving.for_project(project_id)
+        adapter = serving.adapter if serving.kind == "domain" else LIVE
+        try:
+            return self.preencode(project_id, adapter)[0].id
+        except (RegclError, redis.exceptions.RedisError) as exc:
+            logger.warning("project %d: no pre-encode on setup (%s)", project_id, exc)
+            return None
+
+    def _follow_serving(self, serving: Serving) -> None:
+        """A project pre-encoded before a continual step gave it its own adapter: the first
+        predict after the change starts its pre-encode again with that adapter (the job
+        record in Redis makes every API process see it started once)."""
+        if serving.kind != "domain" or serving.project is None or \
+                self.runtime.settings.label_studio_preencode_max_bytes <= 0 or \
+                self.connection.origin is None:
+            return
+        try:
+            recorded = self.preencoder.adapter_of(serving.project)
+            if recorded is not None and recorded != serving.adapter:
+                self.preencode(serving.project, serving.adapter)
+        except (RegclError, redis.exceptions.RedisError) as exc:
+            logger.warning("project %d: no pre-encode with its adapter %r (%s)",
+                           serving.project, serving.adapter, exc)
+
     # -- predict -------------------------------------------------------------------------------
 
     def predict(self, body: PredictRequest) -> PredictResponse:
@@ -159,6 +223,7 @@ class LabelStudioBackend:
         prompt = parse_context(body.params.context if body.params else None)
         serving = self.serving.for_project(None if body.project is None
                                            else project_id_of(body.project))
+        self._follow_serving(serving)
         results = []
         for task in body.tasks:
             if prompt is None:
@@ -179,10 +244,11 @@ class LabelStudioBackend:
         data = task.get("data")
         url = data.get(config.image_key) if isinstance(data, dict) else None
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
-        image = self.images.get(url, task_id)
+        image = self._task_image(url, task_id, serving.project)
         try:
             result = self._segment(image, prompt, serving)
-        except ImageNotFoundError:  # evicted between the fetch and the encode: once more
+        except ImageNotFoundError:  # evicted since the fetch, or a pre-encode's record whose
+            # embedding is not stored for this version: fetch, once more
             image = self.images.get(url, task_id)
             result = self._segment(image, prompt, serving)
         score = float(result.scores[0])  # finite: the engine refuses others
@@ -223,6 +289,17 @@ class LabelStudioBackend:
             result = engine.segment(image.image_id, coords, labels, box, previous, False, AUTO)
         self.clicks.remember(*session, result.low_res_logits)
         return result
+
+    def _task_image(self, url: object, task_id: int | None,
+                    project_id: int | None) -> TaskImage:
+        """The task's image: remembered by this process, else as the project's pre-encode
+        recorded it (no fetch: its embedding may be in the store; if not, the encode finds
+        no image and the caller fetches), else fetched."""
+        key = self.images.key_of(url, task_id)
+        known = self.images.remembered(key)
+        if known is None and project_id is not None:
+            known = self.preencoder.indexed(project_id, key)
+        return known if known is not None else self.images.get(url, task_id)
 
     # -- webhooks ------------------------------------------------------------------------------
 

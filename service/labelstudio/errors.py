@@ -20,7 +20,10 @@ __all__ = [
     "LabelStudioTokenRefusedError",
     "LabelStudioUnreachableError",
     "MalformedPayloadError",
+    "NoPreencodeError",
     "NotEnoughSamplesError",
+    "PreencodeAdapterError",
+    "PreencodeDisabledError",
     "StorageHostRefusedError",
     "UnsupportedResultTypeError",
 ]
@@ -121,3 +124,22 @@ class NotEnoughSamplesError(LabelStudioError):
 
     code, status, title = "not-enough-samples", 409, "Not enough annotations"
 
+
+
+class PreencodeAdapterError(LabelStudioError):
+    """A pre-encode was asked for with ``auto``, which chooses an adapter per click."""
+
+    code, status, title = "preencode-adapter", 422, "Adapter cannot be pre-encoded"
+
+
+class PreencodeDisabledError(LabelStudioError):
+    """Pre-encoding is off: REGCL_LABEL_STUDIO_PREENCODE_MAX_BYTES is 0, or the process has no
+    embedding store."""
+
+    code, status, title = "preencode-disabled", 409, "Pre-encoding is disabled"
+
+
+class NoPreencodeError(LabelStudioError):
+    """The project has no pre-encode job (or none active, to cancel)."""
+
+    code, status, title = "no-preencode", 404, "No pre-encode job"

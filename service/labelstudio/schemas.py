@@ -91,6 +91,9 @@ class SetupResponse(BaseModel):
     domain: str = Field(description="The domain this project's annotations train.")
     sync_job: str | None = Field(default=None, description="The sync job that extra params "
                                  "``\"sync\": true`` started (or found running).")
+    preencode_job: str | None = Field(default=None, description="The job encoding the "
+                                      "project's tasks without annotations ahead of their "
+                                      "first click (started, or found running).")
 
 
 def _no_bool(value: Any) -> Any:
@@ -108,6 +111,39 @@ class SyncRequest(BaseModel):
     project: (Annotated[int, Field(ge=0, lt=10**18), BeforeValidator(_no_bool)]
               | Annotated[str, Field(max_length=64, pattern=PROJECT_PATTERN)]) = Field(
         description="The project id (or ``<id>.<timestamp>``).")
+
+
+class PreencodeRequest(BaseModel):
+    """``POST /labelstudio/preencode``: encode a project's tasks without annotations ahead of
+    their first click."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: (Annotated[int, Field(ge=0, lt=10**18), BeforeValidator(_no_bool)]
+              | Annotated[str, Field(max_length=64, pattern=PROJECT_PATTERN)]) = Field(
+        description="The project id (or ``<id>.<timestamp>``).")
+    adapter: str = Field(default="live", min_length=1, max_length=64,
+                         description="What serves the project: 'live' (default, what "
+                         "predictions use), 'base' or an uploaded adapter's name; not 'auto'.")
+
+
+class PreencodeResponse(BaseModel):
+    """A project's pre-encode job (follow it at ``/v1/jobs/{job}``): ``queued`` (started
+    now), ``running`` (one with this adapter and version was active already) or the state of
+    the latest job (``GET``, ``DELETE``). ``detail``: progress counts (tasks, annotated,
+    encoded, written, stored, failed, bytes, total); ``result`` once it finished (with
+    ``stopped: "budget"`` when the byte budget ended it)."""
+
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    project: int
+    job: str
+    adapter: str
+    version: str = Field(description="The adapter version it encodes with ('live:3', "
+                         "'base', 'domain:<name>').")
+    progress: float = 0.0
+    cancel_requested: bool = False
+    detail: dict[str, Any] = Field(default_factory=dict)
+    result: dict[str, Any] | None = None
 
 
 class SyncResponse(BaseModel):

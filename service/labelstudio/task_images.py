@@ -100,16 +100,27 @@ class TaskImages:
                                        f"({origin.url}); refused")
         return resolved
 
+    def key_of(self, url: object, task_id: int | None = None) -> str:
+        """What names a task's image across calls: a cloud URI itself, else the resolved
+        URL (checked as :meth:`resolve` does)."""
+        resolved = self.resolve(url, task_id)
+        return url if isinstance(url, str) and url.startswith(CLOUD_SCHEMES) else resolved
+
+    def remembered(self, key: str) -> TaskImage | None:
+        """The image fetched for ``key`` (:meth:`key_of`) while the engine still holds it."""
+        with self._lock:
+            known = self._known.get(key)
+            if known is not None:
+                self._known.move_to_end(key)
+        return known if known is not None and known.image_id in self.engine.images else None
+
     def get(self, url: object, task_id: int | None = None) -> TaskImage:
         """The image of a task (``task_id``: needed for cloud URIs): from memory when the
         engine still holds it, else fetched, decoded and stored."""
         resolved = self.resolve(url, task_id)
         key = url if isinstance(url, str) and url.startswith(CLOUD_SCHEMES) else resolved
-        with self._lock:
-            known = self._known.get(key)
-            if known is not None:
-                self._known.move_to_end(key)
-        if known is not None and known.image_id in self.engine.images:
+        known = self.remembered(key)
+        if known is not None:
             return known
         data = self._fetch(resolved)
         try:

@@ -12,6 +12,7 @@ import base64
 import json
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,10 @@ TOKEN = "origin-token-0123456789"
 
 def _b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def _json(body: object) -> Route:
+    return Route(json.dumps(body).encode(), headers={"Content-Type": "application/json"})
 
 
 def make_jwt(token_type: str, lifetime_s: float) -> str:
@@ -68,7 +73,8 @@ class FileOrigin:
                 if not allowed:
                     self._send(Route(b'{"detail": "auth"}', 401))
                     return
-                self._send(origin.routes.get(self.path, Route(b"missing", 404)))
+                self._send(origin.routes.get(self.path) or origin.api(self.path)
+                           or Route(b"missing", 404))
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -112,6 +118,7 @@ class FileOrigin:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (what a bounded fetch does)
 
+        self.projects: dict[int, tuple[str, list[dict]]] = {}  # id -> (label config, tasks)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -130,6 +137,31 @@ class FileOrigin:
         """Serve ``body`` at ``path``; returns the path (what a task's data holds)."""
         self.routes[path] = Route(body, **route)  # type: ignore[arg-type]
         return path
+
+    def add_project(self, project: int, label_config: str, tasks: list[dict]) -> None:
+        """Serve ``/api/projects/<project>`` and the project's ``/api/tasks`` pages (in the
+        order of ``tasks``; a page past the last answers 404, as Label Studio's does)."""
+        self.projects[project] = (label_config, tasks)
+
+    def api(self, path: str) -> Route | None:
+        """Label Studio's project and task-list API over :attr:`projects`, or None."""
+        url = urllib.parse.urlsplit(path)
+        query = urllib.parse.parse_qs(url.query)
+        if url.path.startswith("/api/projects/"):
+            found = self.projects.get(int(url.path.rstrip("/").rsplit("/", 1)[-1]))
+            return None if found is None else _json({"id": int(url.path.rstrip("/")
+                                                                .rsplit("/", 1)[-1]),
+                                                     "label_config": found[0]})
+        if url.path != "/api/tasks":
+            return None
+        found = self.projects.get(int(query.get("project", ["-1"])[0]))
+        if found is None:
+            return None
+        page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["30"])[0])
+        tasks = found[1][(page - 1) * size:page * size]
+        if page > 1 and not tasks:
+            return Route(b'{"detail": "Invalid page."}', 404)
+        return _json({"tasks": tasks, "total": len(found[1])})
 
     def personal_tokens(self, lifetime_s: float = 300.0) -> str:
         """Switch to personal access tokens (legacy tokens refused from now on); returns the

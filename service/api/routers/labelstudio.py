@@ -8,6 +8,9 @@ into a project's Model settings).
 - ``POST /labelstudio/setup``: the model version (and the project's domain); stores the
   connection's extra params, which needs the admin key (``"sync": true`` there starts a sync);
 - ``POST /labelstudio/sync``: the sync job of a project's existing annotations (admin key);
+- ``POST /labelstudio/preencode``, ``GET`` and ``DELETE /labelstudio/preencode/{project}``:
+  start, see and cancel the job that encodes a project's tasks without annotations ahead of
+  their first click (admin key; setup starts one with ``live`` too);
 - ``POST /labelstudio/predict``: brush masks for the interactive prompt; open unless
   ``REGCL_SEGMENT_REQUIRES_KEY``;
 - ``GET /labelstudio/projects`` and ``GET /labelstudio/projects/{project}``: what serves each
@@ -26,6 +29,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 
+from infra.jobs import JobRecord
 from service.api.deps import (
     AdminKey,
     CeleryDep,
@@ -45,11 +49,14 @@ from service.labelstudio.backend import (
     parse_extra_params,
     project_id_of,
 )
+from service.labelstudio.errors import NoPreencodeError
 from service.labelstudio.schemas import (
     HealthResponse,
     LabelStudioStatus,
     PredictRequest,
     PredictResponse,
+    PreencodeRequest,
+    PreencodeResponse,
     ProjectServingResponse,
     ProjectsServingResponse,
     SetupRequest,
@@ -119,8 +126,8 @@ def setup(body: SetupRequest, backend: BackendDep, key: PresentedKey) -> SetupRe
         settings = backend.project_settings(project_id)
     serving = backend.serving.for_project(project_id)
     return SetupResponse(model_version=backend.serving.model_version(serving),
-                         domain=settings.domain,
-                         sync_job=sync_job)
+                         domain=settings.domain, sync_job=sync_job,
+                         preencode_job=backend.preencode_on_setup(project_id))
 
 
 @router.post("/sync", response_model=SyncResponse, status_code=202,
@@ -133,6 +140,50 @@ def sync(body: SyncRequest, backend: BackendDep, _: AdminKey) -> SyncResponse:
     domain, job, running = backend.start_sync(project_id)
     return SyncResponse(status="running" if running else "queued", project=project_id,
                         domain=domain, job=job)
+
+
+def _preencode_response(record: JobRecord, status: str | None = None) -> PreencodeResponse:
+    params = record.params
+    return PreencodeResponse(status=status or record.state.value, project=params["project"],
+                             job=record.id, adapter=params["adapter"],
+                             version=params["version"], progress=record.progress,
+                             cancel_requested=record.cancel_requested, detail=record.detail,
+                             result=record.result if isinstance(record.result, dict) else None)
+
+
+@router.post("/preencode", response_model=PreencodeResponse, status_code=202,
+             responses=problem_responses(400, 401, 403, 404, 409, 422, 503))
+def preencode(body: PreencodeRequest, backend: BackendDep, _: AdminKey) -> PreencodeResponse:
+    """Start encoding a project's tasks without annotations (Label Studio's task order, up to
+    ``REGCL_LABEL_STUDIO_PREENCODE_MAX_BYTES``) into the embedding store, so their first
+    click costs the decoder only. A job with the same adapter and version already active is
+    answered (``status: running``); one with another is asked to stop. 404: an unknown
+    adapter; 409: pre-encoding is off."""
+    record, running = backend.preencode(project_id_of(body.project), body.adapter)
+    return _preencode_response(record, "running" if running else "queued")
+
+
+@router.get("/preencode/{project}", response_model=PreencodeResponse,
+            responses=problem_responses(401, 403, 404, 422, 503))
+def preencode_status(project: Annotated[int, Path(ge=0, lt=10**18)], backend: BackendDep,
+                     _: AdminKey) -> PreencodeResponse:
+    """The project's latest pre-encode job; 404 if it never had one."""
+    record = backend.preencoder.status(project)
+    if record is None:
+        raise NoPreencodeError(f"project {project} has no pre-encode job")
+    return _preencode_response(record)
+
+
+@router.delete("/preencode/{project}", response_model=PreencodeResponse,
+               responses=problem_responses(401, 403, 404, 422, 503))
+def preencode_cancel(project: Annotated[int, Path(ge=0, lt=10**18)], backend: BackendDep,
+                     _: AdminKey) -> PreencodeResponse:
+    """Ask the project's active pre-encode job to stop (it stops before its next task;
+    ``cancel_requested`` until then); 404 if none is active."""
+    record = backend.preencoder.cancel(project)
+    if record is None:
+        raise NoPreencodeError(f"project {project} has no active pre-encode job")
+    return _preencode_response(record)
 
 
 @router.post("/predict", response_model=PredictResponse,
