@@ -19,6 +19,11 @@ Layout (types in brackets)::
     regcl:datasets                 [hash]    dataset name -> DatasetRecord JSON (infra.datasets)
     regcl:lock:dataset:<name>      [string]  redis-py Lock held while a dataset is added/deleted
     regcl:ls:projects              [hash]    Label Studio project id -> {"domain", "step"} JSON
+    regcl:ls:ingest                [stream]  annotation events recorded, not yet stored
+                                             (service.labelstudio.ingest_queue)
+    regcl:ls:ingest:attempts       [hash]    stream entry id -> tries that raised a bug
+    regcl:ls:ingest:failed         [list]    the latest events that could not be stored (JSON)
+    regcl:lock:ls-ingest           [string]  redis-py Lock: the one turn to store events
     regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
     regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
     regcl:samples:<domain>:seen    [string]  log length at the latest snapshot
@@ -49,6 +54,10 @@ REAPER_LOCK = f"{PREFIX}lock:reaper"
 ACTIVE_JOBS = f"{PREFIX}jobs:active"
 DATASETS = f"{PREFIX}datasets"
 LS_PROJECTS = f"{PREFIX}ls:projects"
+LS_INGEST = f"{PREFIX}ls:ingest"
+LS_INGEST_ATTEMPTS = f"{PREFIX}ls:ingest:attempts"
+LS_INGEST_FAILED = f"{PREFIX}ls:ingest:failed"
+LS_INGEST_LOCK = f"{PREFIX}lock:ls-ingest"
 SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"

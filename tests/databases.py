@@ -23,6 +23,7 @@ LABELSTUDIO_E2E = 8  # tests/labelstudio/test_labelstudio_e2e.py: API + worker +
 LABELSTUDIO_GATE = 9  # tests/labelstudio/test_gate_job.py: a worker
 AUTO_ROUTING = 10  # tests/service/test_api_auto.py: two API processes, one registry
 LABELSTUDIO_TOKENS = 11  # tests/labelstudio/test_backend_tokens.py: an API with a PAT
+LABELSTUDIO_QUEUE = 12  # tests/labelstudio/test_webhook_burst.py: an API killed and restarted
 
 REDIS_DATABASES = 16  # redis-server's default `databases`
 

@@ -11,7 +11,11 @@
   annotation's masks (:mod:`.annotations`: brushes and polygons), checked against the fetched
   image, go into the project's domain sample set (:class:`infra.sample_sets.SampleSets`) with
   the annotation's update time, so a version stored once is not stored again; **remove**
-  (ANNOTATIONS_DELETED) takes them out. Every check happens before the first write.
+  (ANNOTATIONS_DELETED) takes them out. Every check of the payload happens before the first
+  write. An event is stored while its webhook waits only when nothing else is being stored
+  and nothing is queued; else it is checked, recorded in the ingest queue
+  (:mod:`.ingest_queue`, Redis) and answered ``queued`` at once, and the queue's consumer
+  stores it in arrival order (so a burst of webhooks is answered within Label Studio's 1 s).
 - **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
   project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
@@ -25,6 +29,7 @@ import io
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,6 +54,7 @@ from service.labelstudio.errors import (
     MalformedPayloadError,
     NotEnoughSamplesError,
 )
+from service.labelstudio.ingest_queue import IngestConsumer, IngestQueue
 from service.labelstudio.label_config import LabelConfig, parse_label_config
 from service.labelstudio.polygons import mask_to_polygons
 from service.labelstudio.schemas import (
@@ -115,8 +121,12 @@ class LabelStudioBackend:
         self.samples = SampleSets(runtime.redis, runtime.store, runtime.datasets)
         self.sync = ProjectSync(runtime.settings, self.connection, runtime.jobs, runtime.redis,
                                 self.samples, self)
+        self.queue = IngestQueue(runtime.redis, lease_s=3 * runtime.settings.
+                                 label_studio_fetch_timeout_s + 30)
+        self.consumer = IngestConsumer(self.queue, self.handle_recorded, STOPPING).start()
 
     def close(self) -> None:
+        self.consumer.stop()
         self.sync.close()
         self.connection.close()
 
@@ -220,20 +230,7 @@ class LabelStudioBackend:
         had is named in ``failed`` (a sync stores it later) and the others are stored."""
         project_id = project_id_of(project)
         domain = self.samples.project(project_id).domain
-        config = parse_label_config((project or {}).get("label_config"))
-        if not isinstance(annotations, list) or not isinstance(tasks, list) \
-                or not 0 < len(annotations) <= MAX_BULK:
-            raise MalformedPayloadError(f"{action} needs 'annotation' and 'task' lists of 1 to "
-                                        f"{MAX_BULK} objects")
-        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
-        found = []
-        for i, annotation in enumerate(annotations):
-            task_id = annotation.get("task") if isinstance(annotation, dict) else None
-            task = by_id.get(task_id) if isinstance(task_id, int) else None
-            if task is None and len(tasks) == len(annotations):
-                task = tasks[i]  # Label Studio sends the tasks in the annotations' order
-            found.append((annotated_masks(annotation, task, config,
-                                          self.runtime.settings.max_image_pixels), task))
+        found = self._bulk_masks(action, project, annotations, tasks)
         counts = {"stored": 0, "unchanged": 0, "removed": 0, "empty": 0}
         samples, failed = 0, []
         for masks, _ in found:
@@ -258,6 +255,91 @@ class LabelStudioBackend:
                                annotations=len(found), samples=samples,
                                removed=counts["removed"], unchanged=counts["unchanged"],
                                pending=pending, job=job, failed=failed)
+
+    def _bulk_masks(self, action: str, project: dict[str, Any] | None, annotations: object,
+                    tasks: object) -> list[tuple[AnnotatedMasks, dict[str, Any]]]:
+        """Each annotation of a bulk event with its task, all checked."""
+        config = parse_label_config((project or {}).get("label_config"))
+        if not isinstance(annotations, list) or not isinstance(tasks, list) \
+                or not 0 < len(annotations) <= MAX_BULK:
+            raise MalformedPayloadError(f"{action} needs 'annotation' and 'task' lists of 1 to "
+                                        f"{MAX_BULK} objects")
+        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
+        found = []
+        for i, annotation in enumerate(annotations):
+            task_id = annotation.get("task") if isinstance(annotation, dict) else None
+            task = by_id.get(task_id) if isinstance(task_id, int) else None
+            if task is None and len(tasks) == len(annotations):
+                task = tasks[i]  # Label Studio sends the tasks in the annotations' order
+            found.append((annotated_masks(annotation, task, config,
+                                          self.runtime.settings.max_image_pixels), task))
+        return found
+
+    # -- the ingest queue: inline when idle, else recorded and answered at once ---------------
+
+    def receive(self, action: str, project: dict[str, Any] | None, annotation: object,
+                task: object) -> WebhookResponse:
+        """ANNOTATION_CREATED / _UPDATED: checked, then stored now (:meth:`ingest`) or
+        recorded for the queue's consumer (``status: queued``)."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        config = parse_label_config((project or {}).get("label_config"))
+        found = annotated_masks(annotation, task, config, self.runtime.settings.max_image_pixels)
+        if found.masks:
+            self.images.resolve(found.image_url, found.task)  # a foreign URL: refused now
+        event = {"action": action, "project": _project_of(project, project_id),
+                 "annotation": annotation, "task": task}
+        return self._admit([event], lambda: self.ingest(action, project, annotation, task),
+                           WebhookResponse(status="queued", action=action, domain=domain,
+                                           annotations=1, samples=len(found.masks)), domain)
+
+    def receive_many(self, action: str, project: dict[str, Any] | None, annotations: object,
+                     tasks: object) -> WebhookResponse:
+        """ANNOTATIONS_CREATED: all checked, then stored now (:meth:`ingest_many`) or each
+        recorded for the queue's consumer."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        found = self._bulk_masks(action, project, annotations, tasks)
+        for masks, _ in found:
+            if masks.masks:
+                self.images.resolve(masks.image_url, masks.task)
+        assert isinstance(annotations, list)  # checked by _bulk_masks
+        head = _project_of(project, project_id)
+        events = [{"action": action, "project": head, "annotation": a, "task": t}
+                  for a, (_, t) in zip(annotations, found, strict=True)]
+        return self._admit(events, lambda: self.ingest_many(action, project, annotations, tasks),
+                           WebhookResponse(status="queued", action=action, domain=domain,
+                                           annotations=len(found),
+                                           samples=sum(len(m.masks) for m, _ in found)), domain)
+
+    def receive_removal(self, action: str, project: dict[str, Any] | None,
+                        annotations: object) -> WebhookResponse:
+        """ANNOTATIONS_DELETED: removed now (:meth:`remove`) or, when events are queued,
+        recorded behind them (so a queued creation does not bring a deleted one back)."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        ids = _annotation_ids(annotations)
+        event = {"action": action, "project": _project_of(project, project_id),
+                 "annotations": [{"id": i} for i in ids]}
+        return self._admit([event], lambda: self.remove(action, project, annotations),
+                           WebhookResponse(status="queued", action=action, domain=domain,
+                                           annotations=len(ids)), domain)
+
+    def _admit(self, events: list[dict[str, Any]], inline: Callable[[], WebhookResponse],
+               queued: WebhookResponse, domain: str) -> WebhookResponse:
+        with self.queue.turn(wait_s=None) as had:
+            if had and self.queue.backlog() == 0:
+                return inline()
+        self.queue.push(events)
+        return queued.model_copy(update={"pending": self.samples.pending(domain)})
+
+    def handle_recorded(self, event: dict[str, Any]) -> None:
+        """Store (or remove) one recorded event: what the queue's consumer calls."""
+        action, project = event["action"], event["project"]
+        if "annotations" in event:
+            self.remove(action, project, event["annotations"])
+        else:
+            self.ingest(action, project, event["annotation"], event["task"])
 
     def store_annotation(self, project_id: int, domain: str, config: LabelConfig,
                          annotation: object, task: object) -> StoreOutcome:
@@ -301,11 +383,7 @@ class LabelStudioBackend:
         """Take deleted annotations out of their project's domain."""
         project_id = project_id_of(project)
         domain = self.samples.project(project_id).domain
-        if not isinstance(annotations, list) or not annotations or len(annotations) > 10_000:
-            raise MalformedPayloadError("'annotations' must be a non-empty list of objects with "
-                                        "an id")
-        ids = [check_id(a.get("id") if isinstance(a, dict) else None, "annotations[].id")
-               for a in annotations]
+        ids = _annotation_ids(annotations)
         removed = sum(self.samples.remove(domain, i) for i in ids)
         return WebhookResponse(status="ok", action=action, domain=domain, removed=removed,
                                pending=self.samples.pending(domain))
@@ -376,6 +454,19 @@ def parse_extra_params(extra: object) -> dict[str, Any]:
     if not isinstance(extra, dict):
         raise InvalidExtraParamsError("extra_params must be a JSON object")
     return extra
+
+
+def _annotation_ids(annotations: object) -> list[int]:
+    if not isinstance(annotations, list) or not annotations or len(annotations) > 10_000:
+        raise MalformedPayloadError("'annotations' must be a non-empty list of objects with "
+                                    "an id")
+    return [check_id(a.get("id") if isinstance(a, dict) else None, "annotations[].id")
+            for a in annotations]
+
+
+def _project_of(project: dict[str, Any] | None, project_id: int) -> dict[str, Any]:
+    """What a recorded event keeps of the webhook's project: its id and label config."""
+    return {"id": project_id, "label_config": (project or {}).get("label_config")}
 
 
 def _png(pixels: np.ndarray) -> bytes:
