@@ -16,6 +16,7 @@
   and nothing is queued; else it is checked, recorded in the ingest queue
   (:mod:`.ingest_queue`, Redis) and answered ``queued`` at once, and the queue's consumer
   stores it in arrival order (so a burst of webhooks is answered within Label Studio's 1 s).
+  An event that finds the data directory full is queued too, and stored once there is room.
 - **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
   project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
@@ -38,6 +39,7 @@ from PIL import Image
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
+from infra.errors import InsufficientStorage
 from infra.jobs import JobStore
 from infra.sample_sets import ProjectSettings, SampleSets
 from infra.settings import Settings
@@ -329,7 +331,10 @@ class LabelStudioBackend:
                queued: WebhookResponse, domain: str) -> WebhookResponse:
         with self.queue.turn(wait_s=None) as had:
             if had and self.queue.backlog() == 0:
-                return inline()
+                try:
+                    return inline()
+                except InsufficientStorage as exc:  # kept until there is room (none lost)
+                    logger.warning("%s: %s; the event is queued", domain, exc)
         self.queue.push(events)
         return queued.model_copy(update={"pending": self.samples.pending(domain)})
 
