@@ -8,7 +8,8 @@ while ``--count`` ANNOTATION_CREATED webhooks (each its own task, its own ``--si
 brush mask) are sent open-loop at ``--rate`` per second. Afterwards it waits until the
 project's sample set holds them and prints one JSON object: webhook answers (by status, p50 /
 p99 / max ms from each send), the rate reached, clicks quiet vs during the burst, stored /
-lost / duplicated annotations and missing files. Default: 1,000 webhooks at 50/s (20 s)::
+lost / duplicated annotations and missing files (exit status 1 if any was lost or duplicated).
+Default: 1,000 webhooks at 50/s (20 s)::
 
     PYTHONPATH=$PWD .venv/bin/python scripts/webhook_burst.py [--json out.json]
 """
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> dict:
                 "rate_reached": round((len(sends) - 1) / (max(sends) - min(sends)), 2),
                 "image": f"{width}x{height} JPEG", "clickers": args.clickers,
                 "webhook_status": dict(Counter(str(a.status) for a in answers)),
+                "webhook_answers": dict(Counter(a.body["status"] for a in answers if a.body)),
                 "webhook_ms": percentiles([a.seconds for a in answers]),
                 "over_1s": sum(a.seconds > 1.0 for a in answers),
                 "burst_s": round(burst_end - burst_start, 2),
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     figures = run(args)
     text = json.dumps(figures, indent=2)
     if args.json:
