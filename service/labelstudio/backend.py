@@ -16,7 +16,8 @@
   and nothing is queued; else it is checked, recorded in the ingest queue
   (:mod:`.ingest_queue`, Redis) and answered ``queued`` at once, and the queue's consumer
   stores it in arrival order (so a burst of webhooks is answered within Label Studio's 1 s).
-  An event that finds the data directory full is queued too, and stored once there is room.
+  An event that finds the data directory full, or Label Studio unreachable (down, slower than
+  the fetch timeout), is queued too, and stored once it can be.
 - **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
   project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
@@ -53,6 +54,7 @@ from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.context import ContextPrompt, parse_context
 from service.labelstudio.errors import (
     InvalidExtraParamsError,
+    LabelStudioUnreachableError,
     MalformedPayloadError,
     NotEnoughSamplesError,
 )
@@ -125,7 +127,8 @@ class LabelStudioBackend:
                                 self.samples, self)
         self.queue = IngestQueue(runtime.redis, lease_s=3 * runtime.settings.
                                  label_studio_fetch_timeout_s + 30)
-        self.consumer = IngestConsumer(self.queue, self.handle_recorded, STOPPING).start()
+        self.consumer = IngestConsumer(self.queue, self.handle_recorded, STOPPING,
+                                       (LabelStudioUnreachableError,)).start()
 
     def close(self) -> None:
         self.consumer.stop()
@@ -333,7 +336,8 @@ class LabelStudioBackend:
             if had and self.queue.backlog() == 0:
                 try:
                     return inline()
-                except InsufficientStorage as exc:  # kept until there is room (none lost)
+                except (InsufficientStorage, LabelStudioUnreachableError) as exc:
+                    # no room, or Label Studio down or slow: kept until it can be stored
                     logger.warning("%s: %s; the event is queued", domain, exc)
         self.queue.push(events)
         return queued.model_copy(update={"pending": self.samples.pending(domain)})

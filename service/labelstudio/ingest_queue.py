@@ -20,7 +20,9 @@ thread in every API process stores the recorded events, oldest first.
   ``keys.LS_INGEST_FAILED`` (the latest :data:`MAX_FAILED`, with the problem) and logged;
   a sync of the project (``POST /labelstudio/sync``) stores what Label Studio has now. Errors
   after which every event would fail (Label Studio unreachable, the token refused, Redis away)
-  keep the entry at the head, tried again with a growing pause: nothing is dropped.
+  keep the entry at the head, tried again with a growing pause: nothing is dropped, except
+  that an entry whose image Label Studio has not served after :data:`MAX_TRANSIENT_ATTEMPTS`
+  tries (a 5xx for this one image would otherwise hold the queue forever) is failed as above.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ MAX_FAILED = 1000
 """Failed entries kept for people to read (older ones are trimmed)."""
 MAX_ATTEMPTS = 3
 """Tries of an entry whose handling raised an unexpected error (a bug): then it is failed."""
+MAX_TRANSIENT_ATTEMPTS = 8
+"""Tries of an entry whose handling met a ``transient`` error (Label Studio unreachable: down,
+slow, or a 5xx for this image), about 3 minutes with the growing pause: then it is failed."""
 POLL_S = 0.2
 MAX_PAUSE_S = 30.0
 
@@ -122,13 +127,16 @@ class IngestQueue:
 class IngestConsumer:
     """A thread that handles the queue's head whenever it has the turn. ``handle`` stores one
     event (raising its typed error); ``stopping``: the errors after which every event would
-    fail, so the entry stays and is tried again later."""
+    fail, so the entry stays and is tried again later; ``transient``: those of them after
+    which the entry is failed once it was tried :data:`MAX_TRANSIENT_ATTEMPTS` times."""
 
     def __init__(self, queue: IngestQueue, handle: Callable[[dict[str, Any]], None],
-                 stopping: tuple[type[BaseException], ...]) -> None:
+                 stopping: tuple[type[BaseException], ...],
+                 transient: tuple[type[BaseException], ...] = ()) -> None:
         self.queue = queue
         self.handle = handle
         self.stopping = stopping
+        self.transient = transient
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ls-ingest", daemon=True)
 
@@ -172,8 +180,12 @@ class IngestConsumer:
             entry_id, event = head
             try:
                 self.handle(event)
-            except self.stopping:
-                raise  # the entry stays at the head
+            except self.stopping as exc:
+                if isinstance(exc, self.transient) and \
+                        self.queue.attempt(entry_id) >= MAX_TRANSIENT_ATTEMPTS:
+                    self.queue.fail(entry_id, event, getattr(exc, "code", type(exc).__name__),
+                                    str(exc))
+                raise  # the entry stays at the head (unless failed just now)
             except RegclError as exc:
                 code = getattr(exc, "code", type(exc).__name__)
                 logger.warning("ingest queue: event %s not stored (%s: %s)", entry_id, code,
