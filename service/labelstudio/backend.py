@@ -12,12 +12,10 @@
   image, go into the project's domain sample set (:class:`infra.sample_sets.SampleSets`) with
   the annotation's update time, so a version stored once is not stored again; **remove**
   (ANNOTATIONS_DELETED) takes them out. Every check of the payload happens before the first
-  write. An event is stored while its webhook waits only when nothing else is being stored
-  and nothing is queued; else it is checked, recorded in the ingest queue
-  (:mod:`.ingest_queue`, Redis) and answered ``queued`` at once, and the queue's consumer
-  stores it in arrival order (so a burst of webhooks is answered within Label Studio's 1 s).
-  An event that finds the data directory full, or Label Studio unreachable (down, slower than
-  the fetch timeout), is queued too, and stored once it can be.
+  write. An event is stored while its webhook waits (for ``label_studio_webhook_wait_s`` at
+  most) only when nothing else is being stored or queued; else it is checked, recorded in the
+  ingest queue (:mod:`.ingest_queue`) and answered ``queued`` at once, and stored in arrival
+  order, also when it finds the data directory full or Label Studio unreachable.
 - **sync** (``POST /labelstudio/sync``, or ``"sync": true`` in the extra params): the
   project's existing annotations, paged through Label Studio's API (:mod:`.sync`).
 - **train** (START_TRAINING, legacy ``/train``, or ``label_studio_train_every`` new
@@ -32,11 +30,14 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 import numpy as np
 import redis
 from PIL import Image
+from redis.lock import Lock
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
@@ -129,9 +130,11 @@ class LabelStudioBackend:
                                  label_studio_fetch_timeout_s + 30)
         self.consumer = IngestConsumer(self.queue, self.handle_recorded, STOPPING,
                                        (LabelStudioUnreachableError,)).start()
+        self._inline = ThreadPoolExecutor(2, thread_name_prefix="ls-inline")
 
     def close(self) -> None:
         self.consumer.stop()
+        self._inline.shutdown(wait=True)
         self.sync.close()
         self.connection.close()
 
@@ -332,15 +335,30 @@ class LabelStudioBackend:
 
     def _admit(self, events: list[dict[str, Any]], inline: Callable[[], WebhookResponse],
                queued: WebhookResponse, domain: str) -> WebhookResponse:
-        with self.queue.turn(wait_s=None) as had:
-            if had and self.queue.backlog() == 0:
-                try:
-                    return inline()
-                except (InsufficientStorage, LabelStudioUnreachableError) as exc:
-                    # no room, or Label Studio down or slow: kept until it can be stored
-                    logger.warning("%s: %s; the event is queued", domain, exc)
+        """``inline()``'s answer when the turn is free, nothing is queued and it is done within
+        ``label_studio_webhook_wait_s``; else ``events`` recorded and ``queued`` answered."""
+        lock = self.queue.take_turn(wait_s=None)
+        if lock is not None and self.queue.backlog() != 0:
+            self.queue.give_back(lock)
+        elif lock is not None:
+            done = self._inline.submit(self._inline_turn, lock, inline)
+            try:
+                return done.result(timeout=self.runtime.settings.label_studio_webhook_wait_s)
+            except FutureTimeout:  # it goes on; recorded too, found stored ('unchanged')
+                logger.info("%s: storing an event takes longer than %g s; answered queued",
+                            domain, self.runtime.settings.label_studio_webhook_wait_s)
+            except (InsufficientStorage, LabelStudioUnreachableError) as exc:
+                # no room, or Label Studio down or slow: kept until it can be stored
+                logger.warning("%s: %s; the event is queued", domain, exc)
         self.queue.push(events)
         return queued.model_copy(update={"pending": self.samples.pending(domain)})
+
+    def _inline_turn(self, lock: Lock, inline: Callable[[], WebhookResponse]
+                     ) -> WebhookResponse:
+        try:
+            return inline()
+        finally:
+            self.queue.give_back(lock)
 
     def handle_recorded(self, event: dict[str, Any]) -> None:
         """Store (or remove) one recorded event: what the queue's consumer calls."""

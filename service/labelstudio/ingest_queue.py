@@ -11,9 +11,12 @@ thread in every API process stores the recorded events, oldest first.
   dies or restarts loses nothing: an entry leaves the stream only after it was handled.
 - One **turn** at a time in the whole deployment (a Redis lock with a lease,
   ``keys.LS_INGEST_LOCK``): an event is handled inline (the old synchronous answer, with its
-  problems) only when its webhook gets the turn at once *and* nothing is queued; else it is
-  queued. A consumer takes the turn, handles the stream's head and deletes it by id, so events
-  are stored in the order they arrived, and an entry is deleted once even if a lease lapsed.
+  problems) only when its webhook gets the turn at once *and* nothing is queued, and only for
+  ``label_studio_webhook_wait_s``: an inline store that takes longer (a large image) goes on
+  holding the turn, while its event is recorded too and answered ``queued`` (the consumer then
+  finds it stored: ``unchanged``). Else it is queued. A consumer takes the turn, handles the
+  stream's head and deletes it by id, so events are stored in the order they arrived, and an
+  entry is deleted once even if a lease lapsed.
 - Handling an entry twice (a process died between storing and deleting) stores nothing twice:
   the sample set knows the annotation's version (``updated_at``).
 - A handled entry whose event is bad (its image gone, its masks the wrong size) is moved to
@@ -37,6 +40,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from infra import keys
 from regcl.errors import RegclError
@@ -75,18 +79,27 @@ class IngestQueue:
             pipe.xadd(keys.LS_INGEST, {"event": json.dumps(event, allow_nan=False)})
         pipe.execute()
 
+    def take_turn(self, wait_s: float | None) -> Lock | None:
+        """The turn, if had (``wait_s``: None, do not wait); give it back with
+        :meth:`give_back` (from any thread)."""
+        lock = self._redis.lock(keys.LS_INGEST_LOCK, timeout=self.lease_s, thread_local=False,
+                                blocking=wait_s is not None, blocking_timeout=wait_s)
+        return lock if lock.acquire() else None
+
+    @staticmethod
+    def give_back(lock: Lock) -> None:
+        with contextlib.suppress(LockError):
+            lock.release()
+
     @contextlib.contextmanager
     def turn(self, wait_s: float | None) -> Iterator[bool]:
         """Hold the turn (``wait_s``: None, do not wait); yields whether it was had."""
-        lock = self._redis.lock(keys.LS_INGEST_LOCK, timeout=self.lease_s, thread_local=False,
-                                blocking=wait_s is not None, blocking_timeout=wait_s)
-        had = bool(lock.acquire())
+        lock = self.take_turn(wait_s)
         try:
-            yield had
+            yield lock is not None
         finally:
-            if had:
-                with contextlib.suppress(LockError):
-                    lock.release()
+            if lock is not None:
+                self.give_back(lock)
 
     def head(self) -> tuple[str, dict[str, Any]] | None:
         """The oldest recorded event and its id, or None."""

@@ -41,13 +41,15 @@ def ls_proxy(origin: FileOrigin) -> Iterator[TcpProxy]:
 def ls_api(redis_server: RedisServer, ls_proxy: TcpProxy,
            start_api: Callable[..., ApiServer]) -> ApiServer:
     """The API with REGCL_LABEL_STUDIO_URL = the file origin, through ``ls_proxy`` (2 s fetch
-    limit, small images, a continual step every TRAIN_EVERY annotation changes; no worker:
-    jobs stay queued)."""
+    limit, small images, an idle webhook waited for up to 30 s, a continual step every
+    TRAIN_EVERY annotation changes; no worker: jobs stay queued)."""
     redis_url = databases.emptied(redis_server, DB)
     return start_api(redis_url, REGCL_LABEL_STUDIO_URL=ls_proxy.url,
                      REGCL_LABEL_STUDIO_API_KEY=TOKEN,
                      REGCL_LABEL_STUDIO_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
                      REGCL_LABEL_STUDIO_FETCH_TIMEOUT_S="2",
+                     # an idle webhook's answer is the stored result, however slow the machine
+                     REGCL_LABEL_STUDIO_WEBHOOK_WAIT_S="30",
                      REGCL_LABEL_STUDIO_TRAIN_EVERY=str(TRAIN_EVERY))
 
 

@@ -126,8 +126,10 @@ def test_queued_events_keep_their_order(ls_api: ApiServer, admin: httpx.Client,
 
 def test_queued_events_outlive_a_killed_api(redis_server: RedisServer, origin: FileOrigin,
                                            start_api: Callable[..., ApiServer]) -> None:
-    """Webhooks queued (the test holds the turn), the API SIGKILLed, a new one started on the
-    same Redis database and data directory: it stores every queued event once."""
+    """An API with the default webhook wait (0.5 s): an idle webhook whose image comes slowly
+    is answered ``queued`` and stored once. Then webhooks queued (the test holds the turn), the
+    API SIGKILLed, a new one started on the same Redis database and data directory: it stores
+    every queued event once."""
     redis_url = databases.emptied(redis_server, databases.LABELSTUDIO_QUEUE)
     env = {"REGCL_LABEL_STUDIO_URL": origin.url, "REGCL_LABEL_STUDIO_API_KEY": TOKEN}
     api = start_api(redis_url, **env)
@@ -136,6 +138,17 @@ def test_queued_events_outlive_a_killed_api(redis_server: RedisServer, origin: F
     events = make_burst(origin, project, count, SIZE, first_id=882_000)
     queue = IngestQueue(client, lease_s=60)
     try:
+        (slow,) = make_burst(origin, 883, 1, SIZE, first_id=883_000)
+        origin.routes[slow["task"]["data"]["image"]].drip_s = 0.1  # >= 1 s for its bytes
+        with httpx.Client(base_url=api.url, auth=("labelstudio", ADMIN_KEY),
+                          timeout=60) as admin:
+            answer = admin.post("/labelstudio/webhook", json=slow)
+        assert answer.status_code == 200 and answer.json()["status"] == "queued", answer.text
+        _settled(client)
+        slow_figures = stored_figures(client, _sets(api, client), default_domain(883),
+                                      [883_000])
+        assert slow_figures == {"stored": 1, "lost": 0, "duplicated": 0, "missing_files": 0}
+        assert queue.failed() == []
         with queue.turn(wait_s=10) as had:
             assert had
             with httpx.Client(base_url=api.url, auth=("labelstudio", ADMIN_KEY),
@@ -149,7 +162,8 @@ def test_queued_events_outlive_a_killed_api(redis_server: RedisServer, origin: F
         _settled(client)
         figures = stored_figures(client, _sets(again, client), default_domain(project),
                                  [e["annotation"]["id"] for e in events])
-        print(f"\n[reliability] {count} queued webhooks, API killed and restarted: {figures}")
+        print(f"\n[reliability] an idle webhook with a slow image: answered queued, then "
+              f"{slow_figures}; {count} queued webhooks, API killed and restarted: {figures}")
         assert figures == {"stored": count, "lost": 0, "duplicated": 0, "missing_files": 0}
     finally:
         client.close()
