@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         "Studio may take (connect, redirects and body together).",
     )
     label_studio_webhook_wait_s: float = Field(
-        default=0.5, gt=0, le=60, description="How long an annotation webhook that finds nothing "
+        default=0.3, gt=0, le=60, description="How long an annotation webhook that finds nothing "
         "queued waits for its masks to be stored; past it (a large image), it is answered "
         "'queued' and stored all the same. Below Label Studio's WEBHOOK_TIMEOUT (1 s).",
     )

@@ -126,7 +126,7 @@ def test_queued_events_keep_their_order(ls_api: ApiServer, admin: httpx.Client,
 
 def test_queued_events_outlive_a_killed_api(redis_server: RedisServer, origin: FileOrigin,
                                            start_api: Callable[..., ApiServer]) -> None:
-    """An API with the default webhook wait (0.5 s): an idle webhook whose image comes slowly
+    """An API with the default webhook wait (0.3 s): an idle webhook whose image comes slowly
     is answered ``queued`` and stored once. Then webhooks queued (the test holds the turn), the
     API SIGKILLed, a new one started on the same Redis database and data directory: it stores
     every queued event once."""
