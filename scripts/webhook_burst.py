@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import socket
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             api.stop()
             server.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
