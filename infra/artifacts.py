@@ -46,7 +46,15 @@ from typing import BinaryIO
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.errors import ConfigError, Conflict, CorruptArtifact, InvalidName, NotFound
+from infra.errors import (
+    ConfigError,
+    Conflict,
+    CorruptArtifact,
+    InsufficientStorage,
+    InvalidName,
+    NotFound,
+    is_out_of_space,
+)
 
 __all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "validate_key"]
 
@@ -123,6 +131,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _out_of_space(key: str) -> Iterator[None]:
+    """A write refused for want of space, as InsufficientStorage naming ``key``."""
+    try:
+        yield
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise InsufficientStorage(f"no space left in the artifact store to write "
+                                      f"{key!r}: {exc.strerror}") from exc
+        raise
+
+
 def files_of(local_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Every file under ``local_dir`` (recursively) as relative POSIX path → absolute path."""
     root = Path(local_dir)
@@ -160,15 +180,16 @@ class ArtifactStore:
     def put_files(self, files: Mapping[str, str | os.PathLike[str]], key: str) -> ArtifactInfo:
         """Store ``{relative path in artifact: local file}`` as directory artifact ``key``.
 
-        Raises Conflict if ``key`` already holds an artifact; on any failure nothing is left
-        at ``key``.
+        Raises Conflict if ``key`` already holds an artifact, InsufficientStorage if the store
+        has no room left; on any failure nothing is left at ``key``.
         """
         validate_key(key)
         sources = {_check_relative(rel): Path(src) for rel, src in files.items()}
-        if self.is_local:
-            info = self._put_files_local(sources, key)
-        else:
-            info = self._put_files_remote(sources, key)
+        with _out_of_space(key):
+            if self.is_local:
+                info = self._put_files_local(sources, key)
+            else:
+                info = self._put_files_remote(sources, key)
         logger.info("stored artifact %s (%d files, %d bytes)", key, len(info.files),
                     info.size_bytes)
         return info
@@ -201,6 +222,8 @@ class ArtifactStore:
                 # Atomic; fails if dest appeared meanwhile (non-empty dir) or is a file.
                 os.replace(staging, dest)
             except OSError as exc:
+                if is_out_of_space(exc):
+                    raise
                 raise Conflict(f"artifact {key!r} already exists") from exc
             _fsync_dir(dest.parent)
             return info
@@ -289,17 +312,19 @@ class ArtifactStore:
 
     def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         """Store ``data`` at ``key`` atomically (readers see the old or the new bytes, never
-        a part). Without ``overwrite`` an existing key raises Conflict."""
+        a part). Without ``overwrite`` an existing key raises Conflict; no room left,
+        InsufficientStorage (and nothing at ``key``)."""
         dest = self._path(key)
-        if self.is_local:
-            self._put_bytes_local(Path(dest), key, data, overwrite)
-            return
-        if self.fs.isdir(dest) or (not overwrite and self.fs.exists(dest)):
-            raise Conflict(f"artifact {key!r} already exists")
-        try:  # one PUT: readers see the old or the new object, never a part
-            self.fs.pipe_file(dest, data, mode="overwrite" if overwrite else "create")
-        except FileExistsError as exc:
-            raise Conflict(f"artifact {key!r} already exists") from exc
+        with _out_of_space(key):
+            if self.is_local:
+                self._put_bytes_local(Path(dest), key, data, overwrite)
+                return
+            if self.fs.isdir(dest) or (not overwrite and self.fs.exists(dest)):
+                raise Conflict(f"artifact {key!r} already exists")
+            try:  # one PUT: readers see the old or the new object, never a part
+                self.fs.pipe_file(dest, data, mode="overwrite" if overwrite else "create")
+            except FileExistsError as exc:
+                raise Conflict(f"artifact {key!r} already exists") from exc
 
     def _put_bytes_local(self, dest: Path, key: str, data: bytes, overwrite: bool) -> None:
         tmp = self._tmp_dir() / uuid.uuid4().hex
@@ -317,6 +342,8 @@ class ArtifactStore:
                 else:
                     os.link(tmp, dest)  # atomic create-if-absent
             except OSError as exc:
+                if is_out_of_space(exc):
+                    raise
                 raise Conflict(f"artifact {key!r} already exists") from exc
             _fsync_dir(dest.parent)
         finally:

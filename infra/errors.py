@@ -4,13 +4,16 @@ Like :mod:`regcl.errors`, each error subclasses :class:`~regcl.errors.RegclError
 built-in, so callers catch either. The service maps them to RFC 7807 problems:
 ``NotFound`` → 404, ``Conflict`` (and its subclasses) → 409, ``InvalidName`` → 422/400,
 ``BaseModelMismatch`` → 422 ``base-model-mismatch``,
-``LockTimeout`` → 409/503, ``RedisServerError`` → startup failure.
+``LockTimeout`` → 409/503, ``InsufficientStorage`` → 507 ``insufficient-storage``,
+``RedisServerError`` → startup failure.
 
 The names say the outcome (``NotFound``, ``Conflict``) rather than ending in ``Error`` because
 they are the platform's contract with the service and workers, mirroring HTTP's vocabulary.
 """
 
 from __future__ import annotations
+
+import errno
 
 from regcl.errors import AdapterError, ConfigError, RegclError
 
@@ -19,11 +22,13 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "CorruptArtifact",
+    "InsufficientStorage",
     "InvalidName",
     "InvalidTransition",
     "LockTimeout",
     "NotFound",
     "RedisServerError",
+    "is_out_of_space",
 ]
 
 
@@ -61,3 +66,14 @@ class RedisServerError(RegclError, RuntimeError):
 
 class CorruptArtifact(RegclError, ValueError):  # noqa: N818
     """An artifact's files do not match the digests recorded when it was stored."""
+
+
+class InsufficientStorage(RegclError, OSError):  # noqa: N818
+    """The data directory (or the artifact store) has no room left for a write; nothing
+    half-written was kept. Raised from the ``OSError`` (``ENOSPC``, ``EDQUOT``) it replaces."""
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused for want of space (``ENOSPC``) or quota
+    (``EDQUOT``)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

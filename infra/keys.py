@@ -26,6 +26,11 @@ Layout (types in brackets)::
                                              of the tasks pre-encoded (the first click's
                                              image without a fetch)
     regcl:ls:preencode:projects    [set]     projects pre-encoded (re-run after a live swap)
+    regcl:ls:ingest                [stream]  annotation events recorded, not yet stored
+                                             (service.labelstudio.ingest_queue)
+    regcl:ls:ingest:attempts       [hash]    stream entry id -> tries that raised a bug
+    regcl:ls:ingest:failed         [list]    the latest events that could not be stored (JSON)
+    regcl:lock:ls-ingest           [string]  redis-py Lock: the one turn to store events
     regcl:samples:domains          [set]     domains that have a sample set (infra.sample_sets)
     regcl:samples:<domain>:log     [list]    the domain's append-only annotation log (JSON entries)
     regcl:samples:<domain>:seen    [string]  log length at the latest snapshot
@@ -59,6 +64,10 @@ LS_PROJECTS = f"{PREFIX}ls:projects"
 LS_SERVING = f"{PREFIX}ls:serving"
 """Per domain: what serves its Label Studio projects (:mod:`infra.project_serving`)."""
 LS_PREENCODE_PROJECTS = f"{PREFIX}ls:preencode:projects"
+LS_INGEST = f"{PREFIX}ls:ingest"
+LS_INGEST_ATTEMPTS = f"{PREFIX}ls:ingest:attempts"
+LS_INGEST_FAILED = f"{PREFIX}ls:ingest:failed"
+LS_INGEST_LOCK = f"{PREFIX}lock:ls-ingest"
 SAMPLE_DOMAINS = f"{PREFIX}samples:domains"
 
 JOB_EVENTS_CHANNEL = f"{PREFIX}events:jobs"

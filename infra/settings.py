@@ -177,6 +177,11 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=300, description="Longest time one image fetch from Label "
         "Studio may take (connect, redirects and body together).",
     )
+    label_studio_webhook_wait_s: float = Field(
+        default=0.3, gt=0, le=60, description="How long an annotation webhook that finds nothing "
+        "queued waits for its masks to be stored; past it (a large image), it is answered "
+        "'queued' and stored all the same. Below Label Studio's WEBHOOK_TIMEOUT (1 s).",
+    )
     label_studio_train_every: int = Field(
         default=0, ge=0, description="Start a continual step after this many new annotations "
         "of a project (0: only on Label Studio's Start Training).",

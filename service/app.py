@@ -86,10 +86,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.live.start()
         runtime.router.start(runtime.live)  # its first sync runs on its listener thread
         app.state.runtime = runtime
+        labelstudio.open_backend(app, runtime)
         logger.info("regcl API ready (model %s)", settings.model)
         yield
     finally:
         app.state.runtime = None
+        await run_in_threadpool(labelstudio.close_backend, app)
         await run_in_threadpool(runtime.close)
         await runtime.aredis.aclose()
 

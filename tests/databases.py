@@ -24,6 +24,7 @@ LABELSTUDIO_GATE = 9  # tests/labelstudio/test_gate_job.py: a worker
 AUTO_ROUTING = 10  # tests/service/test_api_auto.py: two API processes, one registry
 LABELSTUDIO_TOKENS = 11  # tests/labelstudio/test_backend_tokens.py: an API with a PAT
 LABELSTUDIO_PREENCODE = 12  # tests/labelstudio/test_preencode.py: two APIs, one store
+LABELSTUDIO_QUEUE = 13  # tests/labelstudio/test_webhook_burst.py: an API killed and restarted
 
 REDIS_DATABASES = 16  # redis-server's default `databases`
 

@@ -11,8 +11,10 @@ with ``job_id`` + ``kwargs`` that:
    :meth:`JobHandle.should_stop` for a cancel request;
 3. records the outcome: ``succeeded`` with ``fn``'s JSON result; ``cancelled`` on
    :class:`~regcl.errors.CancelledError`; ``failed`` with the error's type and message on any
-   other exception (regcl's own errors are bad input and logged without a traceback; anything
-   else is logged with one). The task never raises to Celery, so Celery never retries it.
+   other exception (regcl's own errors are bad input and logged without a traceback; a write
+   refused for want of space, ``ENOSPC``, is recorded as ``InsufficientStorage`` whatever
+   layer met it; anything else is logged with a traceback). The task never raises to Celery,
+   so Celery never retries it.
 
 While the job runs, its worker holds the job's lease (``JobStore.mark_running(lease_s=...)``)
 and renews it from a heartbeat thread (``settings.job_lease_s``); if the worker dies, the lease
@@ -46,7 +48,7 @@ import redis
 from celery import current_task, shared_task
 from celery.exceptions import Reject
 
-from infra.errors import InvalidTransition, NotFound
+from infra.errors import InsufficientStorage, InvalidTransition, NotFound, is_out_of_space
 from infra.heartbeat import Heartbeat
 from infra.jobs import JobRecord, JobStore
 from regcl.errors import CancelledError, RegclError
@@ -228,6 +230,10 @@ def _run_body(jobs: JobStore, job: JobHandle, body: Callable[[JobHandle], Any],
         logger.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
         _finish(jobs.fail, job_id, type(exc).__name__, str(exc))
     except Exception as exc:
+        if is_out_of_space(exc):  # a full disk, not a bug: named as the API names it
+            logger.error("job %s failed: no space left (%s)", job_id, exc)
+            _finish(jobs.fail, job_id, InsufficientStorage.__name__, str(exc))
+            return
         logger.exception("job %s failed unexpectedly", job_id)
         _finish(jobs.fail, job_id, type(exc).__name__, str(exc) or repr(exc))
     else:

@@ -12,7 +12,7 @@ their message: the response says only what kind of failure it was, the log has t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -78,6 +78,7 @@ INTERNAL = ProblemKind("internal-error", 500, "Internal server error", expose=Fa
 BACKEND_UNAVAILABLE = ProblemKind("backend-unavailable", 503, "A backend service is unavailable",
                                   expose=False)
 VALIDATION = ProblemKind("validation-error", 422, "The request does not match its schema")
+INSUFFICIENT_STORAGE = ProblemKind("insufficient-storage", 507, "Insufficient storage")
 
 FOREIGN: dict[type[BaseException], ProblemKind] = {
     # library (regcl.errors)
@@ -101,6 +102,7 @@ FOREIGN: dict[type[BaseException], ProblemKind] = {
                                                 "Adapter made for another base model"),
     infra_errors.CorruptArtifact: ProblemKind("corrupt-artifact", 500,
                                               "Stored artifact is corrupt", expose=False),
+    infra_errors.InsufficientStorage: INSUFFICIENT_STORAGE,
     infra_errors.RedisServerError: BACKEND_UNAVAILABLE,
     # Redis unreachable: the request may succeed later
     redis.exceptions.ConnectionError: BACKEND_UNAVAILABLE,
@@ -158,9 +160,13 @@ def service_error_kinds() -> dict[type[ServiceError], ProblemKind]:
 
 def kind_of(exc: BaseException) -> ProblemKind:
     """The problem kind of an exception: its own if it is a service error, else that of the
-    first class of its MRO found in :data:`FOREIGN`; otherwise an internal error."""
+    first class of its MRO found in :data:`FOREIGN`; a write refused for want of space that
+    no layer named (an ``OSError`` ``ENOSPC``) is ``insufficient-storage`` too, without its
+    message (it names server paths); otherwise an internal error."""
     if isinstance(exc, ServiceError):
         return service_error_kind(type(exc))
+    if infra_errors.is_out_of_space(exc):
+        return replace(INSUFFICIENT_STORAGE, expose=False)
     for cls in type(exc).__mro__:
         kind = FOREIGN.get(cls)
         if kind is not None:

@@ -23,6 +23,7 @@ import torch
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
+from infra.errors import InsufficientStorage, is_out_of_space
 from infra.jobs import JobStore
 from infra.platform import connect_platform
 from infra.redis_client import connect_async
@@ -74,11 +75,23 @@ class Runtime:
         """A private temporary directory for one upload, removed afterwards.
 
         The library's errors name the files they refuse; raised from here, their messages
-        name them relative to the upload (server paths never reach a client)."""
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.upload_dir))
+        name them relative to the upload (server paths never reach a client). A write refused
+        for want of space is InsufficientStorage (nothing of the upload is kept)."""
+        try:
+            self.upload_dir.mkdir(parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.upload_dir))
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise InsufficientStorage("no space left in the data directory for the "
+                                          "upload") from exc
+            raise
         try:
             yield path
+        except OSError as exc:
+            if is_out_of_space(exc) and not isinstance(exc, InsufficientStorage):
+                raise InsufficientStorage("no space left in the data directory for the "
+                                          "upload") from exc
+            raise
         except RegclError as exc:
             scrubbed = _without_paths(exc, {str(path): "", str(self.settings.data_dir): ""})
             if scrubbed is exc:

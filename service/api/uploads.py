@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infra.errors import NotFound
+from infra.errors import InsufficientStorage, NotFound, is_out_of_space
 from service.api.errors import (
     InvalidArchiveError,
     InvalidBase64Error,
@@ -252,6 +252,8 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) ->
                 out.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError,
             NotImplementedError) as exc:
+        if is_out_of_space(exc):
+            raise InsufficientStorage(f"no space left to unpack {info.filename!r}") from exc
         raise InvalidArchiveError(f"cannot extract {info.filename!r}: "
                                   f"{exc}") from exc
 

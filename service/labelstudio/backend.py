@@ -15,7 +15,11 @@
   annotation's masks (:mod:`.annotations`: brushes and polygons), checked against the fetched
   image, go into the project's domain sample set (:class:`infra.sample_sets.SampleSets`) with
   the annotation's update time, so a version stored once is not stored again; **remove**
-  (ANNOTATIONS_DELETED) takes them out. Every check happens before the first write.
+  (ANNOTATIONS_DELETED) takes them out. Every check of the payload happens before the first
+  write. An event is stored while its webhook waits (for ``label_studio_webhook_wait_s`` at
+  most) only when nothing else is being stored or queued; else it is checked, recorded in the
+  ingest queue (:mod:`.ingest_queue`) and answered ``queued`` at once, and stored in arrival
+  order, also when it finds the data directory full or Label Studio unreachable.
 - **pre-encode** (on ``/labelstudio/setup``, ``POST /labelstudio/preencode``, and after a
   live swap): the project's tasks without annotations encoded ahead of their first click into
   the embedding store every API process reads (:mod:`.preencode`); :meth:`LabelStudioBackend.
@@ -36,14 +40,19 @@ import io
 import json
 import logging
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 import numpy as np
 import redis
 from PIL import Image
+from redis.lock import Lock
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
+from infra.errors import InsufficientStorage
 from infra.jobs import JobRecord, JobStore
 from infra.project_serving import ProjectServing
 from infra.sample_sets import ProjectSettings, SampleSets
@@ -60,10 +69,12 @@ from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.context import ContextPrompt, parse_context
 from service.labelstudio.errors import (
     InvalidExtraParamsError,
+    LabelStudioUnreachableError,
     MalformedPayloadError,
     NotEnoughSamplesError,
     PreencodeDisabledError,
 )
+from service.labelstudio.ingest_queue import IngestConsumer, IngestQueue
 from service.labelstudio.label_config import LabelConfig, parse_label_config
 from service.labelstudio.polygons import mask_to_polygons
 from service.labelstudio.preencode import ProjectPreencode
@@ -141,8 +152,15 @@ class LabelStudioBackend:
         self._listeners = getattr(live, "listeners", None)
         if self._listeners is not None:
             self._listeners.append(self.preencoder.on_live_swap)
+        self.queue = IngestQueue(runtime.redis, lease_s=3 * runtime.settings.
+                                 label_studio_fetch_timeout_s + 30)
+        self.consumer = IngestConsumer(self.queue, self.handle_recorded, STOPPING,
+                                       (LabelStudioUnreachableError,)).start()
+        self._inline = ThreadPoolExecutor(2, thread_name_prefix="ls-inline")
 
     def close(self) -> None:
+        self.consumer.stop()
+        self._inline.shutdown(wait=True)
         if self._listeners is not None:
             with contextlib.suppress(ValueError):
                 self._listeners.remove(self.preencoder.on_live_swap)
@@ -328,20 +346,7 @@ class LabelStudioBackend:
         had is named in ``failed`` (a sync stores it later) and the others are stored."""
         project_id = project_id_of(project)
         domain = self.samples.project(project_id).domain
-        config = parse_label_config((project or {}).get("label_config"))
-        if not isinstance(annotations, list) or not isinstance(tasks, list) \
-                or not 0 < len(annotations) <= MAX_BULK:
-            raise MalformedPayloadError(f"{action} needs 'annotation' and 'task' lists of 1 to "
-                                        f"{MAX_BULK} objects")
-        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
-        found = []
-        for i, annotation in enumerate(annotations):
-            task_id = annotation.get("task") if isinstance(annotation, dict) else None
-            task = by_id.get(task_id) if isinstance(task_id, int) else None
-            if task is None and len(tasks) == len(annotations):
-                task = tasks[i]  # Label Studio sends the tasks in the annotations' order
-            found.append((annotated_masks(annotation, task, config,
-                                          self.runtime.settings.max_image_pixels), task))
+        found = self._bulk_masks(action, project, annotations, tasks)
         counts = {"stored": 0, "unchanged": 0, "removed": 0, "empty": 0}
         samples, failed = 0, []
         for masks, _ in found:
@@ -366,6 +371,110 @@ class LabelStudioBackend:
                                annotations=len(found), samples=samples,
                                removed=counts["removed"], unchanged=counts["unchanged"],
                                pending=pending, job=job, failed=failed)
+
+    def _bulk_masks(self, action: str, project: dict[str, Any] | None, annotations: object,
+                    tasks: object) -> list[tuple[AnnotatedMasks, dict[str, Any]]]:
+        """Each annotation of a bulk event with its task, all checked."""
+        config = parse_label_config((project or {}).get("label_config"))
+        if not isinstance(annotations, list) or not isinstance(tasks, list) \
+                or not 0 < len(annotations) <= MAX_BULK:
+            raise MalformedPayloadError(f"{action} needs 'annotation' and 'task' lists of 1 to "
+                                        f"{MAX_BULK} objects")
+        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
+        found = []
+        for i, annotation in enumerate(annotations):
+            task_id = annotation.get("task") if isinstance(annotation, dict) else None
+            task = by_id.get(task_id) if isinstance(task_id, int) else None
+            if task is None and len(tasks) == len(annotations):
+                task = tasks[i]  # Label Studio sends the tasks in the annotations' order
+            found.append((annotated_masks(annotation, task, config,
+                                          self.runtime.settings.max_image_pixels), task))
+        return found
+
+    # -- the ingest queue: inline when idle, else recorded and answered at once ---------------
+
+    def receive(self, action: str, project: dict[str, Any] | None, annotation: object,
+                task: object) -> WebhookResponse:
+        """ANNOTATION_CREATED / _UPDATED: checked, then stored now (:meth:`ingest`) or
+        recorded for the queue's consumer (``status: queued``)."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        config = parse_label_config((project or {}).get("label_config"))
+        found = annotated_masks(annotation, task, config, self.runtime.settings.max_image_pixels)
+        if found.masks:
+            self.images.resolve(found.image_url, found.task)  # a foreign URL: refused now
+        event = {"action": action, "project": _project_of(project, project_id),
+                 "annotation": annotation, "task": task}
+        return self._admit([event], lambda: self.ingest(action, project, annotation, task),
+                           WebhookResponse(status="queued", action=action, domain=domain,
+                                           annotations=1, samples=len(found.masks)), domain)
+
+    def receive_many(self, action: str, project: dict[str, Any] | None, annotations: object,
+                     tasks: object) -> WebhookResponse:
+        """ANNOTATIONS_CREATED: all checked, then stored now (:meth:`ingest_many`) or each
+        recorded for the queue's consumer."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        found = self._bulk_masks(action, project, annotations, tasks)
+        for masks, _ in found:
+            if masks.masks:
+                self.images.resolve(masks.image_url, masks.task)
+        assert isinstance(annotations, list)  # checked by _bulk_masks
+        head = _project_of(project, project_id)
+        events = [{"action": action, "project": head, "annotation": a, "task": t}
+                  for a, (_, t) in zip(annotations, found, strict=True)]
+        return self._admit(events, lambda: self.ingest_many(action, project, annotations, tasks),
+                           WebhookResponse(status="queued", action=action, domain=domain,
+                                           annotations=len(found),
+                                           samples=sum(len(m.masks) for m, _ in found)), domain)
+
+    def receive_removal(self, action: str, project: dict[str, Any] | None,
+                        annotations: object) -> WebhookResponse:
+        """ANNOTATIONS_DELETED: removed now (:meth:`remove`) or, when events are queued,
+        recorded behind them (so a queued creation does not bring a deleted one back)."""
+        project_id = project_id_of(project)
+        domain = self.samples.project(project_id).domain
+        ids = _annotation_ids(annotations)
+        event = {"action": action, "project": _project_of(project, project_id),
+                 "annotations": [{"id": i} for i in ids]}
+        return self._admit([event], lambda: self.remove(action, project, annotations),
+                           WebhookResponse(status="queued", action=action, domain=domain,
+                                           annotations=len(ids)), domain)
+
+    def _admit(self, events: list[dict[str, Any]], inline: Callable[[], WebhookResponse],
+               queued: WebhookResponse, domain: str) -> WebhookResponse:
+        """``inline()``'s answer when the turn is free, nothing is queued and it is done within
+        ``label_studio_webhook_wait_s``; else ``events`` recorded and ``queued`` answered."""
+        lock = self.queue.take_turn(wait_s=None)
+        if lock is not None and self.queue.backlog() != 0:
+            self.queue.give_back(lock)
+        elif lock is not None:
+            done = self._inline.submit(self._inline_turn, lock, inline)
+            try:
+                return done.result(timeout=self.runtime.settings.label_studio_webhook_wait_s)
+            except FutureTimeout:  # it goes on; recorded too, found stored ('unchanged')
+                logger.info("%s: storing an event takes longer than %g s; answered queued",
+                            domain, self.runtime.settings.label_studio_webhook_wait_s)
+            except (InsufficientStorage, LabelStudioUnreachableError) as exc:
+                # no room, or Label Studio down or slow: kept until it can be stored
+                logger.warning("%s: %s; the event is queued", domain, exc)
+        self.queue.push(events)
+        return queued.model_copy(update={"pending": self.samples.pending(domain)})
+
+    def _inline_turn(self, lock: Lock, inline: Callable[[], WebhookResponse]
+                     ) -> WebhookResponse:
+        try:
+            return inline()
+        finally:
+            self.queue.give_back(lock)
+
+    def handle_recorded(self, event: dict[str, Any]) -> None:
+        """Store (or remove) one recorded event: what the queue's consumer calls."""
+        action, project = event["action"], event["project"]
+        if "annotations" in event:
+            self.remove(action, project, event["annotations"])
+        else:
+            self.ingest(action, project, event["annotation"], event["task"])
 
     def store_annotation(self, project_id: int, domain: str, config: LabelConfig,
                          annotation: object, task: object) -> StoreOutcome:
@@ -409,11 +518,7 @@ class LabelStudioBackend:
         """Take deleted annotations out of their project's domain."""
         project_id = project_id_of(project)
         domain = self.samples.project(project_id).domain
-        if not isinstance(annotations, list) or not annotations or len(annotations) > 10_000:
-            raise MalformedPayloadError("'annotations' must be a non-empty list of objects with "
-                                        "an id")
-        ids = [check_id(a.get("id") if isinstance(a, dict) else None, "annotations[].id")
-               for a in annotations]
+        ids = _annotation_ids(annotations)
         removed = sum(self.samples.remove(domain, i) for i in ids)
         return WebhookResponse(status="ok", action=action, domain=domain, removed=removed,
                                pending=self.samples.pending(domain))
@@ -484,6 +589,19 @@ def parse_extra_params(extra: object) -> dict[str, Any]:
     if not isinstance(extra, dict):
         raise InvalidExtraParamsError("extra_params must be a JSON object")
     return extra
+
+
+def _annotation_ids(annotations: object) -> list[int]:
+    if not isinstance(annotations, list) or not annotations or len(annotations) > 10_000:
+        raise MalformedPayloadError("'annotations' must be a non-empty list of objects with "
+                                    "an id")
+    return [check_id(a.get("id") if isinstance(a, dict) else None, "annotations[].id")
+            for a in annotations]
+
+
+def _project_of(project: dict[str, Any] | None, project_id: int) -> dict[str, Any]:
+    """What a recorded event keeps of the webhook's project: its id and label config."""
+    return {"id": project_id, "label_config": (project or {}).get("label_config")}
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -294,11 +294,13 @@ class WebhookRequest(BaseModel):
 
 
 class WebhookResponse(BaseModel):
-    """``ignored``: an action the backend does not act on. ``samples``: object masks stored
+    """``ignored``: an action the backend does not act on. ``queued``: the event is checked
+    and recorded (in Redis) while others are being stored; it is stored in arrival order, and
+    ``samples`` / ``annotations`` say what it holds. ``samples``: object masks stored
     for the annotation; ``removed``: annotations removed; ``job``: the continual step
     submitted (or already running) for the project's domain."""
 
-    status: Literal["ok", "ignored", "running"]
+    status: Literal["ok", "ignored", "running", "queued"]
     action: str
     domain: str | None = None
     samples: int = 0

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import redis
 
 from infra import keys
-from infra.errors import InvalidTransition, NotFound
+from infra.errors import InsufficientStorage, InvalidTransition, NotFound
 from infra.heartbeat import Heartbeat
 from infra.jobs import JobRecord, JobState, JobStore
 from infra.sample_sets import SampleSets
@@ -62,9 +62,11 @@ SYNC_KIND = "labelstudio-sync"
 PAGE_SIZE = 50
 MAX_FAILURES_SHOWN = 20
 STOPPING = (LabelStudioTokenRefusedError, LabelStudioUnreachableError,
-            LabelStudioNotConfiguredError, redis.exceptions.ConnectionError)
+            LabelStudioNotConfiguredError, redis.exceptions.ConnectionError,
+            InsufficientStorage)
 """Errors after which every other annotation would fail too: they stop a sync (and a bulk
-webhook) instead of being counted against one annotation."""
+webhook) instead of being counted against one annotation, and keep a queued webhook event
+queued (:mod:`.ingest_queue`)."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Fixtures of the Label Studio backend tests: the REAL API server (uvicorn subprocess) on the
-session's redis-server, database 4, whose Label Studio is a :class:`FileOrigin` (a real HTTP
-server serving task images); the end-to-end test against Label Studio itself has its own
-stack (``test_labelstudio_e2e.py``, database 5)."""
+session's redis-server, database ``databases.LABELSTUDIO``, whose Label Studio is a
+:class:`FileOrigin` (a real HTTP server serving task images) reached through a
+:class:`TcpProxy` (passing bytes through unless a test makes Label Studio slow or down); the
+end-to-end test against Label Studio itself has its own stack (``test_labelstudio_e2e.py``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from tests import databases
 from tests.labelstudio.file_origin import TOKEN, FileOrigin
+from tests.labelstudio.tcp_proxy import TcpProxy
 from tests.service.api_support import ADMIN_KEY, ApiServer
 
 DB = databases.LABELSTUDIO
@@ -29,15 +31,25 @@ def origin() -> Iterator[FileOrigin]:
 
 
 @pytest.fixture(scope="session")
-def ls_api(redis_server: RedisServer, origin: FileOrigin,
+def ls_proxy(origin: FileOrigin) -> Iterator[TcpProxy]:
+    """The way from the API to the file origin (a test that takes it down puts it back)."""
+    with TcpProxy(origin.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="session")
+def ls_api(redis_server: RedisServer, ls_proxy: TcpProxy,
            start_api: Callable[..., ApiServer]) -> ApiServer:
-    """The API with REGCL_LABEL_STUDIO_URL = the file origin (2 s fetch limit, small images,
-    a continual step every TRAIN_EVERY annotation changes; no worker: jobs stay queued)."""
+    """The API with REGCL_LABEL_STUDIO_URL = the file origin, through ``ls_proxy`` (2 s fetch
+    limit, small images, an idle webhook waited for up to 30 s, a continual step every
+    TRAIN_EVERY annotation changes; no worker: jobs stay queued)."""
     redis_url = databases.emptied(redis_server, DB)
-    return start_api(redis_url, REGCL_LABEL_STUDIO_URL=origin.url,
+    return start_api(redis_url, REGCL_LABEL_STUDIO_URL=ls_proxy.url,
                      REGCL_LABEL_STUDIO_API_KEY=TOKEN,
                      REGCL_LABEL_STUDIO_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
                      REGCL_LABEL_STUDIO_FETCH_TIMEOUT_S="2",
+                     # an idle webhook's answer is the stored result, however slow the machine
+                     REGCL_LABEL_STUDIO_WEBHOOK_WAIT_S="30",
                      REGCL_LABEL_STUDIO_TRAIN_EVERY=str(TRAIN_EVERY))
 
 

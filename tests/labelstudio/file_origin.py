@@ -3,7 +3,8 @@ the API-level tests: real sockets, real HTTP, on 127.0.0.1, checking the API tok
 Studio does (``Authorization: Token <key>``, or with :meth:`FileOrigin.personal_tokens` a
 personal access token's access tokens, ``Bearer``, made at ``POST /api/token/refresh/``), plus
 the misbehaviours a real deployment can show (redirects, slow bodies, oversized bodies,
-errors, access tokens refused). The end-to-end tests use Label Studio itself
+errors, access tokens refused), and the task list the sync pages through
+(:meth:`FileOrigin.task_page`). The end-to-end tests use Label Studio itself
 (``test_labelstudio_e2e.py``)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 TOKEN = "origin-token-0123456789"
 
@@ -56,6 +58,7 @@ class FileOrigin:
         self.access_lifetime_s = 300.0
         self.refreshes = 0
         self.refresh_delay_s = 0.0
+        self.tasks: dict[int, list[dict]] = {}  # project id -> tasks (see task_page)
         self.lock = threading.Lock()
         origin = self
 
@@ -72,6 +75,10 @@ class FileOrigin:
                     if origin.pat is not None else header == f"Token {TOKEN}"
                 if not allowed:
                     self._send(Route(b'{"detail": "auth"}', 401))
+                    return
+                path, _, query = self.path.partition("?")
+                if path == "/api/tasks" and origin.has_tasks(query):  # the sync's pages
+                    self._send(origin.task_page(query))
                     return
                 self._send(origin.routes.get(self.path) or origin.api(self.path)
                            or Route(b"missing", 404))
@@ -121,6 +128,8 @@ class FileOrigin:
         self.projects: dict[int, tuple[str, list[dict]]] = {}  # id -> (label config, tasks)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # a connection the client (or the tests' proxy) reset is no error of the origin's
+        self.server.handle_error = lambda request, address: None  # type: ignore[method-assign]
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -162,6 +171,25 @@ class FileOrigin:
         if page > 1 and not tasks:
             return Route(b'{"detail": "Invalid page."}', 404)
         return _json({"tasks": tasks, "total": len(found[1])})
+
+    def has_tasks(self, query: str) -> bool:
+        """Whether ``query`` names a project of :attr:`tasks` (the sync's; the pre-encode's
+        are :attr:`projects`)."""
+        return int(parse_qs(query).get("project", ["-1"])[0]) in self.tasks
+
+    def task_page(self, query: str) -> Route:
+        """``GET /api/tasks`` as the sync asks it of Label Studio: a project's tasks with
+        annotations, in id order, past the ``filter:tasks:id greater`` filter of ``query``,
+        ``page_size`` of them, with the ``total`` that match."""
+        params = parse_qs(query)
+        project = int(params["project"][0])
+        size = int(params.get("page_size", ["100"])[0])
+        items = json.loads(params.get("query", ["{}"])[0]).get("filters", {}).get("items", [])
+        after = max([i["value"] for i in items if i.get("filter") == "filter:tasks:id"] or [0])
+        chosen = sorted((t for t in self.tasks.get(project, [])
+                         if t["id"] > after and t.get("annotations")), key=lambda t: t["id"])
+        return Route(json.dumps({"tasks": chosen[:size], "total": len(chosen)}).encode(),
+                     headers={"Content-Type": "application/json"})
 
     def personal_tokens(self, lifetime_s: float = 300.0) -> str:
         """Switch to personal access tokens (legacy tokens refused from now on); returns the

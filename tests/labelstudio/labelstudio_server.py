@@ -2,9 +2,9 @@
 the end-to-end tests: SQLite and uploads in a temporary folder, a user (with a legacy token,
 which Label Studio refuses unless legacy tokens are enabled: its default is off), localhost
 allowed as ML backend and webhook target (Label Studio blocks local addresses by default:
-ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED), webhooks waiting up to 60 s for regcl (its
-default is 1 s), no telemetry; plus a client for its REST API logged in as that user (a
-session, as the browser has), with which a test creates a personal access token
+ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED), webhooks waiting Label Studio's default 1 s
+for regcl (``WEBHOOK_TIMEOUT`` unset), no telemetry; plus a client for its REST API logged
+in as that user (a session, as the browser has), with which a test creates a personal access token
 (:meth:`LabelStudio.create_personal_access_token`) or enables legacy tokens
 (:meth:`LabelStudio.enable_legacy_tokens`)."""
 
@@ -46,7 +46,7 @@ class LabelStudio:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("REGCL_", "PYTHON", "DJANGO"))}
         env.update({"ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
-                    "WEBHOOK_TIMEOUT": "60", "COLLECT_ANALYTICS": "false",
+                    "COLLECT_ANALYTICS": "false",
                     "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
                     "OMP_NUM_THREADS": "1"})
         with open(self.log, "ab") as out:

@@ -89,7 +89,7 @@ def _read_upload(directory: Path) -> AdapterFiles:
 
 
 @router.post("", response_model=AdapterUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422),
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 507),
              openapi_extra=upload_parts(
                  adapter_config=("application/json", CONFIG_FILE),
                  adapter_model=("application/octet-stream", WEIGHTS_FILE),

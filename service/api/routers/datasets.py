@@ -42,7 +42,7 @@ real datasets stay near 1)."""
 
 
 @router.post("", response_model=DatasetUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422),
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 507),
              openapi_extra=upload_parts(file=("application/zip", "dataset.zip")))
 def upload_dataset(
     _: AdminKey,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 
 from infra.jobs import JobRecord
 from service.api.deps import (
@@ -40,6 +40,7 @@ from service.api.deps import (
     require_segment_access,
 )
 from service.api.problems import problem_responses
+from service.api.runtime import Runtime
 from service.labelstudio.backend import (
     BULK_ACTIONS,
     DELETE_ACTIONS,
@@ -71,6 +72,23 @@ from service.labelstudio.schemas import (
 
 router = APIRouter(prefix="/labelstudio", tags=["labelstudio"])
 _backend_lock = threading.Lock()
+
+
+def open_backend(app: FastAPI, runtime: Runtime) -> LabelStudioBackend:
+    """Make the app's backend at startup, so its ingest queue's consumer stores what an
+    earlier process left queued without waiting for a webhook."""
+    with _backend_lock:
+        backend = LabelStudioBackend(runtime)
+        app.state.labelstudio = backend
+    return backend
+
+
+def close_backend(app: FastAPI) -> None:
+    """Stop the backend's threads (the queue's consumer, the sync pool) at shutdown."""
+    backend: LabelStudioBackend | None = getattr(app.state, "labelstudio", None)
+    app.state.labelstudio = None
+    if backend is not None:
+        backend.close()
 
 
 def get_backend(request: Request, runtime: RuntimeDep) -> LabelStudioBackend:
@@ -221,17 +239,19 @@ def webhook(body: WebhookRequest, backend: BackendDep, _: AdminKey,
     """Label Studio's events: ANNOTATION_CREATED / ANNOTATION_UPDATED store the annotation's
     masks in the project's domain (ANNOTATIONS_CREATED: each of its annotations),
     ANNOTATIONS_DELETED removes them, START_TRAINING submits
-    the continual step; other actions are ignored."""
+    the continual step; other actions are ignored. While other events are being stored, an
+    annotation event is checked, recorded and answered ``queued`` at once (stored in arrival
+    order by a consumer; nothing is lost if the process restarts)."""
     extra = body.model_extra or {}
     if body.action in INGEST_ACTIONS:
-        return backend.ingest(body.action, body.project, extra.get("annotation"),
-                              extra.get("task"))
+        return backend.receive(body.action, body.project, extra.get("annotation"),
+                               extra.get("task"))
     if body.action in BULK_ACTIONS:
-        return backend.ingest_many(body.action, body.project, extra.get("annotation"),
-                                   extra.get("task"))
+        return backend.receive_many(body.action, body.project, extra.get("annotation"),
+                                    extra.get("task"))
     if body.action in DELETE_ACTIONS:
         annotations = extra.get("annotations", [extra.get("annotation")])
-        return backend.remove(body.action, body.project, annotations)
+        return backend.receive_removal(body.action, body.project, annotations)
     if body.action == TRAIN_ACTION:
         domain, job, running = backend.train(project_id_of(body.project), celery_of(runtime))
         return WebhookResponse(status="running" if running else "ok", action=body.action,
