@@ -28,7 +28,8 @@ from service.labelstudio.errors import (
 from service.labelstudio.label_config import LabelConfig
 from service.labelstudio.polygons import check_points, polygons_to_mask
 
-__all__ = ["MASK_TYPES", "MAX_REGIONS", "AnnotatedMasks", "annotated_masks", "check_id"]
+__all__ = ["MASK_TYPES", "MAX_REGIONS", "AnnotatedMasks", "annotated_masks", "check_id",
+           "project_id_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +134,16 @@ def annotated_masks(annotation: object, task: object, config: LabelConfig,
                                     f"{version!r}")
     return AnnotatedMasks(annotation_id, task_id, image_url, size if masks else None,
                           tuple(masks), version)
+
+
+def project_id_of(project: object) -> int:
+    """A project id from ``"<id>.<timestamp>"`` (what /setup, /predict and /train carry),
+    an int, or a webhook's ``project`` object."""
+    if project is None:
+        raise MalformedPayloadError("the request names no project")
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, str):
+        head = project.split(".", 1)[0]
+        project = int(head) if head.isdigit() and len(head) < 19 else project
+    return check_id(project, "project id")

@@ -552,13 +552,22 @@ def test_s3_storage_presign_on_off_and_a_host_not_listed(e2e: E2E) -> None:
         job_id = _wait(lambda: sets.step_job(domain), "the continual step's job", e2e)
         assert _job_done(e2e, job_id)["snapshot"]["annotations"] == 3
 
-        # presign off: Label Studio proxies the bytes itself
+        # presign off: Label Studio proxies the bytes itself. (The setup's pre-encode fetched
+        # the tasks without annotations while presign was on, and a click takes the image as
+        # it recorded it: so a new object, imported after the switch, shows the proxying.)
         ok(ls.patch(f"/api/storages/s3/{storages['regcl-e2e']['id']}",
                     json={"presign": False, "project": pid}))
-        assert predict("s3img3.png")["result"]
+        httpx.put(f"{e2e.moto.url}/regcl-e2e/img/s3img3b.png", content=png_bytes(arrays[3]),
+                  timeout=30).raise_for_status()
+        ok(ls.post(f"/api/storages/s3/{storages['regcl-e2e']['id']}/sync"))
+        tasks = _wait(lambda: (lambda t: t if len(t) == 6 else None)(ok(ls.get(
+            "/api/tasks", params={"project": pid, "page_size": 100, "resolve_uri": "false"}))[
+            "tasks"]), "the new object's task", e2e)
+        by_name = {t["data"]["image"].rsplit("/", 1)[1]: t for t in tasks}
+        assert predict("s3img3b.png")["result"]
         lines = [line for line in e2e.moto.log.read_text(errors="replace").splitlines()
-                 if "GET /regcl-e2e/img/s3img3.png" in line]
-        assert lines and not any("s3img3.png?" in line for line in lines), lines  # no presign
+                 if "GET /regcl-e2e/img/s3img3b.png" in line]
+        assert lines and not any("s3img3b.png?" in line for line in lines), lines  # no presign
 
         # a storage host that is not listed (the same moto, named localhost): a problem naming
         # it, and nothing stored
