@@ -123,8 +123,10 @@ class PreencodeRequest(BaseModel):
               | Annotated[str, Field(max_length=64, pattern=PROJECT_PATTERN)]) = Field(
         description="The project id (or ``<id>.<timestamp>``).")
     adapter: str = Field(default="live", min_length=1, max_length=64,
+                         json_schema_extra={"not": {"const": "auto"}},
                          description="What serves the project: 'live' (default, what "
-                         "predictions use), 'base' or an uploaded adapter's name; not 'auto'.")
+                         "predictions use), 'base' or an uploaded adapter's name; not 'auto' "
+                         "(it chooses per click; answered 422 preencode-adapter).")
 
 
 class PreencodeResponse(BaseModel):
