@@ -264,9 +264,12 @@ class SampleSets:
         a snapshot already taken (or begun) for this key is taken again, the same (see the
         module doc)."""
         validate_domain_name(domain)
-        seq, length = self._reserve(domain, key)
+        reserved = self._reserved(domain, key)
+        length = (int(self._redis.llen(keys.samples(domain, "log"))) if reserved is None
+                  else reserved[1])
         masked = {a: e for a, e in self.entries(domain, upto=length).items() if e.masks}
         train_tasks, held_tasks = split_tasks([e.task for e in masked.values()], seed, holdout)
+        seq = self._reserve(domain, key, length) if reserved is None else reserved[0]
         info = {"domain": domain, "seq": seq, "seed": seed, "holdout": holdout,
                 "log_length": length, **(metadata or {})}
         records = {}
@@ -290,18 +293,22 @@ class SampleSets:
                     records["train"].count, records["heldout"].count)
         return Snapshot(seq, records["train"], records["heldout"], length, len(masked))
 
-    def _reserve(self, domain: str, key: str | None) -> tuple[int, int]:
-        """(snapshot number, log length) for a new snapshot, or the ones ``key`` reserved."""
-        reserved = keys.samples(domain, "steps")
-        if key is not None and (raw := self._redis.hget(reserved, key)) is not None:
-            data = json.loads(raw)
-            return int(data["seq"]), int(data["log_length"])
-        length = int(self._redis.llen(keys.samples(domain, "log")))
+    def _reserved(self, domain: str, key: str | None) -> tuple[int, int] | None:
+        """(snapshot number, log length) that ``key`` reserved, if it did."""
+        raw = None if key is None else self._redis.hget(keys.samples(domain, "steps"), key)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return int(data["seq"]), int(data["log_length"])
+
+    def _reserve(self, domain: str, key: str | None, length: int) -> int:
+        """A new snapshot number, reserved for ``key`` with ``length`` if a key is given."""
         seq = int(self._redis.incr(keys.samples(domain, "seq")))
         if key is not None and not self._redis.hsetnx(
-                reserved, key, json.dumps({"seq": seq, "log_length": length})):
-            return self._reserve(domain, key)  # reserved meanwhile (not by one job's attempts)
-        return seq, length
+                keys.samples(domain, "steps"), key,
+                json.dumps({"seq": seq, "log_length": length})):
+            raise Conflict(f"a snapshot of {domain!r} for {key!r} is being taken right now")
+        return seq
 
     def _stored(self, name: str) -> DatasetRecord | None:
         try:
