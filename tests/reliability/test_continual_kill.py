@@ -5,8 +5,9 @@ candidate version, the gate decided once, the domain's serving record written on
 redis-server, real Celery worker processes (``support.Rig``), a sample set filled as webhooks
 fill it (:meth:`infra.sample_sets.SampleSets.put`).
 
-Killed at ``gate`` (the candidate is stored, nothing decided) and at ``serving`` (the gate has
-decided and the candidate is live; the serving record is not written yet).
+Killed at ``gate`` (the candidate is stored, nothing decided) and, opt-in
+(``REGCL_TEST_MORE_FAULTS=1``), at ``serving`` (the gate has decided and the candidate is live;
+the serving record is not written yet).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from infra.jobs import JobState
 from infra.project_serving import ProjectServing
 from infra.sample_sets import SampleSets
 from regcl.data.domains import domain_split
-from tests.reliability.support import Rig, poll, say
+from tests.reliability.support import Rig, more_faults, poll, say
 from tests.service.api_support import png_bytes
 from workers.submit import submit_continual
 
@@ -46,7 +47,7 @@ def fill_sample_set(rig: Rig) -> SampleSets:
     return sets
 
 
-@pytest.mark.parametrize("phase", ["gate", "serving"])
+@pytest.mark.parametrize("phase", ["gate", pytest.param("serving", marks=more_faults)])
 def test_a_worker_killed_mid_continual_step_is_rerun_without_duplicates(
         rig: Rig, phase: str) -> None:
     sets = fill_sample_set(rig)
