@@ -27,7 +27,7 @@ from typing import Any
 from infra import keys
 from infra.errors import NotFound
 from infra.project_serving import ProjectServing, ServingCheck
-from infra.registry import AdapterRecord, VersionRecord
+from infra.registry import AdapterRecord, MergeLockLost, VersionRecord
 from infra.sample_sets import SampleSets
 from regcl.adapters import unwrap
 from regcl.errors import MergeError
@@ -43,9 +43,13 @@ from workers.runtime import WorkerRuntime, get_runtime
 from workers.tasks import MERGE_LOCK_WAIT_S
 from workers.train_step import new_adapter_model, train_and_register
 
-__all__ = ["GATE_RECORD_TTL_S", "continual"]
+__all__ = ["GATE_RECORD_TTL_S", "MERGE_TRIES", "continual"]
 
 logger = logging.getLogger(__name__)
+
+MERGE_TRIES = 2
+"""A merge whose lock lapsed under it (nothing registered) is done again, from the live version
+then, this many times in all."""
 
 GATE_RECORD_TTL_S = 30 * 24 * 3600
 """How long a step's gate decision is kept for a rerun of its job (reruns come within leases)."""
@@ -123,9 +127,17 @@ def _candidate(job: JobHandle, rt: WorkerRuntime, domain: str, adapter: str,
                         "reused", job.id, version.number)
             return (version, version.lineage.get("parent"),
                     list(version.lineage.get("replaced", [])))
-    live = rt.registry.live_version()
-    candidate, replaced = _merge_candidate(job, rt, live, domain, adapter, p)
-    return candidate, live, replaced
+    for tries_left in range(MERGE_TRIES - 1, -1, -1):
+        live = rt.registry.live_version()
+        try:
+            candidate, replaced = _merge_candidate(job, rt, live, domain, adapter, p)
+        except MergeLockLost as exc:  # e.g. Redis away longer than the lock's lease
+            if not tries_left:
+                raise
+            logger.warning("job %s: %s; merging again", job.id, exc)
+            continue
+        return candidate, live, replaced
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _decide(job: JobHandle, rt: WorkerRuntime, p: ContinualParams, domain: str,

@@ -4,8 +4,11 @@ a live pointer that says what the gate decided; the sample set is what it was. R
 redis-server, one real Celery worker (``support.Rig``).
 
 The worker pauses the step at a phase (``REGCL_FAULT_PAUSE``) so that Redis is away at a known
-point: ``merge`` (the merge lock held, the candidate not stored yet) and, opt-in
-(``REGCL_TEST_MORE_FAULTS=1``), ``gate`` (the candidate stored, nothing decided).
+point: ``merge`` (the merge lock held, the candidate not stored yet); opt-in
+(``REGCL_TEST_MORE_FAULTS=1``): ``gate`` (the candidate stored, nothing decided), and
+``merge`` with Redis away 6 s, twice the merge lock's lease: the lock lapses, the candidate is
+not registered under it, and the step merges again (before that, the step failed as
+``MergeLockLost``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from workers.submit import submit_continual
 pytestmark = pytest.mark.slow
 
 PAUSE_S = 8.0
-DOWN_S = 2.0
 
 
-@pytest.mark.parametrize("phase", ["merge", pytest.param("gate", marks=more_faults)])
+@pytest.mark.parametrize(("phase", "down_s"), [
+    ("merge", 2.0), pytest.param("gate", 2.0, marks=more_faults),
+    pytest.param("merge", 6.0, marks=more_faults)])
 def test_redis_restarted_during_a_continual_step_the_step_ends_once(
-        rig: Rig, phase: str) -> None:
+        rig: Rig, phase: str, down_s: float) -> None:
     sets = fill_sample_set(rig)
     log_before = rig.client.lrange(keys.samples(DOMAIN, "log"), 0, -1)
     rig.start_workers("w", env={"REGCL_FAULT_PAUSE": f"{phase}:{PAUSE_S:g}"})
@@ -38,7 +42,7 @@ def test_redis_restarted_during_a_continual_step_the_step_ends_once(
          on_timeout=rig.log_tails)
     time.sleep(1.5)  # appendfsync everysec: the phase's writes are on disk
     rig.crash_redis()
-    time.sleep(DOWN_S)
+    time.sleep(down_s)
     restart_s = rig.start_redis()
     restarted_at = time.monotonic()
     done = rig.wait(job)
@@ -64,9 +68,10 @@ def test_redis_restarted_during_a_continual_step_the_step_ends_once(
     assert rig.client.lrange(keys.samples(DOMAIN, "log"), 0, -1) == log_before
     assert sets.pending(DOMAIN) == 0
     figures = rig.check_store()
-    say(f"redis SIGKILLed for {DOWN_S:g} s while a continual step paused at {phase!r} "
+    merged_again = "merging again" in rig.workers[0].log.read_text(errors="replace")
+    say(f"redis SIGKILLed for {down_s:g} s while a continual step paused at {phase!r} "
         f"(restart {restart_s:.2f} s): job succeeded {ended_s:.1f} s after the restart with "
-        f"{done.attempts} attempt(s); datasets {len(datasets)}, adapters "
-        f"{figures['adapters']}, versions {figures['versions']}, live "
+        f"{done.attempts} attempt(s), merged again {merged_again}; datasets {len(datasets)}, "
+        f"adapters {figures['adapters']}, versions {figures['versions']}, live "
         f"{rig.registry.live_version()} (gate passed {result['gate']['passed']}); sample-set "
         f"log {len(log_before)} entries unchanged; messages left 0; lost 0, duplicated 0")
