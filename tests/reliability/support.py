@@ -45,9 +45,9 @@ from workers.reaper import broker_messages
 MORE_FAULTS_ENV = "REGCL_TEST_MORE_FAULTS"
 more_faults = pytest.mark.skipif(
     os.environ.get(MORE_FAULTS_ENV) != "1",
-    reason=f"one more phase of a fault case already in the suite (about 25 s); opt in with "
+    reason=f"a fault case beyond the suite's time budget (20-40 s); opt in with "
            f"{MORE_FAULTS_ENV}=1")
-"""Marks a variant of a fault case that the suite skips unless ``REGCL_TEST_MORE_FAULTS=1``."""
+"""Marks a fault case the suite skips unless ``REGCL_TEST_MORE_FAULTS=1``."""
 
 LEASE_S = 3.0
 REAPER_INTERVAL_S = 1.0
