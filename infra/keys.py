@@ -94,6 +94,11 @@ def jobs_by_kind(kind: str) -> str:
     return f"{JOBS}:kind:{kind}"
 
 
+def job_gate(job_id: str) -> str:
+    """The gate decision of a continual-step job, written once (a rerun reads it back)."""
+    return f"{PREFIX}job:{job_id}:gate"
+
+
 def job_channel(job_id: str) -> str:
     """Pub/sub channel carrying the events of one job."""
     return f"{PREFIX}events:job:{job_id}"
@@ -110,8 +115,8 @@ def dataset_lock(name: str) -> str:
 
 
 def samples(domain: str, part: str) -> str:
-    """One of a domain's sample-set keys: ``log``, ``versions``, ``seen``, ``seq`` or
-    ``job``."""
+    """One of a domain's sample-set keys: ``log``, ``versions``, ``seen``, ``seq``, ``steps``
+    (snapshot number and log length reserved per step job) or ``job``."""
     return f"{PREFIX}samples:{domain}:{part}"
 
 

@@ -116,12 +116,17 @@ class ProjectServing:
 
     def record(self, domain: str, check: ServingCheck) -> ServingRecord:
         """Store a step's check: if it passed, its adapter serves the domain from now; else
-        only ``last_check`` changes. Returns the record as stored."""
+        only ``last_check`` changes. Returns the record as stored. A check of the job whose
+        check is the domain's latest was stored already (by an attempt of that job its worker
+        died in): nothing is written, the record is returned as it is."""
         with self._redis.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(keys.LS_SERVING)
                     old = ServingRecord.from_json(domain, pipe.hget(keys.LS_SERVING, domain))
+                    if _recorded(old, check):
+                        pipe.unwatch()
+                        return old
                     new = _apply(old, check)
                     pipe.multi()
                     pipe.hset(keys.LS_SERVING, domain, json.dumps(new.to_dict(),
@@ -134,6 +139,11 @@ class ProjectServing:
     def forget(self, domain: str) -> bool:
         """Drop a domain's record (its projects go back to auto / live)."""
         return bool(self._redis.hdel(keys.LS_SERVING, domain))
+
+
+def _recorded(old: ServingRecord, check: ServingCheck) -> bool:
+    return (check.job_id is not None and old.last_check is not None
+            and old.last_check.job_id == check.job_id)
 
 
 def _apply(old: ServingRecord, check: ServingCheck) -> ServingRecord:

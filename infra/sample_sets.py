@@ -15,6 +15,10 @@ A training step turns the current set into ordinary immutable datasets
 (:meth:`SampleSets.snapshot`): ``<domain>-s<n>-train`` and ``<domain>-s<n>-heldout``, folder
 pairs, split by task (all masks of one image on the same side) with a seeded hash, so a task
 stays on its side from one snapshot to the next (a held-out image is never trained on later).
+A snapshot taken for a ``key`` (a continual step's job id) reserves its number and the log
+length it covers under that key (``keys.samples(domain, "steps")``), so a rerun of the job
+(its worker died) takes the same snapshot again: the same names, the same log entries, and the
+datasets the killed attempt already stored are reused, not stored twice.
 Project settings (the domain name, training parameters) live in ``keys.LS_PROJECTS``.
 """
 
@@ -38,7 +42,7 @@ from redis.exceptions import LockError
 from infra import keys
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRecord, DatasetRegistry
-from infra.errors import Conflict, LockTimeout
+from infra.errors import Conflict, LockTimeout, NotFound
 from infra.names import MAX_DOMAIN_LENGTH, validate_name
 from regcl.errors import DataError
 
@@ -222,10 +226,12 @@ class SampleSets:
         _, length, _, seen = pipe.execute()
         return int(length) - int(seen or 0)
 
-    def entries(self, domain: str) -> dict[int, SampleEntry]:
-        """The current set: annotation id → entry, in the order annotations were first put."""
+    def entries(self, domain: str, upto: int | None = None) -> dict[int, SampleEntry]:
+        """The current set: annotation id → entry, in the order annotations were first put;
+        ``upto``: the set as the first ``upto`` log entries made it."""
         current: dict[int, SampleEntry] = {}
-        for raw in self._redis.lrange(keys.samples(validate_domain_name(domain), "log"), 0, -1):
+        end = -1 if upto is None else upto - 1
+        for raw in self._redis.lrange(keys.samples(validate_domain_name(domain), "log"), 0, end):
             entry = json.loads(raw)
             if entry["op"] == "delete":
                 current.pop(entry["annotation"], None)
@@ -251,30 +257,64 @@ class SampleSets:
 
     def snapshot(self, domain: str, *, seed: int, holdout: float,
                  work_dir: str | Path | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> Snapshot:
+                 metadata: Mapping[str, Any] | None = None, key: str | None = None
+                 ) -> Snapshot:
         """Freeze the current set into datasets ``<domain>-s<n>-train`` and ``-heldout``
-        (split by task, see :func:`split_tasks`); DataError if there is too little."""
+        (split by task, see :func:`split_tasks`); DataError if there is too little. ``key``:
+        a snapshot already taken (or begun) for this key is taken again, the same (see the
+        module doc)."""
         validate_domain_name(domain)
-        length = int(self._redis.llen(keys.samples(domain, "log")))
-        entries = self.entries(domain)  # may hold entries past `length`: they are included
-        masked = {a: e for a, e in entries.items() if e.masks}
+        reserved = self._reserved(domain, key)
+        length = (int(self._redis.llen(keys.samples(domain, "log"))) if reserved is None
+                  else reserved[1])
+        masked = {a: e for a, e in self.entries(domain, upto=length).items() if e.masks}
         train_tasks, held_tasks = split_tasks([e.task for e in masked.values()], seed, holdout)
-        seq = int(self._redis.incr(keys.samples(domain, "seq")))
+        seq = self._reserve(domain, key, length) if reserved is None else reserved[0]
         info = {"domain": domain, "seq": seq, "seed": seed, "holdout": holdout,
                 "log_length": length, **(metadata or {})}
         records = {}
         with tempfile.TemporaryDirectory(dir=work_dir, prefix="snapshot-") as tmp:
             for split, tasks in (("train", set(train_tasks)), ("heldout", set(held_tasks))):
+                name = f"{domain}-s{seq}-{split}"
+                if key is not None and (done := self._stored(name)) is not None:
+                    logger.info("sample set %s: dataset %s was stored by an earlier attempt; "
+                                "reused", domain, name)
+                    records[split] = done
+                    continue
                 chosen = [e for e in masked.values() if e.task in tasks]
                 root = Path(tmp) / split
                 self._write_split(root, chosen)
-                name = f"{domain}-s{seq}-{split}"
                 records[split] = self.datasets.add_dataset(name, root, {
                     **info, "split": split, "annotations": [e.annotation for e in chosen]})
-        self._redis.set(keys.samples(domain, "seen"), length)
+        seen = keys.samples(domain, "seen")
+        if int(self._redis.get(seen) or 0) < length:  # a rerun never moves it back
+            self._redis.set(seen, length)
         logger.info("sample set %s: snapshot %d (%d train, %d held-out masks)", domain, seq,
                     records["train"].count, records["heldout"].count)
         return Snapshot(seq, records["train"], records["heldout"], length, len(masked))
+
+    def _reserved(self, domain: str, key: str | None) -> tuple[int, int] | None:
+        """(snapshot number, log length) that ``key`` reserved, if it did."""
+        raw = None if key is None else self._redis.hget(keys.samples(domain, "steps"), key)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return int(data["seq"]), int(data["log_length"])
+
+    def _reserve(self, domain: str, key: str | None, length: int) -> int:
+        """A new snapshot number, reserved for ``key`` with ``length`` if a key is given."""
+        seq = int(self._redis.incr(keys.samples(domain, "seq")))
+        if key is not None and not self._redis.hsetnx(
+                keys.samples(domain, "steps"), key,
+                json.dumps({"seq": seq, "log_length": length})):
+            raise Conflict(f"a snapshot of {domain!r} for {key!r} is being taken right now")
+        return seq
+
+    def _stored(self, name: str) -> DatasetRecord | None:
+        try:
+            return self.datasets.get_dataset(name)
+        except NotFound:
+            return None
 
     def _write_split(self, root: Path, entries: Sequence[SampleEntry]) -> None:
         (root / "images").mkdir(parents=True)

@@ -9,15 +9,25 @@ domain's held-out set and on every other live domain's → activate the candidat
 against the live version the step leaves, on the same held-out set: if it is better, it
 serves the domain's Label Studio projects from now (:mod:`infra.project_serving`; a step whose
 adapter is not better leaves them on what served them). Worker side only (imports torch).
+
+A rerun of the job (its worker died; :mod:`workers.reaper`) takes up what the dead attempt
+made rather than making it twice: the snapshot is the one reserved under the job's id, the
+adapter ``<domain>-s<n>`` registered by this job is loaded instead of trained again, the
+version whose lineage names this job is the candidate, the gate's decision is written once
+(``keys.job_gate``) and read back, a candidate already live was activated by this job, and the
+serving record is written once per job (:meth:`ProjectServing.record`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
+from infra import keys
 from infra.errors import NotFound
 from infra.project_serving import ProjectServing, ServingCheck
-from infra.registry import AdapterRecord, VersionRecord
+from infra.registry import AdapterRecord, MergeLockLost, VersionRecord
 from infra.sample_sets import SampleSets
 from regcl.adapters import unwrap
 from regcl.errors import MergeError
@@ -27,12 +37,22 @@ from workers import steps
 from workers.celery_app import CONTINUAL
 from workers.heldout import domain_of, heldout_tensors, iou_on
 from workers.params import DEFAULT_MERGE_METHOD, ContinualParams, method_params_type, validate
+from workers.prepare import DomainTensors
 from workers.protocol import JobHandle, job_task
 from workers.runtime import WorkerRuntime, get_runtime
 from workers.tasks import MERGE_LOCK_WAIT_S
 from workers.train_step import new_adapter_model, train_and_register
 
-__all__ = ["continual"]
+__all__ = ["GATE_RECORD_TTL_S", "MERGE_TRIES", "continual"]
+
+logger = logging.getLogger(__name__)
+
+MERGE_TRIES = 2
+"""A merge whose lock lapsed under it (nothing registered) is done again, from the live version
+then, this many times in all."""
+
+GATE_RECORD_TTL_S = 30 * 24 * 3600
+"""How long a step's gate decision is kept for a rerun of its job (reruns come within leases)."""
 
 
 @job_task(CONTINUAL)
@@ -45,24 +65,104 @@ def continual(job: JobHandle, domain: str, project: int | None, params: dict[str
     with rt.scratch_dir() as tmp:
         snap = SampleSets(rt.redis, rt.store, rt.datasets).snapshot(
             domain, seed=p.seed, holdout=p.holdout, work_dir=tmp,
-            metadata={"project": project, "job_id": job.id})
+            metadata={"project": project, "job_id": job.id}, key=job.id)
     name = f"{domain}-s{snap.seq}"
-    steps.ensure_new_adapter(rt, name)
-    model = new_adapter_model(rt, p.train)
+    earlier = _registered_by(rt, name, job.id)
+    model = (new_adapter_model(rt, p.train) if earlier is None
+             else steps.load_adapter_model(rt, name)[1])
     _, train_set = steps.dataset_tensors(rt, snap.train.name, unwrap(model),
                                          max_samples=p.train.max_samples, seed=p.train.seed)
     _, holdout = steps.dataset_tensors(rt, snap.heldout.name, unwrap(model),
                                        max_samples=p.eval_samples, seed=0)
     samples = {"train": len(train_set), "heldout": len(holdout)}
-    trained, metrics = train_and_register(
-        job, rt, model, p.train, name, train_set, holdout, metadata={
-            "domain": domain, "project": project, "heldout_dataset": snap.heldout.name,
-            "dataset": {"name": snap.train.name, "sha256": snap.train.sha256,
-                        "samples": samples}},
-        span=(0.05, 0.6))
-    live = rt.registry.live_version()
-    candidate, replaced = _merge_candidate(job, rt, live, domain, name, p)
+    if earlier is None:
+        trained, metrics = train_and_register(
+            job, rt, model, p.train, name, train_set, holdout, metadata={
+                "domain": domain, "project": project, "heldout_dataset": snap.heldout.name,
+                "dataset": {"name": snap.train.name, "sha256": snap.train.sha256,
+                            "samples": samples}},
+            span=(0.05, 0.6))
+    else:
+        logger.info("job %s: adapter %s was trained by an earlier attempt; reused", job.id, name)
+        trained, metrics = earlier, dict(earlier.metadata["metrics"])
+    candidate, live, replaced = _candidate(job, rt, domain, name, p)
     job.phase(0.8, "gate", version=candidate.number)
+    gate, own, unchecked = _decide(job, rt, p, domain, candidate, live, holdout)
+    activated, gate = _activate(rt, gate, candidate.number, live)
+    job.phase(0.95, "serving")
+    after = candidate.number if activated else live  # the live version the step leaves
+    check = ServingCheck(name, trained.sha256,
+                         iou_on(unwrap(model), holdout, p.seed, p.n_points),
+                         "base" if after is None else f"live:{after}",
+                         own[1] if activated else own[0], len(holdout), job.id)
+    serving = ProjectServing(rt.redis).record(domain, check)
+    stored = serving.last_check or check  # an earlier attempt's, if it wrote it
+    return {"domain": domain, "project": project, "adapter": name,
+            "snapshot": {"seq": snap.seq, "train": snap.train.name,
+                         "heldout": snap.heldout.name, "annotations": snap.annotations,
+                         "samples": samples},
+            "metrics": {k: metrics[k] for k in ("holdout", "holdout_base")},
+            "version": candidate.number, "live_before": live, "replaced": replaced,
+            "activated": activated, "gate": gate, "unchecked_domains": unchecked,
+            "serving": {"check": stored.to_dict(), "adapter": serving.adapter}}
+
+
+def _registered_by(rt: WorkerRuntime, name: str, job_id: str) -> AdapterRecord | None:
+    """Adapter ``name`` if this job registered it (an earlier attempt); None if there is no
+    such adapter; Conflict if another job or an upload made it."""
+    record = _adapter_record(rt, name)
+    if record is not None and record.metadata.get("job_id") == job_id:
+        return record
+    steps.ensure_new_adapter(rt, name)
+    return None
+
+
+def _candidate(job: JobHandle, rt: WorkerRuntime, domain: str, adapter: str,
+               p: ContinualParams) -> tuple[VersionRecord, int | None, list[str]]:
+    """The candidate version (stored now, or by an earlier attempt of this job), the live
+    version it was built on and the adapters of ``domain`` it replaced."""
+    for version in reversed(rt.registry.list_versions()):
+        if version.lineage.get("job_id") == job.id:
+            logger.info("job %s: candidate version %d was stored by an earlier attempt; "
+                        "reused", job.id, version.number)
+            return (version, version.lineage.get("parent"),
+                    list(version.lineage.get("replaced", [])))
+    for tries_left in range(MERGE_TRIES - 1, -1, -1):
+        live = rt.registry.live_version()
+        try:
+            candidate, replaced = _merge_candidate(job, rt, live, domain, adapter, p)
+        except MergeLockLost as exc:  # e.g. Redis away longer than the lock's lease
+            if not tries_left:
+                raise
+            logger.warning("job %s: %s; merging again", job.id, exc)
+            continue
+        return candidate, live, replaced
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _decide(job: JobHandle, rt: WorkerRuntime, p: ContinualParams, domain: str,
+            candidate: VersionRecord, live: int | None, holdout: DomainTensors
+            ) -> tuple[dict[str, Any], list[float], list[str]]:
+    """The gate's decision on ``candidate``, (live IoU, candidate IoU, samples) on this
+    domain's held-out set and the domains it could not check: what an earlier attempt of this
+    job wrote, else scored now and written (once: the first written stands)."""
+    key = keys.job_gate(job.id)
+    if (raw := rt.redis.get(key)) is None:
+        gate, own, unchecked = _score(job, rt, p, domain, candidate, live, holdout)
+        rt.redis.set(key, json.dumps({"gate": gate, "own": own, "unchecked": unchecked},
+                                     allow_nan=False), nx=True,
+                     ex=GATE_RECORD_TTL_S)
+        raw = rt.redis.get(key)
+    else:
+        logger.info("job %s: the gate was decided by an earlier attempt", job.id)
+    decided = json.loads(raw)
+    return decided["gate"], list(decided["own"]), list(decided["unchecked"])
+
+
+def _score(job: JobHandle, rt: WorkerRuntime, p: ContinualParams, domain: str,
+           candidate: VersionRecord, live: int | None, holdout: DomainTensors
+           ) -> tuple[dict[str, Any], list[float], list[str]]:
+    """Score live and ``candidate`` (see the module doc) and ask the gate."""
     live_sam = (unwrap(steps.load_version_model(rt, live)) if live is not None
                 else rt.fresh_model())
     cand_sam = unwrap(steps.load_version_model(rt, candidate.number))
@@ -83,27 +183,23 @@ def continual(job: JobHandle, domain: str, project: int | None, params: dict[str
         others[other] = (iou_on(live_sam, data, p.seed, p.n_points),
                          iou_on(cand_sam, data, p.seed, p.n_points), len(data))
     gate = guarded_activation(domain, own, others, p.tolerance).to_dict()
-    activated = gate["passed"] and rt.registry.live_version() == live
-    if activated:
-        rt.registry.activate(candidate.number)
-    elif gate["passed"]:
-        gate["reason"] = (f"not activated: version {rt.registry.live_version()} went live "
-                          f"while this step ran (the candidate was built on {live})")
-    job.phase(0.95, "serving")
-    after = candidate.number if activated else live  # the live version the step leaves
-    check = ServingCheck(name, trained.sha256,
-                         iou_on(unwrap(model), holdout, p.seed, p.n_points),
-                         "base" if after is None else f"live:{after}",
-                         own[1] if activated else own[0], len(holdout), job.id)
-    serving = ProjectServing(rt.redis).record(domain, check)
-    return {"domain": domain, "project": project, "adapter": name,
-            "snapshot": {"seq": snap.seq, "train": snap.train.name,
-                         "heldout": snap.heldout.name, "annotations": snap.annotations,
-                         "samples": samples},
-            "metrics": {k: metrics[k] for k in ("holdout", "holdout_base")},
-            "version": candidate.number, "live_before": live, "replaced": replaced,
-            "activated": activated, "gate": gate, "unchecked_domains": unchecked,
-            "serving": {"check": check.to_dict(), "adapter": serving.adapter}}
+    return gate, list(own), unchecked
+
+
+def _activate(rt: WorkerRuntime, gate: dict[str, Any], number: int, live: int | None
+              ) -> tuple[bool, dict[str, Any]]:
+    """Activate candidate ``number`` if the gate passed and ``live`` is still live (or say
+    it is live already: an earlier attempt of this job activated it)."""
+    now = rt.registry.live_version()
+    if not gate["passed"]:
+        return False, gate
+    if now == number:
+        return True, gate
+    if now == live:
+        rt.registry.activate(number)
+        return True, gate
+    return False, {**gate, "reason": f"not activated: version {now} went live while this "
+                                      f"step ran (the candidate was built on {live})"}
 
 
 def _live_state(rt: WorkerRuntime, live: int | None, method: str | None

@@ -1,6 +1,7 @@
 """infra.project_serving on a real redis-server: a step's check that passes makes its adapter
 the domain's; one that fails leaves the domain on what served it before (only ``last_check``
-changes); ties and empty held-out sets do not pass; the history keeps the changes in order."""
+changes); ties and empty held-out sets do not pass; the history keeps the changes in order; a
+job's check is stored once (a rerun of the job writes nothing)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,12 @@ def test_the_history_is_bounded(redis_client: redis.Redis) -> None:
         record = serving.record("camo", _check(f"camo-s{i}", 0.5 + i / 100, 0.4))
     assert len(record.history) == HISTORY
     assert record.history[0]["adapter"] == "camo-s3" and record.adapter == f"camo-s{HISTORY + 2}"
+
+
+def test_a_jobs_check_is_stored_once(redis_client: redis.Redis) -> None:
+    serving = ProjectServing(redis_client)
+    first = serving.record("skin", _check("skin-s1", 0.7, 0.5))
+    rerun = serving.record("skin", _check("skin-s1", 0.7, 0.5))  # same job id, later `at`
+    assert rerun == first == serving.get("skin") and len(rerun.history) == 1
+    assert serving.record("skin", _check("skin-s2", 0.8, 0.7)).history[-1]["adapter"] == \
+        "skin-s2"

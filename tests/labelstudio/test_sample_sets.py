@@ -95,6 +95,28 @@ def test_snapshot_makes_immutable_datasets(sets: SampleSets, tmp_path: Path) -> 
     assert set(again.heldout.metadata["annotations"]) == held - {100}
 
 
+def test_a_snapshot_taken_again_for_its_key_is_the_same(sets: SampleSets,
+                                                       tmp_path: Path) -> None:
+    """A continual step's rerun (its worker died) takes its snapshot again: the same number,
+    the same log entries (not those that came since), the datasets not stored twice."""
+    for task in range(4):
+        image_id, image, mask = _sample(task)
+        sets.put("ls-9", 100 + task, task, image_id, image, [mask])
+    first = sets.snapshot("ls-9", seed=0, holdout=0.34, work_dir=tmp_path, key="job-1")
+    sets.datasets.delete_dataset(first.heldout.name)  # as if killed before storing it
+    image_id, image, mask = _sample(4)
+    sets.put("ls-9", 104, 4, image_id, image, [mask])
+    again = sets.snapshot("ls-9", seed=0, holdout=0.34, work_dir=tmp_path, key="job-1")
+    assert (again.seq, again.log_length, again.annotations) == (1, 4, 4)
+    assert again.train == first.train  # reused, not stored again
+    assert again.heldout.metadata["annotations"] == first.heldout.metadata["annotations"]
+    assert sorted(d.name for d in sets.datasets.list_datasets()) == [
+        "ls-9-s1-heldout", "ls-9-s1-train"]
+    assert sets.pending("ls-9") == 1  # the put since
+    other = sets.snapshot("ls-9", seed=0, holdout=0.34, work_dir=tmp_path, key="job-2")
+    assert (other.seq, other.annotations) == (2, 5) and sets.pending("ls-9") == 0
+
+
 def test_snapshot_needs_two_tasks(sets: SampleSets, redis_client: redis.Redis,
                                   tmp_path: Path) -> None:
     image_id, image, mask = _sample(3)
