@@ -47,23 +47,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 
 from infra import keys
 from infra.errors import InvalidTransition, NotFound
-from infra.heartbeat import Heartbeat
-from infra.jobs import JobRecord, JobState, JobStore
+from infra.jobs import JobRecord, JobStore
 from infra.settings import Settings
-from regcl.errors import CancelledError, RegclError
+from regcl.errors import RegclError
 from service.engine import AUTO, LIVE, SegmentationEngine
 from service.engine.errors import ImageNotFoundError
+from service.labelstudio.api_jobs import ApiThreadJobs
 from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.errors import (
     LabelStudioNotFoundError,
@@ -100,26 +97,18 @@ def annotated(task: dict[str, Any]) -> bool:
     return bool(task.get("annotations"))
 
 
-class ProjectPreencode:
+class ProjectPreencode(ApiThreadJobs):
     """Starts, runs and cancels pre-encode jobs (see the module doc) on one thread."""
+
+    what = "pre-encode"
+    lost = "the API process that ran this pre-encode stopped"
 
     def __init__(self, settings: Settings, connection: LabelStudioConnection, jobs: JobStore,
                  client: redis.Redis, images: TaskImages, engine: SegmentationEngine) -> None:
-        self.settings = settings
+        super().__init__(settings, jobs, client, 1, "ls-preencode")
         self.connection = connection
-        self.jobs = jobs
-        self.redis = client
         self.images = images
         self.engine = engine
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ls-preencode")
-        self._stop = threading.Event()
-        self._start_lock = threading.Lock()
-        self._mine: set[str] = set()
-
-    def close(self) -> None:
-        """Stop the running job at its next task (it fails) and wait for it."""
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- the index the first click reads ------------------------------------------------------
 
@@ -164,7 +153,7 @@ class ProjectPreencode:
                                           "version": version})
             self.redis.sadd(keys.LS_PREENCODE_PROJECTS, project_id)
             self._mine.add(job_id)
-        self._pool.submit(self._run, job_id, project_id, adapter)
+        self._submit(job_id, project_id, lambda job: self._preencode(job, project_id, adapter))
         logger.info("project %d: pre-encode with %s submitted as job %s", project_id, version,
                     job_id)
         return self.jobs.get(job_id), False
@@ -208,70 +197,7 @@ class ProjectPreencode:
         except (RegclError, redis.exceptions.RedisError) as exc:
             logger.warning("pre-encode after a live swap not started: %s", exc)
 
-    def _active(self, key: str) -> JobRecord | None:
-        raw = self.redis.hget(key, "job")
-        if raw is None:
-            return None
-        try:
-            record = self.jobs.get(raw.decode() if isinstance(raw, bytes) else raw)
-        except NotFound:
-            return None
-        if record.finished:
-            return None
-        if record.state is JobState.RUNNING and not self.jobs.has_lease(record.id):
-            with contextlib.suppress(InvalidTransition, NotFound):
-                self.jobs.fail(record.id, "WorkerLost", "the API process that ran this "
-                               "pre-encode stopped")
-            return None
-        if record.state is JobState.QUEUED and record.id not in self._mine and \
-                time.time() - record.created_at.timestamp() > self.settings.queued_grace_s:
-            with contextlib.suppress(InvalidTransition, NotFound):
-                self.jobs.fail(record.id, "WorkerLost", "never started (its API process "
-                               "stopped)")
-            return None
-        return record
-
     # -- running -------------------------------------------------------------------------------
-
-    def _run(self, job_id: str, project_id: int, adapter: str) -> None:
-        token, lease_s = uuid.uuid4().hex, self.settings.job_lease_s
-        try:
-            self.jobs.mark_running(job_id, lease_s=lease_s, token=token, worker="api")
-        except (InvalidTransition, NotFound) as exc:  # cancelled while queued
-            logger.info("pre-encode job %s not started: %s", job_id, exc)
-            return
-        heartbeat = Heartbeat(lambda: self.jobs.renew_lease(job_id, token, lease_s),
-                              lease_s / 3, f"job {job_id} lease").start()
-        try:
-            result = self._preencode(job_id, project_id, adapter)
-            self.jobs.succeed(job_id, result)
-            logger.info("project %d: pre-encode %s done: %s", project_id, job_id,
-                        {k: v for k, v in result.items() if k != "failures"})
-        except CancelledError:
-            self.jobs.mark_cancelled(job_id)
-            logger.info("project %d: pre-encode %s cancelled", project_id, job_id)
-        except RegclError as exc:
-            logger.warning("project %d: pre-encode %s stopped (%s: %s)", project_id, job_id,
-                           getattr(exc, "code", type(exc).__name__), exc)
-            self._fail(job_id, type(exc).__name__, str(exc))
-        except Exception as exc:
-            logger.exception("project %d: pre-encode %s failed", project_id, job_id)
-            self._fail(job_id, type(exc).__name__, "internal error (see the API's log)")
-        finally:
-            heartbeat.stop()
-            self._mine.discard(job_id)
-            with contextlib.suppress(redis.exceptions.RedisError):
-                self.jobs.release_lease(job_id, token)
-
-    def _fail(self, job_id: str, kind: str, message: str) -> None:
-        with contextlib.suppress(InvalidTransition, NotFound, redis.exceptions.RedisError):
-            self.jobs.fail(job_id, kind, message)
-
-    def _check_stop(self, job_id: str) -> None:
-        if self._stop.is_set():
-            raise LabelStudioUnreachableError("the API process is stopping")
-        if self.jobs.cancel_requested(job_id):
-            raise CancelledError(f"pre-encode {job_id} cancelled")
 
     def _yield(self) -> None:
         """Wait while interactive requests use the encoder or decoded a prompt less than

@@ -27,25 +27,20 @@ unreachable Label Studio stops it (resumable).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import threading
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
 
 from infra import keys
-from infra.errors import InsufficientStorage, InvalidTransition, NotFound
-from infra.heartbeat import Heartbeat
-from infra.jobs import JobRecord, JobState, JobStore
+from infra.errors import InsufficientStorage
+from infra.jobs import JobRecord, JobStore
 from infra.sample_sets import SampleSets
 from infra.settings import Settings
-from regcl.errors import CancelledError, RegclError
+from regcl.errors import RegclError
+from service.labelstudio.api_jobs import ApiThreadJobs
 from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.errors import (
     LabelStudioNotConfiguredError,
@@ -97,27 +92,23 @@ def _query(cursor: int) -> str:
                        "ordering": ["tasks:id"]})
 
 
-class ProjectSync:
+class ProjectSync(ApiThreadJobs):
     """Starts and runs sync jobs (see the module doc) on ``threads`` threads."""
+
+    what = "sync"
+    lost = "the API process that ran this sync stopped; the next sync goes on from where it "\
+        "stopped"
+    never_started = "this sync was never started (its API process stopped); a new sync "\
+        "replaces it"
+    after_failure = "the next sync resumes"
 
     def __init__(self, settings: Settings, connection: LabelStudioConnection, jobs: JobStore,
                  client: redis.Redis, samples: SampleSets, store: AnnotationStore,
                  threads: int = 2) -> None:
-        self.settings = settings
+        super().__init__(settings, jobs, client, threads, "ls-sync")
         self.connection = connection
-        self.jobs = jobs
-        self.redis = client
         self.samples = samples
         self.store = store
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ls-sync")
-        self._stop = threading.Event()
-        self._start_lock = threading.Lock()
-        self._mine: set[str] = set()  # jobs submitted to this process's pool
-
-    def close(self) -> None:
-        """Stop running syncs at their next task (they fail, resumable) and wait for them."""
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -133,77 +124,11 @@ class ProjectSync:
             job_id = self.jobs.create(SYNC_KIND, {"project": project_id})
             self.redis.hset(key, "job", job_id)
             self._mine.add(job_id)
-        self._pool.submit(self._run, job_id, project_id)
+        self._submit(job_id, project_id, lambda job: self._sync(job, project_id))
         logger.info("project %d: sync submitted as job %s", project_id, job_id)
         return self.jobs.get(job_id), False
 
-    def _active(self, key: str) -> JobRecord | None:
-        raw = self.redis.hget(key, "job")
-        if raw is None:
-            return None
-        job_id = raw.decode() if isinstance(raw, bytes) else raw
-        try:
-            record = self.jobs.get(job_id)
-        except NotFound:
-            return None
-        if record.finished:
-            return None
-        if record.state is JobState.RUNNING and not self.jobs.has_lease(job_id):
-            with contextlib.suppress(InvalidTransition, NotFound):  # finished meanwhile
-                self.jobs.fail(job_id, "WorkerLost", "the API process that ran this sync "
-                               "stopped; the next sync goes on from where it stopped")
-            return None
-        if record.state is JobState.QUEUED and record.id not in self._mine and \
-                time.time() - record.created_at.timestamp() > self.settings.queued_grace_s:
-            # queued by an API process that stopped before it started the sync
-            with contextlib.suppress(InvalidTransition, NotFound):
-                self.jobs.fail(record.id, "WorkerLost", "this sync was never started (its API "
-                               "process stopped); a new sync replaces it")
-            return None
-        return record
-
     # -- running -------------------------------------------------------------------------------
-
-    def _run(self, job_id: str, project_id: int) -> None:
-        token, lease_s = uuid.uuid4().hex, self.settings.job_lease_s
-        try:
-            self.jobs.mark_running(job_id, lease_s=lease_s, token=token, worker="api")
-        except (InvalidTransition, NotFound) as exc:  # cancelled while queued
-            logger.info("sync job %s not started: %s", job_id, exc)
-            return
-        heartbeat = Heartbeat(lambda: self.jobs.renew_lease(job_id, token, lease_s),
-                              lease_s / 3, f"job {job_id} lease").start()
-        try:
-            result = self._sync(job_id, project_id)
-            self.jobs.succeed(job_id, result)
-            logger.info("project %d: sync %s done: %s", project_id, job_id,
-                        {k: v for k, v in result.items() if k != "failures"})
-        except CancelledError:
-            self.jobs.mark_cancelled(job_id)
-        except RegclError as exc:
-            logger.warning("project %d: sync %s stopped (%s: %s); the next sync resumes",
-                           project_id, job_id, getattr(exc, "code", type(exc).__name__), exc)
-            self._fail(job_id, type(exc).__name__, str(exc))
-        except Exception as exc:
-            logger.exception("project %d: sync %s failed", project_id, job_id)
-            self._fail(job_id, type(exc).__name__, "internal error (see the API's log); the "
-                       "next sync resumes")
-        finally:
-            heartbeat.stop()
-            self._mine.discard(job_id)
-            with contextlib.suppress(redis.exceptions.RedisError):
-                self.jobs.release_lease(job_id, token)
-
-    def _fail(self, job_id: str, kind: str, message: str) -> None:
-        with contextlib.suppress(InvalidTransition, NotFound, redis.exceptions.RedisError):
-            self.jobs.fail(job_id, kind, message)
-
-    def _check_stop(self, job_id: str) -> None:
-        if self._stop.is_set():
-            raise LabelStudioUnreachableError("the API process is stopping; the next sync "
-                                              "goes on from here")
-        if self.jobs.cancel_requested(job_id):
-            raise CancelledError(f"sync {job_id} cancelled")
 
     def _sync(self, job_id: str, project_id: int) -> dict[str, Any]:
         key = keys.ls_sync(project_id)
