@@ -209,8 +209,23 @@ def _cmd_bench_campaign(args: argparse.Namespace) -> int:
 
     from cli.bench_campaign import CampaignConfig, run_campaign
     from cli.bench_campaign.figure import campaign_figure
-    from cli.bench_campaign.report import campaign_markdown, write_json
+    from cli.bench_campaign.report import (
+        campaign_markdown,
+        resummarise,
+        summarise_partials,
+        write_json,
+    )
 
+    if args.from_partials or args.from_json:  # re-render a report, or assemble partial seeds
+        report = (summarise_partials([Path(p) for p in args.from_partials.split(",")])
+                  if args.from_partials
+                  else resummarise(json.loads(Path(args.from_json).read_text())))
+        if args.json:
+            write_json(report, args.json)
+        if args.figure:
+            campaign_figure(report, args.figure)
+        print(campaign_markdown(report))
+        return 0
     overrides: dict = {}
     for name in ("tasks", "heldout", "train_every", "epochs", "rank", "lr", "batch_size",
                  "interactive_rounds"):
@@ -430,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, help="learning rate of the steps' training")
     c.add_argument("--batch-size", type=int, help="batch size of the steps' training")
     c.add_argument("--interactive-rounds", type=int, help="the steps' interactive training")
+    c.add_argument("--from-json", help="no run: this report's tables computed again from its "
+                                       "seeds (printed; --json, --figure written)")
+    c.add_argument("--from-partials", help="comma-separated <json>.seed<k>.partial.json files "
+                                           "of an unfinished run: their report")
     c.set_defaults(func=_cmd_bench_campaign)
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")

@@ -33,7 +33,7 @@ class CampaignConfig:
     tasks: int = 64
     heldout: int = 16
     train_every: int = 32
-    epochs: int = 4
+    epochs: int = 10
     lr: float = 5e-3
     rank: int = 4
     batch_size: int = 8

@@ -13,11 +13,13 @@ from cli.bench_campaign.config import GOAL_FORGET, GOAL_REDUCTION, CampaignConfi
 from regcl.bench.cl_output import jsonable
 from regcl.bench.cl_report import mean_ci
 
-__all__ = ["campaign_markdown", "summarise", "write_json"]
+__all__ = ["campaign_markdown", "resummarise", "summarise", "summarise_partials",
+           "write_json"]
 
 METRICS = ("noc@85", "noc@90", "iou@1", "iou@3", "iou@5")
 ARMS_AFTER = ("base", "live", "project")
 LEARNING_ARMS = ("live", "project")
+WINDOW_METRICS = ("noc@85", "noc@90", "iou@1", "iou@5")
 
 
 def _score(seed: dict[str, Any], domain: str, arm: str) -> dict[str, float]:
@@ -33,12 +35,11 @@ def _table(config: CampaignConfig, seeds: list[dict]) -> dict[str, Any]:
 def _windows(config: CampaignConfig, seeds: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for arm in LEARNING_ARMS:
-        out[arm] = {d: [{"tasks": w["tasks"], "noc@90": mean_ci(
-            [s["domains"][d]["windows"][k][arm]["noc@90"] for s in seeds]),
-            "noc@85": mean_ci([s["domains"][d]["windows"][k][arm]["noc@85"] for s in seeds])}
+        out[arm] = {d: [{"tasks": w["tasks"], **{m: mean_ci(
+            [s["domains"][d]["windows"][k][arm][m] for s in seeds]) for m in WINDOW_METRICS}}
             for k, w in enumerate(seeds[0]["domains"][d]["windows"])] for d in config.domains}
     out["base"] = {d: {m: mean_ci([s["domains"][d]["base"][m] for s in seeds])
-                       for m in ("noc@85", "noc@90")} for d in config.domains}
+                       for m in WINDOW_METRICS} for d in config.domains}
     out["annotator"] = {d: [{"tasks": w["tasks"], "noc@90": mean_ci(
         [s["domains"][d]["stream_windows"][k]["noc@90"] for s in seeds]), "noc@85": mean_ci(
         [s["domains"][d]["stream_windows"][k]["noc@85"] for s in seeds])}
@@ -90,7 +91,8 @@ def _goal(config: CampaignConfig, seeds: list[dict]) -> dict[str, Any]:
 def _timings(seeds: list[dict]) -> dict[str, Any]:
     steps = [st["seconds"] for s in seeds for d in s["domains"].values() for st in d["steps"]]
     tasks = [t for s in seeds for d in s["domains"].values() for t in d["task_seconds"]]
-    return {"seed_s": mean_ci([s["seconds"] for s in seeds]), "step_s": mean_ci(steps),
+    return {"seed_s": mean_ci([s["seconds"] for s in seeds if "seconds" in s]),
+            "step_s": mean_ci(steps),
             "task_s": mean_ci(tasks), "steps": len(steps), "tasks": len(tasks)}
 
 
@@ -105,6 +107,36 @@ def summarise(config: CampaignConfig, seeds: list[dict], *, elapsed_s: float, ma
             "table": _table(config, seeds), "windows": _windows(config, seeds),
             "goal": _goal(config, seeds), "timings": _timings(seeds),
             "elapsed_s": elapsed_s, "machine": machine, "seeds": seeds}
+
+
+def _config_of(data: dict[str, Any], **overrides: Any) -> CampaignConfig:
+    fields = {f.name for f in dataclasses.fields(CampaignConfig)}
+    return CampaignConfig(**{**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in data.items() if k in fields}, **overrides})
+
+
+def resummarise(report: dict[str, Any]) -> dict[str, Any]:
+    """A report's tables computed again from its seeds (what this code version reports)."""
+    again = summarise(_config_of(report["config"]), report["seeds"],
+                      elapsed_s=report["elapsed_s"], machine=report["machine"])
+    return {**report, **{k: again[k] for k in ("table", "windows", "goal", "timings")}}
+
+
+def summarise_partials(paths: list[Path]) -> dict[str, Any]:
+    """The report of an unfinished run from its seeds' partial files
+    (``<json>.seed<k>.partial.json``): the domains every seed finished, those seeds."""
+    seeds = [json.loads(Path(p).read_text()) for p in paths]
+    order = seeds[0]["config"]["domains"]
+    done = [d for d in order if all(d in s["domains"] for s in seeds)]
+    if not done:
+        raise ValueError("no domain is finished in every partial file")
+    config = _config_of(seeds[0]["config"], domains=tuple(done),
+                        seeds=tuple(s["seed"] for s in seeds))
+    for s in seeds:
+        s["domains"] = {d: s["domains"][d] for d in done}
+    report = summarise(config, seeds, elapsed_s=0.0, machine="partial: see the seeds")
+    report["partial"] = {"files": [str(p) for p in paths], "domains": done}
+    return report
 
 
 def _cell(stat: dict[str, Any], digits: int = 2, scale: float = 1.0, unit: str = "") -> str:
@@ -143,6 +175,14 @@ def campaign_markdown(report: dict[str, Any]) -> str:
             f"+{GOAL_FORGET:.0%}: {'met' if g['forgetting_met'] else 'missed'}"
             + (f" by {abs(worst['mean'] - GOAL_FORGET) * 100:.1f} points"
                if worst.get("mean") is not None else "") + ").")
+    annotator = ["", "| annotator's clicks (project arm), tasks | " + " | ".join(
+        config["domains"]) + " |", "|---|" + "---|" * len(config["domains"])]
+    windows = report["windows"]["annotator"]
+    for k, w in enumerate(windows[config["domains"][0]]):
+        for metric in ("noc@85", "noc@90"):
+            annotator.append(f"| {metric.upper().replace('NOC', 'NoC')}, tasks "
+                             f"{w['tasks'][0] + 1}-{w['tasks'][1]} | " + " | ".join(
+                                 _cell(windows[d][k][metric]) for d in config["domains"]) + " |")
     t = report["timings"]
     footer = (f"\n{len(config['seeds'])} seed(s), {len(config['domains'])} domains × "
               f"{config['tasks']} tasks ({config['heldout']} held out), a step every "
@@ -150,7 +190,7 @@ def campaign_markdown(report: dict[str, Any]) -> str:
               f"{config['rank']}); one step {_cell(t['step_s'], 1)} s, one task "
               f"{_cell(t['task_s'], 2)} s, one seed {_cell(t['seed_s'], 0)} s; "
               f"{report['elapsed_s']:.0f} s on {report['machine']}. {report['interval']}.")
-    return "\n".join(lines + forget + verdict) + "\n" + footer
+    return "\n".join(lines + forget + annotator + verdict) + "\n" + footer
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
