@@ -62,3 +62,43 @@ def test_a_tiny_campaign_over_the_real_stack(tmp_path: Path) -> None:
     campaign_figure(report, tmp_path / "campaign.png")
     assert (tmp_path / "campaign.png").stat().st_size > 1000
     assert any("step succeeded" in line for line in lines), lines
+
+
+def _scores(noc85: float) -> dict:
+    return {"noc@85": noc85, "noc@90": 20.0, "iou@1": 0.5, "iou@3": 0.6, "iou@5": 0.7}
+
+
+def _fake_seed(seed: int, live_b: float, later_a: float) -> dict:
+    """Two domains a, b: base NoC@85 20 on both; live reaches 15 on a and ``live_b`` on b;
+    a's NoC@85 after b is ``later_a`` (project arm: the same numbers)."""
+    def domain(after: float, earlier: dict) -> dict:
+        window = {"tasks": 2, "live": _scores(after), "project": _scores(after)}
+        return {"base": _scores(20.0), "after": {"live": _scores(after),
+                                                 "project": _scores(after)},
+                "earlier": earlier, "windows": [window],
+                "stream_windows": [{"tasks": [0, 2], **_scores(18.0)}], "steps": [],
+                "task_seconds": [1.0]}
+    return {"seed": seed, "seconds": 1.0, "domains": {
+        "a": domain(15.0, {}),
+        "b": domain(live_b, {"a": {"live": _scores(later_a), "project": _scores(later_a)}})}}
+
+
+def test_the_goal_lines_are_reductions_against_base_and_changes_on_earlier_domains() -> None:
+    from cli.bench_campaign.report import summarise
+
+    config = CampaignConfig(domains=("a", "b"), seeds=(0, 1), tasks=2, heldout=1,
+                            train_every=2)
+    seeds = [_fake_seed(0, 10.0, 15.0), _fake_seed(1, 14.0, 16.2)]
+    goal = summarise(config, seeds, elapsed_s=1.0, machine="test")["goal"]["live"]
+    # reductions: seed 0 (25 % + 50 %) / 2 = 37.5 %, seed 1 (25 % + 30 %) / 2 = 27.5 %
+    assert goal["reduction_mean"]["mean"] == pytest.approx(0.325)
+    assert goal["reduction"]["a"]["mean"] == pytest.approx(0.25)
+    assert goal["reduction_met"] and goal["domains_meeting_reduction"] == 2
+    # a after b: seed 0 unchanged, seed 1 16.2 / 15 - 1 = +8 %: the mean +4 % meets +5 %
+    assert goal["forgetting"]["a after b"]["values"] == pytest.approx([0.0, 0.08])
+    assert goal["forgetting_worst"]["mean"] == pytest.approx(0.04)
+    assert goal["forgetting_met"]
+    seeds = [_fake_seed(0, 10.0, 16.2), _fake_seed(1, 14.0, 16.2)]  # +8 % in both: missed
+    goal = summarise(config, seeds, elapsed_s=1.0, machine="test")["goal"]["live"]
+    assert goal["forgetting_worst"]["mean"] == pytest.approx(0.08)
+    assert not goal["forgetting_met"]
