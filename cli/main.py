@@ -199,6 +199,62 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_campaign(args: argparse.Namespace) -> int:
+    import dataclasses
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so the stack of the seed running (redis-server, worker,
+    # API) is stopped rather than left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    from cli.bench_campaign import CampaignConfig, run_campaign
+    from cli.bench_campaign.figure import campaign_figure
+    from cli.bench_campaign.report import (
+        campaign_markdown,
+        resummarise,
+        summarise_partials,
+        write_json,
+    )
+
+    if args.from_partials or args.from_json:  # re-render a report, or assemble partial seeds
+        report = (summarise_partials([Path(p) for p in args.from_partials.split(",")])
+                  if args.from_partials
+                  else resummarise(json.loads(Path(args.from_json).read_text())))
+        if args.json:
+            write_json(report, args.json)
+        if args.figure:
+            campaign_figure(report, args.figure)
+        print(campaign_markdown(report))
+        return 0
+    overrides: dict = {}
+    for name in ("tasks", "heldout", "train_every", "epochs", "rank", "lr", "batch_size",
+                 "interactive_rounds"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.domains:
+        overrides["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(range(args.first_seed, args.first_seed + args.seeds))
+    config = (CampaignConfig.quick(**overrides) if args.quick
+              else dataclasses.replace(CampaignConfig(), **overrides))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    partial = Path(args.json).with_suffix("") if args.json else None
+    report = run_campaign(config, say=say, partial_stem=partial)
+    if args.json:
+        write_json(report, args.json)
+        logger.info("wrote %s", args.json)
+    if args.figure:
+        campaign_figure(report, args.figure)
+        logger.info("wrote %s", args.figure)
+    print(campaign_markdown(report))
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from cli.up import run_up
     from infra.settings import Settings
@@ -370,6 +426,30 @@ def build_parser() -> argparse.ArgumentParser:
                                           "domains each, e.g. 5,16 (at most 16; '' skips)")
     s.add_argument("--auto-requests", type=int, help="new images per auto / live row and run")
     s.set_defaults(func=_cmd_bench_serve)
+
+    c = bench.add_parser("campaign", help="simulated annotators label one Label Studio project "
+                                          "per domain through the service's routes; clicks "
+                                          "counted (NoC@85/90, IoU@1/3/5) for static base, "
+                                          "live merge and per-project serving (#22)")
+    c.add_argument("--quick", action="store_true", help="smoke run of a few minutes")
+    c.add_argument("--json", help="write the full report (per seed) here")
+    c.add_argument("--figure", help="write the figure (NoC@90 against tasks labelled) here")
+    c.add_argument("--domains", help="comma-separated target domains (default: the paper's 5)")
+    c.add_argument("--seeds", type=int, help="number of seeds K (default 3)")
+    c.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+K-1")
+    c.add_argument("--tasks", type=int, help="tasks labelled per project (default 64)")
+    c.add_argument("--heldout", type=int, help="held-out tasks per domain (default 16)")
+    c.add_argument("--train-every", type=int, help="Start Training every this many tasks")
+    c.add_argument("--epochs", type=int, help="epochs of each continual step's training")
+    c.add_argument("--rank", type=int, help="LoRA rank of the steps' adapters")
+    c.add_argument("--lr", type=float, help="learning rate of the steps' training")
+    c.add_argument("--batch-size", type=int, help="batch size of the steps' training")
+    c.add_argument("--interactive-rounds", type=int, help="the steps' interactive training")
+    c.add_argument("--from-json", help="no run: this report's tables computed again from its "
+                                       "seeds (printed; --json, --figure written)")
+    c.add_argument("--from-partials", help="comma-separated <json>.seed<k>.partial.json files "
+                                           "of an unfinished run: their report")
+    c.set_defaults(func=_cmd_bench_campaign)
 
     u = sub.add_parser("up", help="start Redis, a worker and the API (settings: REGCL_* env)")
     u.set_defaults(func=_cmd_up)
