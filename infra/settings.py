@@ -193,9 +193,9 @@ class Settings(BaseSettings):
     )
     label_studio_serving: Literal["project", "live"] = Field(
         default="project", description="What answers a Label Studio project's predictions: "
-        "'project' = its own domain adapter once a continual step found it better than live on "
-        "the project's held-out set, else auto (the router), else live; 'live' = the live "
-        "merge for every project.",
+        "'project' = its own domain adapter once a continual step found it at least as good as "
+        "live on the project's held-out set, else auto (the router), else live; 'live' = the "
+        "live merge for every project.",
     )
     label_studio_preencode_max_bytes: int = Field(
         default=1024 * MIB, ge=0, description="Pre-encoding a Label Studio project (on "

@@ -1,8 +1,8 @@
 """What answers a Label Studio project's predictions, and how that is reported.
 
 Per project, in order (:mod:`infra.project_serving` keeps the decisions, the continual step
-makes them): its own domain adapter once a step found it better than live on the project's
-held-out set; else ``auto`` (the router, which falls back to live); else ``live``. With
+makes them): its own domain adapter once a step found it at least as good as live on the
+project's held-out set; else ``auto`` (the router, which falls back to live); else ``live``. With
 ``label_studio_serving = "live"`` every project gets the live merge. Versions are reported as
 ``domain:<name>@<sha8>`` (the adapter's content digest), ``live:<n>`` or ``base``.
 """

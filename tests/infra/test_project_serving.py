@@ -1,6 +1,6 @@
 """infra.project_serving on a real redis-server: a step's check that passes makes its adapter
 the domain's; one that fails leaves the domain on what served it before (only ``last_check``
-changes); ties and empty held-out sets do not pass; the history keeps the changes in order; a
+changes); a tie passes, an empty held-out set does not; the history keeps the changes in order; a
 job's check is stored once (a rerun of the job writes nothing)."""
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ def test_a_passing_check_serves_and_a_failing_one_keeps_what_served(
     assert set(serving.all()) == {"polyp"}
 
 
-def test_ties_and_empty_held_out_sets_do_not_pass(redis_client: redis.Redis) -> None:
+def test_a_tie_passes_an_empty_held_out_set_does_not(redis_client: redis.Redis) -> None:
     serving = ProjectServing(redis_client)
-    assert serving.record("shadow", _check("shadow-s1", 0.5, 0.5)).adapter is None
     assert serving.record("shadow", _check("shadow-s2", 0.9, 0.1, samples=0)).adapter is None
-    assert serving.get("shadow").last_check.adapter == "shadow-s2"
+    tie = serving.record("shadow", _check("shadow-s1", 0.5, 0.5))
+    assert tie.adapter == "shadow-s1" and "matches live:1" in tie.check.describe()
+    assert serving.record("shadow", _check("shadow-s3", 0.49, 0.5)).adapter == "shadow-s1"
+    assert serving.get("shadow").last_check.adapter == "shadow-s3"
     assert serving.forget("shadow") and serving.get("shadow").last_check is None
 
 
