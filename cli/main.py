@@ -1,5 +1,5 @@
-"""The ``regcl`` command line: ``up``, ``demo``, ``bench cl|interactive|merge|serve``,
-``pretrain``.
+"""The ``regcl`` command line: ``up``, ``demo``,
+``bench cl|interactive|merge|auto-memory|route|serve|campaign``, ``pretrain``.
 
 The entry points sit above every layer (they may import the library, ``infra``, ``workers``
 and ``service``; nothing imports them). Each command imports what it needs when it runs, so

@@ -52,7 +52,9 @@ def test_python_m_cli_lists_every_command(capsys):
     from cli.main import build_parser
 
     parser = build_parser()
-    for args, expected in ((["bench", "--help"], "{cl,interactive,merge,auto-memory,route,serve}"),
+    for args, expected in ((["bench", "--help"],
+                            "{cl,interactive,merge,auto-memory,route,serve,campaign}"),
+                           (["bench", "campaign", "--help"], "--train-every"),
                            (["bench", "serve", "--help"], "--swap-versions"),
                            (["bench", "serve", "--help"], "--auto-domains"),
                            (["bench", "route", "--help"], "--scale-only"),
