@@ -27,9 +27,23 @@ from infra.settings import Settings
 from regcl.errors import CancelledError, RegclError
 from service.labelstudio.errors import LabelStudioUnreachableError
 
-__all__ = ["ApiThreadJobs"]
+__all__ = ["MAX_FAILURES_SHOWN", "ApiThreadJobs", "count_failure"]
 
 logger = logging.getLogger(__name__)
+
+MAX_FAILURES_SHOWN = 20
+"""Failed tasks a job's result names (it counts them all)."""
+
+
+def count_failure(counts: dict[str, int], failures: list[dict[str, Any]], exc: Exception,
+                  **where: Any) -> None:
+    """One task (``where``: its ids) that failed with a typed error: counted in
+    ``counts["failed"]``, and named in ``failures`` while it holds fewer than
+    :data:`MAX_FAILURES_SHOWN`."""
+    counts["failed"] += 1
+    if len(failures) < MAX_FAILURES_SHOWN:
+        failures.append({**where, "code": getattr(exc, "code", "invalid-data"),
+                         "detail": str(exc)[:500]})
 
 
 class ApiThreadJobs:

@@ -60,7 +60,7 @@ from infra.settings import Settings
 from regcl.errors import RegclError
 from service.engine import AUTO, LIVE, SegmentationEngine
 from service.engine.errors import ImageNotFoundError
-from service.labelstudio.api_jobs import ApiThreadJobs
+from service.labelstudio.api_jobs import ApiThreadJobs, count_failure
 from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.errors import (
     LabelStudioNotFoundError,
@@ -83,7 +83,6 @@ MAX_YIELD_S = 30.0
 IDLE_S = 0.2
 """A pre-encode starts an encode only when no prompt was decoded for this long."""
 YIELD_POLL_S = 0.02
-MAX_FAILURES_SHOWN = 20
 HEADER_BYTES = 2048  # an .npz's own bytes around the features (about 1.1 KiB), at most
 
 
@@ -271,11 +270,7 @@ class ProjectPreencode(ApiThreadJobs):
                 except STOPPING:
                     raise
                 except RegclError as exc:
-                    counts["failed"] += 1
-                    if len(failures) < MAX_FAILURES_SHOWN:
-                        failures.append({"task": task_id,
-                                         "code": getattr(exc, "code", "invalid-data"),
-                                         "detail": str(exc)[:500]})
+                    count_failure(counts, failures, exc, task=task_id)
                 else:
                     versions.add(done.adapter_version)
                     counts["encoded"] += int(done.encoded)

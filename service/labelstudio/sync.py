@@ -40,7 +40,7 @@ from infra.jobs import JobRecord, JobStore
 from infra.sample_sets import SampleSets
 from infra.settings import Settings
 from regcl.errors import RegclError
-from service.labelstudio.api_jobs import ApiThreadJobs
+from service.labelstudio.api_jobs import ApiThreadJobs, count_failure
 from service.labelstudio.connection import LabelStudioConnection
 from service.labelstudio.errors import (
     LabelStudioNotConfiguredError,
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 SYNC_KIND = "labelstudio-sync"
 PAGE_SIZE = 50
-MAX_FAILURES_SHOWN = 20
 STOPPING = (LabelStudioTokenRefusedError, LabelStudioUnreachableError,
             LabelStudioNotConfiguredError, redis.exceptions.ConnectionError,
             InsufficientStorage)
@@ -171,12 +170,8 @@ class ProjectSync(ApiThreadJobs):
                     except STOPPING:
                         raise
                     except RegclError as exc:
-                        counts["failed"] += 1
-                        if len(failures) < MAX_FAILURES_SHOWN:
-                            failures.append({"task": task_id,
-                                             "annotation": annotation.get("id"),
-                                             "code": getattr(exc, "code", "invalid-data"),
-                                             "detail": str(exc)[:500]})
+                        count_failure(counts, failures, exc, task=task_id,
+                                      annotation=annotation.get("id"))
                         continue
                     counts[outcome.outcome] += 1
                 cursor = task_id
