@@ -25,23 +25,35 @@ Directory artifacts are never overwritten (a second put raises :class:`~infra.er
 the usual variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL_S3`` for MinIO and other S3-compatible stores, ``AWS_DEFAULT_REGION``),
 read by botocore itself. Listings are never cached, so every process sees the others' puts.
+
+A store that cannot be reached (connection refused or reset, a timeout) raises
+:class:`~infra.errors.StoreUnavailable`, never a half-done state: each operation is tried
+again, with backoff, for up to ``retry_s`` seconds first (0: once; the API answers 503 at once,
+workers wait out a short outage). A retried put whose first attempt committed before the
+connection broke finds its own manifest and returns it. Existence checks that decide a write
+or a delete are strict (an unreachable store is an error, not "absent"). On S3 each request is
+tried twice by botocore and twice by s3fs (connect timeout 5 s, read timeout 15 s), so a dead
+endpoint answers within seconds rather than the minute of the libraries' defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -53,10 +65,12 @@ from infra.errors import (
     InsufficientStorage,
     InvalidName,
     NotFound,
+    StoreUnavailable,
     is_out_of_space,
 )
+from regcl.errors import RegclError
 
-__all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "validate_key"]
+__all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "store_deadline", "validate_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +78,29 @@ MANIFEST = ".regcl-manifest.json"
 _TMP = ".tmp"
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _CHUNK = 1 << 20
+_S3_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}}
+_S3_RETRIES = 2  # s3fs's own retries of timeouts and broken reads (its default: 5)
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 5.0
+T = TypeVar("T")
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the store did not answer" rather than "the store said no"."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.timeout]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+        found += [BotoConnectionError, HTTPClientError]
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+        found.append(ClientError)
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+        found.append(FSTimeoutError)
+    return tuple(found)
+
+
+_UNAVAILABLE = _unavailable_errors()
 
 
 def validate_key(key: str) -> str:
@@ -151,17 +188,55 @@ def files_of(local_dir: str | os.PathLike[str]) -> dict[str, Path]:
     return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if not p.is_dir()}
 
 
-class ArtifactStore:
-    """Immutable artifacts under ``url``: a local directory or any fsspec URL."""
+_DEADLINE: ContextVar[float | None] = ContextVar("regcl_store_deadline", default=None)
 
-    def __init__(self, url: str | os.PathLike[str]) -> None:
+
+@contextlib.contextmanager
+def store_deadline(seconds: float) -> Iterator[None]:
+    """Artifact-store work started inside the block (in this context: the thread, or the tasks
+    and threads it starts) stops with StoreUnavailable once ``seconds`` have passed, before its
+    next request to the store and before any commit, so a slow store cannot hold a caller past
+    its own timeout. Nested blocks keep the earlier deadline."""
+    current = _DEADLINE.get()
+    deadline = time.monotonic() + seconds
+    token = _DEADLINE.set(deadline if current is None else min(current, deadline))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _reaches_store(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator of a public method: run it under :meth:`ArtifactStore._call`."""
+    def decorate(method: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(method)
+        def wrapper(self: ArtifactStore, *args: Any, **kwargs: Any) -> T:
+            return self._call(what, lambda _attempt: method(self, *args, **kwargs))
+        return wrapper
+    return decorate
+
+
+class ArtifactStore:
+    """Immutable artifacts under ``url``: a local directory or any fsspec URL.
+
+    ``retry_s``: how long an operation is tried again while the store cannot be reached
+    before it raises :class:`~infra.errors.StoreUnavailable` (0: tried once). Operations
+    run inside :func:`store_deadline` stop at its deadline."""
+
+    def __init__(self, url: str | os.PathLike[str], *, retry_s: float = 0.0) -> None:
         self.url = str(url)
+        self.retry_s = max(0.0, float(retry_s))
+        options: dict[str, Any] = {"use_listings_cache": False}
+        if self.url.startswith(("s3://", "s3a://")):
+            options["config_kwargs"] = _S3_CONFIG
         try:
             # Other processes write to the same store: a cached listing would hide their puts.
-            self.fs, root = url_to_fs(self.url, use_listings_cache=False)
+            self.fs, root = url_to_fs(self.url, **options)
         except ImportError as exc:
             raise ConfigError(f"artifact store {self.url!r}: {exc} (for s3:// install "
                               "s3fs: pip install 'regcl[s3]')") from exc
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = _S3_RETRIES
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._root = root.rstrip("/") or "/"
 
@@ -170,6 +245,61 @@ class ArtifactStore:
 
     def _path(self, key: str) -> str:
         return f"{self._root}/{validate_key(key)}"
+
+    def _call(self, what: str, attempt: Callable[[int], T]) -> T:
+        """``attempt(n)`` (n = 1, 2, ...) until it returns, tried again with backoff while the
+        store does not answer, for up to ``retry_s``; then StoreUnavailable."""
+        start = time.monotonic()
+        delay, number = _BACKOFF_FIRST_S, 0
+        while True:
+            number += 1
+            try:
+                return attempt(number)
+            except RegclError:
+                raise
+            except _UNAVAILABLE as exc:
+                elapsed = time.monotonic() - start
+                deadline = _DEADLINE.get()
+                if elapsed + delay > self.retry_s or (
+                        deadline is not None and time.monotonic() + delay > deadline):
+                    raise StoreUnavailable(
+                        f"the artifact store did not answer ({what}; {number} "
+                        f"{'try' if number == 1 else 'tries'} in {elapsed:.1f} s): "
+                        f"{type(exc).__name__}: {exc}") from exc
+                logger.warning("artifact store unreachable (%s: %s: %s); trying again in "
+                               "%.1f s", what, type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    @staticmethod
+    def _check_deadline() -> None:
+        """StoreUnavailable if the :func:`store_deadline` this runs under has passed."""
+        deadline = _DEADLINE.get()
+        if deadline is not None and time.monotonic() > deadline:
+            raise StoreUnavailable("the artifact store is too slow: the request's time for it "
+                                   "ran out before this operation was done; nothing of it "
+                                   "was committed")
+
+    def _is_file(self, path: str) -> bool:
+        """Whether ``path`` is a file; an unreachable store raises (fsspec's ``isfile`` says
+        False to any error, which must not decide a write or a delete). On S3 one HEAD."""
+        self._check_deadline()
+        try:
+            if hasattr(self.fs, "call_s3"):  # fsspec's info would list the prefix after a 404
+                bucket, key, _ = self.fs.split_path(path)
+                self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+                return True
+            return self.fs.info(path)["type"] == "file"
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def _has_files(self, path: str) -> bool:
+        """Whether anything lies under the directory ``path`` (on S3 one listing)."""
+        self._check_deadline()
+        try:
+            return bool(self.fs.ls(path, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     # -- directories ---------------------------------------------------------------------------
 
@@ -185,13 +315,38 @@ class ArtifactStore:
         """
         validate_key(key)
         sources = {_check_relative(rel): Path(src) for rel, src in files.items()}
-        with _out_of_space(key):
-            if self.is_local:
-                info = self._put_files_local(sources, key)
-            else:
-                info = self._put_files_remote(sources, key)
+
+        def attempt(number: int) -> ArtifactInfo:
+            with _out_of_space(key):
+                try:
+                    if self.is_local:
+                        return self._put_files_local(sources, key)
+                    return self._put_files_remote(sources, key)
+                except Conflict:
+                    committed = self._committed_by_us(sources, key) if number > 1 else None
+                    if committed is None:
+                        raise
+                    logger.warning("artifact %s: the attempt cut off by the store's outage had "
+                                   "committed it; keeping that", key)
+                    return committed
+
+        info = self._call(f"store {key}", attempt)
         logger.info("stored artifact %s (%d files, %d bytes)", key, len(info.files),
                     info.size_bytes)
+        return info
+
+    def _committed_by_us(self, sources: dict[str, Path], key: str) -> ArtifactInfo | None:
+        """The manifest at ``key`` if it records exactly ``sources``' files and digests."""
+        try:
+            info = self.info(key)
+        except NotFound:
+            return None
+        if set(info.files) != set(sources):
+            return None
+        for rel, src in sources.items():
+            with open(src, "rb") as fin:
+                if hashlib.file_digest(fin, "sha256").hexdigest() != info.files[rel]:
+                    return None
         return info
 
     def _tmp_dir(self) -> Path:
@@ -233,12 +388,13 @@ class ArtifactStore:
     def _put_files_remote(self, sources: dict[str, Path], key: str) -> ArtifactInfo:
         dest = self._path(key)
         manifest = f"{dest}/{MANIFEST}"
-        if self.fs.exists(manifest) or self.fs.isfile(dest):
+        if self._is_file(manifest) or self._is_file(dest):
             raise Conflict(f"artifact {key!r} already exists")
         staging = f"{self._root}/{_TMP}/{uuid.uuid4().hex}"
         try:
             digests, total = {}, 0
             for rel, src in sources.items():  # the slow part: nothing at the key yet
+                self._check_deadline()
                 with open(src, "rb") as fin, self.fs.open(f"{staging}/{rel}", "wb") as fout:
                     digests[rel], size = _copy_stream(fin, fout)
                 total += size
@@ -251,14 +407,16 @@ class ArtifactStore:
 
     def _publish_remote(self, staging: str, dest: str, key: str, info: ArtifactInfo) -> None:
         """Server-side copies of the staged files under ``dest``, then the manifest."""
-        if self.fs.exists(f"{dest}/{MANIFEST}"):
+        if self._is_file(f"{dest}/{MANIFEST}"):
             raise Conflict(f"artifact {key!r} already exists")
-        if self.fs.exists(dest):
+        if self._has_files(dest):
             logger.warning("removing incomplete artifact %s (no manifest) before upload", key)
             self.fs.rm(dest, recursive=True)
         try:
             for rel in info.files:
-                self.fs.copy(f"{staging}/{rel}", f"{dest}/{rel}")
+                self._check_deadline()
+                self.fs.cp_file(f"{staging}/{rel}", f"{dest}/{rel}")
+            self._check_deadline()
             # Commit point; create-only, so of two writers of one key exactly one commits.
             self.fs.pipe_file(f"{dest}/{MANIFEST}", info.to_json().encode(), mode="create")
         except FileExistsError as exc:
@@ -269,14 +427,15 @@ class ArtifactStore:
                 self.fs.rm(dest, recursive=True)
             raise
 
+    @_reaches_store("read a manifest")
     def info(self, key: str) -> ArtifactInfo:
         """The manifest of directory artifact ``key`` (NotFound if it is absent or incomplete)."""
         try:
-            with self.fs.open(f"{self._path(key)}/{MANIFEST}", "rb") as f:
-                return ArtifactInfo.from_json(f.read())
+            return ArtifactInfo.from_json(self.fs.cat_file(f"{self._path(key)}/{MANIFEST}"))
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise NotFound(f"artifact {key!r} not found") from exc
 
+    @_reaches_store("fetch an artifact")
     def get_dir(self, key: str, dest: str | os.PathLike[str]) -> Path:
         """Copy directory artifact ``key`` to the new local directory ``dest``, atomically.
 
@@ -292,10 +451,13 @@ class ArtifactStore:
         src_root = self._path(key)
         try:
             for rel, expected in info.files.items():
+                self._check_deadline()
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open(f"{src_root}/{rel}", "rb") as fin, open(target, "wb") as fout:
-                    digest, _ = _copy_stream(fin, fout)
+                data = self.fs.cat_file(f"{src_root}/{rel}")  # one GET (open: HEAD + GET)
+                with open(target, "wb") as fout:
+                    fout.write(data)
+                digest = hashlib.sha256(data).hexdigest()
                 if digest != expected:
                     raise CorruptArtifact(f"artifact {key!r}: {rel} has sha256 {digest}, "
                                           f"the manifest says {expected}")
@@ -315,16 +477,28 @@ class ArtifactStore:
         a part). Without ``overwrite`` an existing key raises Conflict; no room left,
         InsufficientStorage (and nothing at ``key``)."""
         dest = self._path(key)
-        with _out_of_space(key):
-            if self.is_local:
-                self._put_bytes_local(Path(dest), key, data, overwrite)
-                return
-            if self.fs.isdir(dest) or (not overwrite and self.fs.exists(dest)):
-                raise Conflict(f"artifact {key!r} already exists")
-            try:  # one PUT: readers see the old or the new object, never a part
-                self.fs.pipe_file(dest, data, mode="overwrite" if overwrite else "create")
-            except FileExistsError as exc:
-                raise Conflict(f"artifact {key!r} already exists") from exc
+
+        def attempt(number: int) -> None:
+            try:
+                with _out_of_space(key):
+                    self._put_bytes_once(dest, key, data, overwrite)
+            except Conflict:
+                # A retry after a PUT whose answer the outage cut off: our bytes are there.
+                if number == 1 or self._get_bytes_once(dest, key) != data:
+                    raise
+
+        self._call(f"store {key}", attempt)
+
+    def _put_bytes_once(self, dest: str, key: str, data: bytes, overwrite: bool) -> None:
+        if self.is_local:
+            self._put_bytes_local(Path(dest), key, data, overwrite)
+            return
+        if self.fs.isdir(dest) or (not overwrite and self.fs.exists(dest)):
+            raise Conflict(f"artifact {key!r} already exists")
+        try:  # one PUT: readers see the old or the new object, never a part
+            self.fs.pipe_file(dest, data, mode="overwrite" if overwrite else "create")
+        except FileExistsError as exc:
+            raise Conflict(f"artifact {key!r} already exists") from exc
 
     def _put_bytes_local(self, dest: Path, key: str, data: bytes, overwrite: bool) -> None:
         tmp = self._tmp_dir() / uuid.uuid4().hex
@@ -353,6 +527,9 @@ class ArtifactStore:
     def get_bytes(self, key: str) -> bytes:
         """The bytes stored at ``key`` (NotFound if absent or if ``key`` is a directory)."""
         path = self._path(key)
+        return self._call(f"read {key}", lambda _: self._get_bytes_once(path, key))
+
+    def _get_bytes_once(self, path: str, key: str) -> bytes:
         try:
             if self.fs.isdir(path):
                 raise NotFound(f"artifact {key!r} is a directory, not bytes")
@@ -360,11 +537,12 @@ class ArtifactStore:
         except FileNotFoundError as exc:
             raise NotFound(f"artifact {key!r} not found") from exc
 
+    @_reaches_store("read a size")
     def size(self, key: str) -> int:
         """Bytes of the blob at ``key`` (NotFound if absent or a directory)."""
         path = self._path(key)
         try:
-            if not self.fs.isfile(path):
+            if not self._is_file(path):
                 raise NotFound(f"artifact {key!r} not found")
             return int(self.fs.size(path))
         except FileNotFoundError as exc:
@@ -372,11 +550,13 @@ class ArtifactStore:
 
     # -- common --------------------------------------------------------------------------------
 
+    @_reaches_store("look up an artifact")
     def exists(self, key: str) -> bool:
         """True if ``key`` holds a complete directory artifact or a blob."""
         path = self._path(key)
-        return self.fs.isfile(path) or self.fs.isfile(f"{path}/{MANIFEST}")
+        return self._is_file(path) or self._is_file(f"{path}/{MANIFEST}")
 
+    @_reaches_store("delete an artifact")
     def delete(self, key: str) -> bool:
         """Remove artifact ``key``; False if there was none. A directory disappears at once
         (renamed away locally, manifest removed first elsewhere), then its files are removed."""
@@ -392,10 +572,10 @@ class ArtifactStore:
             os.replace(local, trash)
             shutil.rmtree(trash, ignore_errors=True)
             return True
-        if self.fs.isfile(path):
+        if self._is_file(path):
             self.fs.rm_file(path)
             return True
-        if not self.fs.exists(path):
+        if not self._has_files(path):
             return False
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(f"{path}/{MANIFEST}")
@@ -413,14 +593,20 @@ class ArtifactStore:
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
         """Keys of the directory artifacts directly under ``prefix`` (e.g. ``adapters``)."""
+        yield from self._call(f"list {prefix}", lambda _: self._list_keys(prefix))
+
+    def _list_keys(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not self.fs.isdir(base):
-            return
+            return []
+        keys = []
         for entry in sorted(self.fs.ls(base, detail=False)):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if _SEGMENT.fullmatch(name) and self.exists(f"{prefix}/{name}"):
-                yield f"{prefix}/{name}"
+                keys.append(f"{prefix}/{name}")
+        return keys
 
+    @_reaches_store("remove staging leftovers")
     def cleanup_temp(self, older_than_s: float = 24 * 3600) -> int:
         """Remove staging leftovers of crashed puts older than ``older_than_s`` (an object
         store's by their newest file); how many staging entries were removed."""

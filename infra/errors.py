@@ -5,6 +5,7 @@ built-in, so callers catch either. The service maps them to RFC 7807 problems:
 ``NotFound`` → 404, ``Conflict`` (and its subclasses) → 409, ``InvalidName`` → 422/400,
 ``BaseModelMismatch`` → 422 ``base-model-mismatch``,
 ``LockTimeout`` → 409/503, ``InsufficientStorage`` → 507 ``insufficient-storage``,
+``StoreUnavailable`` → 503 ``store-unavailable`` (with ``Retry-After``),
 ``RedisServerError`` → startup failure.
 
 The names say the outcome (``NotFound``, ``Conflict``) rather than ending in ``Error`` because
@@ -28,6 +29,7 @@ __all__ = [
     "LockTimeout",
     "NotFound",
     "RedisServerError",
+    "StoreUnavailable",
     "is_out_of_space",
 ]
 
@@ -71,6 +73,11 @@ class CorruptArtifact(RegclError, ValueError):  # noqa: N818
 class InsufficientStorage(RegclError, OSError):  # noqa: N818
     """The data directory (or the artifact store) has no room left for a write; nothing
     half-written was kept. Raised from the ``OSError`` (``ENOSPC``, ``EDQUOT``) it replaces."""
+
+
+class StoreUnavailable(RegclError, ConnectionError):  # noqa: N818
+    """The artifact store (S3, MinIO, ...) could not be reached or did not answer in time.
+    Nothing was committed at the key the operation named; the same call may succeed later."""
 
 
 def is_out_of_space(exc: BaseException) -> bool:

@@ -33,10 +33,13 @@ class Platform:
     datasets: DatasetRegistry
 
 
-def connect_platform(settings: Settings, client: redis.Redis | None = None) -> Platform:
+def connect_platform(settings: Settings, client: redis.Redis | None = None, *,
+                     store_retry_s: float = 0.0) -> Platform:
     """The platform of ``settings`` (``redis_url``, ``artifact_url``); ``client``: an open
-    Redis client to use instead of a new one."""
+    Redis client to use instead of a new one; ``store_retry_s``: how long the artifact store
+    tries an operation again while the store is unreachable (workers: ``settings.
+    store_retry_s``; the API: 0, it answers 503 instead)."""
     client = client if client is not None else connect(settings.redis_url)
-    store = ArtifactStore(settings.artifact_url)
+    store = ArtifactStore(settings.artifact_url, retry_s=store_retry_s)
     return Platform(redis=client, store=store, registry=Registry(client, store),
                     jobs=JobStore(client), datasets=DatasetRegistry(client, store))

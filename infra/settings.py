@@ -99,6 +99,20 @@ class Settings(BaseSettings):
         description="The merge lock expires this long after its holder stopped renewing it (the "
         "merging worker renews it every third of this while it works).",
     )
+    store_retry_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Workers try an artifact-store operation again this long while the store "
+        "(S3, MinIO) cannot be reached before their job fails with StoreUnavailable. The API "
+        "never waits: it answers 503 store-unavailable with Retry-After at once.",
+    )
+    api_store_deadline_s: float = Field(
+        default=40.0,
+        gt=0,
+        description="The API's time for one request's artifact-store work: on a store that "
+        "answers slowly, a request not done with it by then stops before any commit and is "
+        "answered 503 store-unavailable (inside the usual 60 s proxy and client timeouts).",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port of the HTTP API.")
     device: str = Field(

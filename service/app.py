@@ -41,6 +41,7 @@ from service.api.routers import (
 )
 from service.api.routers.ui import install_ui
 from service.api.runtime import Runtime, build_runtime
+from service.api.store_deadline import StoreDeadlineMiddleware
 from service.api.uploads import BodyLimitMiddleware
 
 __all__ = ["create_app", "lifespan", "main", "request_body_limit"]
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.runtime = None
     install_problem_handlers(app)
+    app.add_middleware(StoreDeadlineMiddleware, seconds=settings.api_store_deadline_s)
     app.add_middleware(BodyLimitMiddleware, max_bytes=request_body_limit(settings))
     app.add_middleware(AdminAuthMiddleware, settings=settings)  # 401 before a body is read
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too

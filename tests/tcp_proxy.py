@@ -1,11 +1,15 @@
-"""A small TCP proxy of the tests' own, between the API and its Label Studio, to make Label
-Studio slow or absent while everything else stays real (issue #24, case 3).
+"""A small TCP proxy of the tests' own, in front of a real server (Label Studio, the S3
+endpoint), to make it slow or absent while everything else stays real (issue #24, cases 1
+and 3).
 
 - :meth:`TcpProxy.down`: every open connection is cut (reset) and the port stops listening,
-  so new connections are refused, as when Label Studio's process or host is down;
+  so new connections are refused, as when the server's process or host is down;
   :meth:`TcpProxy.up` listens again on the same port.
-- ``delay_s``: each piece of Label Studio's answer is held that long before it is passed on
-  (a slow or overloaded Label Studio).
+- ``delay_s``: each piece of the server's answer is held that long before it is passed on
+  (a slow or overloaded server; a large answer pays it per 64 KiB piece).
+- ``latency_s``: the first piece of each answer (the first after the client sent something)
+  is held that long: every request/answer exchange takes that much longer, whatever its size
+  (a distant or throttled object store: "2 s per request").
 
 Bytes are forwarded unchanged in both directions, one thread per direction and connection.
 """
@@ -32,6 +36,7 @@ class TcpProxy:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.delay_s = 0.0
+        self.latency_s = 0.0
         self.accepted = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -87,19 +92,27 @@ class TcpProxy:
             with self._lock:
                 self.accepted += 1
                 self._open.update((client, upstream))
-            threading.Thread(target=self._pipe, args=(client, upstream, 0.0),
+            asked = threading.Event()  # the client sent something not yet answered
+            threading.Thread(target=self._pipe, args=(client, upstream, False, asked),
                              daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, None),
+            threading.Thread(target=self._pipe, args=(upstream, client, True, asked),
                              daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, delay_s: float | None) -> None:
-        """Copy ``source`` to ``sink`` (``delay_s`` None: this proxy's ``delay_s``, read per
-        piece) until either end closes."""
+    def _pipe(self, source: socket.socket, sink: socket.socket, answer: bool,
+              asked: threading.Event) -> None:
+        """Copy ``source`` to ``sink`` until either end closes; ``answer``: this is the
+        server's direction, delayed by ``delay_s`` per piece and ``latency_s`` per exchange."""
         try:
             while data := source.recv(_CHUNK):
-                pause = self.delay_s if delay_s is None else delay_s
-                if pause:
-                    time.sleep(pause)
+                if not answer:
+                    asked.set()
+                else:
+                    pause = self.delay_s
+                    if asked.is_set():
+                        asked.clear()
+                        pause += self.latency_s
+                    if pause:
+                        time.sleep(pause)
                 sink.sendall(data)
         except OSError:
             pass

@@ -74,7 +74,7 @@ class WorkerRuntime:
     @cached_property
     def platform(self) -> Platform:
         """Redis, the artifact store and the stores over them (made on first use)."""
-        return connect_platform(self.settings)
+        return connect_platform(self.settings, store_retry_s=self.settings.store_retry_s)
 
     @property
     def redis(self) -> redis.Redis:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 PROBLEM_BASE = "https://regcl.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+RETRY_AFTER_S = "5"
 
 
 class Problem(BaseModel):
@@ -79,6 +80,8 @@ BACKEND_UNAVAILABLE = ProblemKind("backend-unavailable", 503, "A backend service
                                   expose=False)
 VALIDATION = ProblemKind("validation-error", 422, "The request does not match its schema")
 INSUFFICIENT_STORAGE = ProblemKind("insufficient-storage", 507, "Insufficient storage")
+STORE_UNAVAILABLE = ProblemKind("store-unavailable", 503, "The artifact store is unavailable",
+                                expose=False)
 
 FOREIGN: dict[type[BaseException], ProblemKind] = {
     # library (regcl.errors)
@@ -103,6 +106,7 @@ FOREIGN: dict[type[BaseException], ProblemKind] = {
     infra_errors.CorruptArtifact: ProblemKind("corrupt-artifact", 500,
                                               "Stored artifact is corrupt", expose=False),
     infra_errors.InsufficientStorage: INSUFFICIENT_STORAGE,
+    infra_errors.StoreUnavailable: STORE_UNAVAILABLE,  # S3 / MinIO down or too slow
     infra_errors.RedisServerError: BACKEND_UNAVAILABLE,
     # Redis unreachable: the request may succeed later
     redis.exceptions.ConnectionError: BACKEND_UNAVAILABLE,
@@ -189,15 +193,15 @@ def problem_response(request: Request | None, kind: ProblemKind, detail: str | N
 
 def error_response(request: Request | None, exc: BaseException) -> JSONResponse:
     """The problem+json answer to ``exc`` (its message only where its kind exposes it; 5xx
-    logged with the traceback; Retry-After on an unavailable backend)."""
+    logged with the traceback; Retry-After on every 503: the request may succeed later)."""
     kind = kind_of(exc)
     headers = dict(getattr(exc, "headers", None) or {}) if isinstance(exc, ServiceError) else {}
     detail = (str(exc) or None) if kind.expose else None
     if kind.status >= 500:
         where = f"{request.method} {request.url.path}" if request is not None else "request"
         logger.error("%s failed (%s)", where, kind.code, exc_info=exc)
-        if kind.code == BACKEND_UNAVAILABLE.code:  # the request may succeed later
-            headers.setdefault("Retry-After", "5")
+        if kind.status == 503:  # a backend away: the request may succeed later
+            headers.setdefault("Retry-After", RETRY_AFTER_S)
     return problem_response(request, kind, detail, headers=headers or None)
 
 

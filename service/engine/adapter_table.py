@@ -57,7 +57,11 @@ from regcl.models.lora_bank import lora_factors
 from regcl.models.serving import ServingEncoder
 from service.engine.batching import WriterFirstLock
 from service.engine.caches import EmbeddingCache
-from service.engine.errors import AdapterRejectedError, UnknownAdapterError
+from service.engine.errors import (
+    AdapterRejectedError,
+    LiveUnavailableError,
+    UnknownAdapterError,
+)
 from service.engine.slots import AdapterSlot, add_slot, check_adapter_files, remove_slot
 from service.engine.stats import SwapLog, SwapResult
 
@@ -128,6 +132,9 @@ class AdapterTable:
         self._state = threading.Lock()
         self._loading = threading.Lock()  # one load from the source at a time
         self._live: AdapterSlot | None = None
+        # The version the live pointer names while this process could not load it and
+        # serves none: ``live`` requests are refused (LiveUnavailableError) until it loads.
+        self.live_pending: int | None = None
         self._domains: OrderedDict[str, AdapterSlot] = OrderedDict()  # LRU first
         self._pins: Counter[str] = Counter()  # slot key -> requests encoding with it
         self._retired: dict[str, AdapterSlot] = {}  # unloaded or replaced, still pinned
@@ -156,6 +163,11 @@ class AdapterTable:
         None (base), :data:`LIVE`, or the domain's slot, pinned (loaded from the source first
         if need be). Raises UnknownAdapterError for a name neither loaded nor in the source."""
         if adapter in (BASE, LIVE):
+            pending = self.live_pending
+            if adapter == LIVE and pending is not None and self._live is None:
+                raise LiveUnavailableError(
+                    f"live version {pending} is not loaded in this process yet (its files "
+                    "could not be fetched); try again shortly, or name 'base' or an adapter")
             yield None if adapter == BASE else LIVE
             return
         slot = self._acquire(adapter)

@@ -29,12 +29,13 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 
 import numpy as np
 import torch
 
 from infra.artifacts import ArtifactStore
-from infra.errors import Conflict, NotFound
+from infra.errors import Conflict, NotFound, StoreUnavailable
 from service.engine.adapter_table import BASE
 from service.engine.caches import EncodedImage
 from service.engine.slots import AdapterSlot
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "embeddings"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+AWAY_S = 10.0
+"""After the store did not answer, requests encode without asking it for this long (a first
+click must not wait for a dead endpoint's timeouts on every request)."""
 
 
 def version_id(slot: AdapterSlot | None) -> str | None:
@@ -78,6 +82,7 @@ class EmbeddingStore:
         self.loads = 0  # embeddings read back (request-path hits)
         self.writes = 0
         self._lock = threading.Lock()
+        self._away_until = 0.0  # monotonic time until which the store is not asked
 
     def key(self, image_id: str, version: str) -> str:
         return f"{PREFIX}/{self.base}/{version}/{image_id}.npz"
@@ -95,13 +100,18 @@ class EmbeddingStore:
         dtype the engine made them in; ``adapter_key``: the caller's cache key for it), or
         None."""
         version = version_id(slot)
-        if version is None:
+        if version is None or time.monotonic() < self._away_until:
             return None
         try:
             data = self.artifacts.get_bytes(self.key(image_id, version))
         except NotFound:
             return None
-        except Exception as exc:  # the store away: the request encodes instead
+        except StoreUnavailable as exc:  # the store away: encode, and stop asking it a while
+            self._away_until = time.monotonic() + AWAY_S
+            logger.warning("embedding store unreachable (%s); requests encode for the next "
+                           "%.0f s without asking it", exc, AWAY_S)
+            return None
+        except Exception as exc:  # anything else: this request encodes instead
             logger.warning("embedding store: %s unreadable (%s)", image_id, exc)
             return None
         try:

@@ -52,6 +52,15 @@ class UnknownAdapterError(NotFoundError):
     code, title = "unknown-adapter", "Unknown adapter"
 
 
+class LiveUnavailableError(ServiceError):
+    """The live pointer names a version this process could not load yet (the artifact store
+    away while it started) and it serves no earlier one: answering with the base model
+    instead would hand out masks of another model than the other replicas'. Retried in the
+    background; the request may succeed in a few seconds."""
+
+    code, status, title = "live-unavailable", 503, "The live version is not loaded yet"
+
+
 class InvalidImageError(ServiceError):
     """An image is not H x W x 3 uint8 with at least one pixel, is larger than the engine's
     whole image store, or its bytes are no image file."""

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from peft import get_peft_model
 
-from infra.errors import InvalidName, NotFound
+from infra.errors import InvalidName, NotFound, StoreUnavailable
 from infra.live import LiveSubscription
 from infra.registry import Registry
 from regcl.adapters import AdapterFiles, check_weights, read_adapter
@@ -94,20 +94,26 @@ class LiveFollower:
 
     def sync(self) -> SwapResult | None:
         """Load the version the pointer names if it is not served yet; the swap, or None when
-        nothing changed. Raises what fetching or loading raised (the old version keeps
-        serving)."""
+        nothing changed. Raises what fetching or loading raised: the old version keeps
+        serving, and a process that serves none yet refuses ``live`` requests until it loads
+        (``adapters.live_pending``; they would otherwise get the base model's masks)."""
         with self._lock:
+            adapters = self._engine.adapters
             version = self._registry.live_version()
-            if version is None or version == self._engine.adapters.live_version:
+            if version is None or version == adapters.live_version:
+                adapters.live_pending = None
                 return None
             start = time.perf_counter()
             try:
                 files = self.read_version(version)
-                result = self._engine.adapters.load_live(version, files)
+                result = adapters.load_live(version, files)
             except Exception as exc:
                 self._metrics.swap_failures.inc()
                 self.last_error = f"version {version}: {exc}"
+                if adapters.live_version is None:  # nothing live to keep serving meanwhile
+                    adapters.live_pending = version
                 raise
+            adapters.live_pending = None
             self.last_error = None
             self._metrics.swap_seconds.observe(time.perf_counter() - start)
             self._metrics.swap_paused_seconds.observe(result.locked_seconds)
@@ -199,14 +205,22 @@ class RouterFollower:
                                                      record.sha256))
                 except NotFound:
                     continue  # deleted meanwhile: its own notice follows
+                except StoreUnavailable:
+                    raise  # the previous router serves; the next notice or resync tries again
                 except (RoutingError, OSError, ValueError) as exc:
                     skipped[record.name] = f"its statistics cannot route: {exc}"
             self._signature = signature
             return self._engine.routing.replace(entries, skipped)
 
     def _on_notice(self, _: int = 0) -> None:
+        """Raises only when the artifact store is away, so that the subscription tries again
+        at its next resync (the previous router serves meanwhile)."""
         try:
             self.sync()
+        except StoreUnavailable as exc:
+            logger.warning("could not rebuild the domain router (%s); the previous one "
+                           "serves, trying again at the next resync", exc)
+            raise
         except Exception:
             logger.exception("could not rebuild the domain router; the previous one serves")
 

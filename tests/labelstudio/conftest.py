@@ -16,8 +16,8 @@ from infra.redis_client import connect
 from infra.redis_server import RedisServer
 from tests import databases
 from tests.labelstudio.file_origin import TOKEN, FileOrigin
-from tests.labelstudio.tcp_proxy import TcpProxy
 from tests.service.api_support import ADMIN_KEY, ApiServer
+from tests.tcp_proxy import TcpProxy
 
 DB = databases.LABELSTUDIO
 MAX_IMAGE_BYTES = 300_000

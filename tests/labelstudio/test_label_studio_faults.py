@@ -30,8 +30,8 @@ from tests.labelstudio.ls_support import (
     predict_body,
     task,
 )
-from tests.labelstudio.tcp_proxy import TcpProxy
 from tests.service.api_support import ApiServer, assert_problem, make_image, png_bytes
+from tests.tcp_proxy import TcpProxy
 
 FETCH_TIMEOUT_S = 2.0  # the ls_api fixture's REGCL_LABEL_STUDIO_FETCH_TIMEOUT_S
 SIZE = (96, 128)

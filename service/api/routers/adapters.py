@@ -89,7 +89,7 @@ def _read_upload(directory: Path) -> AdapterFiles:
 
 
 @router.post("", response_model=AdapterUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422, 507),
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 503, 507),
              openapi_extra=upload_parts(
                  adapter_config=("application/json", CONFIG_FILE),
                  adapter_model=("application/octet-stream", WEIGHTS_FILE),
@@ -165,7 +165,7 @@ def _zip_chunks(data: bytes) -> Iterator[bytes]:
 @router.get("/{name}/download", response_class=StreamingResponse, response_model=None,
             responses={200: {"content": {"application/zip": {}},
                              "description": "The adapter directory as a zip file."},
-                       **problem_responses(404, 422)})
+                       **problem_responses(404, 422, 503)})
 def download_adapter(name: NamePath, runtime: RuntimeDep) -> StreamingResponse:
     """The adapter directory (PEFT files, statistics, metadata) as a zip file."""
     record = runtime.registry.get_adapter(name)
@@ -181,7 +181,7 @@ def download_adapter(name: NamePath, runtime: RuntimeDep) -> StreamingResponse:
 
 
 @router.delete("/{name}", response_model=AdapterDeleteResponse,
-               responses=problem_responses(401, 403, 404, 409, 422))
+               responses=problem_responses(401, 403, 404, 409, 422, 503))
 def delete_adapter(_: AdminKey, name: NamePath, registry: RegistryDep,
                    engine: EngineDep) -> AdapterDeleteResponse:
     """Delete an adapter (versions merged from it keep their own copies)."""

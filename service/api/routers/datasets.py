@@ -42,7 +42,7 @@ real datasets stay near 1)."""
 
 
 @router.post("", response_model=DatasetUploadResponse, status_code=201,
-             responses=problem_responses(400, 401, 403, 409, 413, 422, 507),
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 503, 507),
              openapi_extra=upload_parts(file=("application/zip", "dataset.zip")))
 def upload_dataset(
     _: AdminKey,
@@ -94,7 +94,7 @@ def get_dataset(name: NamePath, datasets: DatasetsDep) -> DatasetInfo:
 
 
 @router.delete("/{name}", response_model=DatasetDeleteResponse,
-               responses=problem_responses(401, 403, 404, 409, 422))
+               responses=problem_responses(401, 403, 404, 409, 422, 503))
 def delete_dataset(_: AdminKey, name: NamePath, datasets: DatasetsDep) -> DatasetDeleteResponse:
     """Delete a dataset (adapters trained on it are kept)."""
     datasets.delete_dataset(name)

@@ -1,4 +1,4 @@
-"""``/healthz`` (the process is up), ``/readyz`` (model loaded and Redis reachable) and
+"""``/healthz`` (the process is up), ``/readyz`` (model loaded, Redis reachable, live served) and
 ``/metrics`` (Prometheus text)."""
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ async def _live_pointer(runtime: Runtime) -> tuple[bool, int | None]:
 @router.get("/readyz", response_model=ReadinessResponse,
             responses={503: {"model": ReadinessResponse, "description": "Not ready"}})
 async def readyz(request: Request) -> Response:
-    """200 when the model is loaded and Redis answers; 503 (same body) otherwise."""
+    """200 when the model is loaded, Redis answers and the live version is served (or this
+    process serves an earlier one while it swaps); 503 (same body) otherwise: a process that
+    could not fetch the live version yet (the artifact store away) is not ready."""
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     redis_ok, live = (False, None) if runtime is None else await _live_pointer(runtime)
-    ready = runtime is not None and redis_ok
+    ready = runtime is not None and redis_ok \
+        and runtime.engine.adapters.live_pending is None
     body = ReadinessResponse(status="ready" if ready else "not-ready",
                              model_loaded=runtime is not None, redis=redis_ok,
                              live_version=live,

@@ -12,7 +12,8 @@ class HealthResponse(BaseModel):
 
 
 class ReadinessResponse(BaseModel):
-    """Ready when the model is loaded and Redis answers (503 otherwise, same body)."""
+    """Ready when the model is loaded, Redis answers and the live version the pointer names is
+    served, or an earlier one while it swaps (503 otherwise, same body)."""
 
     status: Literal["ready", "not-ready"]
     model_loaded: bool
