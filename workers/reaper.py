@@ -15,6 +15,10 @@ time, under ``keys.REAPER_LOCK``), and once as soon as it is ready:
   that lost its lease is failed as ``WorkerLost`` (its process stopped; the next sync resumes);
   a queued one is left to the API process that queued it.
 
+Once an hour (one worker of the cluster, under ``keys.STAGING_SWEEP_LOCK``) it also removes the
+artifact store's staging leftovers older than a day (:func:`sweep_staging`): files of puts
+whose writer was killed or that stopped at a deadline, never visible under any key.
+
 Sending twice is safe: a delivery of a job that is running under a live lease, or that has
 finished, is skipped by :meth:`~infra.jobs.JobStore.mark_running`.
 
@@ -38,6 +42,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from infra import keys
+from infra.artifacts import ArtifactStore
 from infra.errors import InvalidTransition, NotFound
 from infra.jobs import JobRecord, JobState, JobStore
 from workers.celery_app import ALL_QUEUES, MAX_ATTEMPTS, QUEUE_OF
@@ -148,6 +153,25 @@ def _drop_unacked(client: redis.Redis, tags: list[str]) -> None:
         pipe.execute()
 
 
+STAGING_SWEEP_INTERVAL_S = 3600.0
+STAGING_MAX_AGE_S = 24 * 3600.0
+
+
+def sweep_staging(store: ArtifactStore, client: redis.Redis, *,
+                  interval_s: float = STAGING_SWEEP_INTERVAL_S,
+                  max_age_s: float = STAGING_MAX_AGE_S) -> int | None:
+    """Remove staging leftovers older than ``max_age_s`` if no worker did it within the last
+    ``interval_s``; how many entries were removed (None: not this worker's turn)."""
+    if not client.set(keys.STAGING_SWEEP_LOCK, "1", nx=True,
+                      px=max(int(interval_s * 1000), 1)):
+        return None
+    removed = store.cleanup_temp(older_than_s=max_age_s)
+    if removed:
+        logger.info("reaper: removed %d staging leftover(s) older than %.0f h from the "
+                    "artifact store", removed, max_age_s / 3600)
+    return removed
+
+
 # -- the reaper thread of a worker -------------------------------------------------------------
 
 
@@ -162,6 +186,8 @@ class _ReaperThread:
 
         rt = get_runtime()
         interval = rt.settings.reaper_interval_s
+        # Its own store, tried once: an S3 outage must not hold up the lease checks.
+        store = ArtifactStore(rt.settings.artifact_url)
         while True:
             try:
                 # One reaper per round across the cluster; the lock just expires.
@@ -173,6 +199,10 @@ class _ReaperThread:
                 logger.warning("reaper: Redis unavailable (%s); next round later", exc)
             except Exception:
                 logger.exception("reaper pass failed")
+            try:
+                sweep_staging(store, rt.redis)
+            except Exception as exc:  # the store or Redis away: the next turn, an hour on
+                logger.warning("reaper: staging sweep failed (%s)", exc)
             if self.stop.wait(interval):
                 return
 
