@@ -14,8 +14,9 @@ Down (the suite): while S3 refuses connections (at least 10 s: until the checks 
   ``live-unavailable`` with ``Retry-After`` (never the base model's masks in live's name),
   ``base`` requests 200; once S3 is back it serves the live version by itself;
 - a merge submitted meanwhile waits the outage out (``REGCL_STORE_RETRY_S``) and succeeds.
-Slow (opt-in, ``REGCL_TEST_MORE_FAULTS=1``; 2 s per request): an upload, a merge, its
-activation on every API and a new API's start all complete, each timed.
+Slow (opt-in, ``REGCL_TEST_MORE_FAULTS=1``; 2 s per request): an upload, a merge, the
+activation of a version the API never fetched and a new API's start each end within the
+clients' timeout, done or answered 503 ``store-unavailable`` with nothing changed; timed.
 Afterwards every artifact in the bucket is complete and matches its digests, and every
 registered adapter and version points at one of them.
 """
@@ -188,7 +189,7 @@ def test_object_store_slow(stack: tuple[Deployment, TcpProxy]) -> None:
     image = make_image(4, 96, 128)
     root = deployment.root
     with Client(api.url, ADMIN_KEY, timeout=CLIENT_TIMEOUT_S) as client:
-        _live_stack(deployment, client, ["one", "two"])
+        v1 = _live_stack(deployment, client, ["one", "two"])
         quiet = [_timed(lambda: client.segment(image, box=BOX, multimask=False))[1]
                  for _ in range(5)]
         before = _check_store(deployment, client)
@@ -201,21 +202,32 @@ def test_object_store_slow(stack: tuple[Deployment, TcpProxy]) -> None:
         if upload.status_code != 201:  # the store's time ran out: nothing of it was kept
             _unavailable(upload, "store-unavailable")
         merge, merge_s = _timed(lambda: wait_job(
-            deployment, client, client.submit_merge(["two"], activate=True)))
+            deployment, client, client.submit_merge(["two"])))
         v2 = merge.result["version"]
-        _, swap_s = _timed(lambda: wait_served(deployment, client, v2))
+        # The API has never fetched v2: activating it reads it from the slow store.
+        activate, activate_s = _timed(lambda: _raw(api, "POST", f"/v1/versions/{v2}/activate"))
+        assert activate_s < CLIENT_TIMEOUT_S
+        if activate.status_code == 200:
+            assert activate.json()["served_version"] == v2
+            live = v2
+        else:  # its store work ran out of time: nothing changed
+            _unavailable(activate, "store-unavailable")
+            assert client.live_version().live_version == v1
+            live = v1
         slow = [_timed(lambda: client.segment(image, box=BOX, multimask=False))[1]
                 for _ in range(5)]
+        assert {r.adapter_version for r in [client.segment(image, box=BOX)]} == {f"live:{live}"}
         fresh, start_s = _timed(deployment.start_api)
         with client_of(fresh) as fresh_client:
             _, ready_s = _timed(lambda: poll(lambda: fresh_client.ready().ready,
                                              "the new API to be ready", 120.0, 0.2,
                                              on_timeout=deployment.logs))
-            assert fresh_client.live_version().served_version == v2
+            assert fresh_client.live_version().served_version == live
         proxy.latency_s = 0.0
         say(f"S3 at {LATENCY_S:.0f} s per request: upload {upload.status_code} in "
-            f"{upload_s:.1f} s, merge job {merge_s:.1f} s (attempts {merge.attempts}), swap "
-            f"after it {swap_s:.1f} s, a new API up {start_s:.1f} s + ready {ready_s:.1f} s; "
+            f"{upload_s:.1f} s, merge job {merge_s:.1f} s (attempts {merge.attempts}), "
+            f"activation of a version the API never fetched {activate.status_code} in "
+            f"{activate_s:.1f} s, a new API up {start_s:.1f} s + ready {ready_s:.1f} s; "
             f"clicks p50 {np.median(slow) * 1000:.0f} ms (quiet "
             f"{np.median(quiet) * 1000:.0f} ms)")
         after = _check_store(deployment, client)
