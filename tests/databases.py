@@ -25,6 +25,7 @@ AUTO_ROUTING = 10  # tests/service/test_api_auto.py: two API processes, one regi
 LABELSTUDIO_TOKENS = 11  # tests/labelstudio/test_backend_tokens.py: an API with a PAT
 LABELSTUDIO_PREENCODE = 12  # tests/labelstudio/test_preencode.py: two APIs, one store
 LABELSTUDIO_QUEUE = 13  # tests/labelstudio/test_webhook_burst.py: an API killed and restarted
+LABELSTUDIO_S3 = 14  # tests/labelstudio/test_webhook_store_down.py: an API on S3 behind a proxy
 
 REDIS_DATABASES = 16  # redis-server's default `databases`
 

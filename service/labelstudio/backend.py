@@ -51,7 +51,7 @@ from redis.lock import Lock
 
 from infra.artifacts import ArtifactStore
 from infra.datasets import DatasetRegistry
-from infra.errors import InsufficientStorage
+from infra.errors import InsufficientStorage, StoreUnavailable
 from infra.jobs import JobRecord, JobStore
 from infra.project_serving import ProjectServing
 from infra.sample_sets import ProjectSettings, SampleSets
@@ -321,8 +321,8 @@ class LabelStudioBackend:
             except FutureTimeout:  # it goes on; recorded too, found stored ('unchanged')
                 logger.info("%s: storing an event takes longer than %g s; answered queued",
                             domain, self.runtime.settings.label_studio_webhook_wait_s)
-            except (InsufficientStorage, LabelStudioUnreachableError) as exc:
-                # no room, or Label Studio down or slow: kept until it can be stored
+            except (InsufficientStorage, StoreUnavailable, LabelStudioUnreachableError) as exc:
+                # no room, the store or Label Studio down or slow: kept until it can be stored
                 logger.warning("%s: %s; the event is queued", domain, exc)
         self.queue.push(events)
         return queued.model_copy(update={"pending": self.samples.pending(domain)})

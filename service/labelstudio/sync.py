@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import redis
 
 from infra import keys
-from infra.errors import InsufficientStorage
+from infra.errors import InsufficientStorage, StoreUnavailable
 from infra.jobs import JobRecord, JobStore
 from infra.sample_sets import SampleSets
 from infra.settings import Settings
@@ -57,7 +57,7 @@ SYNC_KIND = "labelstudio-sync"
 PAGE_SIZE = 50
 STOPPING = (LabelStudioTokenRefusedError, LabelStudioUnreachableError,
             LabelStudioNotConfiguredError, redis.exceptions.ConnectionError,
-            InsufficientStorage)
+            InsufficientStorage, StoreUnavailable)
 """Errors after which every other annotation would fail too: they stop a sync (and a bulk
 webhook) instead of being counted against one annotation, and keep a queued webhook event
 queued (:mod:`.ingest_queue`)."""
