@@ -43,7 +43,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from peft import LoraConfig
@@ -133,8 +133,10 @@ class AdapterTable:
         self._loading = threading.Lock()  # one load from the source at a time
         self._live: AdapterSlot | None = None
         # The version the live pointer names while this process could not load it and
-        # serves none: ``live`` requests are refused (LiveUnavailableError) until it loads.
+        # serves none: ``live`` requests are refused (LiveUnavailableError) until it loads,
+        # or until ``pointer()`` (the live follower's, a Redis read) says it names none now.
         self.live_pending: int | None = None
+        self.pointer: Callable[[], int | None] | None = None
         self._domains: OrderedDict[str, AdapterSlot] = OrderedDict()  # LRU first
         self._pins: Counter[str] = Counter()  # slot key -> requests encoding with it
         self._retired: dict[str, AdapterSlot] = {}  # unloaded or replaced, still pinned
@@ -157,17 +159,27 @@ class AdapterTable:
             self._domains.move_to_end(adapter)
             return slot
 
+    def _still_pending(self) -> bool:
+        """Whether a live version this process could not load is still the pointer's (a
+        pointer removed since, e.g. Redis emptied, releases ``live`` to the base model)."""
+        if self.live_pending is None:
+            return False
+        if self.pointer is not None and self.pointer() is None:
+            self.live_pending = None
+            return False
+        return True
+
     @contextlib.contextmanager
     def use(self, adapter: str) -> Iterator[Target]:
         """What a request naming ``adapter`` encodes with, for the duration of the block:
         None (base), :data:`LIVE`, or the domain's slot, pinned (loaded from the source first
         if need be). Raises UnknownAdapterError for a name neither loaded nor in the source."""
         if adapter in (BASE, LIVE):
-            pending = self.live_pending
-            if adapter == LIVE and pending is not None and self._live is None:
+            if adapter == LIVE and self._live is None and self._still_pending():
                 raise LiveUnavailableError(
-                    f"live version {pending} is not loaded in this process yet (its files "
-                    "could not be fetched); try again shortly, or name 'base' or an adapter")
+                    f"live version {self.live_pending} is not loaded in this process yet (its "
+                    "files could not be fetched); try again shortly, or name 'base' or an "
+                    "adapter")
             yield None if adapter == BASE else LIVE
             return
         slot = self._acquire(adapter)

@@ -90,13 +90,15 @@ class LiveFollower:
         self._lock = threading.Lock()
         self._subscription: LiveSubscription | None = None
         self.last_error: str | None = None
+        engine.adapters.pointer = registry.live_version  # re-read while a version is pending
         self.listeners: list[Callable[[], None]] = []  # called after each live notice
 
     def sync(self) -> SwapResult | None:
         """Load the version the pointer names if it is not served yet; the swap, or None when
         nothing changed. Raises what fetching or loading raised: the old version keeps
-        serving, and a process that serves none yet refuses ``live`` requests until it loads
-        (``adapters.live_pending``; they would otherwise get the base model's masks)."""
+        serving, and a process that serves none yet and could not reach the artifact store
+        refuses ``live`` requests until it loads (``adapters.live_pending``; they would
+        otherwise get the base model's masks while the other replicas serve the version)."""
         with self._lock:
             adapters = self._engine.adapters
             version = self._registry.live_version()
@@ -111,7 +113,11 @@ class LiveFollower:
                 self._metrics.swap_failures.inc()
                 self.last_error = f"version {version}: {exc}"
                 if adapters.live_version is None:  # nothing live to keep serving meanwhile
-                    adapters.live_pending = version
+                    # The store away: refuse ``live`` until it is back (a few seconds, say).
+                    # A version that cannot load for good (files missing, another store):
+                    # ``live`` stays the base model, labelled so, as before.
+                    adapters.live_pending = version if isinstance(exc, StoreUnavailable) \
+                        else None
                 raise
             adapters.live_pending = None
             self.last_error = None

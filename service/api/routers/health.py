@@ -44,8 +44,8 @@ async def readyz(request: Request) -> Response:
     could not fetch the live version yet (the artifact store away) is not ready."""
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     redis_ok, live = (False, None) if runtime is None else await _live_pointer(runtime)
-    ready = runtime is not None and redis_ok \
-        and runtime.engine.adapters.live_pending is None
+    pending = None if runtime is None or live is None else runtime.engine.adapters.live_pending
+    ready = runtime is not None and redis_ok and pending is None
     body = ReadinessResponse(status="ready" if ready else "not-ready",
                              model_loaded=runtime is not None, redis=redis_ok,
                              live_version=live,
