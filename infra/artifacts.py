@@ -454,10 +454,8 @@ class ArtifactStore:
                 self._check_deadline()
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                data = self.fs.cat_file(f"{src_root}/{rel}")  # one GET (open: HEAD + GET)
-                with open(target, "wb") as fout:
-                    fout.write(data)
-                digest = hashlib.sha256(data).hexdigest()
+                with self.fs.open(f"{src_root}/{rel}", "rb") as fin, open(target, "wb") as fout:
+                    digest, _ = _copy_stream(fin, fout)  # streamed: a version can be large
                 if digest != expected:
                     raise CorruptArtifact(f"artifact {key!r}: {rel} has sha256 {digest}, "
                                           f"the manifest says {expected}")
