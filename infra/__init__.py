@@ -10,6 +10,8 @@ Modules (import the one you need; nothing is loaded or connected at import time)
 - :mod:`infra.base_model`: the base-model rule (an artifact made on another base is refused);
 - :mod:`infra.keys`: every Redis key and channel name;
 - :mod:`infra.artifacts`: ``ArtifactStore``, immutable artifacts over fsspec, written atomically;
+  keys and manifests in :mod:`infra.artifact_files`; reaching a store that may be away or slow
+  (retries, deadlines) in :mod:`infra.store_reach`;
 - :mod:`infra.jobs`: ``JobStore``, job records, state machine and progress events;
 - :mod:`infra.registry`: ``Registry``, domain adapters, merged versions, live pointer, merge lock;
 - :mod:`infra.live`: the live-version listener thread behind ``Registry.subscribe_live``;

@@ -29,191 +29,57 @@ read by botocore itself. Listings are never cached, so every process sees the ot
 A store that cannot be reached (connection refused or reset, a timeout) raises
 :class:`~infra.errors.StoreUnavailable`, never a half-done state: each operation is tried
 again, with backoff, for up to ``retry_s`` seconds first (0: once; the API answers 503 at once,
-workers wait out a short outage). A retried put whose first attempt committed before the
-connection broke finds its own manifest and returns it. Existence checks that decide a write
-or a delete are strict (an unreachable store is an error, not "absent"). On S3 each request is
-tried twice by botocore and twice by s3fs (connect timeout 5 s, read timeout 15 s), so a dead
-endpoint answers within seconds rather than the minute of the libraries' defaults.
+workers wait out a short outage), and stops at a caller's deadline (:mod:`infra.store_reach`).
+A retried put whose first attempt committed before the connection broke finds its own manifest
+and returns it. Existence checks that decide a write or a delete are strict (an unreachable
+store is an error, not "absent"). Keys, manifests and local-file helpers:
+:mod:`infra.artifact_files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import json
 import logging
 import os
-import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, TypeVar
+from pathlib import Path
+from typing import Any
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from infra.errors import (
-    ConfigError,
-    Conflict,
-    CorruptArtifact,
-    InsufficientStorage,
-    InvalidName,
-    NotFound,
-    StoreUnavailable,
-    is_out_of_space,
+from infra.artifact_files import (
+    KEY_SEGMENT,
+    MANIFEST,
+    ArtifactInfo,
+    check_relative,
+    copy_stream,
+    files_of,
+    fsync_dir,
+    out_of_space,
+    validate_key,
 )
-from regcl.errors import RegclError
+from infra.errors import ConfigError, Conflict, CorruptArtifact, NotFound, is_out_of_space
+from infra.store_reach import (
+    S3_CONFIG,
+    S3_RETRIES,
+    T,
+    call_with_retries,
+    check_deadline,
+    reaches_store,
+    store_deadline,
+)
 
-__all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "store_deadline", "validate_key"]
+__all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "files_of", "store_deadline",
+           "validate_key"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = ".regcl-manifest.json"
 _TMP = ".tmp"
-_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-_CHUNK = 1 << 20
-_S3_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}}
-_S3_RETRIES = 2  # s3fs's own retries of timeouts and broken reads (its default: 5)
-_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 5.0
-T = TypeVar("T")
-
-
-def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    """The errors that mean "the store did not answer" rather than "the store said no"."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.timeout]
-    with contextlib.suppress(ImportError):
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
-        found += [BotoConnectionError, HTTPClientError]
-    with contextlib.suppress(ImportError):
-        from aiohttp import ClientError
-        found.append(ClientError)
-    with contextlib.suppress(ImportError):
-        from fsspec.exceptions import FSTimeoutError
-        found.append(FSTimeoutError)
-    return tuple(found)
-
-
-_UNAVAILABLE = _unavailable_errors()
-
-
-def validate_key(key: str) -> str:
-    """Return ``key`` if it is a valid artifact key, else raise InvalidName."""
-    if not isinstance(key, str) or not key:
-        raise InvalidName(f"artifact key must be a non-empty string, got {key!r}")
-    for segment in key.split("/"):
-        if not _SEGMENT.fullmatch(segment):
-            raise InvalidName(
-                f"invalid artifact key {key!r}: segments must match [A-Za-z0-9._-]+, must not "
-                "start with '.', and must not be empty (no absolute paths, no '..')")
-    return key
-
-
-def _check_relative(rel: str) -> str:
-    path = PurePosixPath(rel)
-    if not rel or path.is_absolute() or any(p in ("", ".", "..") for p in rel.split("/")) \
-            or rel == MANIFEST:
-        raise InvalidName(f"invalid file name inside an artifact: {rel!r}")
-    return path.as_posix()
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    """What a directory artifact holds: file → SHA-256, total size, and one overall digest."""
-
-    key: str
-    files: Mapping[str, str]
-    size_bytes: int
-    sha256: str
-
-    @staticmethod
-    def digest_of(files: Mapping[str, str]) -> str:
-        """One digest over all (relative path, file digest) pairs."""
-        h = hashlib.sha256()
-        for rel in sorted(files):
-            h.update(f"{rel}\0{files[rel]}\n".encode())
-        return h.hexdigest()
-
-    def to_json(self) -> str:
-        return json.dumps({"key": self.key, "files": dict(self.files),
-                           "size_bytes": self.size_bytes, "sha256": self.sha256}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ArtifactInfo:
-        raw = json.loads(text)
-        return cls(raw["key"], dict(raw["files"]), int(raw["size_bytes"]), raw["sha256"])
-
-
-def _copy_stream(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
-    """Copy ``src`` to ``dst``; return (sha256 hex, bytes)."""
-    h, size = hashlib.sha256(), 0
-    while chunk := src.read(_CHUNK):
-        h.update(chunk)
-        dst.write(chunk)
-        size += len(chunk)
-    return h.hexdigest(), size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _out_of_space(key: str) -> Iterator[None]:
-    """A write refused for want of space, as InsufficientStorage naming ``key``."""
-    try:
-        yield
-    except OSError as exc:
-        if is_out_of_space(exc):
-            raise InsufficientStorage(f"no space left in the artifact store to write "
-                                      f"{key!r}: {exc.strerror}") from exc
-        raise
-
-
-def files_of(local_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Every file under ``local_dir`` (recursively) as relative POSIX path → absolute path."""
-    root = Path(local_dir)
-    if not root.is_dir():
-        raise NotFound(f"directory not found: {root}")
-    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if not p.is_dir()}
-
-
-_DEADLINE: ContextVar[float | None] = ContextVar("regcl_store_deadline", default=None)
-
-
-@contextlib.contextmanager
-def store_deadline(seconds: float) -> Iterator[None]:
-    """Artifact-store work started inside the block (in this context: the thread, or the tasks
-    and threads it starts) stops with StoreUnavailable once ``seconds`` have passed, before its
-    next request to the store and before any commit, so a slow store cannot hold a caller past
-    its own timeout. Nested blocks keep the earlier deadline."""
-    current = _DEADLINE.get()
-    deadline = time.monotonic() + seconds
-    token = _DEADLINE.set(deadline if current is None else min(current, deadline))
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
-
-
-def _reaches_store(what: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator of a public method: run it under :meth:`ArtifactStore._call`."""
-    def decorate(method: Callable[..., T]) -> Callable[..., T]:
-        @functools.wraps(method)
-        def wrapper(self: ArtifactStore, *args: Any, **kwargs: Any) -> T:
-            return self._call(what, lambda _attempt: method(self, *args, **kwargs))
-        return wrapper
-    return decorate
 
 
 class ArtifactStore:
@@ -228,7 +94,7 @@ class ArtifactStore:
         self.retry_s = max(0.0, float(retry_s))
         options: dict[str, Any] = {"use_listings_cache": False}
         if self.url.startswith(("s3://", "s3a://")):
-            options["config_kwargs"] = _S3_CONFIG
+            options["config_kwargs"] = S3_CONFIG
         try:
             # Other processes write to the same store: a cached listing would hide their puts.
             self.fs, root = url_to_fs(self.url, **options)
@@ -236,7 +102,7 @@ class ArtifactStore:
             raise ConfigError(f"artifact store {self.url!r}: {exc} (for s3:// install "
                               "s3fs: pip install 'regcl[s3]')") from exc
         if hasattr(self.fs, "retries"):
-            self.fs.retries = _S3_RETRIES
+            self.fs.retries = S3_RETRIES
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._root = root.rstrip("/") or "/"
 
@@ -247,43 +113,12 @@ class ArtifactStore:
         return f"{self._root}/{validate_key(key)}"
 
     def _call(self, what: str, attempt: Callable[[int], T]) -> T:
-        """``attempt(n)`` (n = 1, 2, ...) until it returns, tried again with backoff while the
-        store does not answer, for up to ``retry_s``; then StoreUnavailable."""
-        start = time.monotonic()
-        delay, number = _BACKOFF_FIRST_S, 0
-        while True:
-            number += 1
-            try:
-                return attempt(number)
-            except RegclError:
-                raise
-            except _UNAVAILABLE as exc:
-                elapsed = time.monotonic() - start
-                deadline = _DEADLINE.get()
-                if elapsed + delay > self.retry_s or (
-                        deadline is not None and time.monotonic() + delay > deadline):
-                    raise StoreUnavailable(
-                        f"the artifact store did not answer ({what}; {number} "
-                        f"{'try' if number == 1 else 'tries'} in {elapsed:.1f} s): "
-                        f"{type(exc).__name__}: {exc}") from exc
-                logger.warning("artifact store unreachable (%s: %s: %s); trying again in "
-                               "%.1f s", what, type(exc).__name__, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX_S)
-
-    @staticmethod
-    def _check_deadline() -> None:
-        """StoreUnavailable if the :func:`store_deadline` this runs under has passed."""
-        deadline = _DEADLINE.get()
-        if deadline is not None and time.monotonic() > deadline:
-            raise StoreUnavailable("the artifact store is too slow: the request's time for it "
-                                   "ran out before this operation was done; nothing of it "
-                                   "was committed")
+        return call_with_retries(what, attempt, self.retry_s)
 
     def _is_file(self, path: str) -> bool:
         """Whether ``path`` is a file; an unreachable store raises (fsspec's ``isfile`` says
         False to any error, which must not decide a write or a delete). On S3 one HEAD."""
-        self._check_deadline()
+        check_deadline()
         try:
             if hasattr(self.fs, "call_s3"):  # fsspec's info would list the prefix after a 404
                 bucket, key, _ = self.fs.split_path(path)
@@ -295,7 +130,7 @@ class ArtifactStore:
 
     def _has_files(self, path: str) -> bool:
         """Whether anything lies under the directory ``path`` (on S3 one listing)."""
-        self._check_deadline()
+        check_deadline()
         try:
             return bool(self.fs.ls(path, detail=False))
         except (FileNotFoundError, NotADirectoryError):
@@ -314,10 +149,10 @@ class ArtifactStore:
         has no room left; on any failure nothing is left at ``key``.
         """
         validate_key(key)
-        sources = {_check_relative(rel): Path(src) for rel, src in files.items()}
+        sources = {check_relative(rel): Path(src) for rel, src in files.items()}
 
         def attempt(number: int) -> ArtifactInfo:
-            with _out_of_space(key):
+            with out_of_space(key):
                 try:
                     if self.is_local:
                         return self._put_files_local(sources, key)
@@ -365,7 +200,7 @@ class ArtifactStore:
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(src, "rb") as fin, open(target, "wb") as fout:
-                    digests[rel], size = _copy_stream(fin, fout)
+                    digests[rel], size = copy_stream(fin, fout)
                     fout.flush()
                     os.fsync(fout.fileno())
                 total += size
@@ -380,7 +215,7 @@ class ArtifactStore:
                 if is_out_of_space(exc):
                     raise
                 raise Conflict(f"artifact {key!r} already exists") from exc
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return info
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -394,9 +229,9 @@ class ArtifactStore:
         try:
             digests, total = {}, 0
             for rel, src in sources.items():  # the slow part: nothing at the key yet
-                self._check_deadline()
+                check_deadline()
                 with open(src, "rb") as fin, self.fs.open(f"{staging}/{rel}", "wb") as fout:
-                    digests[rel], size = _copy_stream(fin, fout)
+                    digests[rel], size = copy_stream(fin, fout)
                 total += size
             info = ArtifactInfo(key, digests, total, ArtifactInfo.digest_of(digests))
             self._publish_remote(staging, dest, key, info)
@@ -414,9 +249,9 @@ class ArtifactStore:
             self.fs.rm(dest, recursive=True)
         try:
             for rel in info.files:
-                self._check_deadline()
+                check_deadline()
                 self.fs.cp_file(f"{staging}/{rel}", f"{dest}/{rel}")
-            self._check_deadline()
+            check_deadline()
             # Commit point; create-only, so of two writers of one key exactly one commits.
             self.fs.pipe_file(f"{dest}/{MANIFEST}", info.to_json().encode(), mode="create")
         except FileExistsError as exc:
@@ -427,7 +262,7 @@ class ArtifactStore:
                 self.fs.rm(dest, recursive=True)
             raise
 
-    @_reaches_store("read a manifest")
+    @reaches_store("read a manifest")
     def info(self, key: str) -> ArtifactInfo:
         """The manifest of directory artifact ``key`` (NotFound if it is absent or incomplete)."""
         try:
@@ -435,7 +270,7 @@ class ArtifactStore:
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise NotFound(f"artifact {key!r} not found") from exc
 
-    @_reaches_store("fetch an artifact")
+    @reaches_store("fetch an artifact")
     def get_dir(self, key: str, dest: str | os.PathLike[str]) -> Path:
         """Copy directory artifact ``key`` to the new local directory ``dest``, atomically.
 
@@ -451,11 +286,11 @@ class ArtifactStore:
         src_root = self._path(key)
         try:
             for rel, expected in info.files.items():
-                self._check_deadline()
+                check_deadline()
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with self.fs.open(f"{src_root}/{rel}", "rb") as fin, open(target, "wb") as fout:
-                    digest, _ = _copy_stream(fin, fout)  # streamed: a version can be large
+                    digest, _ = copy_stream(fin, fout)  # streamed: a version can be large
                 if digest != expected:
                     raise CorruptArtifact(f"artifact {key!r}: {rel} has sha256 {digest}, "
                                           f"the manifest says {expected}")
@@ -478,7 +313,7 @@ class ArtifactStore:
 
         def attempt(number: int) -> None:
             try:
-                with _out_of_space(key):
+                with out_of_space(key):
                     self._put_bytes_once(dest, key, data, overwrite)
             except Conflict:
                 # A retry after a PUT whose answer the outage cut off: our bytes are there.
@@ -517,7 +352,7 @@ class ArtifactStore:
                 if is_out_of_space(exc):
                     raise
                 raise Conflict(f"artifact {key!r} already exists") from exc
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -535,7 +370,7 @@ class ArtifactStore:
         except FileNotFoundError as exc:
             raise NotFound(f"artifact {key!r} not found") from exc
 
-    @_reaches_store("read a size")
+    @reaches_store("read a size")
     def size(self, key: str) -> int:
         """Bytes of the blob at ``key`` (NotFound if absent or a directory)."""
         path = self._path(key)
@@ -548,13 +383,13 @@ class ArtifactStore:
 
     # -- common --------------------------------------------------------------------------------
 
-    @_reaches_store("look up an artifact")
+    @reaches_store("look up an artifact")
     def exists(self, key: str) -> bool:
         """True if ``key`` holds a complete directory artifact or a blob."""
         path = self._path(key)
         return self._is_file(path) or self._is_file(f"{path}/{MANIFEST}")
 
-    @_reaches_store("delete an artifact")
+    @reaches_store("delete an artifact")
     def delete(self, key: str) -> bool:
         """Remove artifact ``key``; False if there was none. A directory disappears at once
         (renamed away locally, manifest removed first elsewhere), then its files are removed."""
@@ -600,11 +435,11 @@ class ArtifactStore:
         keys = []
         for entry in sorted(self.fs.ls(base, detail=False)):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if _SEGMENT.fullmatch(name) and self.exists(f"{prefix}/{name}"):
+            if KEY_SEGMENT.fullmatch(name) and self.exists(f"{prefix}/{name}"):
                 keys.append(f"{prefix}/{name}")
         return keys
 
-    @_reaches_store("remove staging leftovers")
+    @reaches_store("remove staging leftovers")
     def cleanup_temp(self, older_than_s: float = 24 * 3600) -> int:
         """Remove staging leftovers of crashed puts older than ``older_than_s`` (an object
         store's by their newest file); how many staging entries were removed."""

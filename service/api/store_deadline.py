@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from infra.artifacts import store_deadline
+from infra.store_reach import store_deadline
 
 __all__ = ["StoreDeadlineMiddleware"]
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from infra.artifacts import MANIFEST, ArtifactStore, store_deadline
+from infra.artifacts import MANIFEST, ArtifactStore
 from infra.errors import Conflict, StoreUnavailable
+from infra.store_reach import store_deadline
 from tests.s3_support import MotoS3
 from tests.tcp_proxy import TcpProxy
 
