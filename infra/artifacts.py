@@ -47,7 +47,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -67,19 +67,17 @@ from infra.errors import ConfigError, Conflict, CorruptArtifact, NotFound, is_ou
 from infra.store_reach import (
     S3_CONFIG,
     S3_RETRIES,
-    T,
     call_with_retries,
     check_deadline,
     reaches_store,
-    store_deadline,
 )
 
-__all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "files_of", "store_deadline",
-           "validate_key"]
+__all__ = ["MANIFEST", "ArtifactInfo", "ArtifactStore", "files_of", "validate_key"]
 
 logger = logging.getLogger(__name__)
 
 _TMP = ".tmp"
+T = TypeVar("T")
 
 
 class ArtifactStore:
@@ -87,7 +85,7 @@ class ArtifactStore:
 
     ``retry_s``: how long an operation is tried again while the store cannot be reached
     before it raises :class:`~infra.errors.StoreUnavailable` (0: tried once). Operations
-    run inside :func:`store_deadline` stop at its deadline."""
+    run inside :func:`~infra.store_reach.store_deadline` stop at its deadline."""
 
     def __init__(self, url: str | os.PathLike[str], *, retry_s: float = 0.0) -> None:
         self.url = str(url)
