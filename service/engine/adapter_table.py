@@ -32,7 +32,9 @@ Domains
       pins last; the release of the last pin brings the table back to ``max_domains``.
     - With a :class:`DomainSource` (the server's registry), a domain that is not loaded
       (never, or evicted) is loaded from it when a request names it, and loaded again when
-      the source's revision of that name changed.
+      the source's revision of that name changed. ``auto`` names a domain with the router's
+      revision of it: a slot loaded at that revision serves without asking the source (one
+      registry read per request less); another revision asks, as a request naming it does.
 """
 
 from __future__ import annotations
@@ -170,10 +172,12 @@ class AdapterTable:
         return True
 
     @contextlib.contextmanager
-    def use(self, adapter: str) -> Iterator[Target]:
+    def use(self, adapter: str, revision: str | None = None) -> Iterator[Target]:
         """What a request naming ``adapter`` encodes with, for the duration of the block:
         None (base), :data:`LIVE`, or the domain's slot, pinned (loaded from the source first
-        if need be). Raises UnknownAdapterError for a name neither loaded nor in the source."""
+        if need be). ``revision``: the domain's revision as the caller knows it (``auto``:
+        the router's); a slot loaded at that revision serves without asking the source.
+        Raises UnknownAdapterError for a name neither loaded nor in the source."""
         if adapter in (BASE, LIVE):
             if adapter == LIVE and self._live is None and self._still_pending():
                 raise LiveUnavailableError(
@@ -182,13 +186,17 @@ class AdapterTable:
                     "adapter")
             yield None if adapter == BASE else LIVE
             return
-        slot = self._acquire(adapter)
+        slot = self._acquire(adapter, revision)
         try:
             yield slot
         finally:
             self._release(slot)
 
-    def _acquire(self, name: str) -> AdapterSlot:
+    def _acquire(self, name: str, known: str | None = None) -> AdapterSlot:
+        if known is not None and self._source is not None:
+            slot = self._pin_loaded(name, known)
+            if slot is not None:
+                return slot
         revision = None if self._source is None else self._source.revision(name)
         slot = self._pin_loaded(name, revision)
         if slot is not None:

@@ -44,7 +44,7 @@ from service.engine.image_store import ImageStore
 from service.engine.options import ServingOptions
 from service.engine.slots import AdapterSlot
 
-__all__ = ["ImageEncoding"]
+__all__ = ["ImageEncoding", "RouterPrefix"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,17 @@ class _Prepared:
     pixels: torch.Tensor  # 1 x 3 x S x S, normalised and padded (Sam.preprocess)
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RouterPrefix:
+    """An image's tokens entering encoder ``block`` (1 x h x w x C, from :meth:`ImageEncoding.
+    prefix`) and its prepared pixels: what ``auto`` routes from and its encode finishes from
+    (the pixels are not prepared a second time)."""
+
+    tokens: torch.Tensor
+    block: int
+    prepared: _Prepared
 
 
 @dataclass(frozen=True)
@@ -108,24 +119,27 @@ class ImageEncoding:
         """The slot ``target`` names now (``live`` resolved)."""
         return self._table.resolve(target) if isinstance(target, str) else target
 
-    def encode(self, image_id: str, target: Target, tokens: torch.Tensor | None = None,
-               block: int = 0) -> tuple[EncodedImage, bool]:
+    def encode(self, image_id: str, target: Target, prefix: RouterPrefix | None = None
+               ) -> tuple[EncodedImage, bool]:
         """Image ``image_id``'s embedding under ``target`` and whether it was cached (or made
-        by another request of the same batch). ``tokens``: the image's tokens entering
-        ``block`` (:meth:`prefix`), to finish from when the adapter leaves the blocks before
-        it alone. Raises ImageNotFoundError."""
+        by another request of the same batch). ``prefix``: the image's tokens entering a
+        block (:meth:`prefix`), to finish from when the adapter leaves the blocks before it
+        alone. Raises ImageNotFoundError."""
         if not isinstance(image_id, str):
             raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
         slot = self.slot(target)
         cached = self._cache.get((image_id, slot_key(slot)))
         if cached is not None:
             return cached, True
-        if self.store is not None and tokens is None:
+        if prefix is not None:
+            return self._batcher.run(_EncodeJob(image_id, target, prefix.prepared,
+                                                prefix.tokens, prefix.block))
+        if self.store is not None:
             stored = self._from_store(image_id, target, slot)
             if stored is not None:
                 return stored, True
         prepared = self._prepare(self._images.get(image_id))  # no lock needed for this
-        return self._batcher.run(_EncodeJob(image_id, target, prepared, tokens, block))
+        return self._batcher.run(_EncodeJob(image_id, target, prepared))
 
     @property
     def busy(self) -> bool:
@@ -147,16 +161,16 @@ class ImageEncoding:
             self._cache.pop((image_id, key))
         return stored
 
-    def prefix(self, image_id: str, block: int) -> torch.Tensor:
+    def prefix(self, image_id: str, block: int) -> RouterPrefix:
         """The image's tokens entering encoder ``block`` (1 x h x w x C, the encoder's dtype),
-        computed with no adapter folded into the blocks before it. Raises
-        ImageNotFoundError."""
+        computed with no adapter folded into the blocks before it, with its prepared pixels.
+        Raises ImageNotFoundError."""
         if not isinstance(image_id, str):
             raise ImageNotFoundError(f"image ids are strings, got {type(image_id).__name__}")
         prepared = self._prepare(self._images.get(image_id))
         tokens, _ = self._batcher.run(_EncodeJob(image_id, None, prepared, None, block,
                                                  prefix_only=True))
-        return tokens
+        return RouterPrefix(tokens, block, prepared)
 
     def _prepare(self, image: np.ndarray) -> _Prepared:
         """SamPredictor.set_image up to the encoder: resize the long side, normalise, pad."""

@@ -72,7 +72,7 @@ from service.engine.auto_routing import AUTO, AutoRoute, DomainRouting
 from service.engine.caches import EmbeddingCache, EncodedImage
 from service.engine.decode import DecodeJob, PromptDecoder, SegmentResult
 from service.engine.embedding_store import EmbeddingStore, version_id
-from service.engine.encode import ImageEncoding
+from service.engine.encode import ImageEncoding, RouterPrefix
 from service.engine.errors import NonFiniteOutputError, UnknownAdapterError
 from service.engine.image_store import DEFAULT_IMAGE_STORE_BYTES, ImageStore, image_id_of
 from service.engine.options import ServingOptions, encoder_buckets
@@ -283,31 +283,35 @@ class SegmentationEngine:
         return [dataclasses.replace(result, route=chosen) for result in results]
 
     def _encode_auto(self, image_id: str) -> tuple[EncodedImage, bool, AutoRoute]:
-        """The embedding ``auto`` gives the image, whether it was cached, and the route."""
-        chosen, tokens, block = self.route(image_id)
+        """The embedding ``auto`` gives the image, whether it was cached, and the route.
+        A domain's adapter loaded at the revision the router holds is used without asking
+        the registry (a revision the router has not heard of yet is loaded as any request
+        naming it would be)."""
+        chosen, prefix = self.route(image_id)
         try:
-            with self.adapters.use(chosen.adapter) as target:
-                encoded, hit = self.encoding.encode(image_id, target, tokens, block)
+            with self.adapters.use(chosen.adapter, chosen.revision) as target:
+                encoded, hit = self.encoding.encode(image_id, target, prefix)
         except UnknownAdapterError:  # deleted since the router was built: the merge serves
             chosen = AutoRoute(LIVE, chosen.route, None)
             with self.adapters.use(LIVE) as target:
-                encoded, hit = self.encoding.encode(image_id, target, tokens, block)
+                encoded, hit = self.encoding.encode(image_id, target, prefix)
         return encoded, hit, chosen
 
-    def route(self, image_id: str) -> tuple[AutoRoute, torch.Tensor | None, int]:
-        """Where ``auto`` sends the image: the choice, the tokens entering the router's block
-        (None when the route was remembered or there is no router) and that block."""
+    def route(self, image_id: str) -> tuple[AutoRoute, RouterPrefix | None]:
+        """Where ``auto`` sends the image: the choice and the image's tokens entering the
+        router's block with its prepared pixels (None when the route was remembered or
+        there is no router)."""
         state = self.routing.state
         block = state.block
         if block is None:
-            return AutoRoute(LIVE, None, None), None, 0
+            return AutoRoute(LIVE, None, None), None
         known = self.routing.remembered(image_id, state.generation)
         if known is not None:
-            return known, None, block
-        tokens = self.encoding.prefix(image_id, block)
+            return known, None
+        prefix = self.encoding.prefix(image_id, block)
         second, first, _ = first_layer_moments(self.encoding.encoder.module.blocks[block],
-                                               tokens)
-        return self.routing.decide(image_id, state, second, first), tokens, block
+                                               prefix.tokens)
+        return self.routing.decide(image_id, state, second, first), prefix
 
     def decode(self, encoded: EncodedImage, point_coords: object = None,
                point_labels: object = None, box: object = None, mask_input: object = None,

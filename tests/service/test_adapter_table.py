@@ -24,8 +24,10 @@ class DirectorySource:
         self.directories = dict(directories)
         self.revisions = {name: "r1" for name in directories}
         self.reads: list[str] = []
+        self.asked = 0  # revision lookups (the registry: one Redis read each)
 
     def revision(self, name: str) -> str:
+        self.asked += 1
         if name not in self.revisions:
             raise UnknownAdapterError(f"unknown adapter {name!r}")
         return self.revisions[name]
@@ -92,6 +94,31 @@ def test_domains_load_from_the_source_and_reload_on_a_new_revision(directories):
     np.testing.assert_array_equal(again.low_res_logits, first.low_res_logits)
     with pytest.raises(UnknownAdapterError):
         engine.segment(image_id, POINTS, LABELS, adapter="nope")
+    engine.close()
+
+
+def test_a_slot_loaded_at_the_callers_revision_serves_without_asking_the_source(directories):
+    """``auto`` names a domain with the router's revision of it: a slot loaded at that
+    revision serves without a registry read per request; a revision the table does not hold
+    asks the source and loads anew."""
+    source = DirectorySource(directories)
+    engine = _engine(source, max_domains=2)
+    with engine.adapters.use("a") as first:  # loaded at r1
+        pass
+    asked = source.asked
+    with engine.adapters.use("a", "r1") as slot:
+        assert slot is first
+    assert source.asked == asked
+    source.revisions["a"] = "r2"  # uploaded anew; the router has not resynced yet
+    with engine.adapters.use("a", "r1") as stale:
+        assert stale is first  # what the router's statistics chose
+    assert source.asked == asked
+    with engine.adapters.use("a", "r2") as fresh:  # the router resynced
+        assert fresh is not first and fresh.revision == "r2"
+    assert source.asked == asked + 1 and source.reads == ["a", "a"]
+    with engine.adapters.use("a") as named:  # a request naming it asks, as before
+        assert named is fresh
+    assert source.asked == asked + 2
     engine.close()
 
 
