@@ -120,7 +120,7 @@ class Client:
                                      f"{exc or 'no answer'}") from exc
         if not response.is_success and response.status_code not in accept:
             raise error_from_response(response.status_code, response.content, method, path,
-                                      response.reason_phrase)
+                                      response.reason_phrase, response.headers)
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -375,7 +375,7 @@ class Client:
                 if not response.is_success:
                     response.read()
                     raise error_from_response(response.status_code, response.content, "GET",
-                                              path, response.reason_phrase)
+                                              path, response.reason_phrase, response.headers)
                 for sse in parse_sse(response.iter_lines()):
                     if sse is not None:
                         data = json.loads(sse.data)

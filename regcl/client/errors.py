@@ -5,13 +5,17 @@ Every answer that is not a success becomes an :class:`ApiError` of the class for
 :attr:`ApiError.code` is the ``<code>``), ``title``, ``detail`` and the whole body. Branch on
 the class or on :attr:`ApiError.code`, never on ``detail`` (it is for people). Each class also
 subclasses the closest built-in, as the library's errors do (``except LookupError`` catches a
-404, ``except PermissionError`` a 401 or 403).
+404, ``except PermissionError`` a 401 or 403). :attr:`ApiError.retry_after` is the answer's
+``Retry-After`` in seconds (the service sends it with every 503), None when absent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from regcl.errors import RegclError
@@ -42,7 +46,8 @@ class ApiError(RegclError):
     """The service answered with an error status (see the module doc)."""
 
     def __init__(self, status: int, type: str, title: str, detail: str | None = None,
-                 body: dict[str, Any] | None = None, method: str = "", path: str = "") -> None:
+                 body: dict[str, Any] | None = None, method: str = "", path: str = "",
+                 retry_after: float | None = None) -> None:
         self.status = status
         self.type = type
         self.title = title
@@ -50,6 +55,7 @@ class ApiError(RegclError):
         self.body = body or {}
         self.method = method
         self.path = path
+        self.retry_after = retry_after  # seconds to wait before trying again, if the answer said
         where = f"{method} {path} " if method else ""
         text = f"{where}answered {status} {title}"
         super().__init__(f"{text}: {detail} [{self.code}]" if detail else f"{text} [{self.code}]")
@@ -61,7 +67,7 @@ class ApiError(RegclError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable, for multiprocessing
         return (type(self), (self.status, self.type, self.title, self.detail, self.body,
-                             self.method, self.path))
+                             self.method, self.path, self.retry_after))
 
 
 class InvalidRequestError(ApiError, ValueError):
@@ -139,19 +145,39 @@ class JobFailedError(RegclError):
         self.job = job
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` value in seconds from now (delay-seconds or an HTTP date, RFC 9110
+    10.2.3); None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
 def error_from_response(status: int, content: bytes, method: str = "", path: str = "",
-                        reason: str = "") -> ApiError:
+                        reason: str = "", headers: Mapping[str, str] | None = None) -> ApiError:
     """The :class:`ApiError` for an error answer: its class by ``status`` (else
     :class:`ApiError`), its fields from the problem+json body (a body that is not one, such
-    as a proxy's HTML page, gives type ``about:blank`` and the body's start as detail)."""
+    as a proxy's HTML page, gives type ``about:blank`` and the body's start as detail) and
+    ``retry_after`` from the ``Retry-After`` header."""
     body: Any = None
     with contextlib.suppress(ValueError):
         body = json.loads(content) if content else None
     cls = STATUS_ERRORS.get(status, ApiError)
+    retry = retry_after_seconds(next((v for k, v in (headers or {}).items()
+                                      if k.lower() == "retry-after"), None))
     if isinstance(body, dict) and isinstance(body.get("type"), str):
         detail = body.get("detail")
         return cls(status, body["type"], str(body.get("title") or reason),
-                   detail if isinstance(detail, str) else None, body, method, path)
+                   detail if isinstance(detail, str) else None, body, method, path, retry)
     text = content[:300].decode(errors="replace").strip() or None
     return cls(status, "about:blank", reason or f"HTTP {status}", text,
-               body if isinstance(body, dict) else None, method, path)
+               body if isinstance(body, dict) else None, method, path, retry)

@@ -4,7 +4,10 @@ datasets, and every error status mapped to its class with the problem's ``type``
 
 from __future__ import annotations
 
+import email.utils
 import io
+import pickle
+import time
 import zipfile
 
 import httpx
@@ -24,6 +27,7 @@ from regcl.client import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
     UnauthorizedError,
     WaitTimeoutError,
 )
@@ -214,3 +218,16 @@ def test_an_answer_that_is_not_problem_json_still_maps_by_status():
     error = error_from_response(418, b'{"type": "https://regcl.dev/problems/teapot", '
                                      b'"title": "Teapot", "status": 418}')
     assert type(error) is ApiError and error.code == "teapot" and error.title == "Teapot"
+
+
+def test_retry_after_is_read_in_seconds_from_either_form():
+    body = b'{"type": "https://regcl.dev/problems/store-unavailable", "title": "x", "status": 503}'
+    error = error_from_response(503, body, headers={"Retry-After": "5"})
+    assert type(error) is ServiceUnavailableError and error.retry_after == 5.0
+    later = email.utils.formatdate(time.time() + 120, usegmt=True)
+    assert 100 < error_from_response(503, body, headers={"retry-after": later}).retry_after <= 120
+    past = email.utils.formatdate(time.time() - 60, usegmt=True)
+    assert error_from_response(503, body, headers={"Retry-After": past}).retry_after == 0.0
+    for headers in (None, {}, {"Retry-After": "soon"}, {"Retry-After": "-3"}):
+        assert error_from_response(503, body, headers=headers).retry_after is None
+    assert pickle.loads(pickle.dumps(error)).retry_after == 5.0

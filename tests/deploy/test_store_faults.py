@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 import pytest
 
-from regcl.client import Client
+from regcl.client import Client, ServiceUnavailableError
 from regcl.client.client import ADAPTER_FILES
 from tests.deploy.support import Deployment, client_of, say, wait_job, wait_served
 from tests.deploy.test_s3_multihost import verify_bucket
@@ -152,6 +152,10 @@ def test_object_store_down_for_ten_seconds(stack: tuple[Deployment, TcpProxy]) -
             base = _raw(fresh, "POST", "/v1/segment", **_segment_body(image, "base"))
             assert not readiness.ready and readiness.live_version == v1
             _unavailable(refused, "live-unavailable")
+            with pytest.raises(ServiceUnavailableError) as refused_error:  # the client's view
+                fresh_client.segment(image, box=BOX, multimask=False)
+            assert refused_error.value.code == "live-unavailable"
+            assert refused_error.value.retry_after == int(refused.headers["Retry-After"])
             assert base.status_code == 200 and base.json()["adapter_version"] == "base"
             assert upload_s < OUTAGE_S and activate_s < OUTAGE_S
             time.sleep(max(0.0, down_at + OUTAGE_S - time.monotonic()))
