@@ -74,10 +74,16 @@ def _cmd_bench_interactive(args: argparse.Namespace) -> int:
     from regcl.bench.cl_output import write_outputs
     from regcl.bench.interactive import (
         InteractiveBenchConfig,
+        combine_reports,
         interactive_tables,
         run_interactive_benchmark,
     )
 
+    if args.combine:
+        reports = [json.loads(Path(path).read_text()) for path in args.combine]
+        print(write_outputs(combine_reports(reports), json_path=args.json,
+                            text=interactive_tables))
+        return 0
     start = InteractiveBenchConfig.quick() if args.quick else InteractiveBenchConfig()
     bench = config_from_options(
         base=start.bench, domains=args.domains, seeds=args.seeds, first_seed=args.first_seed,
@@ -360,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
     i.add_argument("--workers", type=int, help="worker processes (default 1)")
     i.add_argument("--cache", help="keep trained adapters in this folder and reuse them")
+    i.add_argument("--combine", nargs="+", metavar="REPORT",
+                   help="run nothing: pool these --json reports (same settings, disjoint "
+                        "seeds) into one, summarised and paired over all their seeds")
     i.set_defaults(func=_cmd_bench_interactive)
 
     m = bench.add_parser("merge", help="continual merge time and state size vs. the number of "

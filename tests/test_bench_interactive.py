@@ -3,6 +3,7 @@ paired, auto made of its adapters' and the merge's curves, the tables and the co
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from regcl.bench.cl_config import BenchConfig
 from regcl.bench.interactive import (
     InteractiveBenchConfig,
     _auto_curves,
+    combine_reports,
     interactive_tables,
     run_interactive_benchmark,
 )
@@ -100,3 +102,37 @@ def test_cli_writes_json(tmp_path, capsys, monkeypatch):
     assert list(data["results"]) == ["base"] and data["paired"] == {}
     assert data["config"]["max_clicks"] == 10
     assert "| base |" in capsys.readouterr().out
+
+
+def _seeds_of(report, seeds):
+    """``report`` as if it had run ``seeds`` only (its per-seed figures of those)."""
+    part = copy.deepcopy(report)
+    part["config"]["seeds"] = seeds
+    for row in part["results"].values():
+        for mode in row.values():
+            mode["per_seed"] = {s: f for s, f in mode["per_seed"].items() if int(s) in seeds}
+    return part
+
+
+def test_reports_of_disjoint_seeds_combine_into_the_report_of_all(report, tmp_path, capsys):
+    """Runs split over seeds (to fit a machine's time) pool into what one run would report:
+    the same summaries, intervals and pairs, whatever the order of the parts."""
+    combined = combine_reports([_seeds_of(report, [1]), _seeds_of(report, [0])])
+    assert combined["results"] == report["results"]
+    assert combined["paired"] == report["paired"]
+    assert json.dumps(combined["config"]) == json.dumps(report["config"])  # seeds: 0, 1
+    assert [run["seeds"] for run in combined["runs"]] == [[1], [0]]
+    with pytest.raises(ConfigError, match="repeats seeds"):
+        combine_reports([_seeds_of(report, [0]), report])
+    other = _seeds_of(report, [1])
+    other["config"]["max_clicks"] = 20
+    with pytest.raises(ConfigError, match="settings"):
+        combine_reports([_seeds_of(report, [0]), other])
+    parts = []
+    for seeds in ([0], [1]):
+        parts.append(tmp_path / f"part{seeds[0]}.json")
+        parts[-1].write_text(json.dumps(_seeds_of(report, seeds)))
+    out = tmp_path / "all.json"
+    assert main(["bench", "interactive", "--combine", *map(str, parts), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["paired"] == report["paired"]
+    assert "| paired: arm − recipe |" in capsys.readouterr().out

@@ -40,7 +40,8 @@ from regcl.evaluation.clicks import CLICK_CAP, IOU_AFTER, NOC_THRESHOLDS, intera
 from regcl.routing import decide
 from regcl.training.adapter import TrainConfig
 
-__all__ = ["InteractiveBenchConfig", "interactive_tables", "run_interactive_benchmark"]
+__all__ = ["InteractiveBenchConfig", "combine_reports", "interactive_tables",
+           "run_interactive_benchmark"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,18 +216,10 @@ def assemble(config: InteractiveBenchConfig, rows: Mapping[str, Mapping[int, Cur
     """Summaries over seeds (95 % t-intervals, :func:`regcl.bench.cl_report.mean_ci`) and
     paired arm − recipe differences."""
     domains = (*config.bench.domains, SOURCE)
-    results: dict[str, Any] = {}
-    for name, by_seed in rows.items():
-        results[name] = {}
-        for mode in MODES:
-            seeds = {s: _seed_figures(c, domains, mode) for s, c in sorted(by_seed.items())}
-            first = next(iter(seeds.values()))
-            summary = {key: mean_ci([f["mean"][key] for f in seeds.values()])
-                       for key in first["mean"]}
-            per_domain = {d: {key: mean_ci([f["per_domain"][d][key] for f in seeds.values()])
-                              for key in first["per_domain"][d]} for d in first["per_domain"]}
-            results[name][mode] = {"mean": summary, "per_domain": per_domain,
-                                   "per_seed": {str(s): f for s, f in seeds.items()}}
+    per_seed = {name: {mode: {str(s): _seed_figures(c, domains, mode)
+                              for s, c in sorted(by_seed.items())} for mode in MODES}
+                for name, by_seed in rows.items()}
+    results = _summarise(per_seed)
     return {"config": {**config_json(config.bench), "arms": list(config.arms),
                        "max_clicks": config.max_clicks},
             "interval": "95 % Student-t interval of the mean over seeds; paired differences "
@@ -235,20 +228,66 @@ def assemble(config: InteractiveBenchConfig, rows: Mapping[str, Mapping[int, Cur
                         "deepest point of the deeper error region (by maximum distance), "
                         "positive on a miss, negative on a spill; single-mask output; NoC@k "
                         f"capped at {config.max_clicks}",
-            "results": results, "paired": _paired(config, results)}
+            "results": results, "paired": _paired(config.arms, results)}
+
+
+def _summarise(per_seed: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Row -> mode -> seed -> figures (:func:`_seed_figures`) to the report's results: each
+    figure's mean and interval over seeds, overall and per domain, with the seeds' own."""
+    results: dict[str, Any] = {}
+    for name, modes in per_seed.items():
+        results[name] = {}
+        for mode, seeds in modes.items():
+            first = next(iter(seeds.values()))
+            summary = {key: mean_ci([f["mean"][key] for f in seeds.values()])
+                       for key in first["mean"]}
+            per_domain = {d: {key: mean_ci([f["per_domain"][d][key] for f in seeds.values()])
+                              for key in first["per_domain"][d]} for d in first["per_domain"]}
+            results[name][mode] = {"mean": summary, "per_domain": per_domain,
+                                   "per_seed": dict(seeds)}
+    return results
+
+
+def combine_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One report from reports of the same settings over disjoint seeds (runs split to fit a
+    machine's time): every row's per-seed figures pooled, summarised and paired as one run's
+    would be. Raises ConfigError for reports whose settings differ or whose seeds overlap."""
+    if not reports:
+        raise ConfigError("no reports to combine")
+    first = reports[0]
+    settings = {k: v for k, v in first["config"].items() if k != "seeds"}
+    seen: set[str] = set()
+    for i, report in enumerate(reports):
+        if {k: v for k, v in report["config"].items() if k != "seeds"} != settings:
+            raise ConfigError(f"report {i} differs from report 0 in its settings (other "
+                              "than the seeds)")
+        seeds = set(report["results"]["base"]["feedback"]["per_seed"])
+        if seeds & seen:
+            raise ConfigError(f"report {i} repeats seeds {sorted(seeds & seen, key=int)}")
+        seen |= seeds
+    per_seed = {name: {mode: dict(sorted(((s, f) for report in reports for s, f in
+                                          report["results"][name][mode]["per_seed"].items()),
+                                         key=lambda item: int(item[0])))
+                       for mode in MODES} for name in first["results"]}
+    results = _summarise(per_seed)
+    return {**first, "config": {**first["config"], "seeds": sorted(int(s) for s in seen)},
+            "results": results, "paired": _paired(first["config"]["arms"], results),
+            "elapsed_s": round(sum(r["elapsed_s"] for r in reports), 1),
+            "runs": [{"seeds": r["config"]["seeds"], "elapsed_s": r["elapsed_s"],
+                      "machine": r["machine"]} for r in reports]}
 
 
 PAIRED = (("feedback", "iou@1"), ("feedback", "noc@85"), ("feedback", "iou@5"),
           ("points", "noc@85"), ("feedback", "plain"))
 
 
-def _paired(config: InteractiveBenchConfig, results: Mapping[str, Any]) -> dict[str, Any]:
+def _paired(arms: Sequence[int], results: Mapping[str, Any]) -> dict[str, Any]:
     """Each interactive arm's rows minus the recipe arm's, per seed: the figures of
     :data:`PAIRED` (mean over domains)."""
-    if 0 not in config.arms:
+    if 0 not in arms:
         return {}
     out: dict[str, Any] = {}
-    for rounds in config.arms:
+    for rounds in arms:
         if rounds == 0:
             continue
         for name in results:
