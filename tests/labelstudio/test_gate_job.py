@@ -13,9 +13,10 @@ Every number here is reproducible: a train job's initial LoRA weights come from 
 The merge halves B's update where A's Gram is B's (the same images), so B's gain on its own
 held-out image is not guaranteed by the construction: with 6 epochs B's candidate lost to live
 on B for each of the training seeds 0-3 (0.14-0.16 against 0.17 IoU); it was the unseeded draw
-that had made the test pass or fail by chance. With 16 epochs at the default seed the candidate
-gets 0.37 on B against live's 0.17 and 0.32 on A against 0.52 (measured 2026-12-04), margins
-far beyond floating-point noise."""
+that had made the test pass or fail by chance. With 16 epochs at the default seed (stage-5 tiny
+SAM, measured 2026-12-08; the test logs them) the candidate gets 0.22 on B against live's 0.14
+and 0.24 on A against 0.48, and B's adapter alone 0.59 on B: margins far beyond floating-point
+noise."""
 
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ def test_a_candidate_that_forgets_is_not_activated(worker: Worker) -> None:
     gate = result["gate"]
     logger.info("gate: %s", gate["reason"])
     checks = {c["domain"]: c for c in gate["checks"]}
+    logger.info("gate-b: candidate IoU %.4f vs live %.4f", checks["gate-b"]["candidate"],
+                checks["gate-b"]["live"])
 
     # stored, not activated: live is still version 1
     assert result["version"] == 2 and result["live_before"] == 1
